@@ -1,0 +1,1 @@
+"""RWKV training framework in JAX/Flax."""

@@ -1,0 +1,186 @@
+"""Checkpoints: official RWKV-LM `.pth` import and export.
+
+An official RWKV-4 state dict names its tensors `emb.weight`, `blocks.N.att.time_decay`, ...,
+`head.weight`; Linear weights are (out, in) where Flax kernels are (in, out), and time_mix
+vectors are stored as (1, 1, C). Conversion is a rename, a transpose and a reshape, nothing
+else, so import followed by export gives back the same bytes. torch is needed only here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from rwkv_jax.config import ModelConfig
+from rwkv_jax.hybrid import RWKV as RWKV_LAYER
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# (official name within a block, our path within blocks_i, how it is stored)
+_BLOCK_TENSORS = (
+    ("ln1.weight", ("ln1", "scale"), "vector"),
+    ("ln1.bias", ("ln1", "bias"), "vector"),
+    ("ln2.weight", ("ln2", "scale"), "vector"),
+    ("ln2.bias", ("ln2", "bias"), "vector"),
+    ("att.time_decay", ("att", "time_decay"), "vector"),
+    ("att.time_first", ("att", "time_first"), "vector"),
+    ("att.time_mix_k", ("att", "time_mix_k"), "mix"),
+    ("att.time_mix_v", ("att", "time_mix_v"), "mix"),
+    ("att.time_mix_r", ("att", "time_mix_r"), "mix"),
+    ("att.key.weight", ("att", "key", "kernel"), "linear"),
+    ("att.value.weight", ("att", "value", "kernel"), "linear"),
+    ("att.receptance.weight", ("att", "receptance", "kernel"), "linear"),
+    ("att.output.weight", ("att", "output", "kernel"), "linear"),
+    ("ffn.time_mix_k", ("ffn", "time_mix_k"), "mix"),
+    ("ffn.time_mix_r", ("ffn", "time_mix_r"), "mix"),
+    ("ffn.key.weight", ("ffn", "key", "kernel"), "linear"),
+    ("ffn.receptance.weight", ("ffn", "receptance", "kernel"), "linear"),
+    ("ffn.value.weight", ("ffn", "value", "kernel"), "linear"),
+)
+_LN0 = (("ln0.weight", ("ln0", "scale"), "vector"), ("ln0.bias", ("ln0", "bias"), "vector"))
+_TOP = (
+    ("emb.weight", ("emb", "embedding"), "table"),
+    ("ln_out.weight", ("ln_out", "scale"), "vector"),
+    ("ln_out.bias", ("ln_out", "bias"), "vector"),
+    ("head.weight", ("head", "kernel"), "linear"),
+)
+# Tensors that mark a later RWKV generation, to say so instead of failing on a missing key.
+_LATER_VERSIONS = {".ln_x.": "RWKV-5 or later", ".time_maa": "RWKV-6", ".time_faaaa": "RWKV-5/6",
+                   ".att.x_r": "RWKV-7", ".att.w0": "RWKV-7"}
+
+
+def _torch():
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError as e:  # pragma: no cover - torch is in the test requirements
+        raise ImportError("official checkpoint import/export needs torch: pip install torch") from e
+    return torch
+
+
+def _from_official(t, kind: str) -> np.ndarray:
+    a = t.detach().cpu().float().numpy()
+    if kind == "linear":
+        return np.ascontiguousarray(a.T)
+    if kind == "mix":
+        return a.reshape(-1)
+    return a
+
+
+def _to_official(a: np.ndarray, kind: str, torch, dtype):
+    a = np.asarray(a, np.float32)
+    if kind == "linear":
+        a = a.T
+    elif kind == "mix":
+        a = a.reshape(1, 1, -1)
+    return torch.from_numpy(np.array(a, np.float32, order="C", copy=True)).to(dtype)
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def load_official_state_dict(path: str | os.PathLike) -> dict:
+    """torch.load with the checks that turn a wrong file into one clear message."""
+    torch = _torch()
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no official checkpoint at {path!r}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise ValueError(f"{path!r} is not a readable torch checkpoint: {e}") from None
+    if not isinstance(sd, Mapping) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{path!r} is not an RWKV state dict (a mapping of names to tensors)")
+    return dict(sd)
+
+
+def import_official(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
+    """Read an official RWKV-LM RWKV-4 `.pth` into (model_config, params).
+
+    n_layer, n_embd, dim_ffn and vocab_size come from the tensors. The params are float32
+    numpy arrays in our tree (jnp.asarray them, or hand them to jax.device_put).
+    """
+    sd = load_official_state_dict(path)
+    for marker, version in _LATER_VERSIONS.items():
+        hit = next((k for k in sd if marker in k), None)
+        if hit:
+            raise ValueError(f"{os.fspath(path)!r} holds {hit!r}: an {version} checkpoint, not RWKV-4")
+    missing_top = [k for k, _, _ in _TOP if k not in sd]
+    if missing_top:
+        raise ValueError(f"{os.fspath(path)!r} is not an RWKV-4 state dict: missing {missing_top}")
+
+    layers = {int(m.group(1)) for k in sd if (m := _BLOCK_KEY.match(k))}
+    n_layer = max(layers) + 1 if layers else 0
+    vocab_size, n_embd = sd["emb.weight"].shape
+    if n_layer == 0 or "blocks.0.ffn.key.weight" not in sd:
+        raise ValueError(f"{os.fspath(path)!r} is not an RWKV-4 state dict: no blocks.N.att/ffn tensors")
+    dim_ffn = sd["blocks.0.ffn.key.weight"].shape[0]
+    config = ModelConfig(vocab_size=int(vocab_size), n_layer=n_layer, n_embd=int(n_embd),
+                         dim_ffn=int(dim_ffn), layer_types=(RWKV_LAYER,) * n_layer)
+
+    expected = {k for k, _, _ in _TOP}
+    params: dict = {}
+    for name, ours, kind in _TOP:
+        _set(params, ours, _from_official(sd[name], kind))
+    for i in range(n_layer):
+        for name, ours, kind in _BLOCK_TENSORS + (_LN0 if i == 0 else ()):
+            key = f"blocks.{i}.{name}"
+            if key not in sd:
+                raise ValueError(f"{os.fspath(path)!r} is not an RWKV-4 state dict: missing {key!r}")
+            expected.add(key)
+            _set(params, (f"blocks_{i}",) + ours, _from_official(sd[key], kind))
+    extra = sorted(set(sd) - expected)
+    if extra:
+        raise ValueError(
+            f"{os.fspath(path)!r} has tensors this RWKV-4 model does not know: {extra[:8]}"
+            + (" ..." if len(extra) > 8 else "")
+        )
+    return config, params
+
+
+def export_official(params: Mapping, config: ModelConfig, path: str | os.PathLike,
+                    dtype: str = "float32") -> None:
+    """Write params as an official RWKV-4 `.pth` (for ChatRWKV, rwkv.cpp, the `rwkv` package).
+
+    Only what the official format can hold: a pure RWKV-4 model without position embeddings
+    or a learned initial state. `dtype` is the tensors' dtype in the file.
+    """
+    torch = _torch()
+    if any(t != RWKV_LAYER for t in config.layer_types):
+        raise ValueError("export_official: the official format has no attention layers; "
+                         f"this model's layers are {list(config.layer_types)}")
+    if config.pos_emb != "none" or config.learned_init_state:
+        raise ValueError("export_official: the official RWKV-4 format has no position embeddings "
+                         "or learned initial state (model.pos_emb must be 'none', "
+                         "model.learned_init_state False)")
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if tdtype is None:
+        raise ValueError(f"export_official dtype={dtype!r}: use float32, bfloat16 or float16")
+    params = _as_numpy(params)
+    sd = {}
+    sd["emb.weight"] = _to_official(_get(params, ("emb", "embedding")), "table", torch, tdtype)
+    for i in range(config.n_layer):
+        for name, ours, kind in (_LN0 if i == 0 else ()) + _BLOCK_TENSORS:
+            sd[f"blocks.{i}.{name}"] = _to_official(_get(params, (f"blocks_{i}",) + ours), kind, torch, tdtype)
+    for name, ours, kind in _TOP[1:]:
+        sd[name] = _to_official(_get(params, ours), kind, torch, tdtype)
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    torch.save(sd, tmp)
+    os.replace(tmp, path)  # never leave a half-written file under the real name
+
+
+def _as_numpy(tree):
+    if isinstance(tree, Mapping):
+        return {k: _as_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree)

@@ -1,0 +1,126 @@
+"""Layer patterns: which layers are RWKV and which are attention.
+
+A pattern is a tuple of "rwkv" / "attn", one per layer. It is built from index lists, checked
+so that every layer is named exactly once, and can be chosen for a target sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+RWKV = "rwkv"
+ATTN = "attn"
+PRESETS = ("alternating", "rwkv", "attention")
+
+
+def build_layer_pattern(
+    n_layer: int,
+    rwkv_layers: Sequence[int] | None = None,
+    attention_layers: Sequence[int] | None = None,
+) -> tuple[str, ...]:
+    """Pattern from index lists; either list alone implies the other is the rest.
+
+    With neither list the pattern alternates: even layers RWKV, odd layers attention.
+    Indices may be negative (counted from the end, as in Python).
+    """
+    if n_layer < 1:
+        raise ValueError(f"model.n_layer must be >= 1, got {n_layer}")
+    if rwkv_layers is None and attention_layers is None:
+        return tuple(RWKV if i % 2 == 0 else ATTN for i in range(n_layer))
+    rwkv = _normalise(rwkv_layers, n_layer, "model.rwkv_layers")
+    attn = _normalise(attention_layers, n_layer, "model.attention_layers")
+    if rwkv is None:
+        rwkv = set(range(n_layer)) - attn
+    if attn is None:
+        attn = set(range(n_layer)) - rwkv
+    both = sorted(rwkv & attn)
+    if both:
+        raise ValueError(
+            f"layers {both} are in both model.rwkv_layers and model.attention_layers; "
+            "each layer must be exactly one kind"
+        )
+    missing = sorted(set(range(n_layer)) - rwkv - attn)
+    if missing:
+        raise ValueError(
+            f"layers {missing} are in neither model.rwkv_layers nor model.attention_layers; "
+            f"together they must cover 0..{n_layer - 1}"
+        )
+    return tuple(RWKV if i in rwkv else ATTN for i in range(n_layer))
+
+
+def _normalise(indices, n_layer: int, field: str) -> set[int] | None:
+    if indices is None:
+        return None
+    out = set()
+    for i in indices:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise ValueError(f"{field} holds {i!r}; layer indices are integers")
+        if not -n_layer <= i < n_layer:
+            raise ValueError(
+                f"{field} holds layer {i}, past the last layer of a {n_layer}-layer model "
+                f"(valid: 0..{n_layer - 1}, or -{n_layer}..-1 from the end)"
+            )
+        out.add(i % n_layer)
+    return out
+
+
+def preset_pattern(name: str, n_layer: int) -> tuple[str, ...]:
+    if name == "alternating":
+        return build_layer_pattern(n_layer)
+    if name == "rwkv":
+        return (RWKV,) * n_layer
+    if name == "attention":
+        return (ATTN,) * n_layer
+    raise ValueError(f"model.layer_pattern={name!r} is not one of {PRESETS} (or give index lists)")
+
+
+def distribution(pattern: Sequence[str]) -> dict:
+    """Counts and percentages of each kind, with the indices of each."""
+    n = len(pattern)
+    out = {}
+    for kind in (RWKV, ATTN):
+        idx = [i for i, p in enumerate(pattern) if p == kind]
+        out[kind] = {"count": len(idx), "percent": 100.0 * len(idx) / n, "layers": idx}
+    return out
+
+
+def describe(pattern: Sequence[str]) -> str:
+    d = distribution(pattern)
+    r, a = d[RWKV], d[ATTN]
+    return (
+        f"{len(pattern)} layers: {r['count']} RWKV ({r['percent']:.0f}%), "
+        f"{a['count']} attention ({a['percent']:.0f}%) at {a['layers']}"
+    )
+
+
+def optimize_for_sequence_length(
+    n_layer: int, n_embd: int, seq_len: int, attention_budget: float = 0.10
+) -> tuple[str, ...]:
+    """A pattern whose attention-score FLOPs stay within a budget of the model's FLOPs.
+
+    The rule: every layer costs about 24 n_embd^2 FLOPs per token in its matrices (time-mix
+    or attention projections 4 C^2, the feed-forward 8 C^2, times 2 for multiply-add). An
+    attention layer adds about 2 T C for its causal scores and weighted sum (T/2 keys on
+    average, two products, two FLOPs each). We take the largest number of attention layers
+    whose score FLOPs are at most `attention_budget` of the whole, at least one (attention is
+    what gives exact recall over the window) and at most every other layer, and spread them
+    evenly so that each sits after a run of RWKV layers; layer 0 stays RWKV.
+
+    Short contexts therefore get the alternating pattern, and each doubling of the sequence
+    length roughly halves the number of attention layers.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if not 0 < attention_budget < 1:
+        raise ValueError(f"attention_budget must be in (0, 1), got {attention_budget}")
+    dense = 24.0 * n_embd * n_embd * n_layer
+    per_attn = 2.0 * seq_len * n_embd
+    # n * per_attn <= budget * (dense + n * per_attn)
+    n_attn = math.floor(attention_budget * dense / ((1 - attention_budget) * per_attn))
+    n_attn = max(1, min(n_attn, n_layer // 2))
+    if n_layer == 1:
+        return (RWKV,)
+    stride = n_layer / n_attn
+    attn = {min(n_layer - 1, round(stride * (j + 1)) - 1) for j in range(n_attn)}
+    return tuple(ATTN if i in attn and i > 0 else RWKV for i in range(n_layer))

@@ -1,0 +1,99 @@
+"""The language model: embedding -> blocks (by layer pattern) -> ln_out -> head.
+
+    model = RWKV(config)
+    params = model.init(rng, tokens)["params"]
+    logits, state = model.apply({"params": params}, tokens, state)
+
+One forward function serves training, prefill and decode: pass state=None for a fresh
+sequence (the zero state, or the learned initial state when the config asks for one), or the
+state a previous call returned to continue where it stopped.
+"""
+
+from __future__ import annotations
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rwkv_jax.config import ModelConfig
+from rwkv_jax.layers import AttentionBlock, RWKVBlock, dense, layer_norm, learned_layer_state
+from rwkv_jax.state import init_state as zero_state
+
+
+def _block_class(config: ModelConfig, layer: int):
+    cls = RWKVBlock if config.is_rwkv(layer) else AttentionBlock
+    if config.remat:
+        cls = nn.remat(cls, policy=getattr(jax.checkpoint_policies, config.remat_policy))
+    return cls
+
+
+class RWKV(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, state: dict | None = None):
+        cfg = self.config
+        chex.assert_rank(tokens, 2)
+        chex.assert_type(tokens, int)
+        B, T = tokens.shape
+        if state is not None:
+            chex.assert_shape(state["pos"], (B,))
+        pos = jnp.zeros((B,), jnp.int32) if state is None else state["pos"]
+
+        x = nn.Embed(
+            cfg.vocab_size, cfg.n_embd, param_dtype=jnp.float32, name="emb",
+            embedding_init=nn.initializers.uniform_range(-cfg.emb_init_scale, cfg.emb_init_scale)
+            if hasattr(nn.initializers, "uniform_range") else _uniform(cfg.emb_init_scale),
+        )(tokens)
+        if cfg.pos_emb == "learned":
+            positions = jnp.minimum(pos[:, None] + jnp.arange(T)[None, :], cfg.max_positions - 1)
+            x = x + nn.Embed(cfg.max_positions, cfg.n_embd, param_dtype=jnp.float32,
+                             embedding_init=nn.initializers.zeros_init(), name="pos_emb")(positions)
+
+        new_layers = []
+        for i in range(cfg.n_layer):
+            layer_state = None if state is None else state["layers"][i]
+            x, s = _block_class(cfg, i)(cfg, i, name=f"blocks_{i}")(x, layer_state, pos)
+            new_layers.append(s)
+
+        x = layer_norm(cfg, "ln_out")(x)
+        head_gain = 0.5 * (cfg.vocab_size / cfg.n_embd) ** 0.5 if cfg.vocab_size > cfg.n_embd else 0.5
+        logits = dense(cfg, cfg.vocab_size, "head", nn.initializers.orthogonal(head_gain))(x)
+        logits = logits.astype(jnp.float32)
+        chex.assert_shape(logits, (B, T, cfg.vocab_size))
+        return logits, {"pos": pos + T, "layers": tuple(new_layers)}
+
+
+def _uniform(scale: float):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -scale, scale)
+
+    return init
+
+
+def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 2) -> dict:
+    """Fresh parameters (the official RWKV-4 initialisation)."""
+    init = jax.jit(RWKV(config).init)  # one compile beats op-by-op dispatch of every init
+    return init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+
+
+def initial_state(config: ModelConfig, params: dict | None, batch_size: int) -> dict:
+    """The state a fresh sequence starts from: learned where the config learns it, else zero.
+
+    Same tree as rwkv_jax.state.init_state, so it can be passed to any call.
+    """
+    state = zero_state(config, batch_size)
+    if not config.learned_init_state:
+        return state
+    if params is None:
+        raise ValueError("model.learned_init_state=True: the initial state needs the parameters")
+    layers = list(state["layers"])
+    for i in range(config.n_layer):
+        if config.is_rwkv(i):
+            layers[i] = learned_layer_state(params[f"blocks_{i}"]["init_state"], batch_size)
+    return {"pos": state["pos"], "layers": tuple(layers)}
+
+
+def count_params(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,67 @@
+"""The recurrent state: one pytree for the whole model, one entry per layer.
+
+    {"pos": (B,) int32,            tokens each row has seen (positions, attention masks)
+     "layers": (layer_0, ...)}     per layer, by kind:
+        RWKV:      {"shift_att": (B, C), "aa", "bb", "pp": (B, C), "shift_ffn": (B, C)}
+        attention: {"k": (B, W, H, N), "v": (B, W, H, N)}   the last W keys and values
+
+Everything RWKV is float32; the KV window is in the compute dtype. A zero state and a learned
+initial state (rwkv_jax.model) have the same tree, so either can enter any call.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rwkv_jax.config import ModelConfig
+from rwkv_jax.ops.wkv4 import NEG_INF
+
+
+def compute_dtype(config: ModelConfig):
+    return jnp.dtype(config.dtype)
+
+
+def zero_layer_state(config: ModelConfig, layer: int, batch_size: int) -> dict:
+    B, C = batch_size, config.n_embd
+    if config.is_rwkv(layer):
+        zeros = jnp.zeros((B, C), jnp.float32)
+        return {
+            "shift_att": zeros,
+            "aa": zeros,
+            "bb": zeros,
+            "pp": jnp.full((B, C), NEG_INF, jnp.float32),
+            "shift_ffn": zeros,
+        }
+    kv = jnp.zeros((B, config.attn_window, config.attn_heads, config.attn_head_size),
+                   compute_dtype(config))
+    return {"k": kv, "v": kv}
+
+
+def init_state(config: ModelConfig, batch_size: int) -> dict:
+    """The zero state: what a model has seen before its first token."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return {
+        "pos": jnp.zeros((batch_size,), jnp.int32),
+        "layers": tuple(zero_layer_state(config, i, batch_size) for i in range(config.n_layer)),
+    }
+
+
+def state_shapes(config: ModelConfig, batch_size: int):
+    """Shapes and dtypes of the state without allocating it (for shardings, memory plans)."""
+    return jax.eval_shape(lambda: init_state(config, batch_size))
+
+
+def state_bytes(config: ModelConfig, batch_size: int) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state_shapes(config, batch_size)))
+
+
+def reset_rows(state: dict, fresh: dict, rows: jax.Array) -> dict:
+    """Replace the rows where `rows` is True with the same rows of `fresh` (new sequences)."""
+
+    def pick(old, new):
+        mask = rows.reshape((-1,) + (1,) * (old.ndim - 1))
+        return jnp.where(mask, new, old)
+
+    return jax.tree.map(pick, state, fresh)

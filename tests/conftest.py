@@ -1,0 +1,83 @@
+"""Shared test helpers: a float64 WKV reference and random official checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def wkv4_reference(time_decay, time_first, k, v, state=None):
+    """The RWKV-4 WKV in float64 straight from its definition (sums kept in log scale)."""
+    k = np.asarray(k, np.float64)
+    v = np.asarray(v, np.float64)
+    w = -np.exp(np.asarray(time_decay, np.float64))
+    u = np.asarray(time_first, np.float64)
+    B, T, C = k.shape
+    if state is None:
+        num, den, lp = np.zeros((B, C)), np.zeros((B, C)), np.full((B, C), -np.inf)
+    else:
+        num, den, lp = (np.asarray(s, np.float64) for s in state)
+    y = np.zeros((B, T, C))
+    for t in range(T):
+        m = np.maximum(lp, u + k[:, t])
+        a, b = np.exp(lp - m), np.exp(u + k[:, t] - m)
+        y[:, t] = (num * a + b * v[:, t]) / (den * a + b)
+        m2 = np.maximum(lp + w, k[:, t])
+        a, b = np.exp(lp + w - m2), np.exp(k[:, t] - m2)
+        num, den, lp = num * a + b * v[:, t], den * a + b, m2
+    return y, (num, den, lp)
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def random_official_state_dict(vocab=97, n_embd=64, n_layer=3, dim_ffn=256, seed=0, dtype=None):
+    """A random RWKV-4 state dict in the official layout, with weights far from their
+    initialisation (zero-initialised projections would hide mistakes)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    C, F = n_embd, dim_ffn
+    sd = {"emb.weight": randn(vocab, C) * 0.5}
+    for i in range(n_layer):
+        b = f"blocks.{i}."
+        for n in (["ln0"] if i == 0 else []) + ["ln1", "ln2"]:
+            sd[b + n + ".weight"] = 1 + 0.1 * randn(C)
+            sd[b + n + ".bias"] = 0.1 * randn(C)
+        sd[b + "att.time_decay"] = torch.rand(C, generator=g) * 6 - 4
+        sd[b + "att.time_first"] = randn(C)
+        for n in "kvr":
+            sd[b + f"att.time_mix_{n}"] = torch.rand(1, 1, C, generator=g)
+        for n in ("key", "value", "receptance", "output"):
+            sd[b + f"att.{n}.weight"] = randn(C, C) / C**0.5
+        for n in "kr":
+            sd[b + f"ffn.time_mix_{n}"] = torch.rand(1, 1, C, generator=g)
+        sd[b + "ffn.key.weight"] = randn(F, C) / C**0.5
+        sd[b + "ffn.receptance.weight"] = randn(C, C) / C**0.5
+        sd[b + "ffn.value.weight"] = randn(C, F) / F**0.5
+    sd["ln_out.weight"] = 1 + 0.1 * randn(C)
+    sd["ln_out.bias"] = 0.1 * randn(C)
+    sd["head.weight"] = randn(vocab, C) / C**0.5
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    return sd
+
+
+def perturbed(params, seed=1, scale=0.3):
+    """Params moved away from their initialisation so that every weight matters in a test."""
+    import jax
+
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(
+        tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    )
