@@ -184,3 +184,132 @@ def _as_numpy(tree):
     if isinstance(tree, Mapping):
         return {k: _as_numpy(v) for k, v in tree.items()}
     return np.asarray(tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints (orbax): parameters, optimizer state, the carried recurrent state, the
+# step (which fixes the data position: batches are a function of (seed, step)), and a JSON
+# record with the model config, so infer.py can rebuild the model from the checkpoint alone.
+# orbax writes each step to a temporary directory and renames it when complete, so a process
+# killed mid-save never leaves a checkpoint that looks whole.
+# ----------------------------------------------------------------------------------------------
+
+
+def _ocp():
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    return ocp
+
+
+def _abstract(tree):
+    import jax  # noqa: PLC0415
+
+    def spec(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(spec, tree)
+
+
+class TrainCheckpointer:
+    """Save every N steps, keep the last k, restore the newest (onto the template's shardings)."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3):
+        ocp = _ocp()
+        self.directory = os.path.abspath(os.fspath(directory))
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_names=("params", "train", "meta"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, train_state, meta: dict) -> None:
+        ocp = _ocp()
+        params, rest = _split(train_state)
+        self._manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            train=ocp.args.StandardSave(rest),
+            meta=ocp.args.JsonSave({**self._meta, **meta, "step": int(step)}),
+        ))
+
+    _meta: dict = {}
+
+    def save_model_config(self, model_config: ModelConfig, tokenizer: str) -> None:
+        """What every later save records beside the arrays."""
+        self._meta = {"model_config": model_config.to_dict(), "tokenizer": tokenizer,
+                      "format": "rwkv_jax/1"}
+
+    def restore(self, template, step: int | None = None):
+        """(train_state, meta) of `step` (default: newest), shaped and sharded like `template`."""
+        ocp = _ocp()
+        step = self.latest_step() if step is None else step
+        params, rest = _split(template)
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(params)),
+            train=ocp.args.StandardRestore(_abstract(rest)),
+            meta=ocp.args.JsonRestore(),
+        ))
+        return template.replace(params=out["params"], **out["train"]), out["meta"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _split(train_state):
+    rest = {f: getattr(train_state, f) for f in ("step", "opt_state", "carry", "loss_scale", "good_steps")}
+    return train_state.params, rest
+
+
+def find_checkpoint_dir(path: str | os.PathLike) -> str:
+    """A run directory (holding checkpoints/) or the checkpoints directory itself."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path!r}")
+    return path
+
+
+def restore_params(path: str | os.PathLike, step: int | None = None) -> tuple[ModelConfig, dict, dict]:
+    """(model_config, params, meta) from a training checkpoint, without the optimizer state."""
+    import jax  # noqa: PLC0415
+
+    from rwkv_jax.model import RWKV  # noqa: PLC0415
+
+    ocp = _ocp()
+    directory = find_checkpoint_dir(path)
+    manager = ocp.CheckpointManager(directory, item_names=("params", "train", "meta"))
+    steps = list(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"{directory!r} holds no complete checkpoint")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise FileNotFoundError(f"no checkpoint of step {step} in {directory!r}; steps there: {sorted(steps)}")
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in meta["model_config"].items()})
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        raise ValueError(f"checkpoint {directory!r} step {step} has no readable model record: {e}") from None
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    abstract = jax.eval_shape(
+        lambda: RWKV(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    try:
+        params = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract)))["params"]
+    except Exception as e:  # noqa: BLE001 - orbax reports a mismatch or corruption in many ways
+        raise ValueError(f"checkpoint {directory!r} step {step} could not be restored as the model "
+                         f"it records ({e.__class__.__name__}: {str(e)[:300]})") from None
+    manager.close()
+    return config, params, meta

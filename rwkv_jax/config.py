@@ -8,6 +8,7 @@ jit argument). Config files under configs/ hold an ml_collections `model` sectio
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -133,3 +134,176 @@ def _none_if_empty(x):
     if x is None or (hasattr(x, "__len__") and len(x) == 0):
         return None
     return [int(i) for i in x]
+
+
+# ----------------------------------------------------------------------------------------------
+# The training / inference config: one ml_collections ConfigDict, grouped the way users look
+# for things. Config files under configs/ start from `default_config()` and change fields;
+# `validate()` checks the whole thing before any data is read or anything compiles.
+# ----------------------------------------------------------------------------------------------
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+STATE_COMPRESSIONS = ("none", "bf16", "int8", "learned")
+LAYER_PATTERNS = hybrid.PRESETS + ("custom", "auto")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the field, the value and what would be valid."""
+
+
+def default_config():
+    """Every field a config may set, with its default. Unknown fields are errors."""
+    import ml_collections  # noqa: PLC0415  (the library core does not need it)
+
+    from rwkv_jax.optim import default_optimizer_config  # noqa: PLC0415
+
+    c = ml_collections.ConfigDict()
+    c.experiment_name = "run"
+    c.output_dir = "runs"  # the run lives in output_dir/experiment_name
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict(dict(
+        version="4", vocab_size=0,  # 0: the tokenizer's vocabulary size
+        n_layer=4, n_embd=128, dim_ffn=0, attn_head_size=64, attn_window=1024,
+    ))
+    c.architecture = ml_collections.ConfigDict(dict(
+        layer_pattern="rwkv",  # rwkv | alternating | attention | custom | auto
+        rwkv_layers=(), attention_layers=(),  # for layer_pattern="custom"
+        pos_emb="none", max_positions=4096, learned_init_state=False,
+    ))
+    c.memory = ml_collections.ConfigDict(dict(
+        use_rwkv_chunking=True,  # train max_seq_length in chunks, state passed between them
+        rwkv_chunk_size=256,
+        chunk_overlap=0,  # tokens each chunk repeats from the previous one (loss-masked)
+        state_compression="none",  # none | bf16 | int8 | learned: states stored between chunks
+        state_rank=0,  # learned compression: rank of the per-layer codec (0: n_embd // 4)
+        remat_policy="nothing_saveable",
+        wkv_chunk_size=64,
+    ))
+    c.efficiency = ml_collections.ConfigDict(dict(
+        precision="float32",  # compute dtype of matrix products: float32 | bfloat16 | float16
+        remat=False, donate=True, wkv_impl="auto", attn_impl="auto",
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=8, max_seq_length=256, steps=1000, trainable="all",
+        init_from="",  # start from these weights: an official .pth or a run / checkpoint dir
+        loss_scale=2.0**15,  # initial dynamic loss scale for float16
+    ))
+    c.optimizer = default_optimizer_config()
+    c.optimizer.total_steps = 0  # 0: train.steps
+    del c.optimizer["trainable"]  # train.trainable says what trains
+    c.data = ml_collections.ConfigDict(dict(
+        tokenizer="byte", train_file="", val_file="", cache_dir="",  # cache: output_dir/data
+    ))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=3, resume=True))
+    c.logging = ml_collections.ConfigDict(dict(
+        every=10, eval_every=200, eval_tokens=65536, tensorboard=True, progress=True,
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return c
+
+
+def _check_known(cfg, schema, prefix: str = "") -> None:
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            valid = ", ".join(sorted(schema.keys()))
+            raise ConfigError(f"unknown option {name!r}; valid options here: {valid}")
+        sub, ref = cfg[key], schema[key]
+        if hasattr(ref, "keys") and hasattr(sub, "keys"):
+            _check_known(sub, ref, name + ".")
+
+
+def model_config_from(cfg, vocab_size: int | None = None) -> ModelConfig:
+    """The ModelConfig a training config describes (layer pattern resolved)."""
+    m, a, mem, eff = cfg.model, cfg.architecture, cfg.memory, cfg.efficiency
+    vocab = m.vocab_size or vocab_size
+    if not vocab:
+        raise ConfigError("model.vocab_size=0 needs a tokenizer to take the vocabulary size from")
+    if m.version != "4":
+        raise ConfigError(f"model.version={m.version!r}: only '4' (RWKV-4) is available")
+    if a.layer_pattern not in LAYER_PATTERNS:
+        raise ConfigError(f"architecture.layer_pattern={a.layer_pattern!r} is not one of {LAYER_PATTERNS}")
+    try:
+        if a.layer_pattern == "custom":
+            types = hybrid.build_layer_pattern(
+                m.n_layer, _none_if_empty(a.rwkv_layers), _none_if_empty(a.attention_layers))
+        elif a.layer_pattern == "auto":
+            types = hybrid.optimize_for_sequence_length(
+                m.n_layer, m.n_embd, cfg.train.max_seq_length)
+        else:
+            types = hybrid.preset_pattern(a.layer_pattern, m.n_layer)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("model.rwkv_layers", "architecture.rwkv_layers")
+                          .replace("model.attention_layers", "architecture.attention_layers")) from None
+    try:
+        return ModelConfig(
+            vocab_size=int(vocab), n_layer=m.n_layer, n_embd=m.n_embd, dim_ffn=m.dim_ffn,
+            layer_types=types, attn_head_size=m.attn_head_size, attn_window=m.attn_window,
+            attn_impl=eff.attn_impl, pos_emb=a.pos_emb, max_positions=a.max_positions,
+            learned_init_state=a.learned_init_state, dtype=eff.precision, wkv_impl=eff.wkv_impl,
+            wkv_chunk_size=mem.wkv_chunk_size, remat=eff.remat, remat_policy=mem.remat_policy,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def optimizer_config_from(cfg):
+    """The optimizer section with what it takes from elsewhere filled in."""
+    opt = cfg.optimizer.copy_and_resolve_references()
+    with opt.unlocked():
+        opt.total_steps = opt.total_steps or cfg.train.steps
+        opt.trainable = cfg.train.trainable
+    return opt
+
+
+def validate(cfg) -> None:
+    """Check a whole config before any data is read or compiled; raise ConfigError naming the field."""
+    _check_known(cfg, default_config())
+    t, mem, a = cfg.train, cfg.memory, cfg.architecture
+
+    def need(ok, field, value, valid):
+        if not ok:
+            raise ConfigError(f"{field}={value!r} is invalid: {valid}")
+
+    for field in ("train.batch_size", "train.max_seq_length", "train.steps", "model.n_layer",
+                  "model.n_embd", "checkpoint.every", "checkpoint.keep", "logging.every"):
+        group, key = field.split(".")
+        value = cfg[group][key]
+        need(isinstance(value, int) and value >= 1, field, value, "must be an integer >= 1")
+    need(t.trainable in ("all", "state"), "train.trainable", t.trainable, "one of ('all', 'state')")
+    if t.trainable == "state":
+        need(a.learned_init_state, "train.trainable", t.trainable,
+             "state tuning needs architecture.learned_init_state=True (the state it trains)")
+    need(cfg.efficiency.precision in PRECISIONS, "efficiency.precision", cfg.efficiency.precision,
+         f"one of {PRECISIONS}")
+    need(mem.state_compression in STATE_COMPRESSIONS, "memory.state_compression",
+         mem.state_compression, f"one of {STATE_COMPRESSIONS}")
+    if mem.use_rwkv_chunking:
+        L, o, T = mem.rwkv_chunk_size, mem.chunk_overlap, t.max_seq_length
+        need(isinstance(L, int) and 1 <= L <= T, "memory.rwkv_chunk_size", L,
+             f"must be between 1 and train.max_seq_length={T}")
+        need(isinstance(o, int) and 0 <= o < L, "memory.chunk_overlap", o,
+             f"must be >= 0 and < memory.rwkv_chunk_size={L}")
+        if o == 0:
+            need(T % L == 0, "memory.rwkv_chunk_size", L,
+                 f"must divide train.max_seq_length={T} (or set memory.chunk_overlap > 0)")
+    if t.init_from:
+        need(os.path.exists(t.init_from), "train.init_from", t.init_from,
+             "no such file or directory (an official .pth, or a run or checkpoints directory)")
+    for split in ("train_file", "val_file"):
+        path = cfg.data[split]
+        need(bool(path), f"data.{split}", path, "a text file (or a prepared .bin token file) is required")
+        need(os.path.isfile(path), f"data.{split}", path, "no such file")
+    if cfg.data.tokenizer not in ("byte", "world") and not str(cfg.data.tokenizer).endswith(".json"):
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r} is invalid: 'byte', 'world' "
+                          "or a Hugging Face tokenizer .json file")
+    from rwkv_jax.optim import make_schedule  # noqa: PLC0415
+
+    try:
+        make_schedule(optimizer_config_from(cfg))
+    except ValueError as e:
+        raise ConfigError(f"optimizer: {e}") from None
+    # The model section (sizes, pattern, dtypes); the vocabulary is checked against the data
+    # once the tokenizer is known (rwkv_jax.trainer).
+    model_config_from(cfg, vocab_size=cfg.model.vocab_size or 1 << 16)

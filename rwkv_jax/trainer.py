@@ -1,0 +1,470 @@
+"""Training: the jitted chunk step, streaming evaluation, and the loop.
+
+A sequence of `train.max_seq_length` tokens is trained in chunks of `memory.rwkv_chunk_size`;
+each chunk is one optimizer step that takes the recurrent state the previous chunk left and
+returns the next one (no gradient flows between chunks: truncated backprop through time).
+Batches are a pure function of (seed, step), and the carried state is part of the checkpoint,
+so a run resumed from any checkpoint continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+import warnings
+from functools import partial
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rwkv_jax import checkpoint as ckpt
+from rwkv_jax import data as data_lib
+from rwkv_jax import hybrid, optim
+from rwkv_jax.config import ConfigError, ModelConfig, model_config_from, optimizer_config_from, validate
+from rwkv_jax.model import RWKV, count_params, init_params
+from rwkv_jax.state import init_state
+
+log = logging.getLogger("rwkv_jax")
+
+# Dense bf16 peak of the chips we know, for MFU (FLOP/s).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5": 459e12}
+
+# A testing hook: SIGKILL this process right after the given step, to prove exact resume.
+_DIE_AT_STEP_ENV = "RWKV_JAX_DIE_AT_STEP"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients went NaN/inf; the last good checkpoint is kept."""
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array  # optimizer updates done
+    params: Any
+    opt_state: Any
+    carry: Any  # the recurrent state handed to the next chunk
+    loss_scale: jax.Array  # dynamic loss scale (float16 only; 1 otherwise)
+    good_steps: jax.Array  # finite steps since the loss scale last changed
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run needs, prepared (and checked) before anything compiles."""
+
+    cfg: Any
+    model_config: ModelConfig
+    tokenizer: Any
+    train_tokens: data_lib.TokenFile
+    val_tokens: data_lib.TokenFile
+    run_dir: str
+    spans: list  # (start, stop) of each chunk within a sequence
+    masks: np.ndarray  # (num_chunks, chunk) loss masks (overlap counted once)
+    handoffs: list  # per chunk: the position whose state the next chunk starts from
+
+    @property
+    def chunk_len(self) -> int:
+        return self.spans[0][1] - self.spans[0][0]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.chunk_len
+
+
+def _resolve_precision(precision: str) -> str:
+    """Keep the requested compute dtype if this platform can multiply in it, else float32."""
+    if precision == "float32":
+        return precision
+    try:
+        x = jnp.ones((8, 8), precision)
+        jax.block_until_ready(jax.jit(jnp.dot)(x, x))
+    except Exception as e:  # noqa: BLE001 - any failure means the dtype is not usable here
+        warnings.warn(f"efficiency.precision={precision!r} does not run on {jax.default_backend()} "
+                      f"({e}); training in float32 instead", stacklevel=2)
+        return "float32"
+    return precision
+
+
+def _token_file(text_or_bin: str, tokenizer, cache_dir: str) -> data_lib.TokenFile:
+    if text_or_bin.endswith(".bin"):
+        return data_lib.TokenFile(text_or_bin)
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in tokenizer.name)
+    base = os.path.splitext(os.path.basename(text_or_bin))[0]
+    return data_lib.prepare_tokens(text_or_bin, tokenizer, os.path.join(cache_dir, f"{base}.{safe}.bin"))
+
+
+def prepare(cfg) -> Run:
+    """Validate the config, tokenize the data (cached), and fix the chunking. No compiles."""
+    validate(cfg)
+    tokenizer = data_lib.get_tokenizer(cfg.data.tokenizer)
+    run_dir = os.path.join(cfg.output_dir, cfg.experiment_name)
+    cache_dir = cfg.data.cache_dir or os.path.join(cfg.output_dir, "data")
+    os.makedirs(cache_dir, exist_ok=True)
+    train_tokens = _token_file(cfg.data.train_file, tokenizer, cache_dir)
+    val_tokens = _token_file(cfg.data.val_file, tokenizer, cache_dir)
+    model_config = model_config_from(cfg, vocab_size=tokenizer.vocab_size)
+    model_config = dataclasses.replace(
+        model_config, dtype=_resolve_precision(model_config.dtype))
+    for split, tf in (("train_file", train_tokens), ("val_file", val_tokens)):
+        if tf.max_token_id >= model_config.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={model_config.vocab_size} is smaller than the largest token id "
+                f"{tf.max_token_id} in data.{split} ({tf.path}); use at least {tf.max_token_id + 1}")
+    T = cfg.train.max_seq_length
+    for split, tf in (("train_file", train_tokens),):
+        if tf.num_tokens < T + 1:
+            raise ConfigError(f"data.{split} has {tf.num_tokens} tokens, fewer than "
+                              f"train.max_seq_length + 1 = {T + 1}")
+    mem = cfg.memory
+    L, overlap = (mem.rwkv_chunk_size, mem.chunk_overlap) if mem.use_rwkv_chunking else (T, 0)
+    try:
+        spans = data_lib.chunk_spans(T, L, overlap)
+        masks = data_lib.chunk_loss_masks(T, L, overlap)
+        handoffs = data_lib.state_handoff(T, L, overlap) + [L]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return Run(cfg, model_config, tokenizer, train_tokens, val_tokens, run_dir, spans, masks, handoffs)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _masked_ce(logits, targets, mask):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    mask = jnp.broadcast_to(mask, ce.shape)
+    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), jnp.sum(mask)
+
+
+def chunk_forward(model: RWKV, params, inputs, state, handoff: int):
+    """Logits of one chunk and the state at `handoff` (the next chunk's start).
+
+    With overlapping chunks the next chunk starts inside this one, so the chunk runs as two
+    calls split there; the state between them is the one to hand on.
+    """
+    L = inputs.shape[1]
+    if handoff >= L:
+        return model.apply({"params": params}, inputs, state)
+    head, mid = model.apply({"params": params}, inputs[:, :handoff], state)
+    tail, _ = model.apply({"params": params}, inputs[:, handoff:], mid)
+    return jnp.concatenate([head, tail], axis=1), mid
+
+
+def make_train_step(model: RWKV, optimizer, *, fresh: bool, handoff: int, float16: bool):
+    """One optimizer update on one chunk. `fresh`: the chunk starts a sequence (state=None,
+    i.e. the zero or learned initial state, so gradients reach a learned one)."""
+
+    def loss_fn(params, inputs, targets, mask, carry, scale):
+        logits, new_carry = chunk_forward(model, params, inputs, None if fresh else carry, handoff)
+        loss, count = _masked_ce(logits, targets, mask)
+        return loss * scale, (loss, count, new_carry)
+
+    def step(ts: TrainState, inputs, targets, mask):
+        scale = ts.loss_scale if float16 else jnp.float32(1.0)
+        grads, (loss, count, carry) = jax.grad(loss_fn, has_aux=True)(
+            ts.params, inputs, targets, mask, ts.carry, scale)
+        grads = jax.tree.map(lambda g: g / scale, grads)
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+        params = optax.apply_updates(ts.params, updates)
+        # A non-finite step changes nothing (float16 overflow is routine; otherwise the host stops).
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        loss_scale, good = ts.loss_scale, ts.good_steps
+        if float16:
+            grow = ok & (good + 1 >= 2000)
+            loss_scale = jnp.where(ok, jnp.where(grow, loss_scale * 2, loss_scale), loss_scale / 2)
+            good = jnp.where(ok & ~grow, good + 1, 0)
+        new = TrainState(
+            step=ts.step + 1, params=keep(params, ts.params), opt_state=keep(opt_state, ts.opt_state),
+            carry=carry, loss_scale=loss_scale, good_steps=good)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": ok, "tokens": count,
+                   "loss_scale": loss_scale}
+        return new, metrics
+
+    return step
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def score_stream(apply_fn, params, tokens: np.ndarray, chunk_len: int, state=None):
+    """Mean next-token loss of one long token stream fed through the state chunk by chunk.
+
+    Memory does not grow with the stream's length. Returns (sum of losses in nats, count).
+    `apply_fn(params, inputs, state) -> (logits, state)` is a jitted model call.
+    """
+    tokens = np.asarray(tokens)
+    total, count = 0.0, 0
+    n = len(tokens) - 1
+    for a in range(0, n, chunk_len):
+        b = min(a + chunk_len, n)
+        inputs = jnp.asarray(tokens[None, a:b], jnp.int32)
+        targets = jnp.asarray(tokens[None, a + 1 : b + 1], jnp.int32)
+        logits, state = apply_fn(params, inputs, state)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        total += float(jnp.sum(ce))
+        count += b - a
+    return total, count
+
+
+def evaluate(run: Run, params, max_tokens: int | None = None) -> dict:
+    model = RWKV(run.model_config)
+    apply_fn = _jitted_apply(model)
+    tokens = np.asarray(run.val_tokens.tokens)
+    if max_tokens:
+        tokens = tokens[: max_tokens + 1]
+    total, count = score_stream(apply_fn, params, tokens, run.chunk_len)
+    loss = total / max(count, 1)
+    # Bytes per token of this file, for bits per byte of the part scored.
+    bytes_scored = run.val_tokens.num_bytes * count / max(run.val_tokens.num_tokens - 1, 1)
+    return {"loss": loss, "bpb": data_lib.bits_per_byte(loss, count, bytes_scored),
+            "tokens": count}
+
+
+@partial(jax.jit, static_argnums=0)
+def _apply(model, params, inputs, state):
+    return model.apply({"params": params}, inputs, state)
+
+
+def _jitted_apply(model):
+    return lambda params, inputs, state: _apply(model, params, inputs, state)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def model_flops_per_token(mc: ModelConfig, chunk_len: int) -> float:
+    """Training FLOPs per token: 6 x matrix parameters (embedding excluded) + causal attention."""
+    C, F = mc.n_embd, mc.dim_ffn
+    n_attn = mc.layer_types.count(hybrid.ATTN)
+    n_rwkv = mc.n_layer - n_attn
+    matrices = n_rwkv * (4 * C * C + 2 * C * F + C * C) + n_attn * (4 * C * C + 2 * C * F)
+    matrices += C * mc.vocab_size  # head
+    ctx = min(mc.attn_window, chunk_len) / 2
+    return 6.0 * matrices + n_attn * 12.0 * ctx * C
+
+
+def device_peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_FLOPS.items():
+        if name in kind:
+            return peak * jax.device_count()
+    return None
+
+
+def load_initial_weights(path: str, fresh: dict) -> dict:
+    """Weights to start from (`train.init_from`), onto the fresh init's tree.
+
+    Leaves the source lacks (a learned initial state or codec a pretrained model never had)
+    keep their fresh initialisation; a leaf of another shape is an error.
+    """
+    if os.path.isfile(path):
+        _, loaded = ckpt.import_official(path)
+    else:
+        _, loaded, _ = ckpt.restore_params(path)
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
+
+    def take(keypath, x):
+        name = jax.tree_util.keystr(keypath)
+        if name not in flat:
+            return x
+        y = jnp.asarray(flat[name], x.dtype)
+        if y.shape != x.shape:
+            raise ConfigError(f"train.init_from={path!r}: {name} has shape {y.shape}, but this "
+                              f"config's model wants {x.shape}")
+        return y
+
+    return jax.tree_util.tree_map_with_path(take, fresh)
+
+
+def init_train_state(run: Run, rng) -> tuple[TrainState, Any]:
+    params = init_params(run.model_config, rng)
+    if run.cfg.train.init_from:
+        params = load_initial_weights(run.cfg.train.init_from, params)
+    optimizer = optim.make_optimizer(params, optimizer_config_from(run.cfg))
+    ts = TrainState(
+        step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
+        carry=init_state(run.model_config, run.cfg.train.batch_size),
+        loss_scale=jnp.float32(run.cfg.train.loss_scale if run.model_config.dtype == "float16" else 1.0),
+        good_steps=jnp.int32(0))
+    return ts, optimizer
+
+
+class _Writer:
+    """tensorboardX when available and asked for; a no-op otherwise."""
+
+    def __init__(self, logdir: str | None):
+        self._w = None
+        if logdir:
+            try:
+                from tensorboardX import SummaryWriter  # noqa: PLC0415
+            except ImportError:
+                log.warning("tensorboardX is not installed: no tensorboard logs")
+            else:
+                self._w = SummaryWriter(logdir)
+
+    def scalars(self, step: int, values: dict, prefix: str):
+        if self._w:
+            for k, v in values.items():
+                self._w.add_scalar(f"{prefix}/{k}", float(v), step)
+            self._w.flush()
+
+    def close(self):
+        if self._w:
+            self._w.close()
+
+
+def train(run: Run) -> dict:
+    """Train (or resume) until train.steps; returns the final metrics."""
+    cfg = run.cfg
+    os.makedirs(run.run_dir, exist_ok=True)
+    with open(os.path.join(run.run_dir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+
+    mc = run.model_config
+    model = RWKV(mc)
+    ts, optimizer = init_train_state(run, jax.random.PRNGKey(cfg.seed))
+    log.info("model: %s, %.2fM parameters, compute %s; %s", "RWKV-4", count_params(ts.params) / 1e6,
+             mc.dtype, hybrid.describe(mc.layer_types))
+    for label, paths in optim.describe_groups(ts.params, optimizer_config_from(cfg)).items():
+        log.info("optimizer group %-16s %3d tensors, e.g. %s", label, len(paths), paths[0])
+
+    manager = ckpt.TrainCheckpointer(os.path.join(run.run_dir, "checkpoints"),
+                                     keep=cfg.checkpoint.keep)
+    start = 0
+    if cfg.checkpoint.resume and manager.latest_step() is not None:
+        ts, meta = manager.restore(ts)
+        start = int(ts.step)
+        log.info("resumed from %s at step %d", manager.directory, start)
+    manager.save_model_config(mc, run.tokenizer.name)
+
+    float16 = mc.dtype == "float16"
+    donate = (0,) if cfg.efficiency.donate else ()
+    steps = {}
+
+    def step_fn(chunk: int):
+        key = (chunk == 0, run.handoffs[chunk])
+        if key not in steps:
+            fn = make_train_step(model, optimizer, fresh=key[0], handoff=key[1], float16=float16)
+            steps[key] = jax.jit(fn, donate_argnums=donate)
+        return steps[key]
+
+    n_chunks = len(run.spans)
+    flops_per_token = model_flops_per_token(mc, run.chunk_len)
+    peak = device_peak_flops() if jax.default_backend() != "cpu" else None
+    writer = _Writer(os.path.join(run.run_dir, "tb") if cfg.logging.tensorboard else None)
+    die_at = int(os.environ.get(_DIE_AT_STEP_ENV, "-1"))
+    progress = _progress(cfg, start)
+
+    batch_key, batch = None, None
+    pending = None  # the previous step's metrics, read one step late so dispatch runs ahead
+    window_t, window_tokens = time.perf_counter(), 0
+    last = {}
+    try:
+        for step in range(start, cfg.train.steps):
+            seq_step, chunk = divmod(step, n_chunks)
+            if batch_key != seq_step:
+                batch = data_lib.get_batch(run.train_tokens, step=seq_step, seed=cfg.seed,
+                                           batch_size=cfg.train.batch_size,
+                                           seq_len=cfg.train.max_seq_length)
+                batch_key = seq_step
+            a, b = run.spans[chunk]
+            ts, metrics = step_fn(chunk)(ts, batch[0][:, a:b], batch[1][:, a:b],
+                                         jnp.asarray(run.masks[chunk]))
+            if pending is not None:
+                _check_finite(pending, step, float16)
+            pending = metrics
+            window_tokens += run.tokens_per_step
+            if step + 1 == die_at:
+                manager.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            if (step + 1) % cfg.logging.every == 0 or step + 1 == cfg.train.steps:
+                jax.block_until_ready(metrics)
+                _check_finite(metrics, step + 1, float16)
+                elapsed = time.perf_counter() - window_t
+                tps = window_tokens / elapsed
+                last = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                        "lr": float(optim.make_schedule(optimizer_config_from(cfg))(step)),
+                        "tokens_per_sec": tps}
+                if peak:
+                    last["mfu"] = tps * flops_per_token / peak
+                writer.scalars(step + 1, last, "train")
+                progress.set_postfix(_postfix(last))
+                if not cfg.logging.progress:
+                    log.info("step %d: %s", step + 1, _postfix(last))
+                window_t, window_tokens = time.perf_counter(), 0
+            progress.update(1)
+
+            if (step + 1) % cfg.logging.eval_every == 0 or step + 1 == cfg.train.steps:
+                ev = evaluate(run, ts.params, cfg.logging.eval_tokens or None)
+                writer.scalars(step + 1, {"loss": ev["loss"], "bpb": ev["bpb"]}, "val")
+                log.info("step %d: val loss %.4f nats/token, %.4f bits/byte (%d tokens)",
+                         step + 1, ev["loss"], ev["bpb"], ev["tokens"])
+                last.update(val_loss=ev["loss"], val_bpb=ev["bpb"])
+                window_t = time.perf_counter()  # evaluation is not training throughput
+            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps:
+                jax.block_until_ready(ts)
+                _check_finite(pending, step + 1, float16)
+                manager.save(step + 1, ts, {"tokens_seen": (step + 1) * run.tokens_per_step,
+                                            **{k: float(v) for k, v in last.items()}})
+    finally:
+        progress.close()
+        writer.close()
+        manager.wait()
+    return last
+
+
+def _check_finite(metrics, step: int, float16: bool):
+    if float16:
+        ok = bool(np.isfinite(float(metrics["loss"])))
+    else:
+        ok = bool(metrics["finite"])
+    if not ok:
+        raise TrainingDiverged(
+            f"step {step}: loss {float(metrics['loss'])}, gradient norm "
+            f"{float(metrics['grad_norm'])} is not finite. The update was skipped and no "
+            "checkpoint is written past the last good one; lower optimizer.lr, raise "
+            "optimizer.warmup_steps, or use efficiency.precision='float32'.")
+
+
+def _postfix(m: dict) -> dict:
+    out = {"loss": f"{m['loss']:.3f}", "tok/s": f"{m['tokens_per_sec']:,.0f}"}
+    if "mfu" in m:
+        out["mfu"] = f"{100 * m['mfu']:.1f}%"
+    return out
+
+
+def _progress(cfg, start: int):
+    if cfg.logging.progress:
+        try:
+            from tqdm import tqdm  # noqa: PLC0415
+        except ImportError:
+            pass
+        else:
+            return tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
+
+    class _Null:
+        def update(self, n):
+            pass
+
+        def set_postfix(self, d):
+            pass
+
+        def close(self):
+            pass
+
+    return _Null()
+
+
+def run_summary(run: Run) -> str:
+    mc = run.model_config
+    return json.dumps({"layers": hybrid.describe(mc.layer_types), "chunk": run.chunk_len,
+                       "chunks_per_sequence": len(run.spans), "tokens_per_step": run.tokens_per_step})

@@ -1,0 +1,218 @@
+"""Training: config validation, chunking with state passing, exact resume after SIGKILL,
+divergence handling, state tuning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import perturbed
+from rwkv_jax import checkpoint as ckpt
+from rwkv_jax import trainer
+from rwkv_jax.config import ConfigError, default_config
+from rwkv_jax.model import RWKV, init_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 60)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text(TEXT)
+    val.write_text(TEXT[:1500])
+    return str(train), str(val)
+
+
+def tiny_config(tmp_path, corpus, **overrides):
+    c = default_config()
+    c.experiment_name = "t"
+    c.output_dir = str(tmp_path / "runs")
+    c.model.n_layer, c.model.n_embd = 2, 32
+    c.data.train_file, c.data.val_file = corpus
+    c.train.batch_size, c.train.max_seq_length, c.train.steps = 4, 32, 8
+    c.memory.rwkv_chunk_size = 16
+    c.optimizer.lr, c.optimizer.warmup_steps = 3e-3, 2
+    c.logging.every, c.logging.eval_every, c.logging.eval_tokens = 4, 1000, 256
+    c.logging.progress, c.logging.tensorboard = False, False
+    c.checkpoint.every = 3
+    for key, value in overrides.items():
+        group, field = key.split(".") if "." in key else (None, key)
+        (c[group] if group else c)[field] = value
+    return c
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"memory.rwkv_chunk_size": 12}, "memory.rwkv_chunk_size=12 is invalid: must divide train.max_seq_length=32"),
+        ({"memory.chunk_overlap": 16}, "memory.chunk_overlap=16 is invalid: must be >= 0 and < memory.rwkv_chunk_size=16"),
+        ({"architecture.layer_pattern": "custom", "architecture.attention_layers": (5,)},
+         "architecture.attention_layers holds layer 5, past the last layer"),
+        ({"data.train_file": "/nonexistent/train.txt"}, "data.train_file='/nonexistent/train.txt' is invalid: no such file"),
+        ({"model.vocab_size": 100}, "model.vocab_size=100 is smaller than the largest token id 122 in data.train_file"),
+        ({"efficiency.precision": "fp8"}, "efficiency.precision='fp8' is invalid"),
+        ({"train.trainable": "state"}, "state tuning needs architecture.learned_init_state=True"),
+    ],
+)
+def test_invalid_config_names_the_field(tmp_path, corpus, overrides, message):
+    cfg = tiny_config(tmp_path, corpus, **overrides)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        trainer.prepare(cfg)
+    assert not os.path.exists(os.path.join(cfg.output_dir, "t"))  # nothing started
+
+
+def test_unknown_option_is_refused(tmp_path, corpus):
+    cfg = tiny_config(tmp_path, corpus)
+    with cfg.unlocked():
+        cfg.train.bath_size = 3
+    with pytest.raises(ConfigError, match="unknown option 'train.bath_size'; valid options here: batch_size"):
+        trainer.prepare(cfg)
+
+
+def _run_cli(args, env=None, timeout=240):
+    env = {**os.environ, **(env or {}), "PYTHONPATH": REPO}
+    return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    out = _run_cli(["--config=configs/tiny.py", "--config.memory.chunk_overlap=300",
+                    f"--config.output_dir={tmp_path}"])
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "config error: memory.chunk_overlap=300 is invalid" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+_apply = jax.jit(lambda model, *a: model.apply(*a), static_argnums=0)
+
+
+def _per_token_ce(model, params, tokens, targets, state=None):
+    logits, state = _apply(model, {"params": params}, tokens, state)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets), state
+
+
+def test_chunked_training_matches_unchunked_for_the_first_chunk(tmp_path, corpus):
+    run = trainer.prepare(tiny_config(tmp_path, corpus, **{"architecture.layer_pattern": "alternating",
+                                                           "model.attn_head_size": 8}))
+    model = RWKV(run.model_config)
+    params = perturbed(init_params(run.model_config, jax.random.PRNGKey(0)))
+    from rwkv_jax.data import get_batch
+
+    x, y = (jnp.asarray(a) for a in get_batch(run.train_tokens, step=0, seed=0, batch_size=4, seq_len=32))
+    L = run.chunk_len
+    # Forward: chunks with the state passed give the unchunked per-token losses.
+    full, _ = _per_token_ce(model, params, x, y)
+    first, state = _per_token_ce(model, params, x[:, :L], y[:, :L])
+    second, _ = _per_token_ce(model, params, x[:, L:], y[:, L:], state)
+    chex.assert_trees_all_close(jnp.concatenate([first, second], 1), full, rtol=1e-5, atol=1e-5)
+
+    # Loss and gradients of the first chunk's train step equal unchunked training restricted
+    # to those targets.
+    def unchunked(p):
+        ce, _ = _per_token_ce(model, p, x, y)
+        return jnp.mean(ce[:, :L])
+
+    optimizer = optax.sgd(1.0)
+    step = trainer.make_train_step(model, optimizer, fresh=True, handoff=L, float16=False)
+    ts = trainer.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
+                            carry=None, loss_scale=jnp.float32(1), good_steps=jnp.int32(0))
+    new, metrics = jax.jit(step)(ts, x[:, :L], y[:, :L], jnp.asarray(run.masks[0]))
+    loss, grads = jax.jit(jax.value_and_grad(unchunked))(params)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+    chex.assert_trees_all_close(jax.tree.map(lambda a, b: a - b, params, new.params), grads,
+                                rtol=1e-4, atol=1e-6)
+
+
+def test_overlapping_chunks_count_each_target_once_with_exact_state(tmp_path, corpus):
+    run = trainer.prepare(tiny_config(tmp_path, corpus, **{"memory.chunk_overlap": 6,
+                                                           "memory.rwkv_chunk_size": 12}))
+    model = RWKV(run.model_config)
+    params = perturbed(init_params(run.model_config, jax.random.PRNGKey(0)))
+    x = jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, 256)
+    y = jnp.roll(x, -1, axis=1)
+    full, _ = _per_token_ce(model, params, x, y)
+    counted = np.zeros((2, 32))
+    total, state = 0.0, None
+    for (a, b), mask, handoff in zip(run.spans, run.masks, run.handoffs):
+        logits, state = trainer.chunk_forward(model, params, x[:, a:b], state, handoff)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y[:, a:b])
+        chex.assert_trees_all_close(ce, full[:, a:b], rtol=1e-5, atol=1e-5)  # the state is exact
+        counted[:, a:b] += mask
+        total += float(jnp.sum(ce * mask))
+    np.testing.assert_array_equal(counted, 1.0)
+    np.testing.assert_allclose(total, float(jnp.sum(full)), rtol=1e-5)
+
+
+def _final_params(run_dir):
+    _, params, meta = ckpt.restore_params(run_dir)
+    return params, meta
+
+
+def test_sigkill_then_same_command_resumes_bit_exact(tmp_path):
+    text = tmp_path / "train.txt"
+    text.write_text(TEXT)
+    base = ["--config=configs/tiny.py", f"--config.data.train_file={text}",
+            f"--config.data.val_file={text}", "--config.model.n_layer=2", "--config.model.n_embd=32",
+            "--config.train.batch_size=4", "--config.train.max_seq_length=32",
+            "--config.memory.rwkv_chunk_size=16", "--config.train.steps=9",
+            "--config.optimizer.warmup_steps=2",
+            "--config.checkpoint.every=4", "--config.logging.every=3",
+            "--config.logging.eval_every=1000", "--config.logging.eval_tokens=128",
+            "--config.logging.progress=False"]
+    straight = _run_cli(base + [f"--config.output_dir={tmp_path / 'a'}"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    interrupted = base + [f"--config.output_dir={tmp_path / 'b'}"]
+    killed = _run_cli(interrupted, env={"RWKV_JAX_DIE_AT_STEP": "6"})  # between checkpoints 4 and 8
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    steps = ckpt.TrainCheckpointer(tmp_path / "b" / "tiny" / "checkpoints").all_steps()
+    assert steps == [4]  # only whole checkpoints are visible
+    resumed = _run_cli(interrupted)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "at step 4" in resumed.stderr
+
+    a, meta_a = _final_params(tmp_path / "a" / "tiny")
+    b, meta_b = _final_params(tmp_path / "b" / "tiny")
+    assert meta_a["step"] == meta_b["step"] == 9
+    chex.assert_trees_all_equal(a, b)  # bit for bit
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
+    cfg = tiny_config(tmp_path, corpus, **{"optimizer.lr": 1e30, "optimizer.warmup_steps": 0,
+                                           "optimizer.grad_clip": 0.0, "train.steps": 40,
+                                           "checkpoint.every": 1})
+    run = trainer.prepare(cfg)
+    with pytest.raises(trainer.TrainingDiverged, match="is not finite"):
+        trainer.train(run)
+    _, params, _ = ckpt.restore_params(run.run_dir)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_state_tuning_trains_only_the_initial_state(tmp_path, corpus):
+    # Tune the state of a trained model: at the official init the output projections are
+    # zero, so no state could matter yet.
+    pretrained = tiny_config(tmp_path, corpus, **{"train.steps": 3, "experiment_name": "base"})
+    trainer.train(trainer.prepare(pretrained))
+    cfg = tiny_config(tmp_path, corpus, **{"architecture.learned_init_state": True,
+                                           "train.trainable": "state", "train.steps": 3,
+                                           "train.init_from": str(tmp_path / "runs" / "base")})
+    run = trainer.prepare(cfg)
+    before, _ = trainer.init_train_state(run, jax.random.PRNGKey(cfg.seed))
+    before = jax.tree.map(np.asarray, before.params)
+    trainer.train(run)
+    _, after, _ = ckpt.restore_params(run.run_dir)
+    for path, old in jax.tree_util.tree_leaves_with_path(before):
+        new = after
+        for k in path:
+            new = new[k.key]
+        changed = not np.array_equal(old, np.asarray(new))
+        assert changed == ("init_state" in jax.tree_util.keystr(path)), jax.tree_util.keystr(path)

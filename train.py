@@ -1,0 +1,41 @@
+"""Train an RWKV (or hybrid) language model from one config file.
+
+    python train.py --config=configs/tiny.py [--config.train.steps=200 ...]
+
+Running the same command again resumes from the run's newest checkpoint.
+"""
+
+import logging
+import sys
+
+from absl import app
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "A config file (configs/*.py).")
+
+
+def main(argv):
+    del argv
+    from rwkv_jax import trainer  # noqa: PLC0415  (after flags: jax reads XLA_FLAGS at import)
+    from rwkv_jax.config import ConfigError  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    cfg = _CONFIG.value
+    try:
+        run = trainer.prepare(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger("rwkv_jax").info("run %s: %s", run.run_dir, trainer.run_summary(run))
+    try:
+        final = trainer.train(run)
+    except trainer.TrainingDiverged as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
+    logging.getLogger("rwkv_jax").info("done: %s", {k: round(v, 4) for k, v in final.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
