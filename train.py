@@ -30,6 +30,9 @@ def main(argv):
     logging.getLogger("rwkv_jax").info("run %s: %s", run.run_dir, trainer.run_summary(run))
     try:
         final = trainer.train(run)
+    except trainer.MemoryPlanError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except trainer.TrainingDiverged as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3

@@ -197,7 +197,9 @@ def default_config():
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=3, resume=True))
     c.logging = ml_collections.ConfigDict(dict(
-        every=10, eval_every=200, eval_tokens=65536, tensorboard=True, progress=True,
+        every=10, eval_every=200,  # 0: no evaluation
+        eval_tokens=65536,  # of the validation file per evaluation (0: all of it)
+        tensorboard=True, progress=True,
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     return c

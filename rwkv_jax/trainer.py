@@ -29,8 +29,9 @@ import optax
 from rwkv_jax import checkpoint as ckpt
 from rwkv_jax import data as data_lib
 from rwkv_jax import hybrid, optim
+from rwkv_jax import sharding as shd
 from rwkv_jax.config import ConfigError, ModelConfig, model_config_from, optimizer_config_from, validate
-from rwkv_jax.model import RWKV, count_params, init_params
+from rwkv_jax.model import RWKV, count_params
 from rwkv_jax.state import init_state
 
 log = logging.getLogger("rwkv_jax")
@@ -68,6 +69,7 @@ class Run:
     spans: list  # (start, stop) of each chunk within a sequence
     masks: np.ndarray  # (num_chunks, chunk) loss masks (overlap counted once)
     handoffs: list  # per chunk: the position whose state the next chunk starts from
+    mesh: Any = None  # jax.sharding.Mesh over every device
 
     @property
     def chunk_len(self) -> int:
@@ -130,7 +132,13 @@ def prepare(cfg) -> Run:
         handoffs = data_lib.state_handoff(T, L, overlap) + [L]
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return Run(cfg, model_config, tokenizer, train_tokens, val_tokens, run_dir, spans, masks, handoffs)
+    try:
+        mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        shd.check_batch(cfg.train.batch_size, mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return Run(cfg, model_config, tokenizer, train_tokens, val_tokens, run_dir, spans, masks,
+               handoffs, mesh)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -284,16 +292,63 @@ def load_initial_weights(path: str, fresh: dict) -> dict:
     return jax.tree_util.tree_map_with_path(take, fresh)
 
 
-def init_train_state(run: Run, rng) -> tuple[TrainState, Any]:
-    params = init_params(run.model_config, rng)
+@dataclasses.dataclass
+class Layout:
+    """Where every part of the training state lives on the mesh, known before it exists."""
+
+    state: TrainState  # of NamedShardings
+    shapes: TrainState  # of ShapeDtypeStructs
+    batch: Any  # NamedSharding of a (B, L) batch
+
+
+def plan_layout(run: Run, optimizer) -> Layout:
+    mc, mesh, B = run.model_config, run.mesh, run.cfg.train.batch_size
+    params = jax.eval_shape(lambda: init_params_fn(mc)(jax.random.PRNGKey(0)))
+    opt = jax.eval_shape(optimizer.init, params)
+    carry = jax.eval_shape(lambda: init_state(mc, B))
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt,
+                        carry=carry, loss_scale=scalar, good_steps=jax.ShapeDtypeStruct((), jnp.int32))
+    p_sh = shd.param_shardings(params, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = TrainState(step=replicated, params=p_sh,
+                       opt_state=shd.opt_state_shardings(opt, params, p_sh, mesh),
+                       carry=shd.state_shardings(carry, mesh), loss_scale=replicated,
+                       good_steps=replicated)
+    return Layout(state=state, shapes=shapes, batch=shd.batch_sharding(mesh, 2))
+
+
+def init_params_fn(mc: ModelConfig):
+    model = RWKV(mc)
+    return lambda rng: model.init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
+
+
+def make_optimizer(run: Run):
+    shapes = jax.eval_shape(lambda: init_params_fn(run.model_config)(jax.random.PRNGKey(0)))
+    return optim.make_optimizer(shapes, optimizer_config_from(run.cfg))
+
+
+def init_train_state(run: Run, rng, layout: Layout | None = None) -> tuple[TrainState, Any]:
+    """A fresh training state, created directly in its shards: no device or host ever holds
+    the whole of the parameters or the optimizer state (unless weights come from init_from)."""
+    optimizer = make_optimizer(run)
+    layout = layout or plan_layout(run, optimizer)
+    sh = layout.state
     if run.cfg.train.init_from:
-        params = load_initial_weights(run.cfg.train.init_from, params)
-    optimizer = optim.make_optimizer(params, optimizer_config_from(run.cfg))
-    ts = TrainState(
-        step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
-        carry=init_state(run.model_config, run.cfg.train.batch_size),
-        loss_scale=jnp.float32(run.cfg.train.loss_scale if run.model_config.dtype == "float16" else 1.0),
-        good_steps=jnp.int32(0))
+        params = load_initial_weights(run.cfg.train.init_from,
+                                      jax.jit(init_params_fn(run.model_config))(rng))
+        params = jax.device_put(params, sh.params)
+    else:
+        params = jax.jit(init_params_fn(run.model_config), out_shardings=sh.params)(rng)
+    opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(params)
+    mc, B = run.model_config, run.cfg.train.batch_size
+    scale = run.cfg.train.loss_scale if mc.dtype == "float16" else 1.0
+    make_rest = jax.jit(
+        lambda: (init_state(mc, B), jnp.int32(0), jnp.float32(scale), jnp.int32(0)),
+        out_shardings=(sh.carry, sh.step, sh.loss_scale, sh.good_steps))
+    carry, step, loss_scale, good = make_rest()
+    ts = TrainState(step=step, params=params, opt_state=opt_state, carry=carry,
+                    loss_scale=loss_scale, good_steps=good)
     return ts, optimizer
 
 
@@ -330,7 +385,10 @@ def train(run: Run) -> dict:
 
     mc = run.model_config
     model = RWKV(mc)
-    ts, optimizer = init_train_state(run, jax.random.PRNGKey(cfg.seed))
+    optimizer = make_optimizer(run)
+    layout = plan_layout(run, optimizer)
+    check_memory(run, layout)
+    ts, optimizer = init_train_state(run, jax.random.PRNGKey(cfg.seed), layout)
     log.info("model: %s, %.2fM parameters, compute %s; %s", "RWKV-4", count_params(ts.params) / 1e6,
              mc.dtype, hybrid.describe(mc.layer_types))
     for label, paths in optim.describe_groups(ts.params, optimizer_config_from(cfg)).items():
@@ -353,7 +411,9 @@ def train(run: Run) -> dict:
         key = (chunk == 0, run.handoffs[chunk])
         if key not in steps:
             fn = make_train_step(model, optimizer, fresh=key[0], handoff=key[1], float16=float16)
-            steps[key] = jax.jit(fn, donate_argnums=donate)
+            steps[key] = jax.jit(fn, donate_argnums=donate,
+                                 in_shardings=(layout.state, layout.batch, layout.batch, None),
+                                 out_shardings=(layout.state, None))
         return steps[key]
 
     n_chunks = len(run.spans)
@@ -376,7 +436,8 @@ def train(run: Run) -> dict:
                                            seq_len=cfg.train.max_seq_length)
                 batch_key = seq_step
             a, b = run.spans[chunk]
-            ts, metrics = step_fn(chunk)(ts, batch[0][:, a:b], batch[1][:, a:b],
+            ts, metrics = step_fn(chunk)(ts, _global(batch[0][:, a:b], layout.batch),
+                                         _global(batch[1][:, a:b], layout.batch),
                                          jnp.asarray(run.masks[chunk]))
             if pending is not None:
                 _check_finite(pending, step, float16)
@@ -403,7 +464,8 @@ def train(run: Run) -> dict:
                 window_t, window_tokens = time.perf_counter(), 0
             progress.update(1)
 
-            if (step + 1) % cfg.logging.eval_every == 0 or step + 1 == cfg.train.steps:
+            evals = cfg.logging.eval_every > 0
+            if evals and ((step + 1) % cfg.logging.eval_every == 0 or step + 1 == cfg.train.steps):
                 ev = evaluate(run, ts.params, cfg.logging.eval_tokens or None)
                 writer.scalars(step + 1, {"loss": ev["loss"], "bpb": ev["bpb"]}, "val")
                 log.info("step %d: val loss %.4f nats/token, %.4f bits/byte (%d tokens)",
@@ -420,6 +482,30 @@ def train(run: Run) -> dict:
         writer.close()
         manager.wait()
     return last
+
+
+def _global(local_rows: np.ndarray, sharding) -> jax.Array:
+    """The global batch array from this process's rows (all rows when there is one process)."""
+    return jax.make_array_from_process_local_data(sharding, local_rows)
+
+
+class MemoryPlanError(RuntimeError):
+    """The config cannot fit the devices; the message holds the plan and what to change."""
+
+
+def check_memory(run: Run, layout: Layout) -> dict:
+    """Print the memory plan per device; stop before compiling if it cannot fit."""
+    sh, shapes = layout.state, layout.shapes
+    plan = shd.memory_plan(shapes.params, sh.params, shapes.opt_state, sh.opt_state,
+                           run.model_config, run.cfg.train.batch_size, run.chunk_len, run.mesh)
+    limit = shd.device_memory()
+    log.info("mesh %s\n%s", dict(run.mesh.shape), shd.format_plan(plan, limit))
+    if limit and plan["total"] > limit:
+        raise MemoryPlanError(f"this config needs about {plan['total'] / 2**30:.1f} GiB per device, "
+                              f"more than the {limit / 2**30:.1f} GiB there is.\n"
+                              f"{shd.format_plan(plan, limit)}\nTry: "
+                              f"{shd.suggestion(run.model_config, run.mesh)}")
+    return plan
 
 
 def _check_finite(metrics, step: int, float16: bool):

