@@ -1,0 +1,1 @@
+"""Pallas kernels (Triton on GPU, the Pallas interpreter elsewhere)."""
