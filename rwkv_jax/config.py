@@ -48,6 +48,10 @@ class ModelConfig:
     remat_policy: str = "nothing_saveable"
     layer_norm_eps: float = 1e-5  # torch's LayerNorm default, which the official weights use
     emb_init_scale: float = 1e-4  # RWKV-LM: uniform(-lr_init, lr_init)
+    # How states stored between chunks and between calls are compressed (rwkv_jax.state_codec).
+    # "learned" adds a small per-layer codec, trained with the model, under params["state_codec"].
+    state_compression: str = "none"
+    state_rank: int = 0  # learned codec: numbers per RWKV layer state (0: n_embd // 4)
 
     def __post_init__(self):
         if not self.layer_types:
@@ -63,6 +67,10 @@ class ModelConfig:
     @property
     def attn_heads(self) -> int:
         return self.n_embd // self.attn_head_size
+
+    @property
+    def codec_rank(self) -> int:
+        return self.state_rank or max(1, self.n_embd // 4)
 
     @property
     def has_attention(self) -> bool:
@@ -101,6 +109,10 @@ class ModelConfig:
         need(self.wkv_impl in IMPLS, "wkv_impl", self.wkv_impl, f"one of {IMPLS}")
         need(self.remat_policy in REMAT_POLICIES, "remat_policy", self.remat_policy,
              f"one of {REMAT_POLICIES}")
+        need(self.state_compression in STATE_COMPRESSIONS, "state_compression",
+             self.state_compression, f"one of {STATE_COMPRESSIONS}")
+        need(isinstance(self.state_rank, int) and self.state_rank >= 0, "state_rank",
+             self.state_rank, "must be an integer >= 0 (0: n_embd // 4)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
@@ -195,13 +207,21 @@ def default_config():
     c.data = ml_collections.ConfigDict(dict(
         tokenizer="byte", train_file="", val_file="", cache_dir="",  # cache: output_dir/data
     ))
-    c.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=3, resume=True))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every=200,  # steps between saves, and one at the end; 0: never save (benchmarks)
+        keep=3, resume=True))
     c.logging = ml_collections.ConfigDict(dict(
         every=10, eval_every=200,  # 0: no evaluation
         eval_tokens=65536,  # of the validation file per evaluation (0: all of it)
         tensorboard=True, progress=True,
     ))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # global sizes
+    # Several processes (hosts): empty coordinator = what jax.distributed detects (SLURM,
+    # Open MPI), or a single process when there is nothing to detect.
+    c.dist = ml_collections.ConfigDict(dict(
+        coordinator_address="", num_processes=0, process_id=-1,
+        initialization_timeout=300, heartbeat_timeout=100,  # seconds
+    ))
     return c
 
 
@@ -245,6 +265,7 @@ def model_config_from(cfg, vocab_size: int | None = None) -> ModelConfig:
             attn_impl=eff.attn_impl, pos_emb=a.pos_emb, max_positions=a.max_positions,
             learned_init_state=a.learned_init_state, dtype=eff.precision, wkv_impl=eff.wkv_impl,
             wkv_chunk_size=mem.wkv_chunk_size, remat=eff.remat, remat_policy=mem.remat_policy,
+            state_compression=mem.state_compression, state_rank=mem.state_rank,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -269,10 +290,14 @@ def validate(cfg) -> None:
             raise ConfigError(f"{field}={value!r} is invalid: {valid}")
 
     for field in ("train.batch_size", "train.max_seq_length", "train.steps", "model.n_layer",
-                  "model.n_embd", "checkpoint.every", "checkpoint.keep", "logging.every"):
+                  "model.n_embd", "checkpoint.keep", "logging.every"):
         group, key = field.split(".")
         value = cfg[group][key]
         need(isinstance(value, int) and value >= 1, field, value, "must be an integer >= 1")
+    for field in ("checkpoint.every", "logging.eval_every"):
+        group, key = field.split(".")
+        value = cfg[group][key]
+        need(isinstance(value, int) and value >= 0, field, value, "must be an integer >= 0 (0: never)")
     need(t.trainable in ("all", "state"), "train.trainable", t.trainable, "one of ('all', 'state')")
     if t.trainable == "state":
         need(a.learned_init_state, "train.trainable", t.trainable,

@@ -56,6 +56,9 @@ class ByteTokenizer:
         # A window cut from the middle of the data can split a multi-byte character.
         return bytes(ids).decode("utf-8", errors="replace")
 
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return bytes(ids)
+
 
 @functools.lru_cache(maxsize=1)
 def _load_world_trie():
@@ -87,6 +90,9 @@ class WorldTokenizer:
         # The package's own decode turns any bad UTF-8 into a single U+FFFD,
         # losing the rest of the text; replace only the bad bytes instead.
         return self._trie.decodeBytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return self._trie.decodeBytes(ids)
 
 
 class HFTokenizer:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from rwkv_jax.config import ModelConfig
 from rwkv_jax.layers import AttentionBlock, RWKVBlock, dense, layer_norm, learned_layer_state
 from rwkv_jax.state import init_state as zero_state
+from rwkv_jax.state_codec import StateCodec
 
 
 def _block_class(config: ModelConfig, layer: int):
@@ -32,7 +33,9 @@ class RWKV(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, state: dict | None = None):
+    def __call__(self, tokens: jax.Array, state: dict | None = None, *, last_only: bool = False):
+        """(logits (B, T, V), state); with last_only=True the logits of the last position
+        only, (B, 1, V): a prefill needs no others, and the head is the model's widest matrix."""
         cfg = self.config
         chex.assert_rank(tokens, 2)
         chex.assert_type(tokens, int)
@@ -57,11 +60,17 @@ class RWKV(nn.Module):
             x, s = _block_class(cfg, i)(cfg, i, name=f"blocks_{i}")(x, layer_state, pos)
             new_layers.append(s)
 
+        if last_only:
+            x = x[:, -1:]
         x = layer_norm(cfg, "ln_out")(x)
         head_gain = 0.5 * (cfg.vocab_size / cfg.n_embd) ** 0.5 if cfg.vocab_size > cfg.n_embd else 0.5
         logits = dense(cfg, cfg.vocab_size, "head", nn.initializers.orthogonal(head_gain))(x)
         logits = logits.astype(jnp.float32)
-        chex.assert_shape(logits, (B, T, cfg.vocab_size))
+        chex.assert_shape(logits, (B, x.shape[1], cfg.vocab_size))
+        if cfg.state_compression == "learned" and self.is_initializing():
+            # The codec runs between calls, not in one, but its parameters belong in this tree
+            # so that they train, checkpoint and shard with the model.
+            StateCodec(cfg, name="state_codec")()
         return logits, {"pos": pos + T, "layers": tuple(new_layers)}
 
 

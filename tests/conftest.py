@@ -81,3 +81,23 @@ def perturbed(params, seed=1, scale=0.3):
     return jax.tree.unflatten(
         tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A tiny training run with the learned state codec on, shared by the inference and state
+    codec tests (one training compile for both)."""
+    from test_train import TEXT, tiny_config
+
+    from rwkv_jax import trainer
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    (tmp / "train.txt").write_text(TEXT)
+    (tmp / "val.txt").write_text(TEXT[:600])
+    cfg = tiny_config(tmp, (str(tmp / "train.txt"), str(tmp / "val.txt")),
+                      **{"train.steps": 6, "checkpoint.every": 6, "logging.eval_every": 0,
+                         "optimizer.warmup_steps": 0, "memory.state_compression": "learned",
+                         "memory.state_rank": 4})
+    run = trainer.prepare(cfg)
+    trainer.train(run)
+    return run

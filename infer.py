@@ -1,0 +1,240 @@
+"""Generate text, score a file, or export the weights, from a training run or an official .pth.
+
+    python infer.py --prompt "ROMEO:" --max_new_tokens 200        # newest checkpoint of runs/tiny
+    python infer.py --run_dir runs/tiny --step 1000 --prompt "To be" --prompt "Once" --temperature 0
+    python infer.py --official RWKV-4-World-0.1B.pth --prompt "The capital of France is"
+    python infer.py --score val.txt                                # loss, perplexity, bits/byte
+    python infer.py --export_official tiny.pth                     # for ChatRWKV / the rwkv package
+
+`\\n` and `\\t` in --prompt and --stop are newline and tab. Bad input (a missing or broken
+checkpoint, another architecture, an empty prompt, tokens outside the model's vocabulary) gets
+one line on stderr and exit status 2, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+
+class InputError(Exception):
+    """Bad input: reported in one line, exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = p.add_argument_group("weights")
+    src.add_argument("--run_dir", default="runs/tiny",
+                     help="a training run (or its checkpoints/ directory); default runs/tiny")
+    src.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    src.add_argument("--official", default=None, help="an official RWKV-4 .pth instead of a run")
+    src.add_argument("--tokenizer", default=None,
+                     help="byte | world | a tokenizers .json (default: the run's; world for --official)")
+    src.add_argument("--bf16", action="store_true", help="bfloat16 weights and matrix products")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    gen.add_argument("--prompt_file", default=None, help="a file whose text is one more prompt")
+    gen.add_argument("--batch_size", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--max_new_tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    gen.add_argument("--top_p", type=float, default=0.85)
+    gen.add_argument("--top_k", type=int, default=0, help="0: no limit")
+    gen.add_argument("--presence_penalty", type=float, default=0.0)
+    gen.add_argument("--frequency_penalty", type=float, default=0.0)
+    gen.add_argument("--penalty_decay", type=float, default=1.0)
+    gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    gen.add_argument("--seed", type=int, default=0, help="sample i of the batch uses seed + i")
+    gen.add_argument("--prefill_chunk", type=int, default=1024)
+    other = p.add_argument_group("scoring and export")
+    other.add_argument("--score", default=None, metavar="FILE",
+                       help="print loss, perplexity and bits per byte of a whole text file")
+    other.add_argument("--chunk_len", type=int, default=None,
+                       help="tokens per chunk for --score (default: the run's chunk length, or 256)")
+    other.add_argument("--export_official", default=None, metavar="OUT.pth",
+                       help="write the weights as an official RWKV-4 .pth")
+    return p
+
+
+def _unescape(s: str) -> str:
+    return s.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
+
+
+def _run_dir_of(checkpoint_dir: str) -> str:
+    return os.path.dirname(checkpoint_dir) if os.path.basename(checkpoint_dir) == "checkpoints" \
+        else checkpoint_dir
+
+
+def _run_config(run_dir: str) -> dict:
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines() or [e.__class__.__name__]
+    return lines[0][:400] + (" ..." if len(lines) > 1 or len(lines[0]) > 400 else "")
+
+
+def _quiet_failed_restore() -> None:
+    """A failed orbax restore leaves reads in flight whose errors Python would print later
+    (thousands of lines) through asyncio's logger, the unraisable hook and warnings; the one
+    line this program prints says it all."""
+    import logging  # noqa: PLC0415
+    import warnings  # noqa: PLC0415
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda _: None
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
+
+
+def load_model(args):
+    """(model_config, params, tokenizer name, default chunk length) of the weights asked for."""
+    from rwkv_jax import checkpoint as ckpt  # noqa: PLC0415
+
+    if args.official:
+        try:
+            config, params = ckpt.import_official(args.official)
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            raise InputError(_one_line(e)) from None
+        return config, params, args.tokenizer or "world", 256
+    try:
+        directory = ckpt.find_checkpoint_dir(args.run_dir)
+        config, params, meta = ckpt.restore_params(directory, args.step)
+    except (ValueError, FileNotFoundError) as e:
+        _quiet_failed_restore()
+        raise InputError(_one_line(e)) from None
+    except Exception as e:  # noqa: BLE001 - orbax reports damaged files in many ways
+        _quiet_failed_restore()
+        raise InputError(f"cannot read the checkpoint in {args.run_dir!r}: "
+                         f"{e.__class__.__name__}: {_one_line(e)}") from None
+    run_cfg = _run_config(_run_dir_of(directory))
+    tokenizer = args.tokenizer or meta.get("tokenizer", "byte")
+    if tokenizer.startswith("hf:"):  # a name, not a path: the run's config holds the path
+        tokenizer = run_cfg.get("data", {}).get("tokenizer", tokenizer)
+    mem = run_cfg.get("memory", {})
+    chunk = meta.get("chunk_len") or (mem.get("rwkv_chunk_size") if mem.get("use_rwkv_chunking", True)
+                                      else run_cfg.get("train", {}).get("max_seq_length"))
+    return config, params, tokenizer, int(chunk or 256)
+
+
+def _score_tokens(path: str, tokenizer, vocab_size: int) -> dict:
+    """The file's tokens exactly as the trainer's evaluation reads them, and its byte count."""
+    import numpy as np  # noqa: PLC0415
+
+    from rwkv_jax import data as data_lib  # noqa: PLC0415
+
+    if not os.path.isfile(path):
+        raise InputError(f"--score {path!r}: no such file")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tf = data_lib.TokenFile(path) if path.endswith(".bin") else \
+                data_lib.prepare_tokens(path, tokenizer, os.path.join(tmp, "score.bin"))
+            out = {"tokens": np.array(tf.tokens), "num_tokens": tf.num_tokens,
+                   "num_bytes": tf.num_bytes, "max_token_id": tf.max_token_id}
+    except (ValueError, OSError) as e:
+        raise InputError(f"--score {path!r}: {e}") from None
+    if out["num_tokens"] < 2:
+        raise InputError(f"--score {path!r} has {out['num_tokens']} token(s); scoring needs at least 2")
+    if out["max_token_id"] >= vocab_size:
+        raise InputError(f"--score {path!r} holds token id {out['max_token_id']}, outside this "
+                         f"model's vocabulary of {vocab_size}")
+    return out
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _main(args)
+    except InputError as e:
+        print(f"infer: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
+    from rwkv_jax import data as data_lib  # noqa: PLC0415
+
+    if not (args.prompt or args.prompt_file or args.score or args.export_official):
+        raise InputError("nothing to do: give --prompt/--prompt_file, --score or --export_official")
+    for name in ("max_new_tokens", "batch_size", "chunk_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name}={value}: must be >= 1")
+
+    config, params, tokenizer_name, chunk_len = load_model(args)
+    try:
+        tokenizer = data_lib.get_tokenizer(tokenizer_name)
+    except (ValueError, ImportError, OSError) as e:
+        raise InputError(f"tokenizer {tokenizer_name!r}: {e}") from None
+
+    from rwkv_jax.generate import Generator, Sampling, encode_prompt  # noqa: PLC0415
+
+    prompts = [_unescape(p) for p in args.prompt]
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts.append(f.read())
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--prompt_file {args.prompt_file!r}: {e}") from None
+    try:
+        rows = [encode_prompt(tokenizer, p, config.vocab_size)
+                for p in prompts for _ in range(args.batch_size)]
+        sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty,
+                            penalty_decay=args.penalty_decay)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    score_file = _score_tokens(args.score, tokenizer, config.vocab_size) if args.score else None
+    chunk_len = args.chunk_len or chunk_len
+
+    if args.export_official:
+        from rwkv_jax.checkpoint import export_official  # noqa: PLC0415
+
+        try:
+            export_official(params, config, args.export_official)
+        except (ValueError, OSError) as e:
+            raise InputError(str(e)) from None
+        print(f"wrote {args.export_official}", file=sys.stderr)
+
+    # Everything is checked; from here on things compile and run.
+    generator = Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk, bf16=args.bf16)
+    if rows:
+        stops = [_unescape(s) for s in args.stop]
+        t = time.perf_counter()
+        if len(rows) == 1:
+            result = generator.generate(rows, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                        seed=args.seed, stop=stops,
+                                        callback=lambda _, piece: print(piece, end="", flush=True))
+            print()
+        else:
+            result = generator.generate(rows, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                        seed=args.seed, stop=stops)
+            for i, text in enumerate(result.texts):
+                print(f"--- sample {i} (prompt {i // args.batch_size}, seed {args.seed + i}) ---")
+                print(text)
+        tm = result.timings
+        steps = max(tm["steps"], 1)
+        print(f"[{tm['new_tokens']} tokens in {time.perf_counter() - t:.2f} s; prefill "
+              f"{1e3 * tm['prefill_s']:.1f} ms (compiles included), decode "
+              f"{1e3 * tm['decode_s'] / steps:.2f} ms/step]", file=sys.stderr)
+
+    if score_file is not None:
+        import math  # noqa: PLC0415
+
+        out = generator.score(score_file["tokens"], chunk_len)
+        loss, count = out["loss"], out["tokens"]
+        bytes_scored = score_file["num_bytes"] * count / max(score_file["num_tokens"] - 1, 1)
+        bpb = data_lib.bits_per_byte(loss, count, bytes_scored)
+        print(f"score {args.score}: loss {loss:.6f} nats/token, perplexity {math.exp(loss):.4f}, "
+              f"{bpb:.4f} bits/byte over {count} tokens (chunk_len {chunk_len})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,607 @@
+"""Generation: prefill in parallel, then one jitted step per token with the sampling inside it.
+
+    gen = Generator(config, params, tokenizer)
+    out = gen.generate(["To be", "Once upon a time"], max_new_tokens=100,
+                       sampling=Sampling(temperature=0.8, top_p=0.9), seed=0, stop=["\\n\\n"])
+    for piece in gen.stream("To be", max_new_tokens=100):
+        print(piece, end="", flush=True)
+    chat = Session(gen, compression="int8")     # keeps a compressed state between calls
+    chat.generate("User: hi\\n\\nBot:", max_new_tokens=50, stop=["\\n\\n"])
+    gen.score(tokens, chunk_len=256)            # a text of any length, memory independent of it
+
+Prefill: the prompts' common length but its last token runs as parallel model calls, in chunks
+of `prefill_chunk` and the rest in power-of-two pieces, so prompts of any length compile at
+most log2(prefill_chunk) + 1 shapes (prefill_chunk=0: one call, compiled for that length).
+Decode: one jitted call per token feeds a token per row, updates the state in place (donated),
+samples the next token and advances each row's PRNG key; the prompt's last token goes through
+it too, which picks the first new token. Rows whose prompt is longer than the shortest go
+through the same step with the sampled token replaced by their next prompt token, so every
+row's output is the one it would get alone (with the same seed).
+
+The host reads each step's tokens one step late, after queueing the next step, so the device
+never waits for Python; stop tokens, stop strings and streaming work on those tokens. The state
+a call returns has consumed every token of each row, the last generated one included (a row
+that stopped early is frozen from then on), so a next call continues from it with new text.
+
+Sampling follows ChatRWKV (the `rwkv` package's PIPELINE):
+  1. penalties: logits[t] -= presence_penalty * [t was generated] + frequency_penalty * count[t];
+     count[t] is the number of times t was generated, every count shrinking by
+     `penalty_decay` per generated token, and tokens that decode to a space, tab or digits
+     counting 0 (ChatRWKV's exemption; they still take the presence penalty). Prompt tokens
+     are not counted.
+  2. temperature 0: the argmax of the penalised logits.
+  3. otherwise the candidates are the top_k most likely tokens and, within them, those whose
+     probability (at temperature 1, as ChatRWKV cuts before applying its temperature) is at
+     least that of the token where the cumulative probability first reaches top_p; the token
+     is drawn from softmax(logits / temperature) over the candidates.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import time
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rwkv_jax import state_codec
+from rwkv_jax.config import ModelConfig
+from rwkv_jax.model import RWKV, initial_state
+
+# ChatRWKV counts a generated token 0 towards the frequency penalty when its text is a
+# substring of this (a space, a tab, digits).
+_UNCOUNTED = " \t0123456789"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0  # 1: no limit
+    presence_penalty: float = 0.0  # ChatRWKV alpha_presence
+    frequency_penalty: float = 0.0  # ChatRWKV alpha_frequency
+    penalty_decay: float = 1.0  # ChatRWKV alpha_decay (its default is 0.996)
+
+    def __post_init__(self):
+        def need(ok, field, valid):
+            if not ok:
+                raise ValueError(f"sampling {field}={getattr(self, field)!r} is invalid: {valid}")
+
+        need(self.temperature >= 0, "temperature", "must be >= 0 (0: greedy)")
+        need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be an integer >= 0")
+        need(0 <= self.top_p <= 1, "top_p", "must be between 0 and 1")
+        need(0 < self.penalty_decay <= 1, "penalty_decay", "must be in (0, 1]")
+
+    def spec(self, vocab_size: int) -> _Spec:
+        top_k = self.top_k if 0 < self.top_k < vocab_size else 0
+        return _Spec(greedy=self.temperature == 0, top_k=top_k, top_p=self.top_p < 1,
+                     penalties=bool(self.presence_penalty or self.frequency_penalty))
+
+    def knobs(self) -> np.ndarray:
+        return np.asarray([max(self.temperature, 1e-6), self.top_p, self.presence_penalty,
+                           self.frequency_penalty, self.penalty_decay], np.float32)
+
+
+GREEDY = Sampling(temperature=0.0)
+# Where each number sits in Sampling.knobs(), the array a compiled step reads them from.
+_TEMPERATURE, _TOP_P, _PRESENCE, _FREQUENCY, _DECAY = range(5)
+
+
+class _Spec(NamedTuple):
+    """What the compiled step does (static); the numbers themselves are arguments."""
+
+    greedy: bool
+    top_k: int
+    top_p: bool
+    penalties: bool
+
+
+class _Carry(NamedTuple):
+    """Everything a decode step updates in place (donated)."""
+
+    state: dict
+    keys: jax.Array  # (B, key words) uint32: each row's own PRNG key
+    counts: jax.Array  # (B, V) float32 penalty counts; (B, 0) without penalties
+    seen: jax.Array  # (B, V) bool: generated before; (B, 0) without penalties
+
+
+@dataclasses.dataclass
+class Generation:
+    texts: list[str]
+    tokens: list[list[int]]  # generated tokens per row (a stop token itself not included)
+    stop_reasons: list[str]  # "length", "stop_token" or "stop_string"
+    state: dict | None  # after every token of each row (keep_state=True)
+    timings: dict  # prefill_s (compiles included), decode_s, steps, new_tokens
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+
+# ----------------------------------------------------------------------------- jitted pieces
+
+
+def _penalised(spec: _Spec, logits, carry: _Carry, knobs):
+    if not spec.penalties:
+        return logits
+    return logits - knobs[_PRESENCE] * carry.seen - knobs[_FREQUENCY] * carry.counts
+
+
+def _draw(spec: _Spec, keys, logits, knobs):
+    """A token per row from the candidates top_k / top_p leave, at the temperature."""
+    temperature, top_p = knobs[_TEMPERATURE], knobs[_TOP_P]
+    if spec.top_k:
+        vals, idx = jax.lax.top_k(logits, spec.top_k)
+    elif spec.top_p:
+        idx = jnp.argsort(-logits, axis=-1)
+        vals = jnp.take_along_axis(logits, idx, axis=-1)
+    else:
+        vals, idx = logits, None
+    if spec.top_p:
+        probs = jnp.exp(vals - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+        reached = jnp.cumsum(probs, axis=-1) >= top_p
+        last = jnp.where(jnp.any(reached, axis=-1), jnp.argmax(reached, axis=-1), vals.shape[-1] - 1)
+        cutoff = jnp.take_along_axis(vals, last[:, None], axis=-1)
+        vals = jnp.where(vals >= cutoff, vals, -jnp.inf)
+    pairs = jax.vmap(jax.random.split)(jax.random.wrap_key_data(keys))
+    choice = jax.vmap(jax.random.categorical)(pairs[:, 1], vals / temperature)
+    token = choice if idx is None else jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+    return token.astype(jnp.int32), jax.random.key_data(pairs[:, 0])
+
+
+def _advance(spec: _Spec, logits, carry: _Carry, forced_tok, forced_mask, knobs, weight):
+    """The next token per row from its logits (B, V): sampled, or forced where forced_mask."""
+    logits = _penalised(spec, logits.astype(jnp.float32), carry, knobs)
+    keys, counts, seen = carry.keys, carry.counts, carry.seen
+    if spec.greedy:
+        sampled = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        sampled, new_keys = _draw(spec, keys, logits, knobs)
+        # A forced step draws nothing, so a row's random stream does not depend on its batch.
+        keys = jnp.where(forced_mask[:, None], keys, new_keys)
+    if spec.penalties:
+        generated = ~forced_mask
+        rows = jnp.arange(logits.shape[0])
+        counts = jnp.where(generated[:, None], counts * knobs[_DECAY], counts)
+        counts = counts.at[rows, sampled].add(jnp.where(generated, weight[sampled], 0.0))
+        seen = seen.at[rows, sampled].set(seen[rows, sampled] | generated)
+    token = jnp.where(forced_mask, forced_tok, sampled)
+    return token, carry._replace(keys=keys, counts=counts, seen=seen)
+
+
+def _keep_rows(live, new, old):
+    def pick(a, b):
+        return jnp.where(live.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+    return jax.tree.map(pick, new, old)
+
+
+def _prefill_piece(model, params, tokens, state):
+    _, state = model.apply({"params": params}, tokens, state, last_only=True)
+    return state  # the logits are unused, so XLA drops the head
+
+
+def _decode_step(model, spec, rows, params, carry, token, forced_tok, forced_mask, live, knobs,
+                 weight):
+    B = token.shape[0]
+    state, token_in = carry.state, token
+    if B < rows:
+        # Matrix products of a single row compile to matrix-vector forms that read the weights
+        # more slowly than a small matrix product does; padding rows (discarded) cost no reads.
+        grow = lambda a: jnp.concatenate([a, jnp.zeros((rows - B,) + a.shape[1:], a.dtype)])  # noqa: E731
+        state, token_in = jax.tree.map(grow, state), grow(token)
+    logits, state = model.apply({"params": params}, token_in[:, None], state)
+    if B < rows:
+        logits, state = logits[:B], jax.tree.map(lambda a: a[:B], state)
+    state = _keep_rows(live, state, carry.state)  # finished rows keep the state they ended with
+    token, carry = _advance(spec, logits[:, 0], carry._replace(state=state), forced_tok,
+                            forced_mask, knobs, weight)
+    return carry, token
+
+
+def inference_params(params, dtype=jnp.bfloat16):
+    """Weights for decoding: matrices and tables in `dtype` (what each token reads), vectors
+    (mixes, decays, norms) and the state codec in float32."""
+
+    def cast(path, x):
+        x = jnp.asarray(x)
+        if x.ndim < 2 or "state_codec" in jax.tree_util.keystr(path):
+            return x
+        return x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+# ----------------------------------------------------------------------------- text per row
+
+
+class _TextTail:
+    """One row's text as it grows: whole characters only, cut at the first stop string, and no
+    text emitted that a stop string might still claim."""
+
+    def __init__(self, tokenizer, stops: Sequence[str]):
+        self._tokenizer = tokenizer
+        self._bytes = getattr(tokenizer, "decode_bytes", None)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending: list[int] = []  # tokens a tokenizer without bytes could not yet decode
+        self._stops = [s for s in stops if s]
+        self.text = ""
+        self._emitted = 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """(new text to emit, whether a stop string ended the row)."""
+        if self._bytes is not None:
+            new = self._utf8.decode(self._bytes([token]))
+        else:
+            self._pending.append(token)
+            new = self._tokenizer.decode(self._pending)
+            if new.endswith("\ufffd") and len(self._pending) < 8:
+                return "", False  # likely a character split across tokens
+            self._pending = []
+        start = len(self.text)
+        self.text += new
+        hits = [p for s in self._stops
+                if (p := self.text.find(s, max(0, start - len(s) + 1))) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return self._take(len(self.text)), True
+        return self._take(len(self.text) - self._holdback()), False
+
+    def finish(self) -> str:
+        """The rest of the text, once the row ends without a stop string."""
+        if self._bytes is not None:
+            self.text += self._utf8.decode(b"", final=True)
+        elif self._pending:
+            self.text += self._tokenizer.decode(self._pending)
+            self._pending = []
+        return self._take(len(self.text))
+
+    def _holdback(self) -> int:
+        """Length of the longest end of the text that begins some stop string."""
+        best = 0
+        for s in self._stops:
+            for k in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+    def _take(self, upto: int) -> str:
+        piece = self.text[self._emitted : upto] if upto > self._emitted else ""
+        self._emitted = max(self._emitted, upto)
+        return piece
+
+
+# ----------------------------------------------------------------------------- the generator
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[int], vocab_size: int) -> list[int]:
+    """Token ids of a prompt (text, or ids as they are); ValueError if empty or outside the
+    vocabulary. Plain Python: callers check their input with it before anything compiles."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer (or pass token ids)")
+        ids = list(tokenizer.encode(prompt))
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("the prompt is empty: give at least one token of text")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"the prompt holds token id {bad[0]}, outside this model's vocabulary "
+                         f"of {vocab_size} (a prompt made with another tokenizer?)")
+    return ids
+
+
+class Generator:
+    """A model ready to generate: its jitted prefill and decode steps, compiled on first use."""
+
+    def __init__(self, config: ModelConfig, params, tokenizer=None, *, prefill_chunk: int = 1024,
+                 bf16: bool = False, decode_rows: int | None = None):
+        if bf16:
+            config = dataclasses.replace(config, dtype="bfloat16")
+            params = inference_params(params, jnp.bfloat16)
+        self.config = config
+        # On the device once: a numpy tree would be copied over again at every step.
+        self.params = jax.tree.map(jnp.asarray, params)
+        self.tokenizer = tokenizer
+        self.prefill_chunk = prefill_chunk
+        # Decode steps compute at least this many rows. On an H100 a 3B model's batch-1 step
+        # took 5.1 ms with one row and 3.1 ms padded to two (bench/decode.py); CPUs gain nothing.
+        if decode_rows is None:
+            decode_rows = 2 if jax.default_backend() == "gpu" else 1
+        self.decode_rows = decode_rows
+        self.model = RWKV(config)
+        self._piece = jax.jit(partial(_prefill_piece, self.model), donate_argnums=(2,))
+        self._steps: dict[_Spec, Callable] = {}
+        self._apply = jax.jit(lambda p, x, s: self.model.apply({"params": p}, x, s))
+        self._weights: jax.Array | None = None
+        self._codec_fns: dict[str, Callable] = {}
+
+    # --------------------------------------------------------------- inputs and states
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt (text, or ids as they are), checked against the vocabulary."""
+        return encode_prompt(self.tokenizer, prompt, self.config.vocab_size)
+
+    def reset(self, batch_size: int) -> dict:
+        """A fresh state: the zero state, or the learned initial state where the model has one."""
+        # A buffer of its own per leaf (the zero state shares one), as the steps donate them.
+        return _copy(initial_state(self.config, self.params, batch_size))
+
+    def _pieces(self, n: int) -> list[int]:
+        c = self.prefill_chunk
+        if c <= 0:
+            return [n]
+        pieces = [c] * (n // c)
+        rest = n % c
+        while rest:
+            p = 1 << (rest.bit_length() - 1)
+            pieces.append(p)
+            rest -= p
+        return pieces
+
+    def feed(self, tokens, state: dict | None = None) -> dict:
+        """The state after feeding a text or tokens (one row, or rows of one length) in parallel
+        pieces: conditioning on a text of any length, with memory set by prefill_chunk."""
+        single = isinstance(tokens, str) or (len(tokens) and isinstance(tokens[0], (int, np.integer)))
+        rows = [self.encode(r) for r in ([tokens] if single else tokens)]
+        if len({len(r) for r in rows}) != 1:
+            raise ValueError("feed: every row must have the same number of tokens "
+                             "(generate takes prompts of different lengths)")
+        tokens = np.asarray(rows, np.int32)
+        state = self.reset(len(tokens)) if state is None else _copy(state)
+        a = 0
+        for n in self._pieces(tokens.shape[1]):
+            state = self._piece(self.params, jnp.asarray(tokens[:, a : a + n]), state)
+            a += n
+        return state
+
+    def score(self, tokens, chunk_len: int = 256, state: dict | None = None,
+              compression: str = "none") -> dict:
+        """Mean next-token loss of a token stream of any length, fed through the state in chunks
+        (rwkv_jax.trainer.score_stream, the trainer's evaluation). With `compression`, the state
+        passed between chunks goes through that codec, as if stored and restored.
+
+        Returns loss (nats/token), tokens scored, and the state after the last chunk.
+        """
+        from rwkv_jax.trainer import score_stream  # noqa: PLC0415  (the trainer pulls in optax)
+
+        roundtrip = self._codec("roundtrip", compression) if compression != "none" else None
+        last = {}
+
+        def apply_fn(params, inputs, s):
+            if s is not None and roundtrip is not None:
+                s = roundtrip(s, params)
+            logits, s = self._apply(params, inputs, s)
+            last["state"] = s
+            return logits, s
+
+        tokens = np.asarray(tokens)
+        if len(tokens) < 2:
+            raise ValueError("scoring needs at least 2 tokens")
+        total, count = score_stream(apply_fn, self.params, tokens, chunk_len, state)
+        return {"loss": total / count, "tokens": count, "state": last.get("state")}
+
+    def _codec(self, fn: str, mode: str) -> Callable:
+        key = f"{fn}:{mode}"
+        if key not in self._codec_fns:
+            f = getattr(state_codec, fn)
+            self._codec_fns[key] = jax.jit(lambda s, p: f(s, mode, p))
+        return self._codec_fns[key]
+
+    # --------------------------------------------------------------- generation
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], *,
+                 max_new_tokens: int = 100, sampling: Sampling = GREEDY,
+                 seed: int | Sequence[int] = 0, stop: Sequence[str] = (),
+                 stop_tokens: Sequence[int] = (), state: dict | None = None,
+                 keep_state: bool = False,
+                 callback: Callable[[int, str], Any] | None = None) -> Generation:
+        """Generate for one prompt or a batch (text or token ids, any mix of lengths).
+
+        seed: an int (row i uses seed + i) or one per row; a row's output depends only on its
+        prompt, its seed and the sampling settings, not on the rest of the batch.
+        stop: strings that end a row (cut from its text); stop_tokens: ids that end a row.
+        state: where to start (one row per prompt), e.g. a previous call's `state`.
+        callback(row, text): called with each new piece of text as it is produced.
+        """
+        run = self._run(prompts, max_new_tokens, sampling, seed, stop, stop_tokens, state, keep_state)
+        while True:
+            try:
+                row, piece = next(run)
+            except StopIteration as done:
+                return done.value
+            if callback is not None:
+                callback(row, piece)
+
+    def stream(self, prompt: str | Sequence[int], **kwargs) -> Iterator[str]:
+        """The text of one prompt's continuation, piece by piece as it is generated."""
+        for _, piece in self._run(prompt, **_run_args(kwargs)):
+            yield piece
+
+    def _run(self, prompts, max_new_tokens, sampling, seed, stop, stop_tokens, state, keep_state):
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        rows = [self.encode(p) for p in prompts]
+        B = len(rows)
+        if not B:
+            raise ValueError("no prompts")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+        seeds = [seed + i for i in range(B)] if isinstance(seed, (int, np.integer)) else list(seed)
+        if len(seeds) != B:
+            raise ValueError(f"{len(seeds)} seeds for {B} prompts")
+        lengths = [len(r) for r in rows]
+        L0 = min(lengths)
+        spec = sampling.spec(self.config.vocab_size)
+        V = self.config.vocab_size
+        state = self.reset(B) if state is None else _copy(state)
+        if state["pos"].shape[0] != B:
+            raise ValueError(f"the state holds {state['pos'].shape[0]} rows for {B} prompts")
+        stop_set = {int(t) for t in stop_tokens}
+        knobs = jnp.asarray(sampling.knobs())
+        weight = self._count_weights() if spec.penalties else jnp.ones((1,), jnp.float32)
+        pen = V if spec.penalties else 0
+        keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])
+        t0 = time.perf_counter()
+
+        # Selection j picks the token at position L0 + j of every row: forced while the row's
+        # prompt lasts, sampled after that.
+        def forced(j):
+            tok = [r[L0 + j] if L0 + j < len(r) else 0 for r in rows]
+            return jnp.asarray(tok, jnp.int32), jnp.asarray([L0 + j < len(r) for r in rows])
+
+        # All but the last common token in parallel; the last one goes through the decode step,
+        # which picks selection 0 from its logits (one compiled function fewer).
+        common = np.asarray([r[:L0] for r in rows], np.int32)
+        a = 0
+        for n in self._pieces(L0 - 1) if L0 > 1 else ():
+            state = self._piece(self.params, jnp.asarray(common[:, a : a + n]), state)
+            a += n
+        carry = _Carry(state, jnp.asarray(keys), jnp.zeros((B, pen), jnp.float32),
+                       jnp.zeros((B, pen), bool))
+        if spec not in self._steps:
+            self._steps[spec] = jax.jit(partial(_decode_step, self.model, spec, self.decode_rows),
+                                        donate_argnums=(1,))
+        step = self._steps[spec]
+        n_forced = max(lengths) - L0
+        no_force = (jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool))
+        live_np = np.ones(B, bool)
+        live_sent = live_np.copy()
+        live = jnp.asarray(live_sent)
+        carry, token = step(self.params, carry, jnp.asarray(common[:, -1]),
+                            *(forced(0) if n_forced else no_force), live, knobs, weight)
+        token.block_until_ready()
+        t1 = time.perf_counter()
+
+        if stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (stop_tokens do not)")
+        # Without a tokenizer there is no text: token ids only.
+        texts = [_TextTail(self.tokenizer, stop) if self.tokenizer is not None else None
+                 for _ in range(B)]
+        generated: list[list[int]] = [[] for _ in range(B)]
+        reasons = [""] * B
+        j = 0
+        while True:
+            # Queue the step that consumes selection j, then read selection j: the device runs
+            # ahead of this loop by one step.
+            carry, following = step(self.params, carry, token,
+                                    *(forced(j + 1) if j + 1 < n_forced else no_force),
+                                    live, knobs, weight)
+            picked = np.asarray(token)
+            for i in range(B):
+                if reasons[i] or L0 + j < lengths[i]:
+                    continue
+                t = int(picked[i])
+                if t in stop_set:
+                    reasons[i] = "stop_token"
+                else:
+                    generated[i].append(t)
+                    piece, hit = texts[i].push(t) if texts[i] else ("", False)
+                    if piece:
+                        yield i, piece
+                    if hit:
+                        reasons[i] = "stop_string"
+                    elif len(generated[i]) >= max_new_tokens:
+                        reasons[i] = "length"
+                if reasons[i]:
+                    piece = texts[i].finish() if texts[i] and reasons[i] != "stop_string" else ""
+                    if piece:
+                        yield i, piece
+                    live_np[i] = False  # its state is complete once the queued step has run
+            if all(reasons):
+                break
+            if not np.array_equal(live_sent, live_np):
+                # A copy: on CPU the device array may share the numpy buffer, which this loop
+                # goes on changing while queued steps still read it.
+                live_sent = live_np.copy()
+                live = jnp.asarray(live_sent)
+            token = following
+            j += 1
+        if keep_state:
+            jax.block_until_ready(carry.state)
+        t2 = time.perf_counter()
+        return Generation(
+            texts=[t.text if t else "" for t in texts], tokens=generated, stop_reasons=reasons,
+            state=carry.state if keep_state else None,
+            timings={"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": j + 1,
+                     "new_tokens": sum(len(g) for g in generated)})
+
+    def _count_weights(self) -> jax.Array:
+        """Per token: 1, or 0 where ChatRWKV leaves it out of the frequency count."""
+        if self._weights is None:
+            w = np.ones(self.config.vocab_size, np.float32)
+            if self.tokenizer is not None:
+                for t in range(min(self.config.vocab_size, self.tokenizer.vocab_size)):
+                    try:
+                        text = self.tokenizer.decode([t])
+                    except Exception:  # noqa: BLE001 - an id the tokenizer has no text for
+                        continue
+                    if text in _UNCOUNTED:
+                        w[t] = 0.0
+            self._weights = jnp.asarray(w)
+        return self._weights
+
+
+def _run_args(kwargs: dict) -> dict:
+    defaults = dict(max_new_tokens=100, sampling=GREEDY, seed=0, stop=(), stop_tokens=(),
+                    state=None, keep_state=False)
+    unknown = set(kwargs) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown arguments {sorted(unknown)}")
+    return {**defaults, **kwargs}
+
+
+def _copy(state: dict) -> dict:
+    # The steps donate their state; a caller's own arrays must survive the call.
+    return jax.tree.map(jnp.copy, state)
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+class Session:
+    """A conversation: the state is kept between calls, compressed as asked.
+
+    `compression` defaults to the model's `state_compression` (the codec it was trained with).
+    """
+
+    def __init__(self, generator: Generator, *, batch_size: int = 1, compression: str | None = None):
+        self.generator = generator
+        self.compression = compression or generator.config.state_compression
+        self._packed = self._pack(generator.reset(batch_size))
+
+    def _pack(self, state):
+        if self.compression == "none":
+            return state
+        return self.generator._codec("compress", self.compression)(state, self.generator.params)
+
+    @property
+    def state(self) -> dict:
+        if self.compression == "none":
+            return self._packed
+        return self.generator._codec("decompress", self.compression)(self._packed,
+                                                                     self.generator.params)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored state."""
+        return state_codec.bytes_of(self._packed)
+
+    def feed(self, text) -> None:
+        """Condition on text (one string per row) without generating."""
+        texts = [text] if isinstance(text, str) else list(text)
+        self._packed = self._pack(self.generator.feed(
+            [self.generator.encode(t) for t in texts], self.state))
+
+    def generate(self, prompt, **kwargs) -> Generation:
+        kwargs["keep_state"] = True
+        result = self.generator.generate(prompt, state=self.state, **kwargs)
+        self._packed = self._pack(result.state)
+        return result

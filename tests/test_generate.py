@@ -1,0 +1,214 @@
+"""Generation: prefill forms agree, ragged batches equal rows alone, seeds, stops, penalties,
+sampling, streaming, scoring and sessions."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import perturbed
+from rwkv_jax.config import ModelConfig
+from rwkv_jax.data import ByteTokenizer
+from rwkv_jax.generate import (GREEDY, Generator, Sampling, Session, _advance, _Carry, _draw,
+                               _TextTail)
+from rwkv_jax.model import RWKV, init_params
+
+CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\n"
+V = len(CHARS)
+
+
+class CharTokenizer:
+    """One character per token and no byte view, as a tokenizers-library model would be."""
+
+    name, vocab_size = "chars", V
+
+    def encode(self, text):
+        return [CHARS.index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(CHARS[i] for i in ids)
+
+
+PURE = ModelConfig(vocab_size=V, n_layer=2, n_embd=32)
+HYBRID = ModelConfig(vocab_size=V, n_layer=2, n_embd=32, layer_types=("rwkv", "attn"),
+                     attn_head_size=8, attn_window=6, pos_emb="rotary")
+SAMPLED = Sampling(temperature=0.9, top_k=12, top_p=0.9, presence_penalty=0.3,
+                   frequency_penalty=0.2, penalty_decay=0.95)
+_GENERATORS: dict = {}
+
+
+def _generator(config) -> Generator:
+    """One per config for the whole module, so each compiled step is reused across tests."""
+    if config not in _GENERATORS:
+        params = perturbed(init_params(config, jax.random.PRNGKey(0)), scale=0.5)
+        _GENERATORS[config] = Generator(config, params, CharTokenizer(), prefill_chunk=4)
+    return _GENERATORS[config]
+
+
+@partial(jax.jit, static_argnums=0)
+def _full(config, params, tokens):
+    return RWKV(config).apply({"params": params}, tokens)
+
+
+def _prompt(n, seed):
+    return [int(t) for t in np.random.default_rng(seed).integers(0, V, n)]
+
+
+def _row(state, i):
+    return jax.tree.map(lambda a: a[i : i + 1], state)
+
+
+@pytest.mark.parametrize("config", [PURE, HYBRID], ids=["pure", "hybrid"])
+def test_prefill_whole_in_chunks_or_token_by_token_gives_the_same_greedy_text(config):
+    g = _generator(config)
+    prompt = _prompt(13, seed=1)
+    results = []
+    for chunk in (0, 4, 1):  # one parallel call; 4+4+4+1; token by token
+        g.prefill_chunk = chunk
+        results.append(g.generate(prompt, max_new_tokens=8, keep_state=True))
+    g.prefill_chunk = 4
+    for r in results[1:]:
+        assert r.tokens == results[0].tokens
+        chex.assert_trees_all_close(r.state, results[0].state, rtol=1e-4, atol=1e-4)
+    # Teacher forcing over the whole text picks the same tokens, and the state returned has
+    # consumed every token, the last generated one included.
+    whole = prompt + results[0].tokens[0]
+    logits, state = _full(config, g.params, jnp.asarray([whole]))
+    np.testing.assert_array_equal(np.argmax(logits[0, len(prompt) - 1 : -1], -1), results[0].tokens[0])
+    chex.assert_trees_all_close(results[0].state, state, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_batch_of_different_prompt_lengths_equals_each_row_alone(sampling):
+    g = _generator(HYBRID)
+    prompts = [_prompt(5, 2), _prompt(9, 3), _prompt(6, 4)]
+    batch = g.generate(prompts, max_new_tokens=7, sampling=sampling, seed=[5, 6, 7], keep_state=True)
+    for i, p in enumerate(prompts):
+        alone = g.generate(p, max_new_tokens=7, sampling=sampling, seed=5 + i, keep_state=True)
+        assert batch.tokens[i] == alone.tokens[0], i
+        chex.assert_trees_all_close(_row(batch.state, i), alone.state, rtol=1e-4, atol=1e-4)
+    assert [len(t) for t in batch.tokens] == [7, 7, 7]
+
+
+def test_seeds_reproduce_and_differ():
+    g = _generator(HYBRID)
+    p = _prompt(5, 2)
+    a, b, c = (g.generate(p, max_new_tokens=10, sampling=SAMPLED, seed=s).tokens for s in (11, 11, 12))
+    assert a == b and a != c
+    # An int seed gives row i seed + i.
+    rows = g.generate([p, p, p], max_new_tokens=10, sampling=SAMPLED, seed=11).tokens
+    assert rows[:2] == [a[0], c[0]]
+
+
+def test_stop_strings_and_stop_tokens_end_a_row_and_its_state():
+    g = _generator(HYBRID)
+    prompts = [_prompt(5, 8), _prompt(7, 9), _prompt(6, 10)]
+    base = g.generate(prompts, max_new_tokens=16)
+    text = base.texts[0]
+    stop = text[6:8]
+    r = g.generate(prompts, max_new_tokens=16, stop=[stop], keep_state=True)
+    assert r.texts[0] == text[: text.find(stop)] and r.stop_reasons[0] == "stop_string"
+    for i in (1, 2):
+        if stop not in base.texts[i]:
+            assert r.texts[i] == base.texts[i] and r.stop_reasons[i] == "length"
+    for i, p in enumerate(prompts):  # each row's state has seen exactly its own tokens
+        chex.assert_trees_all_close(_row(r.state, i), g.feed([p + r.tokens[i]]), rtol=1e-4, atol=1e-4)
+    p1 = prompts[0]
+    pieces = list(g.stream(p1, max_new_tokens=16, stop=[stop]))
+    assert "".join(pieces) == r.texts[0]
+
+    stop_tok = base.tokens[0][4]
+    cut = base.tokens[0].index(stop_tok)
+    r = g.generate(p1, max_new_tokens=16, stop_tokens=[stop_tok], keep_state=True)
+    assert r.tokens[0] == base.tokens[0][:cut] and r.stop_reasons == ["stop_token"]
+    chex.assert_trees_all_close(r.state, g.feed([p1 + base.tokens[0][: cut + 1]]), rtol=1e-4, atol=1e-4)
+
+
+def test_streaming_emits_whole_characters_and_holds_back_a_possible_stop():
+    tail = _TextTail(ByteTokenizer(), stops=["€!"])
+    pieces = []
+    for b in "héllo €€!x".encode():
+        piece, hit = tail.push(b)
+        pieces.append(piece)
+        if hit:
+            break
+    assert "".join(pieces) == "héllo €" and hit
+    assert pieces[1] == "" and pieces[2] == "é"  # the first byte of é waits for the second
+    assert not any("\ufffd" in p for p in pieces)
+    assert pieces[-2] == "€"  # the first € goes out only once the second cannot start "€!"
+    tail = _TextTail(ByteTokenizer(), stops=[])
+    assert tail.push(0xE2)[0] == "" and tail.finish() == "\ufffd"  # a cut-off character
+
+
+def test_penalties_follow_chatrwkv():
+    s = Sampling(temperature=0, presence_penalty=0.5, frequency_penalty=0.25, penalty_decay=0.5)
+    spec, knobs = s.spec(5), jnp.asarray(s.knobs())
+    weight = jnp.asarray([1.0, 1.0, 0.0, 1.0, 1.0])  # token 2 is a "space": never counted
+    logits = jnp.asarray([[0.0, 0.2, 0.1, 0.0, 0.0]])
+    carry = _Carry(None, jnp.zeros((1, 2), jnp.uint32), jnp.zeros((1, 5)), jnp.zeros((1, 5), bool))
+    free = (jnp.zeros((1,), jnp.int32), jnp.zeros((1,), bool))
+    picked = []
+    for _ in range(3):
+        tok, carry = _advance(spec, logits, carry, *free, knobs, weight)
+        picked.append(int(tok[0]))
+    # 1 first; then 1 costs 0.5 + 0.25 and 2 wins; then 1 costs 0.5 + 0.25*0.5, 2 costs 0.5: 0.
+    assert picked == [1, 2, 0]
+    np.testing.assert_allclose(carry.counts[0], [1.0, 0.25, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(carry.seen[0], [True, True, True, False, False])
+    tok, after = _advance(spec, logits, carry, jnp.asarray([4]), jnp.asarray([True]), knobs, weight)
+    assert int(tok[0]) == 4  # a forced prompt token is fed and never counted
+    chex.assert_trees_all_equal(after.counts, carry.counts)
+
+    g = _generator(HYBRID)
+    assert [CHARS[i] for i in np.flatnonzero(np.asarray(g._count_weights()) == 0)] == list(" 0123456789")
+    strong = Sampling(**{**SAMPLED.__dict__, "presence_penalty": 100.0})
+    tokens = g.generate(_prompt(5, 2), max_new_tokens=12, sampling=strong, seed=3).tokens[0]
+    assert len(set(tokens)) == len(tokens)  # a generated token is never picked again
+
+
+def test_top_k_top_p_and_temperature_draw_from_the_documented_distribution():
+    probs = np.asarray([0.4, 0.3, 0.15, 0.1, 0.05])
+    B = 4000
+    keys = jax.random.key_data(jax.random.split(jax.random.key(0), B))
+    logits = jnp.tile(jnp.log(jnp.asarray(probs, jnp.float32)), (B, 1))
+    for s, want in [
+        (Sampling(temperature=1.0, top_p=0.8), [0.4, 0.3, 0.15, 0, 0]),  # cumulative 0.85 >= 0.8
+        (Sampling(temperature=0.5, top_k=2), [0.16, 0.09, 0, 0, 0]),  # p^(1/T) over the top 2
+    ]:
+        tok, _ = jax.jit(partial(_draw, s.spec(5)))(keys, logits, jnp.asarray(s.knobs()))
+        freq = np.bincount(np.asarray(tok), minlength=5) / B
+        np.testing.assert_allclose(freq, np.asarray(want) / np.sum(want), atol=0.03)
+
+
+def test_score_streams_any_length_and_equals_the_whole_sequence_loss():
+    g = _generator(HYBRID)
+    tokens = np.asarray(_prompt(28, 5))
+    logits, _ = _full(HYBRID, g.params, jnp.asarray(tokens[None, :-1]))
+    want = float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits[0], tokens[1:])))
+    out = g.score(tokens, chunk_len=9)
+    assert out["tokens"] == 27 and abs(out["loss"] - want) < 1e-5
+    lossy = g.score(tokens, chunk_len=9, compression="int8")["loss"]
+    assert lossy != out["loss"] and abs(lossy - want) < 0.05 * want
+
+
+def test_session_keeps_the_state_between_calls_and_compresses_it():
+    g = _generator(HYBRID)
+    p1, p2 = _prompt(4, 10), _prompt(3, 11)
+    chat = Session(g)
+    r1 = chat.generate(p1, max_new_tokens=5)
+    r2 = chat.generate(p2, max_new_tokens=5)
+    whole = g.generate(p1 + r1.tokens[0] + p2, max_new_tokens=5)
+    assert r2.tokens == whole.tokens
+    small = Session(g, compression="int8")
+    small.generate(p1, max_new_tokens=5)
+    assert small.nbytes < 0.3 * chat.nbytes
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        g.generate("", max_new_tokens=3)
+    with pytest.raises(ValueError, match="outside this model's vocabulary"):
+        g.generate([V + 3], max_new_tokens=3)
