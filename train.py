@@ -2,11 +2,13 @@
 
     python train.py --config=configs/tiny.py [--config.train.steps=200 ...]
 
-Running the same command again resumes from the run's newest checkpoint.
+Running the same command again resumes from the run's newest checkpoint. On several hosts
+every process runs this same command (see README: "Several hosts").
 """
 
 import logging
 import sys
+import traceback
 
 from absl import app
 from ml_collections import config_flags
@@ -16,26 +18,39 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "A config
 
 def main(argv):
     del argv
-    from rwkv_jax import trainer  # noqa: PLC0415  (after flags: jax reads XLA_FLAGS at import)
+    import jax  # noqa: PLC0415  (after flags: jax reads XLA_FLAGS at import)
+
+    from rwkv_jax import distributed, trainer  # noqa: PLC0415
     from rwkv_jax.config import ConfigError  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("absl").setLevel(logging.WARNING)
     cfg = _CONFIG.value
     try:
+        multi = distributed.initialize(cfg.dist)
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    who = f"[process {jax.process_index()}/{jax.process_count()}] " if multi else ""
+    if multi and jax.process_index() != 0:
+        logging.getLogger("rwkv_jax").setLevel(logging.WARNING)  # one process speaks
+    try:
         run = trainer.prepare(cfg)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"{who}config error: {e}", file=sys.stderr)
         return 2
     logging.getLogger("rwkv_jax").info("run %s: %s", run.run_dir, trainer.run_summary(run))
     try:
         final = trainer.train(run)
     except trainer.MemoryPlanError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"{who}config error: {e}", file=sys.stderr)
         return 2
     except trainer.TrainingDiverged as e:
-        print(f"training stopped: {e}", file=sys.stderr)
+        print(f"{who}training stopped: {e}", file=sys.stderr)
         return 3
+    except Exception:  # noqa: BLE001 - say which process failed, then fail
+        print(f"{who}failed:\n{traceback.format_exc()}", file=sys.stderr)
+        return 1
     logging.getLogger("rwkv_jax").info("done: %s", {k: round(v, 4) for k, v in final.items()})
     return 0
 

@@ -25,8 +25,13 @@ if [[ $what == all || $what == steps ]]; then
       | tee -a "$OUT/bench_3b.log" | grep -E "^\||loss|memory|GiB|Error|error" | tail -16
   done
 fi
+if [[ $what == all || $what == nofit ]]; then
+  # The memory plan stops a config that cannot fit before anything compiles.
+  python3 train.py --config=configs/model_3b_rwkv.py $DATA --config.efficiency.remat=False \
+    --config.logging.progress=False 2>&1 | grep -vE "^[IW][0-9]" | tail -12; echo "exit code $?"
+fi
 if [[ $what == all || $what == train3b ]]; then
-  python3 train.py --config=configs/model_3b_rwkv.py $DATA --config.train.steps=${STEPS3B:-20} \
+  python3 train.py --config=configs/model_3b_rwkv.py $DATA --config.train.steps=${STEPS3B:-20} --config.optimizer.warmup_steps=4 \
     --config.logging.every=4 --config.logging.eval_every=0 --config.checkpoint.every=0 \
     --config.logging.progress=False 2>&1 | tee "$OUT/train_3b.log" | grep -vE "^W[0-9]" | tail -20
 fi

@@ -51,6 +51,16 @@ _LATER_VERSIONS = {".ln_x.": "RWKV-5 or later", ".time_maa": "RWKV-6", ".time_fa
                    ".att.x_r": "RWKV-7", ".att.w0": "RWKV-7"}
 
 
+def official_layout(n_layer: int) -> list[tuple[str, tuple, str]]:
+    """(official name, our path in params, how it is stored) of each tensor of an n_layer RWKV-4
+    model: "linear" is (out, in) there and (in, out) here, "mix" (1, 1, C) there and (C,) here."""
+    out = list(_TOP)
+    for i in range(n_layer):
+        out += [(f"blocks.{i}.{name}", (f"blocks_{i}",) + ours, kind)
+                for name, ours, kind in _BLOCK_TENSORS + (_LN0 if i == 0 else ())]
+    return out
+
+
 def _torch():
     try:
         import torch  # noqa: PLC0415
@@ -279,8 +289,12 @@ def find_checkpoint_dir(path: str | os.PathLike) -> str:
     return path
 
 
-def restore_params(path: str | os.PathLike, step: int | None = None) -> tuple[ModelConfig, dict, dict]:
-    """(model_config, params, meta) from a training checkpoint, without the optimizer state."""
+def restore_params(path: str | os.PathLike, step: int | None = None,
+                   shardings=None) -> tuple[ModelConfig, dict, dict]:
+    """(model_config, params, meta) from a training checkpoint, without the optimizer state.
+
+    `shardings`: a tree of jax.sharding.Sharding like the params (default: one local device).
+    """
     import jax  # noqa: PLC0415
 
     from rwkv_jax.model import RWKV  # noqa: PLC0415
@@ -303,8 +317,15 @@ def restore_params(path: str | os.PathLike, step: int | None = None) -> tuple[Mo
         raise ValueError(f"checkpoint {directory!r} step {step} has no readable model record: {e}") from None
     import jax.numpy as jnp  # noqa: PLC0415
 
+    # Restore onto this process's first device whatever topology wrote the checkpoint (orbax
+    # needs target shardings once the writer's differ); pass `shardings` to place it otherwise.
     abstract = jax.eval_shape(
         lambda: RWKV(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    if shardings is None:
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: here, abstract)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, shardings)
     try:
         params = manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract)))["params"]

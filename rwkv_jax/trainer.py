@@ -28,8 +28,9 @@ import optax
 
 from rwkv_jax import checkpoint as ckpt
 from rwkv_jax import data as data_lib
-from rwkv_jax import hybrid, optim
+from rwkv_jax import distributed, hybrid, optim
 from rwkv_jax import sharding as shd
+from rwkv_jax import state_codec
 from rwkv_jax.config import ConfigError, ModelConfig, model_config_from, optimizer_config_from, validate
 from rwkv_jax.model import RWKV, count_params
 from rwkv_jax.state import init_state
@@ -169,6 +170,10 @@ def make_train_step(model: RWKV, optimizer, *, fresh: bool, handoff: int, float1
     i.e. the zero or learned initial state, so gradients reach a learned one)."""
 
     def loss_fn(params, inputs, targets, mask, carry, scale):
+        if not fresh:
+            # The chunk starts from the state as memory.state_compression stores it; with the
+            # learned codec this round trip is what trains it.
+            carry = state_codec.roundtrip(carry, model.config.state_compression, params)
         logits, new_carry = chunk_forward(model, params, inputs, None if fresh else carry, handoff)
         loss, count = _masked_ce(logits, targets, mask)
         return loss * scale, (loss, count, new_carry)
@@ -379,9 +384,11 @@ class _Writer:
 def train(run: Run) -> dict:
     """Train (or resume) until train.steps; returns the final metrics."""
     cfg = run.cfg
+    main = distributed.is_main_process()  # logs, tensorboard and progress come from one process
     os.makedirs(run.run_dir, exist_ok=True)
-    with open(os.path.join(run.run_dir, "config.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
+    if main:
+        with open(os.path.join(run.run_dir, "config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=2))
 
     mc = run.model_config
     model = RWKV(mc)
@@ -411,18 +418,21 @@ def train(run: Run) -> dict:
         key = (chunk == 0, run.handoffs[chunk])
         if key not in steps:
             fn = make_train_step(model, optimizer, fresh=key[0], handoff=key[1], float16=float16)
-            steps[key] = jax.jit(fn, donate_argnums=donate,
-                                 in_shardings=(layout.state, layout.batch, layout.batch, None),
-                                 out_shardings=(layout.state, None))
+            steps[key] = compile_step(fn, run, layout, donate, first=not steps)
         return steps[key]
 
     n_chunks = len(run.spans)
     flops_per_token = model_flops_per_token(mc, run.chunk_len)
     peak = device_peak_flops() if jax.default_backend() != "cpu" else None
-    writer = _Writer(os.path.join(run.run_dir, "tb") if cfg.logging.tensorboard else None)
+    writer = _Writer(os.path.join(run.run_dir, "tb") if cfg.logging.tensorboard and main else None)
     die_at = int(os.environ.get(_DIE_AT_STEP_ENV, "-1"))
-    progress = _progress(cfg, start)
+    progress = _progress(cfg, start, enabled=main)
 
+    rows = distributed.process_rows(layout.batch, (cfg.train.batch_size, run.chunk_len))
+    if jax.process_count() > 1:
+        log.warning("process %d of %d loads rows %d:%d of each global batch of %d",
+                    jax.process_index(), jax.process_count(), rows.start, rows.stop,
+                    cfg.train.batch_size)
     batch_key, batch = None, None
     pending = None  # the previous step's metrics, read one step late so dispatch runs ahead
     window_t, window_tokens = time.perf_counter(), 0
@@ -431,13 +441,15 @@ def train(run: Run) -> dict:
         for step in range(start, cfg.train.steps):
             seq_step, chunk = divmod(step, n_chunks)
             if batch_key != seq_step:
+                # This process's rows only; the global batch is the same for any process count.
                 batch = data_lib.get_batch(run.train_tokens, step=seq_step, seed=cfg.seed,
                                            batch_size=cfg.train.batch_size,
-                                           seq_len=cfg.train.max_seq_length)
+                                           seq_len=cfg.train.max_seq_length, rows=rows)
                 batch_key = seq_step
             a, b = run.spans[chunk]
-            ts, metrics = step_fn(chunk)(ts, _global(batch[0][:, a:b], layout.batch),
-                                         _global(batch[1][:, a:b], layout.batch),
+            shape = (cfg.train.batch_size, b - a)
+            ts, metrics = step_fn(chunk)(ts, _global(batch[0][:, a:b], layout.batch, shape),
+                                         _global(batch[1][:, a:b], layout.batch, shape),
                                          jnp.asarray(run.masks[chunk]))
             if pending is not None:
                 _check_finite(pending, step, float16)
@@ -457,6 +469,9 @@ def train(run: Run) -> dict:
                         "tokens_per_sec": tps}
                 if peak:
                     last["mfu"] = tps * flops_per_token / peak
+                used = peak_device_bytes()
+                if used:
+                    last["peak_gib"] = used / 2**30
                 writer.scalars(step + 1, last, "train")
                 progress.set_postfix(_postfix(last))
                 if not cfg.logging.progress:
@@ -472,7 +487,8 @@ def train(run: Run) -> dict:
                          step + 1, ev["loss"], ev["bpb"], ev["tokens"])
                 last.update(val_loss=ev["loss"], val_bpb=ev["bpb"])
                 window_t = time.perf_counter()  # evaluation is not training throughput
-            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps:
+            saves = cfg.checkpoint.every > 0
+            if saves and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps):
                 jax.block_until_ready(ts)
                 _check_finite(pending, step + 1, float16)
                 manager.save(step + 1, ts, {"tokens_seen": (step + 1) * run.tokens_per_step,
@@ -484,9 +500,54 @@ def train(run: Run) -> dict:
     return last
 
 
-def _global(local_rows: np.ndarray, sharding) -> jax.Array:
+def compile_step(fn, run: Run, layout: Layout, donate: tuple, first: bool = False):
+    """Compile a train step ahead of time; the first one's XLA memory figure joins the plan."""
+    B, L = run.cfg.train.batch_size, run.chunk_len
+    batch = jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=layout.batch)
+    mask = jax.ShapeDtypeStruct((L,), jnp.float32)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         layout.shapes, layout.state)
+    jitted = jax.jit(fn, donate_argnums=donate,
+                     in_shardings=(layout.state, layout.batch, layout.batch, None),
+                     out_shardings=(layout.state, None))
+    compiled = jitted.lower(state, batch, batch, mask).compile()
+    if first:
+        xla = xla_step_bytes(compiled)
+        limit = shd.device_memory()
+        if xla is not None:
+            log.info("XLA's plan for the train step: %.2f GiB per device%s", xla / 2**30,
+                     f" of {limit / 2**30:.2f} GiB" if limit else "")
+            if limit and xla > limit:
+                raise MemoryPlanError(
+                    f"XLA's compiled train step needs {xla / 2**30:.1f} GiB per device, more than "
+                    f"the {limit / 2**30:.1f} GiB there is. Try: "
+                    f"{shd.suggestion(run.model_config, run.mesh)}")
+    return compiled
+
+
+def xla_step_bytes(compiled) -> float | None:
+    """Peak bytes XLA planned for a compiled step: arguments + outputs - donated + temporaries."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+    if m is None:
+        return None
+    return float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                 + m.temp_size_in_bytes)
+
+
+def peak_device_bytes() -> int | None:
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001
+        return None
+    return (stats or {}).get("peak_bytes_in_use")
+
+
+def _global(local_rows: np.ndarray, sharding, global_shape) -> jax.Array:
     """The global batch array from this process's rows (all rows when there is one process)."""
-    return jax.make_array_from_process_local_data(sharding, local_rows)
+    return jax.make_array_from_process_local_data(sharding, local_rows, global_shape)
 
 
 class MemoryPlanError(RuntimeError):
@@ -525,11 +586,13 @@ def _postfix(m: dict) -> dict:
     out = {"loss": f"{m['loss']:.3f}", "tok/s": f"{m['tokens_per_sec']:,.0f}"}
     if "mfu" in m:
         out["mfu"] = f"{100 * m['mfu']:.1f}%"
+    if "peak_gib" in m:
+        out["peak"] = f"{m['peak_gib']:.1f}GiB"
     return out
 
 
-def _progress(cfg, start: int):
-    if cfg.logging.progress:
+def _progress(cfg, start: int, enabled: bool = True):
+    if cfg.logging.progress and enabled:
         try:
             from tqdm import tqdm  # noqa: PLC0415
         except ImportError:
