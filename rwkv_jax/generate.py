@@ -307,8 +307,11 @@ class Generator:
             config = dataclasses.replace(config, dtype="bfloat16")
             params = inference_params(params, jnp.bfloat16)
         self.config = config
-        # On the device once: a numpy tree would be copied over again at every step.
-        self.params = jax.tree.map(jnp.asarray, params)
+        # Every array a compiled step takes is placed ("committed") on this device: jit compiles
+        # again for an argument placed differently (a fresh jnp.asarray is not committed; a
+        # step's outputs are), and a numpy tree would be copied over at every step.
+        self._device = jax.devices()[0]
+        self.params = self._put(params)
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         # Decode steps compute at least this many rows. On an H100 a 3B model's batch-1 step
@@ -325,6 +328,9 @@ class Generator:
 
     # --------------------------------------------------------------- inputs and states
 
+    def _put(self, tree):
+        return jax.device_put(tree, self._device)
+
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt (text, or ids as they are), checked against the vocabulary."""
         return encode_prompt(self.tokenizer, prompt, self.config.vocab_size)
@@ -332,7 +338,7 @@ class Generator:
     def reset(self, batch_size: int) -> dict:
         """A fresh state: the zero state, or the learned initial state where the model has one."""
         # A buffer of its own per leaf (the zero state shares one), as the steps donate them.
-        return _copy(initial_state(self.config, self.params, batch_size))
+        return self._put(_copy(initial_state(self.config, self.params, batch_size)))
 
     def _pieces(self, n: int) -> list[int]:
         c = self.prefill_chunk
@@ -355,10 +361,10 @@ class Generator:
             raise ValueError("feed: every row must have the same number of tokens "
                              "(generate takes prompts of different lengths)")
         tokens = np.asarray(rows, np.int32)
-        state = self.reset(len(tokens)) if state is None else _copy(state)
+        state = self.reset(len(tokens)) if state is None else self._put(_copy(state))
         a = 0
         for n in self._pieces(tokens.shape[1]):
-            state = self._piece(self.params, jnp.asarray(tokens[:, a : a + n]), state)
+            state = self._piece(self.params, self._put(tokens[:, a : a + n]), state)
             a += n
         return state
 
@@ -437,16 +443,18 @@ class Generator:
         seeds = [seed + i for i in range(B)] if isinstance(seed, (int, np.integer)) else list(seed)
         if len(seeds) != B:
             raise ValueError(f"{len(seeds)} seeds for {B} prompts")
+        if stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (stop_tokens do not)")
         lengths = [len(r) for r in rows]
         L0 = min(lengths)
         spec = sampling.spec(self.config.vocab_size)
         V = self.config.vocab_size
-        state = self.reset(B) if state is None else _copy(state)
+        state = self.reset(B) if state is None else self._put(_copy(state))
         if state["pos"].shape[0] != B:
             raise ValueError(f"the state holds {state['pos'].shape[0]} rows for {B} prompts")
         stop_set = {int(t) for t in stop_tokens}
-        knobs = jnp.asarray(sampling.knobs())
-        weight = self._count_weights() if spec.penalties else jnp.ones((1,), jnp.float32)
+        knobs = self._put(sampling.knobs())
+        weight = self._count_weights() if spec.penalties else self._put(np.ones((1,), np.float32))
         pen = V if spec.penalties else 0
         keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])
         t0 = time.perf_counter()
@@ -455,33 +463,30 @@ class Generator:
         # prompt lasts, sampled after that.
         def forced(j):
             tok = [r[L0 + j] if L0 + j < len(r) else 0 for r in rows]
-            return jnp.asarray(tok, jnp.int32), jnp.asarray([L0 + j < len(r) for r in rows])
+            return self._put((np.asarray(tok, np.int32), np.asarray([L0 + j < len(r) for r in rows])))
 
         # All but the last common token in parallel; the last one goes through the decode step,
         # which picks selection 0 from its logits (one compiled function fewer).
         common = np.asarray([r[:L0] for r in rows], np.int32)
         a = 0
         for n in self._pieces(L0 - 1) if L0 > 1 else ():
-            state = self._piece(self.params, jnp.asarray(common[:, a : a + n]), state)
+            state = self._piece(self.params, self._put(common[:, a : a + n]), state)
             a += n
-        carry = _Carry(state, jnp.asarray(keys), jnp.zeros((B, pen), jnp.float32),
-                       jnp.zeros((B, pen), bool))
+        carry = self._put(_Carry(state, keys, np.zeros((B, pen), np.float32), np.zeros((B, pen), bool)))
         if spec not in self._steps:
             self._steps[spec] = jax.jit(partial(_decode_step, self.model, spec, self.decode_rows),
                                         donate_argnums=(1,))
         step = self._steps[spec]
         n_forced = max(lengths) - L0
-        no_force = (jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool))
+        no_force = self._put((np.zeros((B,), np.int32), np.zeros((B,), bool)))
         live_np = np.ones(B, bool)
         live_sent = live_np.copy()
-        live = jnp.asarray(live_sent)
-        carry, token = step(self.params, carry, jnp.asarray(common[:, -1]),
+        live = self._put(live_sent)
+        carry, token = step(self.params, carry, self._put(common[:, -1]),
                             *(forced(0) if n_forced else no_force), live, knobs, weight)
         token.block_until_ready()
         t1 = time.perf_counter()
 
-        if stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer (stop_tokens do not)")
         # Without a tokenizer there is no text: token ids only.
         texts = [_TextTail(self.tokenizer, stop) if self.tokenizer is not None else None
                  for _ in range(B)]
@@ -521,7 +526,7 @@ class Generator:
                 # A copy: on CPU the device array may share the numpy buffer, which this loop
                 # goes on changing while queued steps still read it.
                 live_sent = live_np.copy()
-                live = jnp.asarray(live_sent)
+                live = self._put(live_sent)
             token = following
             j += 1
         if keep_state:
@@ -545,7 +550,7 @@ class Generator:
                         continue
                     if text in _UNCOUNTED:
                         w[t] = 0.0
-            self._weights = jnp.asarray(w)
+            self._weights = self._put(w)
         return self._weights
 
 
