@@ -28,6 +28,15 @@ def wkv4_reference(time_decay, time_first, k, v, state=None):
     return y, (num, den, lp)
 
 
+def wkv_inputs(rng, B=2, T=45, C=12, k_range=30.0):
+    """Decays over the whole allowed range (time_decay in [-10, 10]) and keys up to +-30."""
+    td = np.concatenate([[-10.0, 10.0], rng.uniform(-10, 10, C - 2)]).astype(np.float32)
+    tf = rng.uniform(-3, 3, C).astype(np.float32)
+    k = rng.uniform(-k_range, k_range, (B, T, C)).astype(np.float32)
+    v = rng.normal(size=(B, T, C)).astype(np.float32)
+    return td, tf, k, v
+
+
 def rel_err(a, b) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)

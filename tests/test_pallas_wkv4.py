@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err, wkv4_reference
+from conftest import rel_err, wkv4_reference, wkv_inputs
 from rwkv_jax.ops import wkv4 as ops
 from rwkv_jax.ops.pallas import wkv4 as pk
 
@@ -28,12 +28,7 @@ def small_tiles(monkeypatch):
 
 
 def _inputs(rng, B=2, T=37, C=20, k_range=30.0):
-    """Decays over the whole allowed range (time_decay in [-10, 10]) and keys up to +-30."""
-    td = np.concatenate([[-10.0, 10.0], rng.uniform(-10, 10, C - 2)]).astype(np.float32)
-    tf = rng.uniform(-3, 3, C).astype(np.float32)
-    k = rng.uniform(-k_range, k_range, (B, T, C)).astype(np.float32)
-    v = rng.normal(size=(B, T, C)).astype(np.float32)
-    return td, tf, k, v
+    return wkv_inputs(rng, B, T, C, k_range)
 
 
 def _state(rng, B=2, C=20):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from conftest import rel_err, wkv4_reference
+from conftest import rel_err, wkv4_reference, wkv_inputs
 from rwkv_jax.ops import wkv4 as ops
 from rwkv_jax.ops.wkv4 import NEG_INF, zero_state
 
@@ -18,12 +18,7 @@ wkv4 = jax.jit(ops.wkv4, static_argnames=("impl", "chunk_size"))
 
 
 def _inputs(rng, B=2, T=45, C=12, k_range=30.0):
-    """Decays over the whole allowed range (time_decay in [-10, 10]) and keys up to +-30."""
-    td = np.concatenate([[-10.0, 10.0], rng.uniform(-10, 10, C - 2)]).astype(np.float32)
-    tf = rng.uniform(-3, 3, C).astype(np.float32)
-    k = rng.uniform(-k_range, k_range, (B, T, C)).astype(np.float32)
-    v = rng.normal(size=(B, T, C)).astype(np.float32)
-    return td, tf, k, v
+    return wkv_inputs(rng, B, T, C, k_range)
 
 
 @pytest.mark.parametrize("impl", FORMS)
