@@ -422,6 +422,8 @@ def train(run: Run) -> dict:
         return steps[key]
 
     n_chunks = len(run.spans)
+    masks = [jnp.asarray(m) for m in run.masks]  # on the device once, not once per step
+    schedule = optim.make_schedule(optimizer_config_from(cfg))
     flops_per_token = model_flops_per_token(mc, run.chunk_len)
     peak = device_peak_flops() if jax.default_backend() != "cpu" else None
     writer = _Writer(os.path.join(run.run_dir, "tb") if cfg.logging.tensorboard and main else None)
@@ -450,7 +452,7 @@ def train(run: Run) -> dict:
             shape = (cfg.train.batch_size, b - a)
             ts, metrics = step_fn(chunk)(ts, _global(batch[0][:, a:b], layout.batch, shape),
                                          _global(batch[1][:, a:b], layout.batch, shape),
-                                         jnp.asarray(run.masks[chunk]))
+                                         masks[chunk])
             if pending is not None:
                 _check_finite(pending, step, float16)
             pending = metrics
@@ -465,7 +467,7 @@ def train(run: Run) -> dict:
                 elapsed = time.perf_counter() - window_t
                 tps = window_tokens / elapsed
                 last = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                        "lr": float(optim.make_schedule(optimizer_config_from(cfg))(step)),
+                        "lr": float(schedule(step)),
                         "tokens_per_sec": tps}
                 if peak:
                     last["mfu"] = tps * flops_per_token / peak
