@@ -1,5 +1,6 @@
 """RWKV-4 WKV on the GPU: every impl side by side, forward and forward+backward.
 
+    python bench/wkv.py --version 7 ...   (RWKV-7: bench/wkv7_table.py)
     python bench/wkv.py [--quick] [--peer-src DIR | --peer-lib FILE] [--out DIR]
                         [--sweep NAME] [--shapes B,T,C ...] [--impls scan assoc chunked pallas]
 
@@ -598,6 +599,14 @@ def main():
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--scan-max-tokens", type=int, default=1 << 20)
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting work after this")
+    ap.add_argument("--version", default="4", choices=["4", "7"], help="7: the RWKV-7 rows")
+    ap.add_argument("--shapes7", nargs="*", default=None, help="B,T,H,N ... (RWKV-7)")
+    ap.add_argument("--impls7", nargs="*", default=None, help="scan chunked:L pallas (RWKV-7)")
+    ap.add_argument("--peer7-src", default=None, help="RWKV-LM train_temp/cuda sources (RWKV-7)")
+    ap.add_argument("--no-fla", action="store_true", help="RWKV-7: skip fla's chunk_rwkv7")
+    ap.add_argument("--sweep7", nargs="*", default=None,
+                    help="RWKV-7: time each kernel for tilings L,BV,warps_fwd,warps_scan,"
+                         "warps_bwd,stages_scan")
     args = ap.parse_args()
     args.shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     deadline = time.perf_counter() + args.budget_s
@@ -614,6 +623,22 @@ def main():
         except Exception as e:  # noqa: BLE001
             log(f"official kernel unavailable: {e!r}")
             log(traceback.format_exc()[-2000:])
+
+    if args.version == "7":
+        import wkv7_table  # noqa: PLC0415
+
+        args.shapes7 = ([tuple(int(x) for x in s.split(",")) for s in args.shapes7]
+                        if args.shapes7 else wkv7_table.SHAPES7)
+        args.impls7 = args.impls7 or wkv7_table.IMPLS7
+        if args.sweep7:
+            wkv7_table.stage_sweep(args.shapes7[0], args.sweep7, deadline)
+        rows7 = [] if args.no_table else wkv7_table.run7(args, device, deadline)
+        table = wkv7_table.render7(rows7, device)
+        if args.out:
+            with open(os.path.join(args.out, "bench_log7.txt"), "w") as f:
+                f.write("\n".join(LOG) + "\n\n" + table + "\n")
+        print("\n" + table, flush=True)
+        return
 
     sweep = lambda: run_sweep(args.sweep, jnp.float32, deadline)  # noqa: E731
     if args.sweep and args.sweep_first:
