@@ -53,7 +53,9 @@ class Config:
     warps_scan: int = 4  # the two sequential kernels
     warps_bwd: int = 8  # chunk-parallel gradient kernel
     stages_scan: int = 3  # software-pipelining depth of the sequential kernels' loads
-    tf32: bool = True  # TF32 tensor-core dots on the GPU (False: full float32)
+    # Tensor-core dots: TF32 for half-precision inputs (they carry 8 bits already), three TF32
+    # passes (float32 accuracy) for float32 inputs; False: float32 FMAs throughout.
+    tf32: bool = True
     inverse_x3: bool = False  # Tinv with three TF32 passes (~float32) instead of float32 FMAs
 
     def fit(self, T: int, N: int) -> "Config":
@@ -287,13 +289,14 @@ def _params(num_warps: int, num_stages: int):
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def _precisions(cfg: Config, interpret: bool):
+def _precisions(cfg: Config, interpret: bool, half_inputs: bool = True):
     if interpret:  # the CPU interpreter knows no TF32: plain float32 dots
         return None, None
-    exact = (lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if cfg.inverse_x3
-             else lax.DotAlgorithmPreset.F32_F32_F32)
-    fast = lax.DotAlgorithmPreset.TF32_TF32_F32 if cfg.tf32 else exact
-    return fast, exact
+    presets = lax.DotAlgorithmPreset
+    exact = presets.TF32_TF32_F32_X3 if cfg.inverse_x3 else presets.F32_F32_F32
+    if not cfg.tf32:
+        return presets.F32_F32_F32, exact
+    return (presets.TF32_TF32_F32 if half_inputs else presets.TF32_TF32_F32_X3), exact
 
 
 def _sds(shape, dtype=jnp.float32):
@@ -310,7 +313,8 @@ def _stages(B, T, H, N, dtypes, cfg: Config, interpret: bool):
     """The four pallas_calls for one shape, by name (bench/wkv7_table.py times them singly)."""
     L, BV = cfg.chunk, cfg.block_v
     NC = T // L
-    fast, exact = _precisions(cfg, interpret)
+    half = all(jnp.dtype(dt).itemsize < 4 for i, dt in enumerate(dtypes) if i != 1)  # not w
+    fast, exact = _precisions(cfg, interpret, half)
     full, states = _sds((B, T, H, N)), _sds((B, H, NC, N, N))
     chunks, lanes = (B * H, NC), (B * H, N // BV)
     return dict(
