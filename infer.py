@@ -3,6 +3,7 @@
     python infer.py --prompt "ROMEO:" --max_new_tokens 200        # newest checkpoint of runs/tiny
     python infer.py --run_dir runs/tiny --step 1000 --prompt "To be" --prompt "Once" --temperature 0
     python infer.py --official RWKV-4-World-0.1B.pth --prompt "The capital of France is"
+    python infer.py --official RWKV-x070-World-0.1B.pth --prompt "Hi"  # RWKV-7 as well
     python infer.py --score val.txt                                # loss, perplexity, bits/byte
     python infer.py --export_official tiny.pth                     # for ChatRWKV / the rwkv package
 
@@ -31,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--run_dir", default="runs/tiny",
                      help="a training run (or its checkpoints/ directory); default runs/tiny")
     src.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    src.add_argument("--official", default=None, help="an official RWKV-4 .pth instead of a run")
+    src.add_argument("--official", default=None,
+                     help="an official RWKV-4 or RWKV-7 (x070) .pth instead of a run")
     src.add_argument("--tokenizer", default=None,
                      help="byte | world | a tokenizers .json (default: the run's; world for --official)")
     src.add_argument("--bf16", action="store_true", help="bfloat16 weights and matrix products")
@@ -55,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     other.add_argument("--chunk_len", type=int, default=None,
                        help="tokens per chunk for --score (default: the run's chunk length, or 256)")
     other.add_argument("--export_official", default=None, metavar="OUT.pth",
-                       help="write the weights as an official RWKV-4 .pth")
+                       help="write the weights as an official .pth (RWKV-4 or RWKV-7, as the model is)")
     return p
 
 

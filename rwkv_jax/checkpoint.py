@@ -1,9 +1,10 @@
-"""Checkpoints: official RWKV-LM `.pth` import and export.
+"""Checkpoints: official RWKV-LM `.pth` import and export (RWKV-4 and RWKV-7 "x070").
 
-An official RWKV-4 state dict names its tensors `emb.weight`, `blocks.N.att.time_decay`, ...,
-`head.weight`; Linear weights are (out, in) where Flax kernels are (in, out), and time_mix
-vectors are stored as (1, 1, C). Conversion is a rename, a transpose and a reshape, nothing
-else, so import followed by export gives back the same bytes. torch is needed only here.
+An official state dict names its tensors `emb.weight`, `blocks.N.att.time_decay` (RWKV-4) or
+`blocks.N.att.w0` (RWKV-7), ..., `head.weight`; Linear weights are (out, in) where Flax kernels
+are (in, out), and per-channel vectors are stored as (1, 1, C). Conversion is a rename, a
+transpose and a reshape, nothing else, so import followed by export gives back the same bytes.
+torch is needed only here.
 """
 
 from __future__ import annotations
@@ -40,25 +41,59 @@ _BLOCK_TENSORS = (
     ("ffn.value.weight", ("ffn", "value", "kernel"), "linear"),
 )
 _LN0 = (("ln0.weight", ("ln0", "scale"), "vector"), ("ln0.bias", ("ln0", "bias"), "vector"))
+# RWKV-7 in the order of RWKV-LM's state dicts (RWKV-v7/train_temp): ln1, ln2, ln0 (block 0),
+# then the time-mix's tensors as its constructor makes them, then the channel-mix's. The LoRA
+# factors (w1 (C, D), w2 (D, C), ...) and r_k (H, N) are stored as they are used ("table").
+_LORA7 = tuple((f"att.{n}{i}", ("att", f"{n}{i}"), "table") for n in "wavg" for i in (1, 2))
+_ATT7 = (
+    tuple((f"att.{n}", ("att", n), "mix") for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"))
+    + _LORA7[0:2] + (("att.w0", ("att", "w0"), "mix"),)
+    + _LORA7[2:4] + (("att.a0", ("att", "a0"), "mix"),)
+    + _LORA7[4:6] + (("att.v0", ("att", "v0"), "mix"),)
+    + _LORA7[6:8]
+    + (("att.k_k", ("att", "k_k"), "mix"), ("att.k_a", ("att", "k_a"), "mix"),
+       ("att.r_k", ("att", "r_k"), "table"))
+    + tuple((f"att.{n}.weight", ("att", n, "kernel"), "linear")
+            for n in ("receptance", "key", "value", "output"))
+    + (("att.ln_x.weight", ("att", "ln_x", "scale"), "vector"),
+       ("att.ln_x.bias", ("att", "ln_x", "bias"), "vector"))
+)
+_FFN7 = (
+    ("ffn.x_k", ("ffn", "x_k"), "mix"),
+    ("ffn.key.weight", ("ffn", "key", "kernel"), "linear"),
+    ("ffn.value.weight", ("ffn", "value", "kernel"), "linear"),
+)
+_LN12 = _BLOCK_TENSORS[:4]
+# The first layer's value-residual tensors, which RWKV-LM keeps (unused) in its checkpoints
+# and some converted files drop: read as zeros when absent.
+_UNUSED_IN_FIRST7 = ("att.v0", "att.v1", "att.v2")
 _TOP = (
     ("emb.weight", ("emb", "embedding"), "table"),
     ("ln_out.weight", ("ln_out", "scale"), "vector"),
     ("ln_out.bias", ("ln_out", "bias"), "vector"),
     ("head.weight", ("head", "kernel"), "linear"),
 )
-# Tensors that mark a later RWKV generation, to say so instead of failing on a missing key.
-_LATER_VERSIONS = {".ln_x.": "RWKV-5 or later", ".time_maa": "RWKV-6", ".time_faaaa": "RWKV-5/6",
-                   ".att.x_r": "RWKV-7", ".att.w0": "RWKV-7"}
+# Tensors of RWKV-7 (read as version 7), and tensors that mark a generation this code does not
+# read, to say so instead of failing on a missing key.
+_V7_MARKERS = (".att.r_k", ".att.x_r", ".att.w0", ".att.k_k")
+_LATER_VERSIONS = {".ln_x.": "RWKV-5 or later", ".time_maa": "RWKV-6", ".time_faaaa": "RWKV-5/6"}
 
 
-def official_layout(n_layer: int) -> list[tuple[str, tuple, str]]:
-    """(official name, our path in params, how it is stored) of each tensor of an n_layer RWKV-4
-    model: "linear" is (out, in) there and (in, out) here, "mix" (1, 1, C) there and (C,) here."""
-    out = list(_TOP)
+def _block_layout(version: str, layer: int) -> tuple:
+    if version == "7":
+        return _LN12 + (_LN0 if layer == 0 else ()) + _ATT7 + _FFN7
+    return (_LN0 if layer == 0 else ()) + _BLOCK_TENSORS
+
+
+def official_layout(n_layer: int, version: str = "4") -> list[tuple[str, tuple, str]]:
+    """(official name, our path in params, how it is stored) of each tensor of an n_layer model
+    of this RWKV version, in the official file's order: "linear" is (out, in) there and
+    (in, out) here, "mix" (1, 1, C) there and (C,) here, "vector" and "table" the same."""
+    out = [_TOP[0]]
     for i in range(n_layer):
         out += [(f"blocks.{i}.{name}", (f"blocks_{i}",) + ours, kind)
-                for name, ours, kind in _BLOCK_TENSORS + (_LN0 if i == 0 else ())]
-    return out
+                for name, ours, kind in _block_layout(str(version), i)]
+    return out + list(_TOP[1:])
 
 
 def _torch():
@@ -114,55 +149,115 @@ def load_official_state_dict(path: str | os.PathLike) -> dict:
     return dict(sd)
 
 
-def import_official(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
-    """Read an official RWKV-LM RWKV-4 `.pth` into (model_config, params).
+def official_version(sd: Mapping) -> str:
+    """"7" for an RWKV-7 (x070) state dict, else "4"."""
+    return "7" if any(k.endswith(m) for k in sd for m in _V7_MARKERS) else "4"
 
-    n_layer, n_embd, dim_ffn and vocab_size come from the tensors. The params are float32
-    numpy arrays in our tree (jnp.asarray them, or hand them to jax.device_put).
+
+def import_official(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
+    """Read an official RWKV-LM RWKV-4 or RWKV-7 (x070) `.pth` into (model_config, params).
+
+    The version, n_layer, n_embd, dim_ffn, vocab_size (and for RWKV-7 the head size and the
+    LoRA ranks) come from the tensors. The params are float32 numpy arrays in our tree
+    (jnp.asarray them, or hand them to jax.device_put).
     """
     sd = load_official_state_dict(path)
-    for marker, version in _LATER_VERSIONS.items():
-        hit = next((k for k in sd if marker in k), None)
-        if hit:
-            raise ValueError(f"{os.fspath(path)!r} holds {hit!r}: an {version} checkpoint, not RWKV-4")
+    where = repr(os.fspath(path))
+    version = official_version(sd)
+    if version == "4":
+        for marker, name in _LATER_VERSIONS.items():
+            hit = next((k for k in sd if marker in k), None)
+            if hit:
+                raise ValueError(f"{where} holds {hit!r}: an {name} checkpoint, not RWKV-4 "
+                                 "(nor RWKV-7, the other version read here)")
+    what = f"an RWKV-{version} state dict"
     missing_top = [k for k, _, _ in _TOP if k not in sd]
     if missing_top:
-        raise ValueError(f"{os.fspath(path)!r} is not an RWKV-4 state dict: missing {missing_top}")
+        raise ValueError(f"{where} is not {what}: missing {missing_top}")
 
     layers = {int(m.group(1)) for k in sd if (m := _BLOCK_KEY.match(k))}
     n_layer = max(layers) + 1 if layers else 0
     vocab_size, n_embd = sd["emb.weight"].shape
     if n_layer == 0 or "blocks.0.ffn.key.weight" not in sd:
-        raise ValueError(f"{os.fspath(path)!r} is not an RWKV-4 state dict: no blocks.N.att/ffn tensors")
+        raise ValueError(f"{where} is not {what}: no blocks.N.att/ffn tensors")
     dim_ffn = sd["blocks.0.ffn.key.weight"].shape[0]
-    config = ModelConfig(vocab_size=int(vocab_size), n_layer=n_layer, n_embd=int(n_embd),
-                         dim_ffn=int(dim_ffn), layer_types=(RWKV_LAYER,) * n_layer)
+    dims = dict(vocab_size=int(vocab_size), n_layer=n_layer, n_embd=int(n_embd),
+                dim_ffn=int(dim_ffn), layer_types=(RWKV_LAYER,) * n_layer)
+    if version == "7":
+        dims.update(_x070_dims(sd, n_layer, where))
+    try:
+        config = ModelConfig(version=version, **dims)
+    except ValueError as e:
+        raise ValueError(f"{where}: the tensors describe no valid model: {e}") from None
 
     expected = {k for k, _, _ in _TOP}
     params: dict = {}
-    for name, ours, kind in _TOP:
-        _set(params, ours, _from_official(sd[name], kind))
-    for i in range(n_layer):
-        for name, ours, kind in _BLOCK_TENSORS + (_LN0 if i == 0 else ()):
-            key = f"blocks.{i}.{name}"
-            if key not in sd:
-                raise ValueError(f"{os.fspath(path)!r} is not an RWKV-4 state dict: missing {key!r}")
-            expected.add(key)
-            _set(params, (f"blocks_{i}",) + ours, _from_official(sd[key], kind))
+    for key, ours, kind in official_layout(n_layer, version):
+        if key not in sd:
+            name = key.split(".", 2)[-1]
+            if version == "7" and key.startswith("blocks.0.") and name in _UNUSED_IN_FIRST7:
+                _set(params, ours, _unused_first7(config, name))
+                continue
+            raise ValueError(f"{where} is not {what}: missing {key!r}")
+        expected.add(key)
+        value = _from_official(sd[key], kind)
+        want = _official_shape(config, key)
+        if want is not None and value.shape != want:
+            raise ValueError(f"{where}: {key!r} has shape {tuple(sd[key].shape)}, but the rest "
+                             f"of the file makes it {want} in our layout")
+        _set(params, ours, value)
     extra = sorted(set(sd) - expected)
     if extra:
         raise ValueError(
-            f"{os.fspath(path)!r} has tensors this RWKV-4 model does not know: {extra[:8]}"
+            f"{where} has tensors this RWKV-{version} model does not know: {extra[:8]}"
             + (" ..." if len(extra) > 8 else "")
         )
     return config, params
 
 
+def _x070_dims(sd: Mapping, n_layer: int, where: str) -> dict:
+    """Head size and LoRA ranks of an RWKV-7 state dict (the same in every layer)."""
+    if "blocks.0.att.r_k" not in sd:
+        raise ValueError(f"{where} is not an RWKV-7 state dict: missing 'blocks.0.att.r_k'")
+    out = {"head_size": int(sd["blocks.0.att.r_k"].shape[-1])}
+    for n in "wavg":
+        ranks = {int(sd[k].shape[-1]) for i in range(n_layer)
+                 if (k := f"blocks.{i}.att.{n}1") in sd}
+        if not ranks:
+            raise ValueError(f"{where} is not an RWKV-7 state dict: no blocks.N.att.{n}1")
+        if len(ranks) > 1:
+            raise ValueError(f"{where}: att.{n}1 has ranks {sorted(ranks)} across layers; "
+                             "this model has one rank per LoRA")
+        out[f"dim_{n}_lora"] = ranks.pop()
+    return out
+
+
+def _official_shape(config: ModelConfig, key: str) -> tuple | None:
+    """The shape in our layout of the RWKV-7 LoRA / r_k tensor `key` (None: not checked here)."""
+    if config.version != "7":
+        return None
+    name = key.split(".")[-1]
+    C = config.n_embd
+    if name == "r_k":
+        return (config.n_head, config.head_size)
+    if len(name) == 2 and name[0] in "wavg" and name[1] in "12" and ".att." in key:
+        d = getattr(config, f"dim_{name[0]}_lora")
+        return (C, d) if name[1] == "1" else (d, C)
+    return None
+
+
+def _unused_first7(config: ModelConfig, name: str) -> np.ndarray:
+    C, d = config.n_embd, config.dim_v_lora
+    shape = {"att.v0": (C,), "att.v1": (C, d), "att.v2": (d, C)}[name]
+    return np.zeros(shape, np.float32)
+
+
 def export_official(params: Mapping, config: ModelConfig, path: str | os.PathLike,
                     dtype: str = "float32") -> None:
-    """Write params as an official RWKV-4 `.pth` (for ChatRWKV, rwkv.cpp, the `rwkv` package).
+    """Write params as an official RWKV-4 or RWKV-7 `.pth` (for ChatRWKV, rwkv.cpp, the `rwkv`
+    package; RWKV-7 needs the package's RWKV_V7_ON=1).
 
-    Only what the official format can hold: a pure RWKV-4 model without position embeddings
+    Only what the official format can hold: a pure RWKV model without position embeddings
     or a learned initial state. `dtype` is the tensors' dtype in the file.
     """
     torch = _torch()
@@ -170,20 +265,15 @@ def export_official(params: Mapping, config: ModelConfig, path: str | os.PathLik
         raise ValueError("export_official: the official format has no attention layers; "
                          f"this model's layers are {list(config.layer_types)}")
     if config.pos_emb != "none" or config.learned_init_state:
-        raise ValueError("export_official: the official RWKV-4 format has no position embeddings "
-                         "or learned initial state (model.pos_emb must be 'none', "
-                         "model.learned_init_state False)")
+        raise ValueError(f"export_official: the official RWKV-{config.version} format has no "
+                         "position embeddings or learned initial state (model.pos_emb must be "
+                         "'none', model.learned_init_state False)")
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if tdtype is None:
         raise ValueError(f"export_official dtype={dtype!r}: use float32, bfloat16 or float16")
     params = _as_numpy(params)
-    sd = {}
-    sd["emb.weight"] = _to_official(_get(params, ("emb", "embedding")), "table", torch, tdtype)
-    for i in range(config.n_layer):
-        for name, ours, kind in (_LN0 if i == 0 else ()) + _BLOCK_TENSORS:
-            sd[f"blocks.{i}.{name}"] = _to_official(_get(params, (f"blocks_{i}",) + ours), kind, torch, tdtype)
-    for name, ours, kind in _TOP[1:]:
-        sd[name] = _to_official(_get(params, ours), kind, torch, tdtype)
+    sd = {name: _to_official(_get(params, ours), kind, torch, tdtype)
+          for name, ours, kind in official_layout(config.n_layer, config.version)}
     path = os.fspath(path)
     tmp = path + ".tmp"
     torch.save(sd, tmp)

@@ -23,10 +23,20 @@ REMAT_POLICIES = (
     "everything_saveable",
 )
 ATTN_IMPLS = ("auto", "xla", "cudnn")
+VERSIONS = ("4", "7")  # RWKV-4, RWKV-7 ("x070", "Goose")
+# RWKV-7 LoRA ranks when the config leaves them at 0: RWKV-LM's suggestion
+# max(32, round(factor * sqrt(n_embd) / 32) * 32), with these factors (RWKV-v7/train_temp).
+LORA_FACTORS = {"dim_w_lora": 2.5, "dim_a_lora": 2.5, "dim_v_lora": 1.7, "dim_g_lora": 5.0}
+
+
+def official_lora_dim(field: str, n_embd: int) -> int:
+    """RWKV-LM's LoRA rank for an RWKV-7 model of width n_embd (Python's round, as there)."""
+    return max(32, int(round(LORA_FACTORS[field] * (n_embd**0.5) / 32) * 32))
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    version: str = "4"  # "4": RWKV-4; "7": RWKV-7 (its time-mix and channel-mix in every RWKV layer)
     vocab_size: int = 256
     n_layer: int = 4
     n_embd: int = 128
@@ -52,8 +62,18 @@ class ModelConfig:
     # "learned" adds a small per-layer codec, trained with the model, under params["state_codec"].
     state_compression: str = "none"
     state_rank: int = 0  # learned codec: numbers per RWKV layer state (0: n_embd // 4)
+    # RWKV-7 only: the head size of its time-mix (n_embd / head_size heads) and the ranks of
+    # its LoRA projections (decay w, in-context learning rate a, value residual v, gate g);
+    # 0: RWKV-LM's formula (official_lora_dim).
+    head_size: int = 64
+    dim_w_lora: int = 0
+    dim_a_lora: int = 0
+    dim_v_lora: int = 0
+    dim_g_lora: int = 0
 
     def __post_init__(self):
+        if isinstance(self.version, int) and not isinstance(self.version, bool):
+            object.__setattr__(self, "version", str(self.version))
         if not self.layer_types:
             object.__setattr__(self, "layer_types", (hybrid.RWKV,) * self.n_layer)
         else:
@@ -62,11 +82,25 @@ class ModelConfig:
             object.__setattr__(self, "dim_att", self.n_embd)
         if not self.dim_ffn:
             object.__setattr__(self, "dim_ffn", 4 * self.n_embd)
+        if self.version == "7" and isinstance(self.n_embd, int) and self.n_embd >= 1:
+            for field in LORA_FACTORS:
+                if getattr(self, field) == 0:
+                    object.__setattr__(self, field, official_lora_dim(field, self.n_embd))
         self.validate()
 
     @property
     def attn_heads(self) -> int:
         return self.n_embd // self.attn_head_size
+
+    @property
+    def n_head(self) -> int:
+        """RWKV-7 time-mix heads."""
+        return self.n_embd // self.head_size
+
+    @property
+    def first_rwkv_layer(self) -> int | None:
+        """The RWKV layer whose value every later RWKV-7 layer mixes in (v_first); None if none."""
+        return self.layer_types.index(hybrid.RWKV) if hybrid.RWKV in self.layer_types else None
 
     @property
     def codec_rank(self) -> int:
@@ -84,6 +118,8 @@ class ModelConfig:
             if not ok:
                 raise ValueError(f"model.{field}={value!r} is invalid: {valid}")
 
+        need(self.version in VERSIONS, "version", self.version,
+             f"one of {VERSIONS} (RWKV-4 or RWKV-7)")
         for field in ("vocab_size", "n_layer", "n_embd", "dim_att", "dim_ffn", "attn_window",
                       "max_positions", "wkv_chunk_size"):
             value = getattr(self, field)
@@ -93,7 +129,15 @@ class ModelConfig:
         bad = [t for t in self.layer_types if t not in (hybrid.RWKV, hybrid.ATTN)]
         need(not bad, "layer_types", self.layer_types, "each entry must be 'rwkv' or 'attn'")
         need(self.dim_att == self.n_embd, "dim_att", self.dim_att,
-             f"must equal model.n_embd={self.n_embd} (RWKV-4 keeps the residual width)")
+             f"must equal model.n_embd={self.n_embd} (RWKV-{self.version} keeps the residual width)")
+        if self.version == "7":
+            need(isinstance(self.head_size, int) and self.head_size >= 1
+                 and self.n_embd % self.head_size == 0, "head_size", self.head_size,
+                 f"must divide model.n_embd={self.n_embd} (RWKV-7 heads: n_embd / head_size)")
+            for field in LORA_FACTORS:
+                value = getattr(self, field)
+                need(isinstance(value, int) and value >= 1, field, value,
+                     "must be an integer >= 1 (0: RWKV-LM's formula)")
         if self.has_attention:
             need(self.attn_head_size >= 1 and self.n_embd % self.attn_head_size == 0,
                  "attn_head_size", self.attn_head_size,
@@ -104,9 +148,13 @@ class ModelConfig:
         need(self.attn_impl in ATTN_IMPLS, "attn_impl", self.attn_impl, f"one of {ATTN_IMPLS}")
         need(self.pos_emb in POS_EMBS, "pos_emb", self.pos_emb, f"one of {POS_EMBS}")
         need(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
-        from rwkv_jax.ops.wkv4 import IMPLS  # noqa: PLC0415  (ops import no config)
+        # (ops import no config)
+        from rwkv_jax.ops.wkv4 import IMPLS as IMPLS4  # noqa: PLC0415
+        from rwkv_jax.ops.wkv7 import IMPLS as IMPLS7  # noqa: PLC0415
 
-        need(self.wkv_impl in IMPLS, "wkv_impl", self.wkv_impl, f"one of {IMPLS}")
+        impls = IMPLS7 if self.version == "7" else IMPLS4
+        need(self.wkv_impl in impls, "wkv_impl", self.wkv_impl,
+             f"one of {impls} for model.version={self.version!r}")
         need(self.remat_policy in REMAT_POLICIES, "remat_policy", self.remat_policy,
              f"one of {REMAT_POLICIES}")
         need(self.state_compression in STATE_COMPRESSIONS, "state_compression",
@@ -177,6 +225,8 @@ def default_config():
     c.model = ml_collections.ConfigDict(dict(
         version="4", vocab_size=0,  # 0: the tokenizer's vocabulary size
         n_layer=4, n_embd=128, dim_ffn=0, attn_head_size=64, attn_window=1024,
+        # version "7" only: the time-mix head size, and LoRA ranks (0: RWKV-LM's formula)
+        head_size=64, dim_w_lora=0, dim_a_lora=0, dim_v_lora=0, dim_g_lora=0,
     ))
     c.architecture = ml_collections.ConfigDict(dict(
         layer_pattern="rwkv",  # rwkv | alternating | attention | custom | auto
@@ -242,8 +292,10 @@ def model_config_from(cfg, vocab_size: int | None = None) -> ModelConfig:
     vocab = m.vocab_size or vocab_size
     if not vocab:
         raise ConfigError("model.vocab_size=0 needs a tokenizer to take the vocabulary size from")
-    if m.version != "4":
-        raise ConfigError(f"model.version={m.version!r}: only '4' (RWKV-4) is available")
+    version = str(m.version)
+    if version not in VERSIONS:
+        raise ConfigError(f"model.version={m.version!r} is invalid: one of {VERSIONS} "
+                          "(RWKV-4 or RWKV-7)")
     if a.layer_pattern not in LAYER_PATTERNS:
         raise ConfigError(f"architecture.layer_pattern={a.layer_pattern!r} is not one of {LAYER_PATTERNS}")
     try:
@@ -260,6 +312,8 @@ def model_config_from(cfg, vocab_size: int | None = None) -> ModelConfig:
                           .replace("model.attention_layers", "architecture.attention_layers")) from None
     try:
         return ModelConfig(
+            version=version, head_size=m.head_size, dim_w_lora=m.dim_w_lora,
+            dim_a_lora=m.dim_a_lora, dim_v_lora=m.dim_v_lora, dim_g_lora=m.dim_g_lora,
             vocab_size=int(vocab), n_layer=m.n_layer, n_embd=m.n_embd, dim_ffn=m.dim_ffn,
             layer_types=types, attn_head_size=m.attn_head_size, attn_window=m.attn_window,
             attn_impl=eff.attn_impl, pos_emb=a.pos_emb, max_positions=a.max_positions,
@@ -268,7 +322,25 @@ def model_config_from(cfg, vocab_size: int | None = None) -> ModelConfig:
             state_compression=mem.state_compression, state_rank=mem.state_rank,
         )
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(_config_field_names(str(e))) from None
+
+
+# ModelConfig fields that a training config sets outside its `model` section.
+_FIELD_PATHS = {
+    "attn_impl": "efficiency.attn_impl", "dtype": "efficiency.precision",
+    "wkv_impl": "efficiency.wkv_impl", "remat": "efficiency.remat",
+    "pos_emb": "architecture.pos_emb", "max_positions": "architecture.max_positions",
+    "learned_init_state": "architecture.learned_init_state",
+    "wkv_chunk_size": "memory.wkv_chunk_size", "remat_policy": "memory.remat_policy",
+    "state_compression": "memory.state_compression", "state_rank": "memory.state_rank",
+}
+
+
+def _config_field_names(message: str) -> str:
+    """A ModelConfig message with its field named as the training config names it."""
+    for field, path in _FIELD_PATHS.items():
+        message = message.replace(f"model.{field}=", f"{path}=")
+    return message
 
 
 def optimizer_config_from(cfg):

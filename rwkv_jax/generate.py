@@ -204,13 +204,20 @@ def _decode_step(model, spec, rows, params, carry, token, forced_tok, forced_mas
     return carry, token
 
 
+# Leaves kept in float32 although they have two or more dimensions: the learned codec, learned
+# initial states (RWKV-7's are matrices) and RWKV-7's per-head bonus r_k, which multiplies
+# elementwise rather than in a matrix product.
+_FLOAT32_PATHS = ("state_codec", "init_state", "'r_k'")
+
+
 def inference_params(params, dtype=jnp.bfloat16):
     """Weights for decoding: matrices and tables in `dtype` (what each token reads), vectors
-    (mixes, decays, norms) and the state codec in float32."""
+    (mixes, decays, norms), initial states and the state codec in float32."""
 
     def cast(path, x):
         x = jnp.asarray(x)
-        if x.ndim < 2 or "state_codec" in jax.tree_util.keystr(path):
+        name = jax.tree_util.keystr(path)
+        if x.ndim < 2 or any(p in name for p in _FLOAT32_PATHS):
             return x
         return x.astype(dtype)
 

@@ -18,12 +18,16 @@ import jax.numpy as jnp
 
 from rwkv_jax.config import ModelConfig
 from rwkv_jax.layers import AttentionBlock, RWKVBlock, dense, layer_norm, learned_layer_state
+from rwkv_jax.layers7 import RWKV7Block, learned_layer_state7
 from rwkv_jax.state import init_state as zero_state
 from rwkv_jax.state_codec import StateCodec
 
 
 def _block_class(config: ModelConfig, layer: int):
-    cls = RWKVBlock if config.is_rwkv(layer) else AttentionBlock
+    if config.is_rwkv(layer):
+        cls = RWKV7Block if config.version == "7" else RWKVBlock
+    else:
+        cls = AttentionBlock
     if config.remat:
         cls = nn.remat(cls, policy=getattr(jax.checkpoint_policies, config.remat_policy))
     return cls
@@ -55,9 +59,16 @@ class RWKV(nn.Module):
                              embedding_init=nn.initializers.zeros_init(), name="pos_emb")(positions)
 
         new_layers = []
+        # RWKV-7: the first RWKV layer's values, which every later RWKV-7 layer mixes into its
+        # own. Recomputed from this call's tokens (not state); attention layers pass it by.
+        v_first = None
         for i in range(cfg.n_layer):
             layer_state = None if state is None else state["layers"][i]
-            x, s = _block_class(cfg, i)(cfg, i, name=f"blocks_{i}")(x, layer_state, pos)
+            block = _block_class(cfg, i)(cfg, i, name=f"blocks_{i}")
+            if cfg.version == "7" and cfg.is_rwkv(i):
+                x, s, v_first = block(x, layer_state, pos, v_first)
+            else:
+                x, s = block(x, layer_state, pos)
             new_layers.append(s)
 
         if last_only:
@@ -82,7 +93,7 @@ def _uniform(scale: float):
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 2) -> dict:
-    """Fresh parameters (the official RWKV-4 initialisation)."""
+    """Fresh parameters (the official initialisation of the config's RWKV version)."""
     init = jax.jit(RWKV(config).init)  # one compile beats op-by-op dispatch of every init
     return init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
 
@@ -98,9 +109,10 @@ def initial_state(config: ModelConfig, params: dict | None, batch_size: int) -> 
     if params is None:
         raise ValueError("model.learned_init_state=True: the initial state needs the parameters")
     layers = list(state["layers"])
+    learned = learned_layer_state7 if config.version == "7" else learned_layer_state
     for i in range(config.n_layer):
         if config.is_rwkv(i):
-            layers[i] = learned_layer_state(params[f"blocks_{i}"]["init_state"], batch_size)
+            layers[i] = learned(params[f"blocks_{i}"]["init_state"], batch_size)
     return {"pos": state["pos"], "layers": tuple(layers)}
 
 

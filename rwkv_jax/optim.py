@@ -26,14 +26,21 @@ init_state         1  (only with trainable="state")          0
 frozen             parameters receive no update              -
 =================  ========================================  =========================
 
+``time_decay`` holds RWKV-4's ``time_decay`` and RWKV-7's ``w0``; the default
+``time_decay_lr_mult=2.0`` is RWKV-LM's 2x for both.
+
 Classification rules, first match wins:
 
-* leaf named ``time_decay`` -> ``time_decay``; leaf named ``time_first`` or
+* leaf named ``time_decay`` or ``w0`` (the RWKV-7 decay, which RWKV-LM trains
+  at 2x lr without decay) -> ``time_decay``; leaf named ``time_first`` or
   ``time_faaaa`` -> ``time_first``.
-* leaf whose name starts with ``time_`` or ends with ``_w1``/``_w2`` (RWKV-6/7
-  LoRA factors), anything under ``init_state``, any leaf named
-  ``embedding`` (``emb``, ``pos_emb``) and anything that is not a matrix
-  (fewer than two dimensions of size > 1: norms, biases, ``time_mix_*``) ->
+* leaf whose name starts with ``time_`` or ends with ``_w1``/``_w2`` (RWKV-6
+  LoRA factors), a matrix that is not a Dense ``kernel`` (the RWKV-7 LoRA
+  factors ``w1 w2 a1 a2 v1 v2 g1 g2`` and its ``r_k``: RWKV-LM decays only
+  2D parameters named ``.weight``, which our kernels are), anything under
+  ``init_state``, any leaf named ``embedding`` (``emb``, ``pos_emb``) and
+  anything that is not a matrix (fewer than two dimensions of size > 1:
+  norms, biases, ``time_mix_*``, RWKV-7's ``x_*``, ``a0``, ``k_k`` ...) ->
   no decay. RWKV-LM keeps the LoRA factors out of weight decay too.
 * matrices under ``att`` (RWKV time mixing) or ``attn`` (attention block)
   -> att group; under ``ffn`` (RWKV channel mixing) or ``mlp`` -> ffn group.
@@ -73,10 +80,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-TIME_DECAY_NAMES = ("time_decay",)
+TIME_DECAY_NAMES = ("time_decay", "w0")
 TIME_FIRST_NAMES = ("time_first", "time_faaaa")
 LORA_SUFFIXES = ("_w1", "_w2")
 EMBEDDING_NAMES = ("embedding",)
+DECAYED_MATRIX_NAMES = ("kernel",)  # RWKV-LM's 2D ".weight" parameters
 RWKV_MODULES = ("att", "ffn", "init_state")
 ATT_MODULES = ("att", "attn")
 FFN_MODULES = ("ffn", "mlp")
@@ -154,6 +162,7 @@ def _label_one(path: str, shape: tuple[int, ...], trainable: str) -> str:
         or STATE_MODULE in modules
         or name in EMBEDDING_NAMES
         or not _is_matrix(shape)
+        or name not in DECAYED_MATRIX_NAMES
     ):
         return prefix + "no_decay"
     if any(m in ATT_MODULES for m in modules):

@@ -8,6 +8,11 @@ RWKV-4 suits tensor parallelism well: its WKV recurrence is per channel, so with
 value and receptance matrices split by output channel every device runs the recurrence for
 its own channels with no communication; the output projection splits by input channel and one
 reduction closes the block, as in Megatron's MLP.
+
+RWKV-7 keeps the names and shapes of those projections, so the same rules split them; its
+recurrence is per head, so with the heads divisible by the tensor axis each device runs whole
+heads (the WKV state (B, H, N, N) is split by head). Its LoRA factors (C x D, D x C with
+D ~ sqrt(C)) are small: only their C side is split, over fsdp.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ RULES: tuple[tuple[str, tuple], ...] = (
     # RWKV channel-mix: key (C, F) by F; value (F, C) by F; receptance (C, C) by output.
     (r"/ffn/(key|receptance)/kernel$", ("fsdp", "tensor")),
     (r"/ffn/value/kernel$", ("tensor", "fsdp")),
+    # RWKV-7 LoRA factors: w1, a1, v1, g1 (C, D) and w2, a2, v2, g2 (D, C).
+    (r"/att/[wavg]1$", ("fsdp", None)),
+    (r"/att/[wavg]2$", (None, "fsdp")),
     # Attention blocks: heads split over tensor.
     (r"/attn/(query|key|value)/kernel$", ("fsdp", "tensor")),
     (r"/attn/output/kernel$", ("tensor", "fsdp")),
@@ -132,18 +140,22 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 
 def state_shardings(state_shapes: Any, mesh: Mesh) -> Any:
-    """The recurrent state: batch over data x fsdp, channels over tensor where they divide."""
+    """The recurrent state: batch over data x fsdp, channels (or heads) over tensor where they
+    divide."""
 
-    def spec(x):
+    def spec(kp, x):
         if x.ndim == 1:  # pos (B,)
             return NamedSharding(mesh, batch_spec(1))
+        if kp and getattr(kp[-1], "key", None) == "wkv":  # RWKV-7 WKV (B, H, N, N): by head
+            heads = "tensor" if x.shape[1] % mesh.shape["tensor"] == 0 else None
+            return NamedSharding(mesh, P(BATCH, heads, None, None))
         last = "tensor" if x.shape[-1] % mesh.shape["tensor"] == 0 and x.ndim == 2 else None
         if x.ndim == 4:  # KV window (B, W, H, N): heads over tensor
             heads = "tensor" if x.shape[2] % mesh.shape["tensor"] == 0 else None
             return NamedSharding(mesh, P(BATCH, None, heads, None))
         return NamedSharding(mesh, P(BATCH, *([None] * (x.ndim - 2)), last))
 
-    return jax.tree.map(spec, state_shapes)
+    return jax.tree_util.tree_map_with_path(spec, state_shapes)
 
 
 def check_batch(batch_size: int, mesh: Mesh) -> None:
@@ -191,6 +203,10 @@ def activation_bytes(model_config, batch_per_device: int, chunk_len: int, tensor
     B, L, C, F, V = batch_per_device, chunk_len, mc.n_embd, mc.dim_ffn, mc.vocab_size
     cbytes = jnp.dtype(mc.dtype).itemsize
     per_block = B * L * ((8 * C + 2 * F) * cbytes / tensor + 6 * C * 4)
+    if mc.version == "7":
+        # RWKV-7 also keeps its six mixed inputs, w, a, g, kk and the LoRA hidden layers, and
+        # the value residual, mostly in float32.
+        per_block += B * L * 12 * C * 4 / tensor
     logits = B * L * V * 4 * 2  # logits and their gradient
     if mc.remat:
         return mc.n_layer * B * L * C * 4 + 2 * per_block + logits

@@ -2,8 +2,14 @@
 
     {"pos": (B,) int32,            tokens each row has seen (positions, attention masks)
      "layers": (layer_0, ...)}     per layer, by kind:
-        RWKV:      {"shift_att": (B, C), "aa", "bb", "pp": (B, C), "shift_ffn": (B, C)}
+        RWKV-4:    {"shift_att": (B, C), "aa", "bb", "pp": (B, C), "shift_ffn": (B, C)}
+        RWKV-7:    {"shift_att": (B, C), "wkv": (B, H, N, N), "shift_ffn": (B, C)}
         attention: {"k": (B, W, H, N), "v": (B, W, H, N)}   the last W keys and values
+
+shift_att / shift_ffn are the last token's input to the time-mix / channel-mix (after ln1 /
+ln2). The RWKV-7 "wkv" matrix per head is in the official layout (value index, key index), the
+`att_kv` of the `rwkv` package's state. RWKV-7's v_first (the first RWKV layer's values) is
+recomputed from each call's own tokens and is not state.
 
 Everything RWKV is float32; the KV window is in the compute dtype. A zero state and a learned
 initial state (rwkv_jax.model) have the same tree, so either can enter any call.
@@ -24,6 +30,13 @@ def compute_dtype(config: ModelConfig):
 
 def zero_layer_state(config: ModelConfig, layer: int, batch_size: int) -> dict:
     B, C = batch_size, config.n_embd
+    if config.is_rwkv(layer) and config.version == "7":
+        zeros = jnp.zeros((B, C), jnp.float32)
+        return {
+            "shift_att": zeros,
+            "wkv": jnp.zeros((B, config.n_head, config.head_size, config.head_size), jnp.float32),
+            "shift_ffn": zeros,
+        }
     if config.is_rwkv(layer):
         zeros = jnp.zeros((B, C), jnp.float32)
         return {

@@ -8,12 +8,18 @@ calls, and what that costs.
 
 Modes (`memory.state_compression`, `ModelConfig.state_compression`):
   none     the state as it is.
-  bf16     shifts and the WKV mean in bfloat16, the WKV log scale in float32, KV windows bf16.
+  bf16     shifts and the WKV mean in bfloat16, the WKV log scale in float32, KV windows bf16;
+           RWKV-7: shifts and the WKV matrices in bfloat16.
   int8     per row, per layer, per tensor absmax int8; the WKV log scale as int16 around a
-           per-row offset; KV windows int8 with one scale per row and window slot.
+           per-row offset; KV windows int8 with one scale per row and window slot; RWKV-7 WKV
+           matrices int8 with one scale per row, head and value channel (a row of the matrix).
   learned  per RWKV layer a linear encoder to `state_rank` numbers and a decoder back, trained
            with the language model (the trainer passes every carried state through it).
-           Attention layers' KV windows are kept as they are.
+           Attention layers' KV windows are kept as they are. RWKV-7: the encoder reads the
+           shifts and the whole WKV matrices (2 C + H N^2 numbers per layer).
+
+RWKV-7's WKV state is a matrix per head whose entries are bounded sums of decayed products of
+values and keys: it is coded as it is (no log scale), which also keeps the zero state exact.
 
 The WKV state (aa, bb, pp) means a numerator aa * e^pp and a denominator bb * e^pp; nothing
 else about it matters. Before coding it is renormalised to
@@ -29,6 +35,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rwkv_jax.config import STATE_COMPRESSIONS, ModelConfig
 from rwkv_jax.ops.wkv4 import NEG_INF
@@ -42,6 +49,10 @@ _LOGDEN_FLOOR = -60.0
 
 def _is_rwkv(layer: dict) -> bool:
     return "aa" in layer
+
+
+def _is_rwkv7(layer: dict) -> bool:
+    return "wkv" in layer
 
 
 def _normalise(layer: dict):
@@ -102,9 +113,35 @@ def _dq16_logscale(p: dict):
 # ----------------------------------------------------------------------------- per layer codecs
 
 
+def _compress_layer7(layer: dict, mode: str, codec: dict | None):
+    if mode == "bf16":
+        return {k: layer[k].astype(jnp.bfloat16) for k in ("shift_att", "wkv", "shift_ffn")}
+    if mode == "int8":
+        return {k: _q8(layer[k], (-1,)) for k in ("shift_att", "wkv", "shift_ffn")}
+    wkv = layer["wkv"]
+    # A zero-size leaf records the heads' shape for the decoder; it takes no bytes.
+    return {"code": _encode(codec, _features7(layer)),
+            "wkv_like": jnp.zeros((0,) + wkv.shape[1:], jnp.float32)}
+
+
+def _decompress_layer7(p: dict, mode: str, codec: dict | None):
+    if mode == "bf16":
+        return {k: p[k].astype(jnp.float32) for k in ("shift_att", "wkv", "shift_ffn")}
+    if mode == "int8":
+        return {k: _dq8(p[k], (-1,)) for k in ("shift_att", "wkv", "shift_ffn")}
+    heads = p["wkv_like"].shape[1:]
+    out = _decode(codec, p["code"])
+    C = (out.shape[-1] - int(np.prod(heads))) // 2
+    shift_att, shift_ffn, wkv = jnp.split(out, [C, 2 * C], axis=-1)
+    return {"shift_att": shift_att, "wkv": wkv.reshape(wkv.shape[:-1] + heads),
+            "shift_ffn": shift_ffn}
+
+
 def _compress_layer(layer: dict, mode: str, codec: dict | None):
     if mode == "none":
         return layer
+    if _is_rwkv7(layer):
+        return _compress_layer7(layer, mode, codec)
     if not _is_rwkv(layer):
         like = jnp.zeros((0,), layer["k"].dtype)  # records the dtype to decode to; 0 bytes
         if mode == "bf16":
@@ -135,6 +172,8 @@ def _decompress_layer(p: dict, mode: str, codec: dict | None):
         return {"k": _dq8(p["k"], (2, 3)).astype(dtype), "v": _dq8(p["v"], (2, 3)).astype(dtype)}
     if "k" in p:  # an attention layer under the learned codec: stored as it was
         return p
+    if "wkv" in p or "wkv_like" in p:
+        return _decompress_layer7(p, mode, codec)
     if mode == "bf16":
         logden = p["logden"]
         return _rwkv_layer(p["shift_att"], p["shift_ffn"],
@@ -154,6 +193,20 @@ def _features(shift_att, shift_ffn, mean, logden) -> jax.Array:
     logden = jnp.maximum(logden, _LOGDEN_FLOOR)
     return jnp.concatenate([shift_att.astype(jnp.float32), shift_ffn.astype(jnp.float32),
                             mean, logden], axis=-1)
+
+
+def _features7(layer: dict) -> jax.Array:
+    wkv = layer["wkv"].astype(jnp.float32)
+    return jnp.concatenate([layer["shift_att"].astype(jnp.float32),
+                            layer["shift_ffn"].astype(jnp.float32),
+                            wkv.reshape(wkv.shape[0], -1)], axis=-1)
+
+
+def codec_features(config: ModelConfig) -> int:
+    """Numbers the learned codec of one RWKV layer encodes."""
+    if config.version == "7":
+        return 2 * config.n_embd + config.n_head * config.head_size**2
+    return 4 * config.n_embd
 
 
 def _dense(p: dict, x: jax.Array) -> jax.Array:
@@ -196,7 +249,7 @@ class StateCodec(nn.Module):
         cfg = self.config
         for i in range(cfg.n_layer):
             if cfg.is_rwkv(i):
-                _LayerCodec(4 * cfg.n_embd, cfg.codec_rank, name=f"layer_{i}")()
+                _LayerCodec(codec_features(cfg), cfg.codec_rank, name=f"layer_{i}")()
 
 
 # ----------------------------------------------------------------------------- the API
@@ -217,7 +270,7 @@ def _codecs(state_layers, mode: str, params):
                          "memory.state_compression='learned'")
     out = []
     for i, layer in enumerate(state_layers):
-        if "aa" in layer or "code" in layer:
+        if "aa" in layer or "wkv" in layer or "code" in layer:
             if f"layer_{i}" not in codec:
                 raise ValueError(f"the learned state codec has no entry for layer {i}")
             out.append(codec[f"layer_{i}"])

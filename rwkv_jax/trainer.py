@@ -258,10 +258,20 @@ def model_flops_per_token(mc: ModelConfig, chunk_len: int) -> float:
     C, F = mc.n_embd, mc.dim_ffn
     n_attn = mc.layer_types.count(hybrid.ATTN)
     n_rwkv = mc.n_layer - n_attn
-    matrices = n_rwkv * (4 * C * C + 2 * C * F + C * C) + n_attn * (4 * C * C + 2 * C * F)
+    if mc.version == "7":
+        # Four projections, the channel-mix (no receptance), the four LoRA pairs; and the WKV
+        # recurrence, about 10 N^2 multiply-adds per head and token (decay, S a, two outer
+        # products, S r), i.e. 10 C N, which the training pass does three times.
+        lora = 2 * C * (mc.dim_w_lora + mc.dim_a_lora + mc.dim_v_lora + mc.dim_g_lora)
+        rwkv_matrices = 4 * C * C + 2 * C * F + lora
+        recurrence = n_rwkv * 3.0 * 2 * 10 * C * mc.head_size
+    else:
+        rwkv_matrices = 4 * C * C + 2 * C * F + C * C
+        recurrence = 0.0
+    matrices = n_rwkv * rwkv_matrices + n_attn * (4 * C * C + 2 * C * F)
     matrices += C * mc.vocab_size  # head
     ctx = min(mc.attn_window, chunk_len) / 2
-    return 6.0 * matrices + n_attn * 12.0 * ctx * C
+    return 6.0 * matrices + n_attn * 12.0 * ctx * C + recurrence
 
 
 def device_peak_flops() -> float | None:
@@ -272,16 +282,21 @@ def device_peak_flops() -> float | None:
     return None
 
 
-def load_initial_weights(path: str, fresh: dict) -> dict:
+def load_initial_weights(path: str, fresh: dict, model_config: ModelConfig | None = None) -> dict:
     """Weights to start from (`train.init_from`), onto the fresh init's tree.
 
     Leaves the source lacks (a learned initial state or codec a pretrained model never had)
-    keep their fresh initialisation; a leaf of another shape is an error.
+    keep their fresh initialisation; a leaf of another shape is an error, and so are weights
+    of another RWKV version than `model_config`'s (they share some names, not the model).
     """
     if os.path.isfile(path):
-        _, loaded = ckpt.import_official(path)
+        source, loaded = ckpt.import_official(path)
     else:
-        _, loaded, _ = ckpt.restore_params(path)
+        source, loaded, _ = ckpt.restore_params(path)
+    if model_config is not None and source.version != model_config.version:
+        raise ConfigError(f"train.init_from={path!r} holds an RWKV-{source.version} model, but "
+                          f"model.version={model_config.version!r}; set "
+                          f"model.version={source.version!r} to start from it")
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
 
     def take(keypath, x):
@@ -341,7 +356,8 @@ def init_train_state(run: Run, rng, layout: Layout | None = None) -> tuple[Train
     sh = layout.state
     if run.cfg.train.init_from:
         params = load_initial_weights(run.cfg.train.init_from,
-                                      jax.jit(init_params_fn(run.model_config))(rng))
+                                      jax.jit(init_params_fn(run.model_config))(rng),
+                                      run.model_config)
         params = jax.device_put(params, sh.params)
     else:
         params = jax.jit(init_params_fn(run.model_config), out_shardings=sh.params)(rng)
@@ -396,7 +412,8 @@ def train(run: Run) -> dict:
     layout = plan_layout(run, optimizer)
     check_memory(run, layout)
     ts, optimizer = init_train_state(run, jax.random.PRNGKey(cfg.seed), layout)
-    log.info("model: %s, %.2fM parameters, compute %s; %s", "RWKV-4", count_params(ts.params) / 1e6,
+    log.info("model: %s, %.2fM parameters, compute %s; %s", f"RWKV-{mc.version}",
+             count_params(ts.params) / 1e6,
              mc.dtype, hybrid.describe(mc.layer_types))
     for label, paths in optim.describe_groups(ts.params, optimizer_config_from(cfg)).items():
         log.info("optimizer group %-16s %3d tensors, e.g. %s", label, len(paths), paths[0])

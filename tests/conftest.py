@@ -81,6 +81,56 @@ def random_official_state_dict(vocab=97, n_embd=64, n_layer=3, dim_ffn=256, seed
     return sd
 
 
+def random_x070_state_dict(vocab=97, n_embd=64, n_layer=3, head_size=16, dim_ffn=256,
+                           lora=(16, 16, 8, 24), seed=0, dtype=None, first_v=True):
+    """A random RWKV-7 (x070) state dict in the official layout and order (RWKV-LM's
+    RWKV-v7/train_temp: ln1, ln2, ln0, then the time-mix's tensors as its constructor makes
+    them), every tensor random and far from its initialisation: no zero LoRA factor or output
+    projection to hide a mistake, decays across their whole range. lora: the ranks of w, a, v, g.
+    first_v=False drops block 0's unused v0/v1/v2 as some converted files do."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    rand = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    C, F, H, N = n_embd, dim_ffn, n_embd // head_size, head_size
+    dw, da, dv, dg = lora
+    sd = {"emb.weight": randn(vocab, C) * 0.5}
+    for i in range(n_layer):
+        b = f"blocks.{i}."
+        for n in ["ln1", "ln2"] + (["ln0"] if i == 0 else []):
+            sd[b + n + ".weight"] = 1 + 0.1 * randn(C)
+            sd[b + n + ".bias"] = 0.1 * randn(C)
+        for n in ("r", "w", "k", "v", "a", "g"):
+            sd[b + f"att.x_{n}"] = rand(1, 1, C)
+        for n, d, vec in (("w", dw, lambda: rand(1, 1, C) * 8 - 5),  # sigmoid(w0) over 0.007..0.95
+                          ("a", da, lambda: randn(1, 1, C)),
+                          ("v", dv, lambda: randn(1, 1, C)),
+                          ("g", dg, None)):
+            if n == "v" and i == 0 and not first_v:
+                continue
+            sd[b + f"att.{n}1"] = randn(C, d) / C**0.5
+            sd[b + f"att.{n}2"] = randn(d, C) / d**0.5
+            if vec is not None:
+                sd[b + f"att.{n}0"] = vec()
+        sd[b + "att.k_k"] = 0.7 + 0.3 * randn(1, 1, C)
+        sd[b + "att.k_a"] = 1 + 0.3 * randn(1, 1, C)
+        sd[b + "att.r_k"] = 0.3 * randn(H, N)
+        for n in ("receptance", "key", "value", "output"):
+            sd[b + f"att.{n}.weight"] = randn(C, C) / C**0.5
+        sd[b + "att.ln_x.weight"] = 1 + 0.2 * randn(C)
+        sd[b + "att.ln_x.bias"] = 0.1 * randn(C)
+        sd[b + "ffn.x_k"] = rand(1, 1, C)
+        sd[b + "ffn.key.weight"] = randn(F, C) / C**0.5
+        sd[b + "ffn.value.weight"] = randn(C, F) / F**0.5
+    sd["ln_out.weight"] = 1 + 0.1 * randn(C)
+    sd["ln_out.bias"] = 0.1 * randn(C)
+    sd["head.weight"] = randn(vocab, C) / C**0.5
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    return sd
+
+
 def perturbed(params, seed=1, scale=0.3):
     """Params moved away from their initialisation so that every weight matters in a test."""
     import jax

@@ -352,3 +352,25 @@ def test_global_norm_clipping():
     unclipped = second_update(make_cfg(grad_clip=0.0), g2)
     np.testing.assert_allclose(clipped, reference, rtol=1e-5, atol=1e-9)
     assert not np.allclose(unclipped, reference, rtol=1e-2)
+
+
+def test_rwkv7_groups_follow_rwkv_lm():
+    """RWKV-LM's RWKV-7 configure_optimizers: att.w0 at 2x lr without decay; weight decay only
+    on 2D `.weight` matrices (our kernels), so LoRA factors, r_k and vectors get none."""
+    from rwkv_jax.config import ModelConfig
+    from rwkv_jax.model import RWKV
+
+    cfg = ModelConfig(version="7", vocab_size=V, n_layer=2, n_embd=32, head_size=8,
+                      learned_init_state=True)
+    shapes = jax.eval_shape(lambda: RWKV(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
+    labels = _flatten(optim.label_params(shapes["params"], make_cfg()))
+    att = {k.split("/att/")[1]: v for k, v in labels.items() if k.startswith("blocks_1/att/")}
+    assert att.pop("w0") == "time_decay"
+    for name in ("receptance", "key", "value", "output"):
+        assert att.pop(f"{name}/kernel") == "rwkv_att_matrix", name
+    # x_*, a0, v0, k_k, k_a, ln_x; the LoRA factors w1 ... g2; r_k (H, N).
+    assert set(att.values()) == {"rwkv_no_decay"} and {"w1", "g2", "r_k", "ln_x/scale"} <= set(att)
+    assert labels["blocks_1/ffn/key/kernel"] == labels["blocks_1/ffn/value/kernel"] == "rwkv_ffn_matrix"
+    assert labels["blocks_1/ffn/x_k"] == labels["blocks_1/init_state/wkv"] == "rwkv_no_decay"
+    specs = optim.group_specs(make_cfg())
+    assert specs["time_decay"] == optim.GroupSpec(2.0, 0.0)

@@ -63,6 +63,43 @@ WORKER = textwrap.dedent(r'''
     mu = jax.tree.leaves(restored.opt_state)
     assert any(getattr(x, "sharding", None) is not None and x.ndim == 2 and
                x.sharding.spec != jax.sharding.PartitionSpec() for x in mu)
+
+    # RWKV-7 (hybrid, the first layer attention): the same loss, gradients and state on a
+    # (1, 4, 2) mesh, parameters and the carried state (WKV matrices by head) sharded by the
+    # rules, as on one device.
+    import jax.numpy as jnp
+    from rwkv_jax.config import ModelConfig
+    from rwkv_jax.model import RWKV, init_params
+    P = jax.sharding.PartitionSpec
+    mc = ModelConfig(version="7", vocab_size=64, n_layer=3, n_embd=32, head_size=8,
+                     attn_head_size=8, layer_types=("attn", "rwkv", "rwkv"))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: np.asarray(x + 0.2 * rng.normal(size=x.shape), np.float32),
+                          init_params(mc, jax.random.PRNGKey(0)))
+    x = jnp.asarray(rng.integers(0, 64, (8, 12)), jnp.int32)
+    _, state = jax.jit(RWKV(mc).apply)({"params": params}, x)
+
+    def loss(p, x, s):
+        logits, s = RWKV(mc).apply({"params": p}, x, s)
+        return jnp.mean(jnp.square(logits)), s
+
+    step = jax.value_and_grad(loss, has_aux=True)
+    (l1, s1), g1 = jax.jit(step)(params, x, state)
+    mesh = shd.make_mesh(1, 4, 2)
+    p_sh = shd.param_shardings(jax.eval_shape(lambda: params), mesh)
+    s_sh = shd.state_shardings(jax.eval_shape(lambda: state), mesh)
+    assert p_sh["blocks_1"]["att"]["key"]["kernel"].spec == P("fsdp", "tensor")
+    assert p_sh["blocks_1"]["att"]["w1"].spec == P("fsdp", None)
+    assert p_sh["blocks_1"]["att"]["g2"].spec == P(None, "fsdp")
+    assert s_sh["layers"][1]["wkv"].spec == P(("data", "fsdp"), "tensor", None, None)
+    sharded = jax.jit(step, in_shardings=(p_sh, shd.batch_sharding(mesh), s_sh),
+                      out_shardings=((None, s_sh), p_sh))
+    (l8, s8), g8 = sharded(jax.device_put(params, p_sh), jax.device_put(x, shd.batch_sharding(mesh)),
+                           jax.device_put(state, s_sh))
+    assert g8["blocks_1"]["att"]["key"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves((s8, g8)), jax.tree.leaves((s1, g1))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
     print("OK")
 ''')
 
@@ -110,3 +147,11 @@ def test_partition_rules():
     assert specs["blocks_1"]["attn"]["query"]["kernel"] == P("fsdp", "tensor")
     assert specs["blocks_0"]["att"]["time_decay"] == P()
     assert specs["emb"]["embedding"] == P("tensor", "fsdp") and specs["head"]["kernel"] == P("fsdp", "tensor")
+    # RWKV-7: the same projections, LoRA factors split on their C side, r_k and vectors replicated.
+    cfg7 = ModelConfig(version="7", vocab_size=64, n_layer=1, n_embd=32, head_size=8)
+    shapes = jax.eval_shape(lambda: RWKV(cfg7).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))["params"]
+    att = shd.param_specs(shapes, mesh)["blocks_0"]["att"]
+    assert att["receptance"]["kernel"] == P("fsdp", "tensor") and att["output"]["kernel"] == P("tensor", "fsdp")
+    assert att["a1"] == P("fsdp", None) and att["v2"] == P(None, "fsdp")
+    assert att["r_k"] == P() and att["w0"] == P() and att["ln_x"]["scale"] == P()
+    assert shd.param_specs(shapes, mesh)["blocks_0"]["ffn"]["key"]["kernel"] == P("fsdp", "tensor")
