@@ -251,25 +251,34 @@ def peer_forward(td, tf, k, v, dtype, reps):
     def call():
         torch.ops.rwkv.wkv_forward(B, T, C, w, u, kt, vt, y, aa, bb, pp)
 
+    sec = cuda_time(call, reps, target_s=0.02)
+    del kt, vt, y
+    torch.cuda.empty_cache()
+    return sec, y_out
+
+
+def cuda_time(fn, reps, target_s=0.03):
+    """Median seconds per call of a torch CUDA callable: CUDA events around batches of
+    back-to-back calls, after warm-up."""
+    import torch  # noqa: PLC0415
+
     for _ in range(2):
-        call()
+        fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    call()
+    fn()
     torch.cuda.synchronize()
-    inner = int(max(1, min(50, 0.02 / (time.perf_counter() - t0))))
+    inner = int(max(1, min(50, target_s / (time.perf_counter() - t0))))
     ts = []
     for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         for _ in range(inner):
-            call()
+            fn()
         e.record()
         e.synchronize()
         ts.append(s.elapsed_time(e) / 1e3 / inner)
-    del kt, vt, y
-    torch.cuda.empty_cache()
-    return statistics.median(ts), y_out
+    return statistics.median(ts)
 
 
 # --------------------------------------------------------------------------- the table

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import statistics
 import time
 import traceback
 
@@ -91,28 +90,6 @@ def _jax_args(x, dt):
             jnp.asarray(x["v"], dt), jnp.asarray(x["a"], dt), jnp.asarray(x["b"], dt))
 
 
-def cuda_time(fn, reps):
-    import torch  # noqa: PLC0415
-
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    inner = int(max(1, min(50, 0.03 / (time.perf_counter() - t0))))
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(inner):
-            fn()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) / 1e3 / inner)
-    return statistics.median(ts)
-
-
 # RWKV-LM's two training kernels: the portable one and the one it recommends for the H100.
 OFFICIAL = {"rwkv7_clampw": ("rwkv7_clampw.cu", "rwkv7_clampw.cpp"),
             "rwkv7_clampw_v3": ("rwkv7_clampw_v3_for_h100.cu", "rwkv7_clampw_v3.cpp")}
@@ -162,8 +139,8 @@ def official_rows(x, reps, name):
     fwd()
     torch.cuda.synchronize()
     y_out = y.float().cpu().numpy()
-    f_ms = 1e3 * cuda_time(fwd, reps)
-    b_ms = 1e3 * cuda_time(fwd_bwd, reps)
+    f_ms = 1e3 * common.cuda_time(fwd, reps)
+    b_ms = 1e3 * common.cuda_time(fwd_bwd, reps)
     fwd_bwd()
     torch.cuda.synchronize()
     g = [z.float().cpu().numpy() for z in grads]
@@ -193,8 +170,8 @@ def fla_rows(x, reps):
         out.backward(dy)
 
     y_out = fwd().float().cpu().numpy()
-    f_ms = 1e3 * cuda_time(fwd, reps)
-    b_ms = 1e3 * cuda_time(fwd_bwd, reps)
+    f_ms = 1e3 * common.cuda_time(fwd, reps)
+    b_ms = 1e3 * common.cuda_time(fwd_bwd, reps)
     fwd_bwd()
     g = [z.grad.float().cpu().numpy() for z in (r, w, k, v, a, b)]
     return f_ms, b_ms, y_out, g
