@@ -229,39 +229,15 @@ def run7(args, device, deadline):
         g_ref = [g_ref[1], g_ref[0]] + g_ref[2:]  # back to (r, w, k, v, a, b)
         g_err = lambda g: max(common.rel_err(a, b) for a, b in zip(g, g_ref))  # noqa: E731
 
-        for impl in args.impls7:
-            row = Row7(shape, impl)
+        def measure(name, fill):
+            """One row: fill(row) sets its times and errors; a failure is noted, not fatal."""
+            row = Row7(shape, name)
             rows.append(row)
             if time.perf_counter() > deadline:
                 row.note = "skipped: out of time"
-                continue
+                return
             try:
-                y_of = _ours(impl)
-                args_bf = _jax_args(x, jnp.bfloat16)
-                fwd = jax.jit(y_of)
-                fb = _loss_grad(y_of)
-                row.y_err = common.rel_err(np.asarray(fwd(*args_bf)), y_ref)
-                row.fwd_ms = 1e3 * common.device_time(fwd, [args_bf], reps=reps)
-                g = [np.asarray(g) for g in fb(*args_bf, dy)[1]]
-                row.g_err = g_err([g[1], g[0]] + g[2:])
-                row.fb_ms = 1e3 * common.device_time(fb, [args_bf + (dy,)], reps=reps)
-            except Exception as e:  # noqa: BLE001
-                row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                log(traceback.format_exc()[-3000:])
-            save()
-            log(f"  {shape} {impl}: fwd {common.fmt(row.fwd_ms, '.3f')} ms, fwd+bwd "
-                f"{common.fmt(row.fb_ms, '.3f')} ms, y err {common.fmt(row.y_err, '.1e')}, "
-                f"grad err {common.fmt(row.g_err, '.1e')} {row.note}")
-
-        peers = [(f"official CUDA (RWKV-LM {n})", functools.partial(official_rows, name=n))
-                 for n in official] + ([] if args.no_fla else [("fla chunk_rwkv7", fla_rows)])
-        for name, fn in peers:
-            row = Row7(shape, name)
-            rows.append(row)
-            try:
-                row.fwd_ms, row.fb_ms, y, g = fn(x, reps)
-                row.y_err = common.rel_err(y, y_ref)
-                row.g_err = g_err(g)
+                fill(row)
             except Exception as e:  # noqa: BLE001
                 row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
                 log(traceback.format_exc()[-3000:])
@@ -269,6 +245,30 @@ def run7(args, device, deadline):
             log(f"  {shape} {name}: fwd {common.fmt(row.fwd_ms, '.3f')} ms, fwd+bwd "
                 f"{common.fmt(row.fb_ms, '.3f')} ms, y err {common.fmt(row.y_err, '.1e')}, "
                 f"grad err {common.fmt(row.g_err, '.1e')} {row.note}")
+
+        def ours(row, impl):
+            y_of = _ours(impl)
+            args_bf = _jax_args(x, jnp.bfloat16)
+            fwd = jax.jit(y_of)
+            fb = _loss_grad(y_of)
+            row.y_err = common.rel_err(np.asarray(fwd(*args_bf)), y_ref)
+            row.fwd_ms = 1e3 * common.device_time(fwd, [args_bf], reps=reps)
+            g = [np.asarray(g) for g in fb(*args_bf, dy)[1]]
+            row.g_err = g_err([g[1], g[0]] + g[2:])
+            row.fb_ms = 1e3 * common.device_time(fb, [args_bf + (dy,)], reps=reps)
+
+        def peer(row, fn):
+            row.fwd_ms, row.fb_ms, y, g = fn(x, reps)
+            row.y_err = common.rel_err(y, y_ref)
+            row.g_err = g_err(g)
+
+        for impl in args.impls7:
+            measure(impl, functools.partial(ours, impl=impl))
+        for n in official:
+            measure(f"official CUDA (RWKV-LM {n})",
+                    functools.partial(peer, fn=functools.partial(official_rows, name=n)))
+        if not args.no_fla:
+            measure("fla chunk_rwkv7", functools.partial(peer, fn=fla_rows))
         try:
             import torch  # noqa: PLC0415
 

@@ -73,6 +73,11 @@ def random_official_state_dict(vocab=97, n_embd=64, n_layer=3, dim_ffn=256, seed
         sd[b + "ffn.key.weight"] = randn(F, C) / C**0.5
         sd[b + "ffn.receptance.weight"] = randn(C, C) / C**0.5
         sd[b + "ffn.value.weight"] = randn(C, F) / F**0.5
+    return _with_head(sd, randn, vocab, C, dtype)
+
+
+def _with_head(sd, randn, vocab, C, dtype):
+    """The tensors after the blocks (ln_out, head), then every tensor in `dtype`."""
     sd["ln_out.weight"] = 1 + 0.1 * randn(C)
     sd["ln_out.bias"] = 0.1 * randn(C)
     sd["head.weight"] = randn(vocab, C) / C**0.5
@@ -123,12 +128,7 @@ def random_x070_state_dict(vocab=97, n_embd=64, n_layer=3, head_size=16, dim_ffn
         sd[b + "ffn.x_k"] = rand(1, 1, C)
         sd[b + "ffn.key.weight"] = randn(F, C) / C**0.5
         sd[b + "ffn.value.weight"] = randn(C, F) / F**0.5
-    sd["ln_out.weight"] = 1 + 0.1 * randn(C)
-    sd["ln_out.bias"] = 0.1 * randn(C)
-    sd["head.weight"] = randn(vocab, C) / C**0.5
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
-    return sd
+    return _with_head(sd, randn, vocab, C, dtype)
 
 
 def perturbed(params, seed=1, scale=0.3):

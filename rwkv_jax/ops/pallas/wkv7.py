@@ -173,12 +173,11 @@ def _maps_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, p_ref, e_ref, q_ref, 
         mx_ref[bi, hi, j, i] = q[name]
 
 
-def _decay_out(w, b, k):
-    """b and k decayed to the chunk's end, and the chunk's total decay as an (N, 1) column."""
-    c = jnp.cumsum(w, axis=0)
+def _decay_out(w):
+    """Each token's decay to the chunk's end (L, N), and the chunk's total decay as an (N, 1)
+    column (it scales the state's key rows)."""
     c_l = jnp.sum(w, axis=0, keepdims=True)
-    e_out = jnp.exp(c_l - c)
-    return b * e_out, k * e_out, jnp.exp(jnp.sum(w.T, axis=1, keepdims=True))
+    return jnp.exp(c_l - jnp.cumsum(w, axis=0)), jnp.exp(jnp.sum(w.T, axis=1, keepdims=True))
 
 
 def _scan_kernel(w_ref, k_ref, v_ref, b_ref, p_ref, e_ref, q_ref, f_ref, m0_ref,
@@ -192,12 +191,13 @@ def _scan_kernel(w_ref, k_ref, v_ref, b_ref, p_ref, e_ref, q_ref, f_ref, m0_ref,
     def body(j, m):
         ts = pl.ds(j * L, L)
         ld = lambda ref, cs=slice(None): ref[bi, ts, hi, cs].astype(jnp.float32)  # noqa: E731
-        b_h, k_h, gamma = _decay_out(ld(w_ref), ld(b_ref), ld(k_ref))
+        e_out, gamma = _decay_out(ld(w_ref))
         ms_ref[bi, hi, j, :, vs] = m
         u = dot(ld(p_ref), m) + ld(q_ref, vs)
         u_ref[bi, ts, hi, vs] = u
         y_ref[bi, ts, hi, vs] = dot(ld(e_ref), m) + ld(f_ref, vs)
-        return gamma * m + dot_tn(b_h, u) + dot_tn(k_h, ld(v_ref, vs))
+        return (gamma * m + dot_tn(ld(b_ref) * e_out, u)
+                + dot_tn(ld(k_ref) * e_out, ld(v_ref, vs)))
 
     m = lax.fori_loop(0, NC, body, m0_ref[bi, hi, :, vs].astype(jnp.float32))
     mT_ref[bi, hi, :, vs] = m
@@ -216,10 +216,10 @@ def _adjoint_kernel(w_ref, b_ref, p_ref, e_ref, dy_ref, dmT_ref, dms_ref, dm0_re
         j = NC - 1 - i
         ts = pl.ds(j * L, L)
         ld = lambda ref, cs=slice(None): ref[bi, ts, hi, cs].astype(jnp.float32)  # noqa: E731
-        w = ld(w_ref)
-        b_h, _, gamma = _decay_out(w, ld(b_ref), w)
+        e_out, gamma = _decay_out(ld(w_ref))
         dms_ref[bi, hi, j, :, vs] = dm
-        return gamma * dm + dot_tn(ld(p_ref), dot(b_h, dm)) + dot_tn(ld(e_ref), ld(dy_ref, vs))
+        return (gamma * dm + dot_tn(ld(p_ref), dot(ld(b_ref) * e_out, dm))
+                + dot_tn(ld(e_ref), ld(dy_ref, vs)))
 
     dm = lax.fori_loop(0, NC, body, dmT_ref[bi, hi, :, vs].astype(jnp.float32))
     dm0_ref[bi, hi, :, vs] = dm
