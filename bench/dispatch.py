@@ -1,0 +1,56 @@
+"""Host cost of one decode step: how the time to dispatch a jitted step grows with the number of
+arrays it takes (a model's weights are one array per matrix and vector, per layer).
+
+    python bench/dispatch.py            # CPU: seconds; prints a table
+
+Tiny widths, so the device work is negligible and what is timed is the host: the step queued
+n times back to back (dispatch only) and then waited for. On a GPU the same per-array cost
+adds to XLA's per-kernel launches; bench/decode.py shows where that leaves a real model.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from rwkv_jax.config import ModelConfig  # noqa: E402
+from rwkv_jax.generate import GREEDY, Generator, _Carry  # noqa: E402
+from rwkv_jax.model import init_params  # noqa: E402
+
+
+def main(layers=(4, 12, 24, 32), n: int = 200) -> None:
+    print("| layers | arrays per call | dispatch us/call | us per array | generate loop ms/token |")
+    print("|---|---|---|---|---|")
+    for L in layers:
+        cfg = ModelConfig(vocab_size=64, n_layer=L, n_embd=32)
+        gen = Generator(cfg, init_params(cfg, jax.random.PRNGKey(0)))
+        res = gen.generate([1, 2, 3], max_new_tokens=3, keep_state=True)
+        step = gen._steps[GREEDY.spec(cfg.vocab_size)]
+        carry = _Carry(res.state, jnp.zeros((1, 2), jnp.uint32), jnp.zeros((1, 0)),
+                       jnp.zeros((1, 0), bool))
+        tok = jnp.zeros((1,), jnp.int32)
+        args = (jnp.zeros((1,), jnp.int32), jnp.zeros((1,), bool), jnp.ones((1,), bool),
+                jnp.asarray(GREEDY.knobs()), jnp.ones((1,), jnp.float32))
+        for _ in range(5):
+            carry, tok = step(gen.params, carry, tok, *args)
+        tok.block_until_ready()
+        t = time.perf_counter()
+        for _ in range(n):
+            carry, tok = step(gen.params, carry, tok, *args)
+        dispatch = (time.perf_counter() - t) / n
+        tok.block_until_ready()
+        arrays = len(jax.tree.leaves((gen.params, carry, tok, args)))
+        loop = gen.generate([1, 2, 3], max_new_tokens=100).timings
+        print(f"| {L} | {arrays} | {1e6 * dispatch:.0f} | {1e6 * dispatch / arrays:.2f} "
+              f"| {1e3 * loop['decode_s'] / loop['steps']:.3f} |")
+    print(f"\nDevice: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+
+
+if __name__ == "__main__":
+    main()
