@@ -232,12 +232,27 @@ def jax_worker(a) -> dict:
     return out
 
 
-def measure_decode(gen, prefilled, token: int, B: int, n: int) -> dict:
-    """ms per step through the generate loop, and of the bare step queued back to back."""
-    import jax  # noqa: PLC0415
+def greedy_step_inputs(gen, state, tokens):
+    """The generator's compiled greedy step and what it takes, for timing it bare: (step,
+    carry, tokens, rest) with `carry, tokens = step(gen.params, carry, tokens, *rest)`. The
+    step must have been compiled by a greedy generate() call on `gen` first."""
     import jax.numpy as jnp  # noqa: PLC0415
 
     from rwkv_jax.generate import GREEDY, _Carry  # noqa: PLC0415
+
+    B = len(tokens)
+    step = gen._steps[GREEDY.spec(gen.config.vocab_size)]
+    carry = _Carry(state, jnp.zeros((B, 2), jnp.uint32), jnp.zeros((B, 0)), jnp.zeros((B, 0), bool))
+    rest = (jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool), jnp.ones((B,), bool),
+            jnp.asarray(GREEDY.knobs()), jnp.ones((1,), jnp.float32))
+    return step, carry, jnp.asarray(tokens, jnp.int32), rest
+
+
+def measure_decode(gen, prefilled, token: int, B: int, n: int) -> dict:
+    """ms per step through the generate loop, of the bare step queued back to back, and of n
+    steps inside one jitted loop (the device alone)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
 
     state = jax.tree.map(lambda x: jnp.repeat(x, B, axis=0), prefilled)
     rows = [[token]] * B
@@ -246,11 +261,7 @@ def measure_decode(gen, prefilled, token: int, B: int, n: int) -> dict:
     compile_s = time.perf_counter() - t
     res = gen.generate(rows, state=state, max_new_tokens=n, keep_state=True)
     tm = res.timings
-    step = gen._steps[GREEDY.spec(gen.config.vocab_size)]
-    carry = _Carry(res.state, jnp.zeros((B, 2), jnp.uint32), jnp.zeros((B, 0)), jnp.zeros((B, 0), bool))
-    tok = jnp.asarray([r[-1] for r in res.tokens], jnp.int32)
-    args = (jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool), jnp.ones((B,), bool),
-            jnp.asarray(GREEDY.knobs()), jnp.ones((1,), jnp.float32))
+    step, carry, tok, args = greedy_step_inputs(gen, res.state, [r[-1] for r in res.tokens])
     for _ in range(3):
         carry, tok = step(gen.params, carry, tok, *args)
     tok.block_until_ready()
@@ -330,6 +341,7 @@ def _worker(kind: str, args: list[str], log, timeout: float, env=None) -> dict |
     log_path = os.path.join(args_out(), "workers.log")
     with open(log_path, "a") as f:
         f.write(f"\n=== {kind} {' '.join(args)}\n")
+        f.flush()  # the header before the child's output, which goes to the file directly
         start = f.tell()
         try:
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True,

@@ -17,10 +17,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
+from bench.decode import greedy_step_inputs  # noqa: E402
 from rwkv_jax.config import ModelConfig  # noqa: E402
-from rwkv_jax.generate import GREEDY, Generator, _Carry  # noqa: E402
+from rwkv_jax.generate import Generator  # noqa: E402
 from rwkv_jax.model import init_params  # noqa: E402
 
 
@@ -31,12 +31,7 @@ def main(layers=(4, 12, 24, 32), n: int = 200) -> None:
         cfg = ModelConfig(vocab_size=64, n_layer=L, n_embd=32)
         gen = Generator(cfg, init_params(cfg, jax.random.PRNGKey(0)))
         res = gen.generate([1, 2, 3], max_new_tokens=3, keep_state=True)
-        step = gen._steps[GREEDY.spec(cfg.vocab_size)]
-        carry = _Carry(res.state, jnp.zeros((1, 2), jnp.uint32), jnp.zeros((1, 0)),
-                       jnp.zeros((1, 0), bool))
-        tok = jnp.zeros((1,), jnp.int32)
-        args = (jnp.zeros((1,), jnp.int32), jnp.zeros((1,), bool), jnp.ones((1,), bool),
-                jnp.asarray(GREEDY.knobs()), jnp.ones((1,), jnp.float32))
+        step, carry, tok, args = greedy_step_inputs(gen, res.state, [0])
         for _ in range(5):
             carry, tok = step(gen.params, carry, tok, *args)
         tok.block_until_ready()
