@@ -248,6 +248,20 @@ def greedy_step_inputs(gen, state, tokens):
     return step, carry, jnp.asarray(tokens, jnp.int32), rest
 
 
+def time_bare_steps(gen, step, carry, tok, rest, n: int):
+    """Queue the step n times back to back (after 3 warm-up calls): (seconds per call to
+    queue it, seconds per call until the last one finished, the final (carry, tokens))."""
+    for _ in range(3):
+        carry, tok = step(gen.params, carry, tok, *rest)
+    tok.block_until_ready()
+    t = time.perf_counter()
+    for _ in range(n):
+        carry, tok = step(gen.params, carry, tok, *rest)
+    queued = time.perf_counter() - t
+    tok.block_until_ready()
+    return queued / n, (time.perf_counter() - t) / n, (carry, tok)
+
+
 def measure_decode(gen, prefilled, token: int, B: int, n: int) -> dict:
     """ms per step through the generate loop, of the bare step queued back to back, and of n
     steps inside one jitted loop (the device alone)."""
@@ -262,14 +276,8 @@ def measure_decode(gen, prefilled, token: int, B: int, n: int) -> dict:
     res = gen.generate(rows, state=state, max_new_tokens=n, keep_state=True)
     tm = res.timings
     step, carry, tok, args = greedy_step_inputs(gen, res.state, [r[-1] for r in res.tokens])
-    for _ in range(3):
-        carry, tok = step(gen.params, carry, tok, *args)
-    tok.block_until_ready()
-    t = time.perf_counter()
-    for _ in range(n):
-        carry, tok = step(gen.params, carry, tok, *args)
-    tok.block_until_ready()
-    bare = 1e3 * (time.perf_counter() - t) / n
+    _, bare, (carry, tok) = time_bare_steps(gen, step, carry, tok, args, n)
+    bare *= 1e3
     # n steps inside one jitted loop: the device's own time per step, no dispatch at all. The
     # weights go in as arguments: closed over, they would compile in as constants (minutes).
     loop = jax.jit(lambda p, c, t: jax.lax.fori_loop(

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from bench.decode import greedy_step_inputs  # noqa: E402
+from bench.decode import greedy_step_inputs, time_bare_steps  # noqa: E402
 from rwkv_jax.config import ModelConfig  # noqa: E402
 from rwkv_jax.generate import Generator  # noqa: E402
 from rwkv_jax.model import init_params  # noqa: E402
@@ -32,14 +32,7 @@ def main(layers=(4, 12, 24, 32), n: int = 200) -> None:
         gen = Generator(cfg, init_params(cfg, jax.random.PRNGKey(0)))
         res = gen.generate([1, 2, 3], max_new_tokens=3, keep_state=True)
         step, carry, tok, args = greedy_step_inputs(gen, res.state, [0])
-        for _ in range(5):
-            carry, tok = step(gen.params, carry, tok, *args)
-        tok.block_until_ready()
-        t = time.perf_counter()
-        for _ in range(n):
-            carry, tok = step(gen.params, carry, tok, *args)
-        dispatch = (time.perf_counter() - t) / n
-        tok.block_until_ready()
+        dispatch, _, _ = time_bare_steps(gen, step, carry, tok, args, n)
         arrays = len(jax.tree.leaves((gen.params, carry, tok, args)))
         loop = gen.generate([1, 2, 3], max_new_tokens=100).timings
         print(f"| {L} | {arrays} | {1e6 * dispatch:.0f} | {1e6 * dispatch / arrays:.2f} "
