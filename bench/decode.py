@@ -7,9 +7,9 @@ measured copy bandwidth).
     python bench/decode.py --gpu --out DIR   # 169M, 1.5B, 3B in bf16, rwkv 'cuda fp16'
 
 Each model is a random official-format .pth (saved with torch). Ours: rwkv_jax.generate (the
-real generate loop: one jitted step per token, state donated, sampling inside; greedy) with
-bf16 weights on GPU; also the bare step queued back to back with no host reads, and n steps
-inside one jitted loop (the device's own speed). Workers write their progress to workers.log in
+real generate loop: one jitted call per block of decode steps, state donated, sampling
+inside; greedy) with bf16 weights on GPU; also the bare block queued back to back with no host
+reads, and one block of n steps (the device's own speed). Workers write their progress to workers.log in
 --out as they go.
 Batch 1 runs as one row and padded to 2 or 8 rows (Generator(decode_rows=...)); on GPU all of it
 also with every matrix product on cuBLAS (XLA_FLAGS=--xla_gpu_enable_triton_gemm=false).
@@ -232,39 +232,42 @@ def jax_worker(a) -> dict:
     return out
 
 
-def greedy_step_inputs(gen, state, tokens):
-    """The generator's compiled greedy step and what it takes, for timing it bare: (step,
-    carry, tokens, rest) with `carry, tokens = step(gen.params, carry, tokens, *rest)`. The
-    step must have been compiled by a greedy generate() call on `gen` first."""
-    import jax.numpy as jnp  # noqa: PLC0415
+def greedy_block_inputs(gen, state, tokens, steps: int):
+    """The generator's compiled greedy decode block and what it takes, for timing it bare:
+    (block, carry, rest) with `carry, out = block(gen.params, carry, *rest)` running `steps`
+    steps that never end a row."""
+    import numpy as np  # noqa: PLC0415
 
     from rwkv_jax.generate import GREEDY, _Carry  # noqa: PLC0415
 
     B = len(tokens)
-    step = gen._steps[GREEDY.spec(gen.config.vocab_size)]
-    carry = _Carry(state, jnp.zeros((B, 2), jnp.uint32), jnp.zeros((B, 0)), jnp.zeros((B, 0), bool))
-    rest = (jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool), jnp.ones((B,), bool),
-            jnp.asarray(GREEDY.knobs()), jnp.ones((1,), jnp.float32))
-    return step, carry, jnp.asarray(tokens, jnp.int32), rest
+    yes = np.ones((B,), bool)
+    carry = gen._put(_Carry(state, np.zeros((B, 2), np.uint32), np.zeros((B, 0), np.float32),
+                            np.zeros((B, 0), bool), np.asarray(tokens, np.int32), yes, yes,
+                            np.zeros((B,), np.int32)))
+    rest = gen._put((np.zeros((B, steps), np.int32), np.zeros((B, steps), bool), yes,
+                     np.full((1,), -1, np.int32), np.int32(2**30), GREEDY.knobs(),
+                     np.ones((1,), np.float32)))
+    return gen._block_fn(GREEDY.spec(gen.config.vocab_size)), carry, rest
 
 
-def time_bare_steps(gen, step, carry, tok, rest, n: int):
-    """Queue the step n times back to back (after 3 warm-up calls): (seconds per call to
-    queue it, seconds per call until the last one finished, the final (carry, tokens))."""
+def time_bare_blocks(gen, block, carry, rest, n: int):
+    """Queue the block n times back to back (after 3 warm-up calls): (seconds per call to
+    queue it, seconds per call until the last one finished, the final carry)."""
     for _ in range(3):
-        carry, tok = step(gen.params, carry, tok, *rest)
-    tok.block_until_ready()
+        carry, out = block(gen.params, carry, *rest)
+    out.block_until_ready()
     t = time.perf_counter()
     for _ in range(n):
-        carry, tok = step(gen.params, carry, tok, *rest)
+        carry, out = block(gen.params, carry, *rest)
     queued = time.perf_counter() - t
-    tok.block_until_ready()
-    return queued / n, (time.perf_counter() - t) / n, (carry, tok)
+    out.block_until_ready()
+    return queued / n, (time.perf_counter() - t) / n, carry
 
 
 def measure_decode(gen, prefilled, token: int, B: int, n: int) -> dict:
-    """ms per step through the generate loop, of the bare step queued back to back, and of n
-    steps inside one jitted loop (the device alone)."""
+    """ms per step through the generate loop, of the bare decode block queued back to back,
+    and of one block of n steps (the device alone: one launch for n steps)."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
@@ -275,21 +278,14 @@ def measure_decode(gen, prefilled, token: int, B: int, n: int) -> dict:
     compile_s = time.perf_counter() - t
     res = gen.generate(rows, state=state, max_new_tokens=n, keep_state=True)
     tm = res.timings
-    step, carry, tok, args = greedy_step_inputs(gen, res.state, [r[-1] for r in res.tokens])
-    _, bare, (carry, tok) = time_bare_steps(gen, step, carry, tok, args, n)
-    bare *= 1e3
-    # n steps inside one jitted loop: the device's own time per step, no dispatch at all. The
-    # weights go in as arguments: closed over, they would compile in as constants (minutes).
-    loop = jax.jit(lambda p, c, t: jax.lax.fori_loop(
-        0, n, lambda i, ct: step(p, ct[0], ct[1], *args), (c, t)))
-    carry, tok = loop(gen.params, carry, tok)
-    tok.block_until_ready()
-    t = time.perf_counter()
-    carry, tok = loop(gen.params, carry, tok)
-    tok.block_until_ready()
-    device = 1e3 * (time.perf_counter() - t) / n
-    return {"loop_ms": 1e3 * tm["decode_s"] / tm["steps"], "bare_ms": bare, "device_ms": device,
-            "compile_s": compile_s}
+    last = [r[-1] for r in res.tokens]
+    K = gen.decode_block
+    block, carry, rest = greedy_block_inputs(gen, res.state, last, K)
+    _, bare, carry = time_bare_blocks(gen, block, carry, rest, max(2, n // K))
+    block, carry, rest = greedy_block_inputs(gen, carry.state, last, n)
+    _, device, _ = time_bare_blocks(gen, block, carry, rest, 2)
+    return {"loop_ms": 1e3 * tm["decode_s"] / tm["steps"], "bare_ms": 1e3 * bare / K,
+            "device_ms": 1e3 * device / n, "compile_s": compile_s, "block": K}
 
 
 def rwkv_worker(a) -> dict:
@@ -466,8 +462,8 @@ def orchestrate(a):
 def format_table(results: dict, batches, prompt_len: int, new_tokens: int) -> str:
     lines = [f"Greedy decode from the state of a {prompt_len + 1}-token prompt, {new_tokens} tokens "
              "timed: ms per decode step (one token per row) through the generate loop, and in "
-             "brackets the bare jitted step queued back to back (no host reads) / the step run "
-             "n times inside one jitted loop (the device alone).", "",
+             "brackets the bare decode block queued back to back (no host reads) / one block of "
+             "n steps (the device alone).", "",
              "| model | ours: XLA settings | B1, 1 row | B1 padded to 2 rows | B1 padded to 8 rows "
              + "".join(f"| B{b} ms/step (tokens/s) " for b in batches) + "|",
              "|---|---|---|---|---" + "|---" * len(batches) + "|"]

@@ -1,4 +1,4 @@
-"""Generation: prefill in parallel, then one jitted step per token with the sampling inside it.
+"""Generation: prefill in parallel, then blocks of decode steps with the sampling inside them.
 
     gen = Generator(config, params, tokenizer)
     out = gen.generate(["To be", "Once upon a time"], max_new_tokens=100,
@@ -12,16 +12,23 @@
 Prefill: the prompts' common length but its last token runs as parallel model calls, in chunks
 of `prefill_chunk` and the rest in power-of-two pieces, so prompts of any length compile at
 most log2(prefill_chunk) + 1 shapes (prefill_chunk=0: one call, compiled for that length).
-Decode: one jitted call per token feeds a token per row, updates the state in place (donated),
-samples the next token and advances each row's PRNG key; the prompt's last token goes through
-it too, which picks the first new token. Rows whose prompt is longer than the shortest go
-through the same step with the sampled token replaced by their next prompt token, so every
-row's output is the one it would get alone (with the same seed).
+Decode: one jitted call runs a block of up to `decode_block` steps on the device (a while
+loop), each feeding a token per row, updating the state in place (donated), sampling the next
+token and advancing each row's PRNG key; the prompt's last token goes through it too, which
+picks the first new token. Rows whose prompt is longer than the shortest go through the same
+steps with the sampled token replaced by their next prompt token, so every row's output is the
+one it would get alone (with the same seed). Stop tokens and max_new_tokens end a row on the
+device, and the block ends early once every row has ended, so the host launches one call per
+block rather than per token: a batch-1 step of a big model on a GPU takes milliseconds, and
+launching it (hundreds of weight arrays) costs the host about as much again.
 
-The host reads each step's tokens one step late, after queueing the next step, so the device
-never waits for Python; stop tokens, stop strings and streaming work on those tokens. The state
-a call returns has consumed every token of each row, the last generated one included (a row
-that stopped early is frozen from then on), so a next call continues from it with new text.
+The host reads each block's tokens one block late, after queueing the next block, so the
+device never waits for Python; stop strings and streaming work on those tokens. A stop string
+ends its row from the next block queued on; the state a call returns has consumed every token
+of each row, the last generated one included (a row that stopped early is frozen from then
+on), so a next call continues from it with new text. Where a stop string ended a row in the
+middle of a block and the state is kept, that row's state is recomputed from the block's start
+(a copy taken before the block ran) through its last token.
 
 Sampling follows ChatRWKV (the `rwkv` package's PIPELINE):
   1. penalties: logits[t] -= presence_penalty * [t was generated] + frequency_penalty * count[t];
@@ -49,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwkv_jax import state_codec
+from rwkv_jax import layers, state_codec
 from rwkv_jax.config import ModelConfig
 from rwkv_jax.model import RWKV, initial_state
 
@@ -102,12 +109,16 @@ class _Spec(NamedTuple):
 
 
 class _Carry(NamedTuple):
-    """Everything a decode step updates in place (donated)."""
+    """Everything a decode block updates in place (donated)."""
 
     state: dict
     keys: jax.Array  # (B, key words) uint32: each row's own PRNG key
     counts: jax.Array  # (B, V) float32 penalty counts; (B, 0) without penalties
     seen: jax.Array  # (B, V) bool: generated before; (B, 0) without penalties
+    token: jax.Array | None = None  # (B,) int32: the token each row's next step feeds
+    consume: jax.Array | None = None  # (B,) bool: the next step feeds it (else the row is done)
+    alive: jax.Array | None = None  # (B,) bool: the row still picks tokens
+    made: jax.Array | None = None  # (B,) int32: tokens generated (towards max_new_tokens)
 
 
 @dataclasses.dataclass
@@ -186,22 +197,65 @@ def _prefill_piece(model, params, tokens, state):
     return state  # the logits are unused, so XLA drops the head
 
 
-def _decode_step(model, spec, rows, params, carry, token, forced_tok, forced_mask, live, knobs,
-                 weight):
+def _model_step(model, rows, params, state, token):
+    """Logits (B, V) and the state after feeding one token per row."""
     B = token.shape[0]
-    state, token_in = carry.state, token
     if B < rows:
         # Matrix products of a single row compile to matrix-vector forms that read the weights
         # more slowly than a small matrix product does; padding rows (discarded) cost no reads.
         grow = lambda a: jnp.concatenate([a, jnp.zeros((rows - B,) + a.shape[1:], a.dtype)])  # noqa: E731
-        state, token_in = jax.tree.map(grow, state), grow(token)
-    logits, state = model.apply({"params": params}, token_in[:, None], state)
+        state, token = jax.tree.map(grow, state), grow(token)
+    logits, state = model.apply({"params": params}, token[:, None], state)
     if B < rows:
         logits, state = logits[:B], jax.tree.map(lambda a: a[:B], state)
-    state = _keep_rows(live, state, carry.state)  # finished rows keep the state they ended with
-    token, carry = _advance(spec, logits[:, 0], carry._replace(state=state), forced_tok,
-                            forced_mask, knobs, weight)
-    return carry, token
+    return logits[:, 0], state
+
+
+def _decode_block(model, spec, rows, params, carry: _Carry, forced_tok, forced_mask, allowed,
+                  stop_ids, max_new, knobs, weight):
+    """Up to K = forced_tok.shape[1] decode steps; fewer once no row has a token left to feed.
+
+    Step s feeds each row's `carry.token` and picks the row's next token: its prompt token
+    where forced_mask[:, s], else a sampled one (emitted). An emitted stop token (in stop_ids,
+    padded with -1) or the max_new-th generated token ends the row: the next step feeds it,
+    then the row's state stays as it is. `allowed` False ends a row now (a stop string the
+    host found). Returns the carry and the emitted tokens (B, K), -1 where none was.
+    """
+    B, K = forced_tok.shape
+    carry = carry._replace(consume=carry.consume & allowed, alive=carry.alive & allowed)
+
+    def body(loop):
+        s, c, out = loop
+        logits, state = _model_step(model, rows, params, c.state, c.token)
+        state = _keep_rows(c.consume, state, c.state)  # finished rows keep their state
+        emitted = c.alive & ~forced_mask[:, s]
+        token, c = _advance(spec, logits, c._replace(state=state), forced_tok[:, s], ~emitted,
+                            knobs, weight)
+        stop = jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+        made = c.made + (emitted & ~stop)
+        ends = emitted & (stop | (made >= max_new))
+        out = out.at[:, s].set(jnp.where(emitted, token, -1))
+        c = c._replace(token=token, consume=c.alive, alive=c.alive & ~ends, made=made)
+        return s + 1, c, out
+
+    def more(loop):
+        s, c, _ = loop
+        return (s < K) & jnp.any(c.consume)
+
+    _, carry, out = jax.lax.while_loop(more, body, (jnp.int32(0), carry,
+                                                    jnp.full((B, K), -1, jnp.int32)))
+    return carry, out
+
+
+def _feed_rows(model, rows, params, state, tokens, counts):
+    """The state after row i has fed tokens[i, :counts[i]] one step at a time, as decoding
+    does (the replay of a row that a stop string ended in the middle of a block)."""
+
+    def body(s, state):
+        _, new = _model_step(model, rows, params, state, tokens[:, s])
+        return _keep_rows(s < counts, new, state)
+
+    return jax.lax.fori_loop(0, tokens.shape[1], body, state)
 
 
 # Leaves kept in float32 although they have two or more dimensions: the learned codec, learned
@@ -309,10 +363,16 @@ class Generator:
     """A model ready to generate: its jitted prefill and decode steps, compiled on first use."""
 
     def __init__(self, config: ModelConfig, params, tokenizer=None, *, prefill_chunk: int = 1024,
-                 bf16: bool = False, decode_rows: int | None = None):
+                 bf16: bool = False, decode_rows: int | None = None, decode_block: int = 16,
+                 group_products: bool = True):
+        if not (isinstance(decode_block, int) and decode_block >= 1):
+            raise ValueError(f"decode_block={decode_block!r}: must be an integer >= 1 (decode "
+                             "steps per device call)")
         if bf16:
             config = dataclasses.replace(config, dtype="bfloat16")
             params = inference_params(params, jnp.bfloat16)
+        if group_products:  # fewer, larger products per decode step; the same outputs
+            params = layers.group_products(config, params)
         self.config = config
         # Every array a compiled step takes is placed ("committed") on this device: jit compiles
         # again for an argument placed differently (a fresh jnp.asarray is not committed; a
@@ -326,12 +386,25 @@ class Generator:
         if decode_rows is None:
             decode_rows = 2 if jax.default_backend() == "gpu" else 1
         self.decode_rows = decode_rows
+        # Steps per decode call: the host's cost per call (launching a step that takes every
+        # weight array) is paid once per block, and text streams out a block at a time.
+        self.decode_block = decode_block
         self.model = RWKV(config)
         self._piece = jax.jit(partial(_prefill_piece, self.model), donate_argnums=(2,))
-        self._steps: dict[_Spec, Callable] = {}
+        self._blocks: dict[_Spec, Callable] = {}
+        self._feed_fn = jax.jit(partial(_feed_rows, self.model, decode_rows))
+        self._snapshot = jax.jit(_copy)
+        self._merge = jax.jit(_keep_rows)
         self._apply = jax.jit(lambda p, x, s: self.model.apply({"params": p}, x, s))
         self._weights: jax.Array | None = None
         self._codec_fns: dict[str, Callable] = {}
+
+    def _block_fn(self, spec: _Spec) -> Callable:
+        """The compiled decode block for these sampling settings (compiled on first use)."""
+        if spec not in self._blocks:
+            self._blocks[spec] = jax.jit(
+                partial(_decode_block, self.model, spec, self.decode_rows), donate_argnums=(1,))
+        return self._blocks[spec]
 
     # --------------------------------------------------------------- inputs and states
 
@@ -455,94 +528,131 @@ class Generator:
         lengths = [len(r) for r in rows]
         L0 = min(lengths)
         spec = sampling.spec(self.config.vocab_size)
-        V = self.config.vocab_size
+        V, K = self.config.vocab_size, self.decode_block
         state = self.reset(B) if state is None else self._put(_copy(state))
         if state["pos"].shape[0] != B:
             raise ValueError(f"the state holds {state['pos'].shape[0]} rows for {B} prompts")
         stop_set = {int(t) for t in stop_tokens}
+        # Padded to a power of two with -1 (no token), so the step compiles once per size class.
+        stop_ids = np.full(1 << max(len(stop_set) - 1, 0).bit_length(), -1, np.int32)
+        stop_ids[: len(stop_set)] = sorted(stop_set)
         knobs = self._put(sampling.knobs())
         weight = self._count_weights() if spec.penalties else self._put(np.ones((1,), np.float32))
         pen = V if spec.penalties else 0
         keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])
         t0 = time.perf_counter()
 
-        # Selection j picks the token at position L0 + j of every row: forced while the row's
-        # prompt lasts, sampled after that.
-        def forced(j):
-            tok = [r[L0 + j] if L0 + j < len(r) else 0 for r in rows]
-            return self._put((np.asarray(tok, np.int32), np.asarray([L0 + j < len(r) for r in rows])))
-
-        # All but the last common token in parallel; the last one goes through the decode step,
-        # which picks selection 0 from its logits (one compiled function fewer).
+        # All but the last common token in parallel; the last one goes through the first decode
+        # step, which picks selection 0 from its logits (one compiled function fewer).
         common = np.asarray([r[:L0] for r in rows], np.int32)
         a = 0
         for n in self._pieces(L0 - 1) if L0 > 1 else ():
             state = self._piece(self.params, self._put(common[:, a : a + n]), state)
             a += n
-        carry = self._put(_Carry(state, keys, np.zeros((B, pen), np.float32), np.zeros((B, pen), bool)))
-        if spec not in self._steps:
-            self._steps[spec] = jax.jit(partial(_decode_step, self.model, spec, self.decode_rows),
-                                        donate_argnums=(1,))
-        step = self._steps[spec]
-        n_forced = max(lengths) - L0
-        no_force = self._put((np.zeros((B,), np.int32), np.zeros((B,), bool)))
-        live_np = np.ones(B, bool)
-        live_sent = live_np.copy()
-        live = self._put(live_sent)
-        carry, token = step(self.params, carry, self._put(common[:, -1]),
-                            *(forced(0) if n_forced else no_force), live, knobs, weight)
-        token.block_until_ready()
+        jax.block_until_ready(state)
         t1 = time.perf_counter()
+        yes = np.ones(B, bool)
+        carry = self._put(_Carry(state, keys, np.zeros((B, pen), np.float32),
+                                 np.zeros((B, pen), bool), common[:, -1], yes, yes,
+                                 np.zeros(B, np.int32)))
+        block = self._block_fn(spec)
+        consts = self._put((stop_ids, np.int32(max_new_tokens), knobs, weight))
+
+        # Selection j is the token at position L0 + j of every row: its prompt's while that
+        # lasts (forced), sampled after. Block b picks selections b*K .. b*K + K - 1.
+        n_forced = max(lengths) - L0
+        no_force = (np.zeros((B, K), np.int32), np.zeros((B, K), bool))
+        no_force_dev = self._put(no_force)
+
+        def forced(b):
+            if b * K >= n_forced:
+                return no_force, no_force_dev
+            pos = L0 + b * K + np.arange(K)
+            tok, mask = np.zeros((B, K), np.int32), np.zeros((B, K), bool)
+            for i, r in enumerate(rows):
+                mask[i] = pos < len(r)
+                tok[i, mask[i]] = np.asarray(r)[pos[mask[i]]]
+            return (tok, mask), self._put((tok, mask))
+
+        # A stop string can end a row in the middle of a block the device has already run on
+        # (and the next one): with the state kept, the row is replayed from the block's start.
+        replay = keep_state and bool(stop)
+        snapshots: dict[int, Any] = {}
+        fixes: list[tuple[jax.Array, dict]] = []
+        allowed_np = np.ones(B, bool)
+        allowed_sent = allowed_np.copy()
+        allowed = self._put(allowed_sent)
+
+        def launch(b, carry, allowed):
+            if replay:
+                snapshots[b] = self._snapshot(carry.state)
+            host_forced, dev_forced = forced(b)
+            carry, out = block(self.params, carry, *dev_forced, allowed, *consts)
+            return carry, (b, out, host_forced)
 
         # Without a tokenizer there is no text: token ids only.
         texts = [_TextTail(self.tokenizer, stop) if self.tokenizer is not None else None
                  for _ in range(B)]
         generated: list[list[int]] = [[] for _ in range(B)]
         reasons = [""] * B
-        j = 0
+        feed_in = common[:, -1].copy()  # the token each row feeds first in the current block
+        steps = 0
+        carry, current = launch(0, carry, allowed)
         while True:
-            # Queue the step that consumes selection j, then read selection j: the device runs
-            # ahead of this loop by one step.
-            carry, following = step(self.params, carry, token,
-                                    *(forced(j + 1) if j + 1 < n_forced else no_force),
-                                    live, knobs, weight)
-            picked = np.asarray(token)
+            # Queue block b + 1, then read block b: the device runs a block ahead of this loop.
+            if not np.array_equal(allowed_sent, allowed_np):
+                # A copy: on CPU the device array may share the numpy buffer, which this loop
+                # goes on changing while queued blocks still read it.
+                allowed_sent = allowed_np.copy()
+                allowed = self._put(allowed_sent)
+            b, out, (ftok, fmask) = current
+            carry, current = launch(b + 1, carry, allowed)
+            picked = np.asarray(out)
+            selections = np.where(fmask, ftok, picked)
+            cut = np.zeros(B, np.int32)  # per row ended by a stop string here: tokens to replay
             for i in range(B):
-                if reasons[i] or L0 + j < lengths[i]:
-                    continue
-                t = int(picked[i])
-                if t in stop_set:
-                    reasons[i] = "stop_token"
-                else:
-                    generated[i].append(t)
-                    piece, hit = texts[i].push(t) if texts[i] else ("", False)
-                    if piece:
-                        yield i, piece
-                    if hit:
-                        reasons[i] = "stop_string"
-                    elif len(generated[i]) >= max_new_tokens:
-                        reasons[i] = "length"
-                if reasons[i]:
-                    piece = texts[i].finish() if texts[i] and reasons[i] != "stop_string" else ""
-                    if piece:
-                        yield i, piece
-                    live_np[i] = False  # its state is complete once the queued step has run
+                for s in range(K):
+                    if reasons[i]:
+                        break
+                    steps = max(steps, b * K + s + 1)
+                    if fmask[i, s]:
+                        continue
+                    t = int(picked[i, s])
+                    if t in stop_set:
+                        reasons[i] = "stop_token"
+                    else:
+                        generated[i].append(t)
+                        piece, hit = texts[i].push(t) if texts[i] else ("", False)
+                        if piece:
+                            yield i, piece
+                        if hit:
+                            reasons[i] = "stop_string"
+                            allowed_np[i] = False
+                            cut[i] = s + 2  # the block's first token and selections 0..s
+                        elif len(generated[i]) >= max_new_tokens:
+                            reasons[i] = "length"
+                    if reasons[i]:
+                        piece = texts[i].finish() if texts[i] and reasons[i] != "stop_string" else ""
+                        if piece:
+                            yield i, piece
+            if replay and cut.any():
+                tokens = np.concatenate([feed_in[:, None], selections], axis=1)
+                fixes.append((self._put(cut > 0), self._feed_fn(
+                    self.params, snapshots[b], self._put(tokens), self._put(cut))))
+            snapshots.pop(b, None)
+            feed_in = selections[:, -1].copy()
             if all(reasons):
                 break
-            if not np.array_equal(live_sent, live_np):
-                # A copy: on CPU the device array may share the numpy buffer, which this loop
-                # goes on changing while queued steps still read it.
-                live_sent = live_np.copy()
-                live = self._put(live_sent)
-            token = following
-            j += 1
+        final = carry.state
+        for rows_fixed, fixed in fixes:
+            final = self._merge(rows_fixed, fixed, final)
         if keep_state:
-            jax.block_until_ready(carry.state)
+            jax.block_until_ready(final)
         t2 = time.perf_counter()
         return Generation(
             texts=[t.text if t else "" for t in texts], tokens=generated, stop_reasons=reasons,
-            state=carry.state if keep_state else None,
-            timings={"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": j + 1,
+            state=final if keep_state else None,
+            timings={"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps,
                      "new_tokens": sum(len(g) for g in generated)})
 
     def _count_weights(self) -> jax.Array:

@@ -44,10 +44,12 @@ _GENERATORS: dict = {}
 
 
 def _generator(config) -> Generator:
-    """One per config for the whole module, so each compiled step is reused across tests."""
+    """One per config for the whole module, so each compiled step is reused across tests.
+    Blocks of 3 decode steps: the tests' prompts and stops fall across block boundaries."""
     if config not in _GENERATORS:
         params = perturbed(init_params(config, jax.random.PRNGKey(0)), scale=0.5)
-        _GENERATORS[config] = Generator(config, params, CharTokenizer(), prefill_chunk=4)
+        _GENERATORS[config] = Generator(config, params, CharTokenizer(), prefill_chunk=4,
+                                        decode_block=3)
     return _GENERATORS[config]
 
 
@@ -94,6 +96,24 @@ def test_batch_of_different_prompt_lengths_equals_each_row_alone(sampling):
         assert batch.tokens[i] == alone.tokens[0], i
         chex.assert_trees_all_close(_row(batch.state, i), alone.state, rtol=1e-4, atol=1e-4)
     assert [len(t) for t in batch.tokens] == [7, 7, 7]
+
+
+def test_decode_block_size_changes_nothing_but_speed():
+    g = _generator(HYBRID)
+    prompts = [_prompt(5, 8), _prompt(11, 9), _prompt(6, 10)]
+    base = g.generate(prompts, max_new_tokens=14, sampling=SAMPLED, seed=4)
+    stop = base.texts[1][5:7]
+    kw = dict(max_new_tokens=14, sampling=SAMPLED, seed=4, stop=[stop], stop_tokens=[7],
+              keep_state=True)
+    want = g.generate(prompts, **kw)
+    assert "stop_string" in want.stop_reasons
+    for block in (1, 16):
+        other = Generator(HYBRID, g.params, CharTokenizer(), prefill_chunk=4, decode_block=block)
+        got = other.generate(prompts, **kw)
+        assert (got.tokens, got.texts, got.stop_reasons) == (want.tokens, want.texts, want.stop_reasons)
+        chex.assert_trees_all_close(got.state, want.state, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="decode_block=0"):
+        Generator(HYBRID, g.params, decode_block=0)
 
 
 def test_seeds_reproduce_and_differ():
