@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     gen.add_argument("--seed", type=int, default=0, help="sample i of the batch uses seed + i")
     gen.add_argument("--prefill_chunk", type=int, default=1024)
+    gen.add_argument("--decode_block", type=int, default=16,
+                     help="decode steps per device call: text streams out this many tokens at a "
+                          "time; larger blocks cost the host less per token")
     other = p.add_argument_group("scoring and export")
     other.add_argument("--score", default=None, metavar="FILE",
                        help="print loss, perplexity and bits per byte of a whole text file")
@@ -163,7 +166,7 @@ def _main(args) -> int:
 
     if not (args.prompt or args.prompt_file or args.score or args.export_official):
         raise InputError("nothing to do: give --prompt/--prompt_file, --score or --export_official")
-    for name in ("max_new_tokens", "batch_size", "chunk_len"):
+    for name in ("max_new_tokens", "batch_size", "chunk_len", "decode_block"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name}={value}: must be >= 1")
@@ -205,7 +208,8 @@ def _main(args) -> int:
         print(f"wrote {args.export_official}", file=sys.stderr)
 
     # Everything is checked; from here on things compile and run.
-    generator = Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk, bf16=args.bf16)
+    generator = Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk, bf16=args.bf16,
+                          decode_block=args.decode_block)
     if rows:
         stops = [_unescape(s) for s in args.stop]
         t = time.perf_counter()

@@ -41,7 +41,7 @@ def test_cli_generates_scores_like_the_trainer_and_exports_for_the_rwkv_package(
     pth = tmp_path / "tiny.pth"
     cli = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "infer.py"), "--run_dir", run.run_dir,
-         "--prompt", "First", "--max_new_tokens", "12", "--temperature", "0",
+         "--prompt", "First", "--max_new_tokens", "12", "--decode_block", "5", "--temperature", "0",
          "--score", run.cfg.data.val_file, "--export_official", str(pth)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
@@ -106,6 +106,8 @@ def _bad_inputs(run, tmp):
         ("rwkv5", ["--official", str(tmp / "v5.pth"), *prompt], "RWKV-5 or later checkpoint, not RWKV-4"),
         ("not-rwkv", ["--official", str(tmp / "other.pth"), *prompt], "is not an RWKV-4 state dict"),
         ("empty-prompt", ["--run_dir", run.run_dir, "--prompt", ""], "the prompt is empty"),
+        ("decode-block", ["--run_dir", run.run_dir, *prompt, "--decode_block", "0"],
+         "--decode_block=0: must be >= 1"),
         # The world tokenizer (the default for --official) on a byte-level model.
         ("world-on-bytes", ["--official", str(tmp / "byte.pth"), "--prompt", "Hello world"],
          "outside this model's vocabulary of 256"),
