@@ -127,7 +127,7 @@ class Generation:
     tokens: list[list[int]]  # generated tokens per row (a stop token itself not included)
     stop_reasons: list[str]  # "length", "stop_token" or "stop_string"
     state: dict | None  # after every token of each row (keep_state=True)
-    timings: dict  # prefill_s (compiles included), decode_s, steps, new_tokens
+    timings: dict  # prefill_s, decode_s (each with its compiles on a first call), steps, new_tokens
 
     @property
     def text(self) -> str:
@@ -535,7 +535,7 @@ class Generator:
         if state["pos"].shape[0] != B:
             raise ValueError(f"the state holds {state['pos'].shape[0]} rows for {B} prompts")
         stop_set = {int(t) for t in stop_tokens}
-        # Padded to a power of two with -1 (no token), so the step compiles once per size class.
+        # Padded to a power of two with -1 (no token), so the block compiles once per size class.
         stop_ids = np.full(1 << max(len(stop_set) - 1, 0).bit_length(), -1, np.int32)
         stop_ids[: len(stop_set)] = sorted(stop_set)
         knobs = self._put(sampling.knobs())
