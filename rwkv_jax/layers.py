@@ -92,10 +92,9 @@ def group_products(config: ModelConfig, params: dict) -> dict:
         return params
     out = dict(params)
     for i in range(config.n_layer):
-        block = params.get(f"blocks_{i}")
-        if not config.is_rwkv(i) or block is None:
+        if not config.is_rwkv(i):
             continue
-        block = dict(block)
+        block = dict(params[f"blocks_{i}"])
         for part, (name, members) in _GROUPS.items():
             layer = dict(block[part])
             if name in layer:
@@ -179,14 +178,12 @@ class ChannelMix(nn.Module):
         xx = token_shift(x, shift)
         xk = x * mix_k + xx * (1 - mix_k)
         xr = x * mix_r + xx * (1 - mix_r)
-        value = dense(cfg, C, "value", _matrix_init("ffn.value", F, C))
         if self.has_variable("params", "kr"):  # the decode layout (group_products)
             k, r = grouped_products(self, "kr", (xk, xr), (F, C))
-            kv = value(jnp.square(jax.nn.relu(k)))
         else:
             k = dense(cfg, F, "key", _matrix_init("ffn.key", C, F))(xk)
-            kv = value(jnp.square(jax.nn.relu(k)))
             r = dense(cfg, C, "receptance", _matrix_init("ffn.receptance", C, C))(xr)
+        kv = dense(cfg, C, "value", _matrix_init("ffn.value", F, C))(jnp.square(jax.nn.relu(k)))
         out = jax.nn.sigmoid(r.astype(jnp.float32)) * kv.astype(jnp.float32)
         return out, x[:, -1]
 
