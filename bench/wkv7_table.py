@@ -282,11 +282,12 @@ def run7(args, device, deadline):
 
 
 def _cfg_of(spec):
-    """'L,BV,warps_fwd,warps_scan,warps_bwd,stages_scan,inverse_x3' -> pallas Config."""
+    """'L,BV,warps_fwd,warps_scan,warps_bwd,stages_scan,BK,warps_lam' -> pallas Config
+    (a prefix: the fields left out keep their defaults)."""
     from rwkv_jax.ops.pallas import wkv7 as pk  # noqa: PLC0415
 
     keys = ("chunk", "block_v", "warps_fwd", "warps_scan", "warps_bwd", "stages_scan",
-            "inverse_x3")
+            "block_k", "warps_lam")
     return pk.Config(**{k: int(v) for k, v in zip(keys, spec.split(","))})
 
 
@@ -313,9 +314,10 @@ def stage_sweep(shape, specs, deadline):
             p, e, q, f, mx = jax.jit(st["maps"])(r, w, k, v, a, b)
             y, u, ms, m_t = jax.jit(st["scan"])(w, k, v, b, p, e, q, f, m0)
             dms, _ = jax.jit(st["adjoint"])(w, b, p, e, dy, m0)
+            lam, _ = jax.jit(st["lam"])(w, k, b, mx, dms, dy)
             args = dict(maps=(w, r, k, v, a, b), scan=(w, k, v, b, p, e, q, f, m0),
-                        adjoint=(w, b, p, e, dy, m0),
-                        grads=(w, r, k, v, a, b, u, mx, ms, dms, dy))
+                        adjoint=(w, b, p, e, dy, m0), lam=(w, k, b, mx, dms, dy),
+                        grads=(w, r, k, v, a, b, u, lam, ms, dms, dy))
             swap = dict(maps=lambda f: lambda w, r, *z: f(r, w, *z),
                         grads=lambda f: lambda w, r, *z: f(r, w, *z))
             res = {}
@@ -324,6 +326,7 @@ def stage_sweep(shape, specs, deadline):
                 res[name] = 1e3 * common.device_time(jax.jit(fn), [args[name]], reps=3,
                                                      target_s=0.02)
             log(f"  {spec}: " + ", ".join(f"{n} {t:.3f}" for n, t in res.items())
-                + f"; fwd {res['maps'] + res['scan']:.3f}, bwd {res['adjoint'] + res['grads']:.3f}")
+                + f"; fwd {res['maps'] + res['scan']:.3f}, "
+                f"bwd {res['adjoint'] + res['lam'] + res['grads']:.3f}")
         except Exception as e:  # noqa: BLE001
             log(f"  {spec}: failed {type(e).__name__}: {str(e).splitlines()[0][:150]}")

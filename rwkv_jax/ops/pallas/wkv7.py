@@ -17,12 +17,13 @@ everything is matrix products on the tensor cores:
             Y  = R̃ M + A_rb U + A_rk V
             M' = diag(γ) M + B̂^T U + K̂^T V      (γ = the chunk's total decay)
             and M itself is stored at every chunk start for the backward.
-  backward  per chunk, last to first, with the adjoint dM of the state after the chunk:
-            recompute the forward quantities from the stored M, then
+  backward  the adjoint scan walks the chunks last to first with the adjoint dM of the
+            state after each chunk (dM_prev = γ dM + R̃^T dY + Ã^T Λ) and stores it; then,
+            every chunk at once, one kernel makes the sums over key channels
             Λ = Tinv^T (A_rb^T dY + B̂ dM)       (the adjoint of U's right-hand side)
-            dV, dM_prev directly; dr, dk, da, db, dw through the decay-scaled factors.
-            Key-side gradients are sums over value channels: each value block writes its
-            part and the wrapper adds the N / BV parts.
+            and dV, and a second, per block of key channels, the L x L mixes' adjoints and
+            dr, dk, da, db, dw through the decay-scaled factors (one program for all key
+            channels held too many tiles at once and spilled its registers).
 
 The middle-of-chunk scaling cancels out of every product, so it is held constant in the
 backward. Large dots use TF32 on the tensor cores (inputs are bf16 in training anyway); the
@@ -51,7 +52,9 @@ class Config:
     block_v: int = 64  # value channels per program of the sequential kernels (BV)
     warps_fwd: int = 4  # chunk-parallel forward kernel
     warps_scan: int = 4  # the two sequential kernels
-    warps_bwd: int = 8  # chunk-parallel gradient kernel
+    block_k: int = 64  # key channels per program of the gradient kernel (BK)
+    warps_lam: int = 4  # chunk-parallel kernel of the adjoint Lambda and dv
+    warps_bwd: int = 4  # chunk-parallel gradient kernel
     stages_scan: int = 3  # software-pipelining depth of the sequential kernels' loads
     # Tensor-core dots: TF32 for half-precision inputs (they carry 8 bits already), three TF32
     # passes (float32 accuracy) for float32 inputs; False: float32 FMAs throughout.
@@ -60,18 +63,20 @@ class Config:
 
     def fit(self, T: int, N: int) -> "Config":
         return dataclasses.replace(self, chunk=max(16, min(self.chunk, _next_pow2(T))),
-                                   block_v=min(self.block_v, N))
+                                   block_v=min(self.block_v, N), block_k=min(self.block_k, N))
 
     def check(self, N: int) -> None:
-        for name in ("chunk", "block_v"):
+        for name in ("chunk", "block_v", "block_k"):
             val = getattr(self, name)
             if val < 16 or val & (val - 1):
                 raise ValueError(f"wkv7 pallas Config.{name}={val} must be a power of two >= 16")
         if N < 16 or N & (N - 1):
             raise ValueError(f"wkv7 pallas kernel needs a head size that is a power of two >= 16, "
                              f"got {N}")
-        if N % self.block_v:
-            raise ValueError(f"wkv7 pallas Config.block_v={self.block_v} must divide N={N}")
+        for name in ("block_v", "block_k"):
+            if N % getattr(self, name):
+                raise ValueError(f"wkv7 pallas Config.{name}={getattr(self, name)} must divide "
+                                 f"N={N}")
 
 
 DEFAULT_CONFIG = Config()
@@ -140,7 +145,7 @@ def _mixes(q, L, dots, exact):
     return dict(a_ab=a_ab, a_ak=a_ak, a_rb=a_rb, a_rk=a_rk, tinv=x)
 
 
-MIXES = ("a_ab", "a_ak", "a_rb", "a_rk", "tinv")
+MIXES = ("a_ak", "a_rb", "a_rk", "tinv")  # what the backward reads (it never needs a_ab)
 
 
 def _chunk_setup(r, w, k, a, b, L, dots, exact):
@@ -225,23 +230,42 @@ def _adjoint_kernel(w_ref, b_ref, p_ref, e_ref, dy_ref, dmT_ref, dms_ref, dm0_re
     dm0_ref[bi, hi, :, vs] = dm
 
 
-def _grad_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, u_ref, mx_ref, ms_ref, dms_ref, dy_ref,
-                 dr_ref, dw_ref, dk_ref, dv_ref, da_ref, db_ref, *, H, L, fast):
-    """Every chunk at once, given its incoming state M and the adjoint dM at its end."""
+def _lam_kernel(w_ref, k_ref, b_ref, mx_ref, dms_ref, dy_ref, lam_ref, dv_ref, *, H, L, fast):
+    """Every chunk at once: Λ = Tinv^T (A_rb^T dY + B̂ dM), the adjoint of U's right-hand
+    side, and dV. Both are sums over key channels, so they precede the key-split kernel."""
     bh, j = pl.program_id(0), pl.program_id(1)
     bi, hi = bh // H, bh % H
     ts = pl.ds(j * L, L)
-    dots = _dot_fns(fast)
-    dot, dot_nt, dot_tn = dots
+    dot, _, dot_tn = _dot_fns(fast)
+    w, k, b, dy = (x[bi, ts, hi, :].astype(jnp.float32) for x in (w_ref, k_ref, b_ref, dy_ref))
+    mx = {name: mx_ref[bi, hi, j, i] for i, name in enumerate(MIXES)}
+    dm = dms_ref[bi, hi, j]
+    e_out, _ = _decay_out(w)
+    lam = dot_tn(mx["tinv"], dot_tn(mx["a_rb"], dy) + dot(b * e_out, dm))
+    lam_ref[bi, ts, hi, :] = lam
+    dv = dot_tn(mx["a_ak"], lam) + dot_tn(mx["a_rk"], dy) + dot(k * e_out, dm)
+    dv_ref[bi, ts, hi, :] = dv.astype(dv_ref.dtype)
+
+
+def _grad_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, u_ref, lam_ref, ms_ref, dms_ref,
+                 dy_ref, dr_ref, dw_ref, dk_ref, da_ref, db_ref, *, H, L, BK, fast):
+    """Per (chunk, block of key channels), given Λ, the chunk's incoming state M and the
+    adjoint dM at its end. Every gradient here belongs to one key channel; the L x L mixes'
+    adjoints (sums over value channels) are recomputed by each key block, which keeps each
+    program's registers to a few tiles (one program for all N key channels spilled)."""
+    bh, j, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi, hi = bh // H, bh % H
+    ts, ks = pl.ds(j * L, L), pl.ds(kb * BK, BK)
+    dot, dot_nt, dot_tn = _dot_fns(fast)
     t, s = _iota2(L)
     strict, incl = s < t, s <= t
-    r, w, k, v, a, b, u, dy = (x[bi, ts, hi, :].astype(jnp.float32)
-                               for x in (r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, u_ref, dy_ref))
-    m, dm = ms_ref[bi, hi, j], dms_ref[bi, hi, j]
+    r, w, k, a, b = (x[bi, ts, hi, ks].astype(jnp.float32)
+                     for x in (r_ref, w_ref, k_ref, a_ref, b_ref))
+    v, u, lam, dy = (x[bi, ts, hi, :].astype(jnp.float32)
+                     for x in (v_ref, u_ref, lam_ref, dy_ref))
+    m, dm = ms_ref[bi, hi, j, ks, :], dms_ref[bi, hi, j, ks, :]  # (BK, N): key rows
     q = _decays(r, w, k, a, b)
-    q.update((name, mx_ref[bi, hi, j, i]) for i, name in enumerate(MIXES))
 
-    lam = dot_tn(q["tinv"], dot_tn(q["a_rb"], dy) + dot(q["b_h"], dm))
     d_ab = jnp.where(strict, dot_nt(lam, u), 0.0)
     d_ak = jnp.where(strict, dot_nt(lam, v), 0.0)
     d_rb = jnp.where(incl, dot_nt(dy, u), 0.0)
@@ -250,7 +274,6 @@ def _grad_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, u_ref, mx_ref, ms_ref
     d_rt = dot_nt(dy, m)
     d_bh = dot_nt(u, dm)
     d_kh = dot_nt(v, dm)
-    dv = dot_tn(q["a_ak"], lam) + dot_tn(q["a_rk"], dy) + dot(q["k_h"], dm)
 
     d_aq = dot(d_ab, q["bd"]) + dot(d_ak, q["kd"])
     d_rq = dot(d_rb, q["bd"]) + dot(d_rk, q["kd"])
@@ -263,7 +286,7 @@ def _grad_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, u_ref, mx_ref, ms_ref
     dc = d_rq * q["rq"] + d_rt * q["r_t"] - d_bd * q["bd"] - d_kd * q["kd"] - hb - hk
     dce = d_aq * q["aq"] + d_at * q["a_t"]
     # the chunk total c_l: through b_h, k_h and the state's decay gamma = e^{c_l}
-    d_gamma = jnp.sum((dm * m).T, axis=0, keepdims=True)  # (1, N)
+    d_gamma = jnp.sum((dm * m).T, axis=0, keepdims=True)  # (1, BK)
     dcl = jnp.sum(hb + hk, axis=0, keepdims=True) + d_gamma * jnp.exp(c_l)
     # c = cumsum(w), ce = c - w, c_l = sum(w): dw_t = sum_{s>=t} (dc + dce)_s - dce_t + dcl
     g = dc + dce
@@ -273,10 +296,9 @@ def _grad_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, u_ref, mx_ref, ms_ref
         (db_ref, d_bd * e_in + d_bh * e_out),
         (dk_ref, d_kd * e_in + d_kh * e_out),
         (dw_ref, jnp.sum(g, axis=0, keepdims=True) - jnp.cumsum(g, axis=0) + g - dce + dcl),
-        (dv_ref, dv),
     )
     for ref, val in out:
-        ref[bi, ts, hi, :] = val.astype(ref.dtype)
+        ref[bi, ts, hi, ks] = val.astype(ref.dtype)
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -310,8 +332,8 @@ def _call(kernel, out_shape, grid, num_warps, interpret, name, num_stages=1):
 
 
 def _stages(B, T, H, N, dtypes, cfg: Config, interpret: bool):
-    """The four pallas_calls for one shape, by name (bench/wkv7_table.py times them singly)."""
-    L, BV = cfg.chunk, cfg.block_v
+    """The five pallas_calls for one shape, by name (bench/wkv7_table.py times them singly)."""
+    L, BV, BK = cfg.chunk, cfg.block_v, cfg.block_k
     NC = T // L
     half = all(jnp.dtype(dt).itemsize < 4 for i, dt in enumerate(dtypes) if i != 1)  # not w
     fast, exact = _precisions(cfg, interpret, half)
@@ -330,10 +352,14 @@ def _stages(B, T, H, N, dtypes, cfg: Config, interpret: bool):
         adjoint=_call(functools.partial(_adjoint_kernel, H=H, L=L, NC=NC, BV=BV, fast=fast),
                       [states, _sds((B, H, N, N))], lanes, cfg.warps_scan, interpret,
                       "wkv7_adjoint_scan", cfg.stages_scan),
-        # (r, w, k, v, a, b, U, mixes, Ms, dMs, dy) -> dr, dw, dk, dv, da, db
-        grads=_call(functools.partial(_grad_kernel, H=H, L=L, fast=fast),
-                    [_sds((B, T, H, N), dt) for dt in dtypes], chunks, cfg.warps_bwd,
-                    interpret, "wkv7_grads"),
+        # (w, k, b, mixes, dMs, dy) -> Λ, dv
+        lam=_call(functools.partial(_lam_kernel, H=H, L=L, fast=fast),
+                  [full, _sds((B, T, H, N), dtypes[3])], chunks, cfg.warps_lam, interpret,
+                  "wkv7_adjoint_lambda"),
+        # (r, w, k, v, a, b, U, Λ, Ms, dMs, dy) -> dr, dw, dk, da, db
+        grads=_call(functools.partial(_grad_kernel, H=H, L=L, BK=BK, fast=fast),
+                    [_sds((B, T, H, N), dtypes[i]) for i in (0, 1, 2, 4, 5)],
+                    (B * H, NC, N // BK), cfg.warps_bwd, interpret, "wkv7_grads"),
     )
 
 
@@ -350,7 +376,9 @@ def _backward(r, w, k, v, a, b, saved, dy, dmT, cfg: Config, interpret: bool):
     ms, u, p, e, mx = saved
     st = _stages(*r.shape, [x.dtype for x in (r, w, k, v, a, b)], cfg, interpret)
     dms, dm0 = st["adjoint"](w, b, p, e, dy, dmT)
-    return (*st["grads"](r, w, k, v, a, b, u, mx, ms, dms, dy), dm0)
+    lam, dv = st["lam"](w, k, b, mx, dms, dy)
+    dr, dw, dk, da, db = st["grads"](r, w, k, v, a, b, u, lam, ms, dms, dy)
+    return dr, dw, dk, dv, da, db, dm0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
