@@ -615,7 +615,7 @@ def main():
     ap.add_argument("--no-fla", action="store_true", help="RWKV-7: skip fla's chunk_rwkv7")
     ap.add_argument("--sweep7", nargs="*", default=None,
                     help="RWKV-7: time each kernel for tilings L,BV,warps_fwd,warps_scan,"
-                         "warps_bwd,stages_scan")
+                         "warps_bwd,stages_scan[,BK,warps_lam]")
     args = ap.parse_args()
     args.shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     deadline = time.perf_counter() + args.budget_s
