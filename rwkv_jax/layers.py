@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwkv_jax.config import ModelConfig
+from rwkv_jax.ops.pallas import decode4
 from rwkv_jax.ops.wkv4 import WKVState, wkv4
 
 # RWKV-LM v4neo zero-initialises these projections so that each block starts as the identity
@@ -105,6 +106,73 @@ def group_products(config: ModelConfig, params: dict) -> dict:
     return out
 
 
+# The kernel layout: every matrix of an RWKV-4 block transposed to (out, in), so that a decode
+# kernel's program reads its output channels' weights as contiguous rows
+# (rwkv_jax.ops.pallas.decode4), and stacked where one kernel reads several:
+#   att: kvr_t (3, C, C) = [key, value, receptance], output_t (C, C)
+#   ffn: kr_t (F + C, C) = [key ; receptance], value_t (C, F)
+# A step of one token and up to decode4.MAX_ROWS rows runs as six Pallas kernels per block;
+# anything longer (a prefill, a wide batch) multiplies by the transposes through XLA.
+_KERNEL_LAYOUT = {"att": {"kvr_t": ("key", "value", "receptance"), "output_t": ("output",)},
+                  "ffn": {"kr_t": ("key", "receptance"), "value_t": ("value",)}}
+
+
+def kernel_layout(config: ModelConfig, params: dict) -> dict:
+    """Params in the kernel layout (idempotent; from the official or the grouped layout): the
+    model gives the same outputs from any of them. Only RWKV-4 blocks change."""
+    if config.version != "4":
+        return params
+    out = dict(params)
+    for i in range(config.n_layer):
+        if not config.is_rwkv(i):
+            continue
+        block = dict(params[f"blocks_{i}"])
+        for part, stacks in _KERNEL_LAYOUT.items():
+            layer = _ungroup(dict(block[part]), part)
+            for name, members in stacks.items():
+                if name in layer:
+                    continue
+                mats = [layer.pop(m)["kernel"].T for m in members]
+                layer[name] = jnp.stack(mats) if name == "kvr_t" else jnp.concatenate(mats)
+            block[part] = layer
+        out[f"blocks_{i}"] = block
+    return out
+
+
+def _ungroup(layer: dict, part: str) -> dict:
+    """A layer's grouped matrix split back into its members (group_products undone)."""
+    name, members = _GROUPS[part]
+    if name in layer:
+        w = layer.pop(name)
+        C = w.shape[0]
+        widths = (C, C, C) if part == "att" else (w.shape[1] - C, C)
+        bounds = np.cumsum((0,) + widths)
+        for m, lo, hi in zip(members, bounds[:-1], bounds[1:]):
+            layer[m] = {"kernel": w[:, lo:hi]}
+    return layer
+
+
+def uses_decode_kernels(module: nn.Module, x) -> bool:
+    """Whether an RWKV-4 block runs this input through the decode kernels: one token, a few
+    rows, and its weights in the kernel layout."""
+    B, T = x.shape[:2]
+    return (T == 1 and B <= decode4.MAX_ROWS and module.has_variable("params", "att")
+            and "kvr_t" in module.get_variable("params", "att"))
+
+
+def transposed_products(module: nn.Module, name: str, shape, pieces):
+    """x @ W.T for each (x, W) in pieces, W a function of the (out, in) matrix `name` of the
+    kernel layout picking the rows (or stack entry) x multiplies, in the compute dtype: the
+    kernel layout's products for inputs the decode kernels do not take."""
+    dtype = jnp.dtype(module.config.dtype)
+    w = module.param(name, nn.initializers.zeros_init(), shape).astype(dtype)
+    return [x.astype(dtype) @ pick(w).T for x, pick in pieces]
+
+
+def _whole(w):
+    return w
+
+
 def grouped_products(module: nn.Module, name: str, xs, widths):
     """x_j @ W_j for each input x_j (B, T, C) and its block W_j of columns of the grouped matrix
     `name`, in the config's compute dtype."""
@@ -148,6 +216,9 @@ class TimeMix(nn.Module):
         xr = x * mix_r + xx * (1 - mix_r)
         if self.has_variable("params", "kvr"):  # the decode layout (group_products)
             k, v, r = grouped_products(self, "kvr", (xk, xv, xr), (cfg.dim_att,) * 3)
+        elif self.has_variable("params", "kvr_t"):  # the kernel layout (kernel_layout)
+            k, v, r = transposed_products(self, "kvr_t", (3, cfg.dim_att, C), [
+                (xk, lambda w: w[0]), (xv, lambda w: w[1]), (xr, lambda w: w[2])])
         else:
             k = dense(cfg, cfg.dim_att, "key", _matrix_init("att.key", C, cfg.dim_att))(xk)
             v = dense(cfg, cfg.dim_att, "value", _matrix_init("att.value", C, cfg.dim_att))(xv)
@@ -156,7 +227,10 @@ class TimeMix(nn.Module):
         y, wkv_state = wkv4(time_decay, time_first, k, v, wkv_state,
                             impl=cfg.wkv_impl, chunk_size=cfg.wkv_chunk_size)
         out = jax.nn.sigmoid(r.astype(jnp.float32)) * y
-        out = dense(cfg, C, "output", _matrix_init("att.output", cfg.dim_att, C))(out)
+        if self.has_variable("params", "output_t"):
+            (out,) = transposed_products(self, "output_t", (C, cfg.dim_att), [(out, _whole)])
+        else:
+            out = dense(cfg, C, "output", _matrix_init("att.output", cfg.dim_att, C))(out)
         return out, x[:, -1], wkv_state
 
 
@@ -180,10 +254,17 @@ class ChannelMix(nn.Module):
         xr = x * mix_r + xx * (1 - mix_r)
         if self.has_variable("params", "kr"):  # the decode layout (group_products)
             k, r = grouped_products(self, "kr", (xk, xr), (F, C))
+        elif self.has_variable("params", "kr_t"):  # the kernel layout (kernel_layout)
+            k, r = transposed_products(self, "kr_t", (F + C, C), [
+                (xk, lambda w: w[:F]), (xr, lambda w: w[F:])])
         else:
             k = dense(cfg, F, "key", _matrix_init("ffn.key", C, F))(xk)
             r = dense(cfg, C, "receptance", _matrix_init("ffn.receptance", C, C))(xr)
-        kv = dense(cfg, C, "value", _matrix_init("ffn.value", F, C))(jnp.square(jax.nn.relu(k)))
+        h = jnp.square(jax.nn.relu(k))
+        if self.has_variable("params", "value_t"):
+            (kv,) = transposed_products(self, "value_t", (C, F), [(h, _whole)])
+        else:
+            kv = dense(cfg, C, "value", _matrix_init("ffn.value", F, C))(h)
         out = jax.nn.sigmoid(r.astype(jnp.float32)) * kv.astype(jnp.float32)
         return out, x[:, -1]
 
@@ -332,6 +413,10 @@ class RWKVBlock(nn.Module):
             from rwkv_jax.state import zero_layer_state  # noqa: PLC0415
 
             state = zero_layer_state(cfg, self.layer_id, x.shape[0])
+        if uses_decode_kernels(self, x):
+            x, new = decode4.block_step(self.variables["params"], x[:, 0], state,
+                                        eps=cfg.layer_norm_eps)
+            return x[:, None], new
         wkv = WKVState(state["aa"], state["bb"], state["pp"])
         att, shift_att, wkv = TimeMix(cfg, self.layer_id, name="att")(
             layer_norm(cfg, "ln1")(x), state["shift_att"], wkv)
