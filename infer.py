@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--decode_block", type=int, default=16,
                      help="decode steps per device call: text streams out this many tokens at a "
                           "time; larger blocks cost the host less per token")
+    gen.add_argument("--decode_kernels", action="store_true",
+                     help="RWKV-4: decode with the fused Pallas kernels (rwkv_jax.ops.pallas."
+                          "decode4) instead of XLA's products; experimental, slower than XLA on "
+                          "an H200 so far (bench/README.md)")
     other = p.add_argument_group("scoring and export")
     other.add_argument("--score", default=None, metavar="FILE",
                        help="print loss, perplexity and bits per byte of a whole text file")
@@ -172,6 +176,9 @@ def _main(args) -> int:
             raise InputError(f"--{name}={value}: must be >= 1")
 
     config, params, tokenizer_name, chunk_len = load_model(args)
+    if args.decode_kernels and config.version != "4":
+        raise InputError(f"--decode_kernels: the decode kernels run RWKV-4 blocks; this model "
+                         f"is RWKV-{config.version} (leave the flag out)")
     try:
         tokenizer = data_lib.get_tokenizer(tokenizer_name)
     except (ValueError, ImportError, OSError) as e:
@@ -209,7 +216,7 @@ def _main(args) -> int:
 
     # Everything is checked; from here on things compile and run.
     generator = Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk, bf16=args.bf16,
-                          decode_block=args.decode_block)
+                          decode_block=args.decode_block, decode_kernels=args.decode_kernels)
     if rows:
         stops = [_unescape(s) for s in args.stop]
         t = time.perf_counter()

@@ -364,14 +364,21 @@ class Generator:
 
     def __init__(self, config: ModelConfig, params, tokenizer=None, *, prefill_chunk: int = 1024,
                  bf16: bool = False, decode_rows: int | None = None, decode_block: int = 16,
-                 group_products: bool = True):
+                 group_products: bool = True, decode_kernels: bool = False):
         if not (isinstance(decode_block, int) and decode_block >= 1):
             raise ValueError(f"decode_block={decode_block!r}: must be an integer >= 1 (decode "
                              "steps per device call)")
         if bf16:
             config = dataclasses.replace(config, dtype="bfloat16")
             params = inference_params(params, jnp.bfloat16)
-        if group_products:  # fewer, larger products per decode step; the same outputs
+        # The Pallas decode kernels (rwkv_jax.ops.pallas.decode4): RWKV-4 steps of up to
+        # decode4.MAX_ROWS rows as six fused kernels per block. Off by default: on an H200 a
+        # 3B block takes them 91 us against XLA's 63 (bench/README.md, decode_kernels.py).
+        # On a CPU they run in the Pallas interpreter, which only tests should do.
+        self.decode_kernels = bool(decode_kernels) and config.version == "4"
+        if self.decode_kernels:
+            params = layers.kernel_layout(config, params)
+        elif group_products:  # fewer, larger products per decode step; the same outputs
             params = layers.group_products(config, params)
         self.config = config
         # Every array a compiled step takes is placed ("committed") on this device: jit compiles
@@ -381,10 +388,11 @@ class Generator:
         self.params = self._put(params)
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
-        # Decode steps compute at least this many rows. On an H100 a 3B model's batch-1 step
-        # took 5.1 ms with one row and 3.1 ms padded to two (bench/decode.py); CPUs gain nothing.
+        # Decode steps compute at least this many rows. On an H100 XLA's batch-1 step of a 3B
+        # model took 5.1 ms with one row and 3.1 ms padded to two (bench/decode.py); the decode
+        # kernels and CPUs gain nothing from padding.
         if decode_rows is None:
-            decode_rows = 2 if jax.default_backend() == "gpu" else 1
+            decode_rows = 2 if jax.default_backend() == "gpu" and not self.decode_kernels else 1
         self.decode_rows = decode_rows
         # Steps per decode call: the host's cost per call (launching a step that takes every
         # weight array) is paid once per block, and text streams out a block at a time.

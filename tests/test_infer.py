@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_official_state_dict, rel_err
+from conftest import random_official_state_dict, random_x070_state_dict, rel_err
 
 import infer
 from rwkv_jax import checkpoint as ckpt
@@ -95,6 +95,7 @@ def _bad_inputs(run, tmp):
     sd["blocks.0.att.ln_x.weight"] = torch.ones(64)
     torch.save(sd, tmp / "v5.pth")
     torch.save({"weights": torch.ones(3)}, tmp / "other.pth")
+    torch.save(random_x070_state_dict(), tmp / "x070.pth")
     config, params, _ = ckpt.restore_params(run.run_dir)
     ckpt.export_official(params, config, tmp / "byte.pth")
 
@@ -108,6 +109,8 @@ def _bad_inputs(run, tmp):
         ("empty-prompt", ["--run_dir", run.run_dir, "--prompt", ""], "the prompt is empty"),
         ("decode-block", ["--run_dir", run.run_dir, *prompt, "--decode_block", "0"],
          "--decode_block=0: must be >= 1"),
+        ("kernels-on-rwkv7", ["--official", str(tmp / "x070.pth"), *prompt, "--decode_kernels"],
+         "--decode_kernels: the decode kernels run RWKV-4 blocks; this model is RWKV-7"),
         # The world tokenizer (the default for --official) on a byte-level model.
         ("world-on-bytes", ["--official", str(tmp / "byte.pth"), "--prompt", "Hello world"],
          "outside this model's vocabulary of 256"),
@@ -132,3 +135,16 @@ def test_bad_input_gets_one_line_and_exit_status_2_before_anything_compiles(run,
         err = capsys.readouterr().err.strip()
         assert err.startswith("infer: ") and "\n" not in err, (name, err)
         assert message in err, (name, err)
+
+
+def test_decode_kernels_flag_gives_the_same_greedy_text(run, capsys):
+    """infer.py --decode_kernels: the fused Pallas kernels (interpreted here) write what XLA's
+    decode step writes."""
+    argv = ["--run_dir", run.run_dir, "--prompt", "First", "--max_new_tokens", "6",
+            "--temperature", "0", "--decode_block", "4"]
+    texts = []
+    for extra in ([], ["--decode_kernels"]):
+        capsys.readouterr()
+        assert infer.main(argv + extra) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[1] == texts[0] and len(texts[0].strip()) > 0
