@@ -11,8 +11,10 @@ real generate loop: one jitted call per block of decode steps, state donated, sa
 inside; greedy) with bf16 weights on GPU; also the bare block queued back to back with no host
 reads, and one block of n steps (the device's own speed). Workers write their progress to workers.log in
 --out as they go.
-Batch 1 runs as one row and padded to 2 or 8 rows (Generator(decode_rows=...)); on GPU all of it
-also with the official weight layout (Generator(group_products=False)).
+Batch 1 runs as one row and padded to 2 or 8 rows (Generator(decode_rows=...)); on GPU also
+through the fused Pallas decode kernels (Generator(decode_kernels=True), one row; batch 16
+falls back to XLA's products on their weight layout), and with --kernel_config B,K,W,S in
+another tiling (bench/decode_kernels.py finds one).
 Theirs: `rwkv.model.RWKV(model, strategy)` with its CUDA kernels built (RWKV_CUDA_ON=1) when
 nvcc can build them, fed the same prompt, greedy by argmax. Each side runs in its own process
 so neither holds the other's GPU memory; the CUDA extension builds in the background while the
@@ -192,12 +194,20 @@ def jax_worker(a) -> dict:
     prompt = prompt_tokens(dims["vocab_size"], a.prompt_len + 1, 1)[0]
     config = ModelConfig(**dims, dtype=jnp.dtype(dtype).name)
 
+    kernels = a.kernels
+    if a.kernel_config:  # a tiling from bench/decode_kernels.py instead of the default
+        from rwkv_jax.ops.pallas import decode4  # noqa: PLC0415
+
+        bn, bk, w, st = (int(v) for v in a.kernel_config.split(","))
+        decode4.DEFAULT_CONFIG = decode4.Config(block_n=bn, block_k=bk, warps=w, stages=st)
+        out["kernel_config"] = a.kernel_config
     gen = None
     if a.prefill:
         wkv = "auto"
         for attempt in ("auto", "chunked"):
             config = ModelConfig(**dims, dtype=jnp.dtype(dtype).name, wkv_impl=attempt)
-            gen = Generator(config, params, prefill_chunk=a.prompt_len, decode_rows=1)
+            gen = Generator(config, params, prefill_chunk=a.prompt_len, decode_rows=1,
+                            decode_kernels=kernels)
             try:
                 t = time.perf_counter()
                 gen.generate(prompt, max_new_tokens=4)  # compiles the prefill and the B1 step
@@ -221,12 +231,14 @@ def jax_worker(a) -> dict:
     # without compiling a (B, prompt) prefill).
     for rows in a.rows:
         if not (rows == 1 and gen is not None):  # the prefill's generator has the 1-row step
-            gen = Generator(config, params, decode_rows=rows, group_products=not a.ungrouped)
+            gen = Generator(config, params, decode_rows=rows, group_products=not a.ungrouped,
+                            decode_kernels=kernels)
+        out["decode_kernels"] = gen.decode_kernels
         out["variants"][f"B1 rows={rows}"] = measure_decode(gen, prefilled, prompt[-1], 1, a.new_tokens)
         progress(f"B1 rows={rows}: {out['variants'][f'B1 rows={rows}']}")
         gen = None
     for B in a.batches:
-        gen = Generator(config, params, group_products=not a.ungrouped)
+        gen = Generator(config, params, group_products=not a.ungrouped, decode_kernels=kernels)
         out["variants"][f"B{B}"] = measure_decode(gen, prefilled, prompt[-1], B, a.new_tokens)
         progress(f"B{B}: {out['variants'][f'B{B}']}")
     return out
@@ -394,11 +406,12 @@ def orchestrate(a):
     if a.gpu:
         names, device, pdtype, strategy = ["3B", "169M", "1.5B"], "cuda", "float16", "cuda fp16"
         prompt_len, new_tokens, batches = 1024, 100, [16]
-        # Two rows beat one and eight (2026-11-25: 2.98 ms against 5.19 and 3.03 on the
-        # device); cuBLAS products were slower (3.40). The ungrouped row measures the decode
-        # layout (rwkv_jax.layers.group_products) against the official one, in the same run.
-        variants = [("XLA defaults", {}, ["--prefill", "--rows", "1,2"]),
-                    ("ungrouped products", {}, ["--rows", "2", "--batches", "", "--ungrouped"])]
+        # The default (XLA's products on the grouped layout; batch 1 padded to two rows:
+        # 2026-11-25 on an H100, 2.98 ms against 5.19 for one row and 3.03 for 8) beside the
+        # fused Pallas decode kernels (rwkv_jax.ops.pallas.decode4, Generator(decode_kernels=
+        # True)), which need no padding.
+        variants = [("XLA, grouped products", {}, ["--prefill", "--rows", "1,2"]),
+                    ("decode kernels", {}, ["--rows", "1", "--kernels"])]
     elif a.quick:
         names, device, pdtype, strategy = ["quick"], "cpu", "float32", "cpu fp32"
         prompt_len, new_tokens, batches = 16, 8, [4]
@@ -430,8 +443,9 @@ def orchestrate(a):
         results[name] = {"ours": {}, "rwkv": None, "shape": MODELS[name]}
         for label, env, extra in variants:
             remaining = max(a.budget_s + 60 - (time.perf_counter() - start), 30)
+            tiling = ["--kernel_config", a.kernel_config] if a.kernel_config else []
             ours = _worker("jax", ["--pth", pth, "--batches", ",".join(map(str, batches)),
-                                   *common, *extra], log, timeout=remaining, env=env)
+                                   *common, *tiling, *extra], log, timeout=remaining, env=env)
             log(f"  ours ({label}): {json.dumps(ours)}")
             results[name]["ours"][label] = ours
             _save(a.out, results)
@@ -467,7 +481,7 @@ def format_table(results: dict, batches, prompt_len: int, new_tokens: int) -> st
              "timed: ms per decode step (one token per row) through the generate loop, and in "
              "brackets the bare decode block queued back to back (no host reads) / one block of "
              "n steps (the device alone).", "",
-             "| model | ours: XLA settings | B1, 1 row | B1 padded to 2 rows | B1 padded to 8 rows "
+             "| model | ours | B1, 1 row | B1 padded to 2 rows | B1 padded to 8 rows "
              + "".join(f"| B{b} ms/step (tokens/s) " for b in batches) + "|",
              "|---|---|---|---|---" + "|---" * len(batches) + "|"]
 
@@ -522,6 +536,10 @@ def format_table(results: dict, batches, prompt_len: int, new_tokens: int) -> st
         if any("ungrouped products" in r["ours"] for r in results.values()):
             lines[-1] += (" Ungrouped products: the official weight layout, one product per "
                           "matrix (Generator(group_products=False)).")
+        if any("decode kernels" in r["ours"] for r in results.values()):
+            lines[-1] += (" Decode kernels: the fused Pallas kernels (rwkv_jax.ops.pallas.decode4"
+                          ", Generator(decode_kernels=True)), one row; batch 16 is more rows than "
+                          "they take and runs XLA's products on their weight layout.")
         if first["device"] == "cpu":
             lines[-1] += (" On a CPU the weights of a small model stay in cache, so the floor "
                           "(from a copy of an array larger than the cache) is not a bound.")
@@ -547,6 +565,10 @@ def main():
     p.add_argument("--batches", default="16", help="batch sizes beside batch 1")
     p.add_argument("--rows", default="1", help="batch 1 decoded with this many rows (padding)")
     p.add_argument("--prefill", action="store_true", help="also time the prefill of the prompt")
+    p.add_argument("--kernel_config", default="",
+                   help="the decode kernels' tiling block_n,block_k,warps,stages")
+    p.add_argument("--kernels", action="store_true",
+                   help="decode with the Pallas decode kernels (Generator(decode_kernels=True))")
     p.add_argument("--ungrouped", action="store_true",
                    help="decode with the official weight layout (Generator(group_products=False))")
     a = p.parse_args()

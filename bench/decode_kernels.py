@@ -1,0 +1,156 @@
+"""The decode kernels (rwkv_jax.ops.pallas.decode4) against XLA's decode step, block by block.
+
+    python3 bench/decode_kernels.py [--model 3B] [--layers 4] [--rows 1,2]
+                                   [--configs 8,512,4,3 16,256,4,3 ...]
+
+A stack of `--layers` RWKV-4 blocks of a model's shape with random bf16 weights (more bytes
+than the L2 holds, as in a whole model), one token per row through every block, the step
+repeated `--steps` times inside one jitted loop compiled as one CUDA graph (the way
+rwkv_jax.generate runs it), so the time is the device's alone. Rows:
+  XLA grouped   RWKVBlock on the grouped layout (rwkv_jax.layers.group_products), the
+                generator's default decode path; batch 1 padded to 2 rows, as it does on GPUs
+  kernels B,K,W,S   decode4.block_step with Config(block_n=B, block_k=K, warps=W, stages=S)
+Each row gives us per block, the bytes of a block's weights over that time, and that time
+over the floor (the weights over the measured copy bandwidth). Prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from decode import MODELS, copy_bandwidth  # noqa: E402  bench/decode.py
+from rwkv_jax import layers  # noqa: E402
+from rwkv_jax.config import ModelConfig  # noqa: E402
+from rwkv_jax.generate import _loop_options, inference_params  # noqa: E402
+from rwkv_jax.layers import RWKVBlock  # noqa: E402
+from rwkv_jax.ops.pallas import decode4  # noqa: E402
+from rwkv_jax.state import zero_layer_state  # noqa: E402
+
+
+def random_blocks(config: ModelConfig, n: int, seed: int = 0):
+    """n blocks' parameters (official layout) at a sane scale, matrices in the compute dtype."""
+    block = RWKVBlock(config, 1)
+    x = jnp.zeros((1, 1, config.n_embd), jnp.float32)
+    init = jax.jit(lambda k: block.init(k, x, None, jnp.zeros((1,), jnp.int32))["params"])
+    out = []
+    for i in range(n):
+        p = init(jax.random.PRNGKey(seed + i))
+        leaves, tree = jax.tree.flatten(p)
+        keys = jax.random.split(jax.random.PRNGKey(1000 + i), len(leaves))
+        leaves = [a + jax.random.normal(k, a.shape) * (a.shape[0] ** -0.5 if a.ndim == 2 else 0.1)
+                  for a, k in zip(leaves, keys)]
+        out.append(inference_params(jax.tree.unflatten(tree, leaves), jnp.dtype(config.dtype)))
+    return out
+
+
+def time_stack(step, blocks, x, states, steps: int) -> float:
+    """Seconds per step of `steps` steps in one jitted loop (one CUDA graph on a GPU)."""
+
+    def run(blocks, x, states):
+        def body(_, carry):
+            x, states = carry
+            new = []
+            for p, s in zip(blocks, states):
+                x, s = step(p, x, s)
+                new.append(s)
+            return x, tuple(new)
+
+        return jax.lax.fori_loop(0, steps, body, (x, states))
+
+    f = jax.jit(run, compiler_options=_loop_options())
+    t = time.perf_counter()
+    jax.block_until_ready(f(blocks, x, states))
+    compile_s = time.perf_counter() - t
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        jax.block_until_ready(f(blocks, x, states))
+        best = min(best, time.perf_counter() - t)
+    return best / steps, compile_s
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="3B", choices=sorted(MODELS))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--rows", default="1,2")
+    ap.add_argument("--configs", nargs="*", default=["2,1024,4,3"],
+                    help="block_n,block_k,warps,stages per kernel row")
+    ap.add_argument("--no_xla", action="store_true")
+    ap.add_argument("--best", default=None, help="write the fastest tiling here (B,K,W,S)")
+    a = ap.parse_args()
+    gpu = jax.default_backend() == "gpu"
+    L, C, V = MODELS[a.model]
+    config = ModelConfig(vocab_size=V, n_layer=L, n_embd=C,
+                         dtype="bfloat16" if gpu else "float32")
+    blocks = random_blocks(config, a.layers)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(blocks[0]))
+    bw = copy_bandwidth()
+    floor = weight_bytes / bw
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; {a.model} blocks: "
+          f"{weight_bytes / 1e6:.1f} MB each, copy {bw / 1e9:,.0f} GB/s, floor {1e6 * floor:.1f} us",
+          flush=True)
+    stack = ModelConfig(vocab_size=V, n_layer=len(blocks), n_embd=C, dtype=config.dtype)
+    named = {f"blocks_{i}": p for i, p in enumerate(blocks)}
+    grouped = [layers.group_products(stack, named)[f"blocks_{i}"] for i in range(len(blocks))]
+    kernel = [layers.kernel_layout(stack, named)[f"blocks_{i}"] for i in range(len(blocks))]
+    pos = None
+    rows_out = []
+    for rows in [int(r) for r in a.rows.split(",")]:
+        variants = []
+        if not a.no_xla:
+            xla_rows = max(rows, 2) if gpu else rows
+            block = RWKVBlock(config, 1)
+
+            def xla_step(p, x, s, block=block):
+                y, s = block.apply({"params": p}, x[:, None], s, pos)
+                return y[:, 0], s
+
+            variants.append((f"XLA grouped ({xla_rows} rows)", xla_step, grouped, xla_rows))
+        for spec in a.configs:
+            bn, bk, w, st = (int(v) for v in spec.split(","))
+            cfg = decode4.Config(block_n=bn, block_k=bk, warps=w, stages=st)
+
+            def k_step(p, x, s, cfg=cfg):
+                return decode4.block_step(p, x, s, eps=config.layer_norm_eps, cfg=cfg)
+
+            variants.append((f"kernels {spec}", k_step, kernel, rows))
+        for label, step, params, r in variants:
+            pos = jnp.zeros((r,), jnp.int32)
+            x = jax.random.normal(jax.random.PRNGKey(7), (r, C), jnp.float32)
+            states = tuple(zero_layer_state(config, 1, r) for _ in blocks)
+            try:
+                per_step, compile_s = time_stack(step, params, x, states, a.steps)
+            except Exception as e:  # noqa: BLE001 - a tiling that does not compile: say so
+                print(f"  {label}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            us = 1e6 * per_step / a.layers
+            row = (rows, label, us, weight_bytes / (us * 1e-6) / 1e9, us / (1e6 * floor), compile_s)
+            rows_out.append(row)
+            print(f"  B{rows} {label}: {us:.1f} us/block ({row[3]:,.0f} GB/s, {row[4]:.2f}x floor)"
+                  f", compiled in {compile_s:.1f} s", flush=True)
+    print(f"\n{a.model} block (L{L} C{C}), {a.layers} blocks per step, {a.steps} steps per "
+          f"call; floor {1e6 * floor:.1f} us/block\n")
+    kernel_rows = [r for r in rows_out if r[1].startswith("kernels ")]
+    if a.best and kernel_rows:
+        with open(a.best, "w") as f:  # the fastest tiling at the first batch size
+            f.write(min((r for r in kernel_rows if r[0] == kernel_rows[0][0]),
+                        key=lambda r: r[2])[1].split()[1])
+    print("| batch | variant | us/block | weights GB/s | x floor | compile s |")
+    print("|---|---|---|---|---|---|")
+    for rows, label, us, gbs, x, cs in rows_out:
+        print(f"| {rows} | {label} | {us:.1f} | {gbs:,.0f} | {x:.2f} | {cs:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
