@@ -86,24 +86,32 @@ _GROUPS = {"att": ("kvr", ("key", "value", "receptance")), "ffn": ("kr", ("key",
 _STACK_ROWS = 32
 
 
-def group_products(config: ModelConfig, params: dict) -> dict:
-    """Params in the decode layout (idempotent): the model gives the same outputs from either.
-    Only RWKV-4 blocks change; RWKV-7 and attention blocks stay as they are."""
+def _relayout(config: ModelConfig, params: dict, layer_fn) -> dict:
+    """params with layer_fn(part, layer) -> layer applied to the att and ffn of every RWKV-4
+    block; RWKV-7 and attention blocks stay as they are."""
     if config.version != "4":
         return params
     out = dict(params)
     for i in range(config.n_layer):
-        if not config.is_rwkv(i):
-            continue
-        block = dict(params[f"blocks_{i}"])
-        for part, (name, members) in _GROUPS.items():
-            layer = dict(block[part])
-            if name in layer:
-                continue
-            layer[name] = jnp.concatenate([layer.pop(m)["kernel"] for m in members], axis=1)
-            block[part] = layer
-        out[f"blocks_{i}"] = block
+        if config.is_rwkv(i):
+            block = dict(params[f"blocks_{i}"])
+            for part in ("att", "ffn"):
+                block[part] = layer_fn(part, dict(block[part]))
+            out[f"blocks_{i}"] = block
     return out
+
+
+def group_products(config: ModelConfig, params: dict) -> dict:
+    """Params in the decode layout (idempotent): the model gives the same outputs from either.
+    Only RWKV-4 blocks change; RWKV-7 and attention blocks stay as they are."""
+
+    def group(part, layer):
+        name, members = _GROUPS[part]
+        if name not in layer:
+            layer[name] = jnp.concatenate([layer.pop(m)["kernel"] for m in members], axis=1)
+        return layer
+
+    return _relayout(config, params, group)
 
 
 # The kernel layout: every matrix of an RWKV-4 block transposed to (out, in), so that a decode
@@ -120,23 +128,16 @@ _KERNEL_LAYOUT = {"att": {"kvr_t": ("key", "value", "receptance"), "output_t": (
 def kernel_layout(config: ModelConfig, params: dict) -> dict:
     """Params in the kernel layout (idempotent; from the official or the grouped layout): the
     model gives the same outputs from any of them. Only RWKV-4 blocks change."""
-    if config.version != "4":
-        return params
-    out = dict(params)
-    for i in range(config.n_layer):
-        if not config.is_rwkv(i):
-            continue
-        block = dict(params[f"blocks_{i}"])
-        for part, stacks in _KERNEL_LAYOUT.items():
-            layer = _ungroup(dict(block[part]), part)
-            for name, members in stacks.items():
-                if name in layer:
-                    continue
+
+    def transpose(part, layer):
+        layer = _ungroup(layer, part)
+        for name, members in _KERNEL_LAYOUT[part].items():
+            if name not in layer:
                 mats = [layer.pop(m)["kernel"].T for m in members]
                 layer[name] = jnp.stack(mats) if name == "kvr_t" else jnp.concatenate(mats)
-            block[part] = layer
-        out[f"blocks_{i}"] = block
-    return out
+        return layer
+
+    return _relayout(config, params, transpose)
 
 
 def _ungroup(layer: dict, part: str) -> dict:

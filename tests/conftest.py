@@ -160,3 +160,25 @@ def tiny_run(tmp_path_factory):
     run = trainer.prepare(cfg)
     trainer.train(run)
     return run
+
+
+@pytest.fixture
+def triton_modules(monkeypatch):
+    """Lowering Pallas kernels for CUDA (no GPU needed) runs the MLIR verifier on every Triton
+    module made, and lists their names here: it catches lowering bugs that otherwise only show
+    on a GPU."""
+    lowering = pytest.importorskip("jax._src.pallas.triton.lowering")
+    if not hasattr(lowering, "lower_jaxpr_to_triton_module"):
+        pytest.skip("this jax lowers Pallas to Triton differently")
+    verified = []
+    original = lowering.lower_jaxpr_to_triton_module
+
+    def lower_and_verify(*args, **kwargs):
+        result = original(*args, **kwargs)
+        op = result.module.operation
+        assert op.verify(), str(op.attributes["sym_name"])
+        verified.append(str(op.attributes["sym_name"]))
+        return result
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+    return verified
