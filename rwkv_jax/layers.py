@@ -126,11 +126,10 @@ _KERNEL_LAYOUT = {"att": {"kvr_t": ("key", "value", "receptance"), "output_t": (
 
 
 def kernel_layout(config: ModelConfig, params: dict) -> dict:
-    """Params in the kernel layout (idempotent; from the official or the grouped layout): the
-    model gives the same outputs from any of them. Only RWKV-4 blocks change."""
+    """Params in the kernel layout (idempotent; from the official layout): the model gives the
+    same outputs from either. Only RWKV-4 blocks change."""
 
     def transpose(part, layer):
-        layer = _ungroup(layer, part)
         for name, members in _KERNEL_LAYOUT[part].items():
             if name not in layer:
                 mats = [layer.pop(m)["kernel"].T for m in members]
@@ -138,19 +137,6 @@ def kernel_layout(config: ModelConfig, params: dict) -> dict:
         return layer
 
     return _relayout(config, params, transpose)
-
-
-def _ungroup(layer: dict, part: str) -> dict:
-    """A layer's grouped matrix split back into its members (group_products undone)."""
-    name, members = _GROUPS[part]
-    if name in layer:
-        w = layer.pop(name)
-        C = w.shape[0]
-        widths = (C, C, C) if part == "att" else (w.shape[1] - C, C)
-        bounds = np.cumsum((0,) + widths)
-        for m, lo, hi in zip(members, bounds[:-1], bounds[1:]):
-            layer[m] = {"kernel": w[:, lo:hi]}
-    return layer
 
 
 def uses_decode_kernels(module: nn.Module, x) -> bool:

@@ -13,7 +13,7 @@ import pytest
 from conftest import perturbed, rel_err
 from rwkv_jax.config import ModelConfig
 from rwkv_jax.generate import GREEDY, Generator
-from rwkv_jax.layers import RWKVBlock, group_products, kernel_layout
+from rwkv_jax.layers import RWKVBlock, kernel_layout
 from rwkv_jax.model import RWKV, init_params
 from rwkv_jax.ops.pallas import decode4
 from rwkv_jax.state import zero_layer_state
@@ -57,7 +57,6 @@ def test_kernel_layout_gives_the_model_outputs_at_any_length():
     assert fused["blocks_0"]["ffn"]["kr_t"].shape == (192 + 48, 48)
     assert fused["blocks_1"] == params["blocks_1"]  # attention blocks keep their layout
     chex.assert_trees_all_equal(kernel_layout(config, fused), fused)
-    chex.assert_trees_all_equal(kernel_layout(config, group_products(config, params)), fused)
     apply = jax.jit(RWKV(config).apply)
     # A prefill (XLA, products by the transposes) and single tokens of 2 rows (the kernels)
     # and of 5 rows (more than the kernels take: XLA again).

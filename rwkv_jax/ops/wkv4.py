@@ -199,10 +199,11 @@ def default_impl(seq_len: int) -> str:
 
 def _pallas_wkv4():
     try:
+        from rwkv_jax.ops.pallas import common  # noqa: PLC0415
         from rwkv_jax.ops.pallas import wkv4 as pallas_wkv4  # noqa: PLC0415
     except ImportError:
         return None
-    if pallas_wkv4.plgpu is None and jax.default_backend() == "gpu":
+    if common.plgpu is None and jax.default_backend() == "gpu":
         return None  # this jax has no Pallas Triton backend
     return pallas_wkv4.wkv4
 

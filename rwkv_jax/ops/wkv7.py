@@ -178,10 +178,11 @@ def default_impl(seq_len: int, head_size: int = 64) -> str:
 
 def _pallas_wkv7():
     try:
+        from rwkv_jax.ops.pallas import common  # noqa: PLC0415
         from rwkv_jax.ops.pallas import wkv7 as pallas_wkv7  # noqa: PLC0415
     except ImportError:
         return None
-    if getattr(pallas_wkv7, "plgpu", None) is None and jax.default_backend() == "gpu":
+    if common.plgpu is None and jax.default_backend() == "gpu":  # no Pallas Triton backend
         return None
     return pallas_wkv7.wkv7
 

@@ -41,10 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:  # The Triton-specific API (masked loads, compiler params); its home moved between versions.
-    from jax.experimental.pallas import triton as plgpu
-except ImportError:  # pragma: no cover - very old or stripped jax
-    plgpu = None
+from rwkv_jax.ops.pallas.common import call, load, next_pow2, sds, store
 
 # Rows (batch) the kernels take: each program keeps (rows, block_n, block_k) products in
 # registers. Beyond this a decode step is a small matrix product, which XLA does well.
@@ -63,40 +60,15 @@ class Config:
     warps_norm: int = 4
 
     def fit(self, n: int, k: int) -> "Config":
-        return dataclasses.replace(self, block_n=min(self.block_n, _pow2(n)),
-                                   block_k=min(self.block_k, _pow2(k)))
+        return dataclasses.replace(self, block_n=min(self.block_n, next_pow2(n)),
+                                   block_k=min(self.block_k, next_pow2(k)))
 
 
 DEFAULT_CONFIG = Config()
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _iota(n):
     return lax.broadcasted_iota(jnp.int32, (n,), 0)
-
-
-def _index(idx):
-    # Static ints become int32 scalars: the interpreter's discharge rules want array indices.
-    return tuple(jnp.int32(i) if isinstance(i, int) else i for i in idx)
-
-
-def _load(ref, idx, mask=None, other=0.0):
-    idx = _index(idx)
-    if mask is None:
-        return ref[idx]
-    return plgpu.load(ref.at[idx], mask=mask, other=other)
-
-
-def _store(ref, idx, val, mask=None):
-    val = val.astype(ref.dtype)
-    idx = _index(idx)
-    if mask is None:
-        ref[idx] = val
-    else:
-        plgpu.store(ref.at[idx], val, mask=mask)
 
 
 def _sigmoid(x):
@@ -109,7 +81,7 @@ def _sigmoid(x):
 def _rows_times(w_ref, x_ref, row0, *, N, K, B, cfg: Config, w_lead=(), x_lead=()):
     """(rows_p, block_n) float32: rows row0 .. row0 + block_n of W (N, K) (after indexing
     w_ref by w_lead) times each of the B rows of x (after x_lead), x (B, K)."""
-    BN, BK, Bp = cfg.block_n, cfg.block_k, _pow2(B)
+    BN, BK, Bp = cfg.block_n, cfg.block_k, next_pow2(B)
     w_mask_n = None if N % BN == 0 else (row0 + _iota(BN) < N)[:, None]
     x_mask_b = None if Bp == B else (_iota(Bp) < B)[:, None]
 
@@ -118,8 +90,8 @@ def _rows_times(w_ref, x_ref, row0, *, N, K, B, cfg: Config, w_lead=(), x_lead=(
         k_mask = None if K % BK == 0 else (c0 + _iota(BK) < K)[None, :]
         wm = _and(w_mask_n, k_mask)
         xm = _and(x_mask_b, k_mask)
-        w = _load(w_ref, (*w_lead, pl.ds(row0, BN), pl.ds(c0, BK)), wm)
-        x = _load(x_ref, (*x_lead, pl.ds(0, Bp), pl.ds(c0, BK)), xm)
+        w = load(w_ref, (*w_lead, pl.ds(row0, BN), pl.ds(c0, BK)), wm)
+        x = load(x_ref, (*x_lead, pl.ds(0, Bp), pl.ds(c0, BK)), xm)
         prod = w.astype(jnp.float32)[None, :, :] * x.astype(jnp.float32)[:, None, :]
         return acc + jnp.sum(prod, axis=2)
 
@@ -134,7 +106,7 @@ def _and(a, b):
 
 def _tile(B, n0, BN, N):
     """Index and mask of the (rows_p, BN) tile of a (B, N) array at columns n0 .. n0 + BN."""
-    Bp = _pow2(B)
+    Bp = next_pow2(B)
     mask = _and(None if Bp == B else (_iota(Bp) < B)[:, None],
                 None if N % BN == 0 else (n0 + _iota(BN) < N)[None, :])
     if mask is not None:
@@ -144,7 +116,7 @@ def _tile(B, n0, BN, N):
 
 def _vector(ref, n0, BN, N):
     mask = None if N % BN == 0 else n0 + _iota(BN) < N
-    return _load(ref, (pl.ds(n0, BN),), mask)
+    return load(ref, (pl.ds(n0, BN),), mask)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -154,19 +126,19 @@ def _norm_mix_kernel(x_ref, shift_ref, scale_ref, bias_ref, mix_ref, xin_ref, xn
                      *, C, M, eps):
     """One row: LN(x), and LN(x) * mix_m + shift * (1 - mix_m) for each of the M mixes."""
     b = pl.program_id(0)
-    Cp = _pow2(C)
+    Cp = next_pow2(C)
     cm = None if Cp == C else _iota(Cp) < C
     cs = pl.ds(0, Cp)
-    x = _load(x_ref, (b, cs), cm)
+    x = load(x_ref, (b, cs), cm)
     mean = jnp.sum(x) / C
     d = x - mean if cm is None else jnp.where(cm, x - mean, 0.0)
     var = jnp.sum(d * d) / C
-    xn = d * lax.rsqrt(var + eps) * _load(scale_ref, (cs,), cm) + _load(bias_ref, (cs,), cm)
-    shift = _load(shift_ref, (b, cs), cm)
+    xn = d * lax.rsqrt(var + eps) * load(scale_ref, (cs,), cm) + load(bias_ref, (cs,), cm)
+    shift = load(shift_ref, (b, cs), cm)
     for m in range(M):
-        mix = _load(mix_ref, (m, cs), cm)
-        _store(xin_ref, (m, b, cs), xn * mix + shift * (1.0 - mix), cm)
-    _store(xn_ref, (b, cs), xn, cm)
+        mix = load(mix_ref, (m, cs), cm)
+        store(xin_ref, (m, b, cs), xn * mix + shift * (1.0 - mix), cm)
+    store(xn_ref, (b, cs), xn, cm)
 
 
 def _att_in_kernel(w_ref, xin_ref, decay_ref, first_ref, aa_ref, bb_ref, pp_ref,
@@ -177,7 +149,7 @@ def _att_in_kernel(w_ref, xin_ref, decay_ref, first_ref, aa_ref, bb_ref, pp_ref,
     k, v, r = (_rows_times(w_ref, xin_ref, n0, N=C, K=C, B=B, cfg=cfg, w_lead=(m,),
                            x_lead=(m,)).astype(cdt).astype(jnp.float32) for m in range(3))
     idx, mask = _tile(B, n0, cfg.block_n, C)
-    aa, bb, pp = (_load(ref, idx, mask) for ref in (aa_ref, bb_ref, pp_ref))
+    aa, bb, pp = (load(ref, idx, mask) for ref in (aa_ref, bb_ref, pp_ref))
     w = _vector(decay_ref, n0, cfg.block_n, C)[None, :]
     u = _vector(first_ref, n0, cfg.block_n, C)[None, :]
     ww = u + k
@@ -187,10 +159,10 @@ def _att_in_kernel(w_ref, xin_ref, decay_ref, first_ref, aa_ref, bb_ref, pp_ref,
     ww = w + pp
     p = jnp.maximum(ww, k)
     e1, e2 = jnp.exp(ww - p), jnp.exp(k - p)
-    _store(aa_out, idx, e1 * aa + e2 * v, mask)
-    _store(bb_out, idx, e1 * bb + e2, mask)
-    _store(pp_out, idx, p, mask)
-    _store(g_ref, idx, _sigmoid(r) * y, mask)
+    store(aa_out, idx, e1 * aa + e2 * v, mask)
+    store(bb_out, idx, e1 * bb + e2, mask)
+    store(pp_out, idx, p, mask)
+    store(g_ref, idx, _sigmoid(r) * y, mask)
 
 
 def _project_kernel(w_ref, x_ref, res_ref, *rest, B, N, K, cfg: Config, cdt, gated):
@@ -200,8 +172,8 @@ def _project_kernel(w_ref, x_ref, res_ref, *rest, B, N, K, cfg: Config, cdt, gat
     y = _rows_times(w_ref, x_ref, n0, N=N, K=K, B=B, cfg=cfg).astype(cdt).astype(jnp.float32)
     idx, mask = _tile(B, n0, cfg.block_n, N)
     if gated:
-        y = _load(gate_ref, idx, mask) * y
-    _store(out_ref, idx, _load(res_ref, idx, mask) + y, mask)
+        y = load(gate_ref, idx, mask) * y
+    store(out_ref, idx, load(res_ref, idx, mask) + y, mask)
 
 
 def _ffn_in_kernel(w_ref, xin_ref, h_ref, gate_ref, *, B, F, C, cfg: Config, cdt):
@@ -215,26 +187,13 @@ def _ffn_in_kernel(w_ref, xin_ref, h_ref, gate_ref, *, B, F, C, cfg: Config, cdt
     relu = jnp.maximum(y, 0).astype(jnp.float32)
     idx_h, mask_h = _tile(B, jnp.minimum(n0, F - BN), BN, F)
     idx_g, mask_g = _tile(B, jnp.maximum(n0 - F, 0), BN, C)
-    full = (_pow2(B), BN)
-    _store(h_ref, idx_h, relu * relu, _and(mask_h, jnp.full(full, is_key)))
-    _store(gate_ref, idx_g, _sigmoid(y.astype(jnp.float32)),
+    full = (next_pow2(B), BN)
+    store(h_ref, idx_h, relu * relu, _and(mask_h, jnp.full(full, is_key)))
+    store(gate_ref, idx_g, _sigmoid(y.astype(jnp.float32)),
            _and(mask_g, jnp.full(full, jnp.logical_not(is_key))))
 
 
 # --------------------------------------------------------------------------- calls
-
-
-def _call(kernel, out_shape, grid, num_warps, num_stages, interpret, name):
-    params = None
-    if not interpret:
-        cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-        params = cls(num_warps=num_warps, num_stages=num_stages)
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
-                          compiler_params=params, name=name)
-
-
-def _sds(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def _interpret(interpret):
@@ -248,9 +207,8 @@ def norm_mix(x, shift, scale, bias, mixes, *, eps, dtype, cfg, interpret=None):
     M = mixes.shape[0]
     kernel = functools.partial(_norm_mix_kernel, C=C, M=M, eps=eps)
     interpret = _interpret(interpret)
-    call = _call(kernel, [_sds((M, B, C), dtype), _sds((B, C), jnp.float32)], (B,),
-                 cfg.warps_norm, 1, interpret, "rwkv4_decode_norm_mix")
-    return call(x, shift, scale, bias, mixes)
+    return call(kernel, [sds((M, B, C), dtype), sds((B, C))], (B,), cfg.warps_norm, interpret,
+                "rwkv4_decode_norm_mix")(x, shift, scale, bias, mixes)
 
 
 def att_in(w_kvr, xin, decay, first, aa, bb, pp, *, cfg, interpret=None):
@@ -260,10 +218,10 @@ def att_in(w_kvr, xin, decay, first, aa, bb, pp, *, cfg, interpret=None):
     cdt = w_kvr.dtype
     cfg = cfg.fit(C, C)
     kernel = functools.partial(_att_in_kernel, B=B, C=C, cfg=cfg, cdt=cdt)
-    state = _sds((B, C), jnp.float32)
-    call = _call(kernel, [_sds((B, C), cdt), state, state, state], (pl.cdiv(C, cfg.block_n),),
-                 cfg.warps, cfg.stages, _interpret(interpret), "rwkv4_decode_att_in")
-    return call(w_kvr, xin, decay, first, aa, bb, pp)
+    state = sds((B, C))
+    return call(kernel, [sds((B, C), cdt), state, state, state], (pl.cdiv(C, cfg.block_n),),
+                cfg.warps, _interpret(interpret), "rwkv4_decode_att_in",
+                cfg.stages)(w_kvr, xin, decay, first, aa, bb, pp)
 
 
 def project(w, x, res, gate=None, *, cfg, interpret=None):
@@ -273,9 +231,9 @@ def project(w, x, res, gate=None, *, cfg, interpret=None):
     cfg = cfg.fit(N, K)
     kernel = functools.partial(_project_kernel, B=B, N=N, K=K, cfg=cfg, cdt=w.dtype,
                                gated=gate is not None)
-    call = _call(kernel, _sds((B, N), jnp.float32), (pl.cdiv(N, cfg.block_n),), cfg.warps,
-                 cfg.stages, _interpret(interpret), "rwkv4_decode_project")
-    return call(w, x, res, *(() if gate is None else (gate,)))
+    return call(kernel, sds((B, N)), (pl.cdiv(N, cfg.block_n),), cfg.warps,
+                _interpret(interpret), "rwkv4_decode_project",
+                cfg.stages)(w, x, res, *(() if gate is None else (gate,)))
 
 
 def ffn_in(w_kr, xin, *, dim_ffn, cfg, interpret=None):
@@ -287,17 +245,15 @@ def ffn_in(w_kr, xin, *, dim_ffn, cfg, interpret=None):
     if F % cfg.block_n:
         raise ValueError(f"ffn_in: dim_ffn={F} must be a multiple of block_n={cfg.block_n}")
     kernel = functools.partial(_ffn_in_kernel, B=B, F=F, C=C, cfg=cfg, cdt=w_kr.dtype)
-    call = _call(kernel, [_sds((B, F), w_kr.dtype), _sds((B, C), jnp.float32)],
-                 (pl.cdiv(F + C, cfg.block_n),), cfg.warps, cfg.stages, _interpret(interpret),
-                 "rwkv4_decode_ffn_in")
-    return call(w_kr, xin)
+    return call(kernel, [sds((B, F), w_kr.dtype), sds((B, C))], (pl.cdiv(F + C, cfg.block_n),),
+                cfg.warps, _interpret(interpret), "rwkv4_decode_ffn_in", cfg.stages)(w_kr, xin)
 
 
 def block_step(p: dict, x, state: dict, *, eps: float, cfg: Config | None = None,
                interpret=None):
     """One RWKV-4 block for one token per row: x (B, C) float32 (after ln0 in block 0) and the
     layer's state -> (x, state). p holds the block's parameters in the fused layout
-    (rwkv_jax.layers.fused_layout): ln1, ln2, and att / ffn with the stacked matrices."""
+    (rwkv_jax.layers.kernel_layout): ln1, ln2, and att / ffn with the stacked matrices."""
     cfg = cfg or DEFAULT_CONFIG  # read at call time, so that a bench can set another
     att, ffn = p["att"], p["ffn"]
     dtype = att["kvr_t"].dtype

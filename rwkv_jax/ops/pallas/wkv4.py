@@ -55,12 +55,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from rwkv_jax.ops.pallas.common import call as _call
+from rwkv_jax.ops.pallas.common import load as _load
+from rwkv_jax.ops.pallas.common import next_pow2 as _next_pow2
+from rwkv_jax.ops.pallas.common import sds as _sds
+from rwkv_jax.ops.pallas.common import store as _store
 from rwkv_jax.ops.wkv4 import NEG_INF, WKVState
-
-try:  # The Triton-specific API (masked loads, compiler params); its home moved between versions.
-    from jax.experimental.pallas import triton as plgpu
-except ImportError:  # pragma: no cover - very old or stripped jax
-    plgpu = None
 
 
 # --------------------------------------------------------------------------- configuration
@@ -132,32 +132,7 @@ def _auto_chunk(B: int, T: int, C: int, block_c: int) -> int:
     return chunk
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 # --------------------------------------------------------------------------- kernel helpers
-
-
-def _index(idx):
-    # Static ints become int32 scalars: the interpreter's discharge rules want array indices.
-    return tuple(jnp.int32(i) if isinstance(i, int) else i for i in idx)
-
-
-def _load(ref, idx, mask, other=0.0):
-    idx = _index(idx)
-    if plgpu is not None:
-        return plgpu.load(ref.at[idx], mask=mask, other=other)
-    return pl.load(ref, idx, mask=mask, other=other)  # pragma: no cover
-
-
-def _store(ref, idx, val, mask):
-    val = val.astype(ref.dtype)
-    idx = _index(idx)
-    if plgpu is not None:
-        plgpu.store(ref.at[idx], val, mask=mask)
-    else:  # pragma: no cover
-        pl.store(ref, idx, val, mask=mask)
 
 
 def _rescale(x, y):
@@ -433,28 +408,6 @@ def _grad_kernel(w_ref, u_ref, k_ref, v_ref, gy_ref, xa_ref, xb_ref, xp_ref,
 
 
 # --------------------------------------------------------------------------- pallas_call plumbing
-
-
-def _params(num_warps: int):
-    if plgpu is None:  # pragma: no cover
-        return None
-    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-    return cls(num_warps=num_warps, num_stages=1)
-
-
-def _call(kernel, out_shape, grid, num_warps, interpret, name):
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=grid,
-        interpret=interpret,
-        compiler_params=None if interpret else _params(num_warps),
-        name=name,
-    )
-
-
-def _sds(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def _stages(B, T, C, kdt, cdt, cfg: Config, interpret: bool):

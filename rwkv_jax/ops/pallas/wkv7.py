@@ -40,10 +40,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:  # The Triton-specific API (compiler params); its home moved between versions.
-    from jax.experimental.pallas import triton as plgpu
-except ImportError:  # pragma: no cover
-    plgpu = None
+from rwkv_jax.ops.pallas.common import call as _call
+from rwkv_jax.ops.pallas.common import next_pow2 as _next_pow2
+from rwkv_jax.ops.pallas.common import sds as _sds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +79,6 @@ class Config:
 
 
 DEFAULT_CONFIG = Config()
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 # --------------------------------------------------------------------------- in-kernel algebra
@@ -304,13 +299,6 @@ def _grad_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, u_ref, lam_ref, ms_re
 # --------------------------------------------------------------------------- plumbing
 
 
-def _params(num_warps: int, num_stages: int):
-    if plgpu is None:  # pragma: no cover
-        return None
-    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-    return cls(num_warps=num_warps, num_stages=num_stages)
-
-
 def _precisions(cfg: Config, interpret: bool, half_inputs: bool = True):
     if interpret:  # the CPU interpreter knows no TF32: plain float32 dots
         return None, None
@@ -319,16 +307,6 @@ def _precisions(cfg: Config, interpret: bool, half_inputs: bool = True):
     if not cfg.tf32:
         return presets.F32_F32_F32, exact
     return (presets.TF32_TF32_F32 if half_inputs else presets.TF32_TF32_F32_X3), exact
-
-
-def _sds(shape, dtype=jnp.float32):
-    return jax.ShapeDtypeStruct(shape, dtype)
-
-
-def _call(kernel, out_shape, grid, num_warps, interpret, name, num_stages=1):
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
-                          compiler_params=None if interpret else _params(num_warps, num_stages),
-                          name=name)
 
 
 def _stages(B, T, H, N, dtypes, cfg: Config, interpret: bool):
