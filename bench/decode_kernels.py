@@ -2,13 +2,15 @@
 
     python3 bench/decode_kernels.py [--model 3B] [--layers 4] [--rows 1,2]
                                    [--configs 8,512,4,3 16,256,4,3 ...]
+                                   [--xla_options '' xla_gpu_enable_pdl=true ...]
 
 A stack of `--layers` RWKV-4 blocks of a model's shape with random bf16 weights (more bytes
 than the L2 holds, as in a whole model), one token per row through every block, the step
 repeated `--steps` times inside one jitted loop compiled as one CUDA graph (the way
 rwkv_jax.generate runs it), so the time is the device's alone. Rows:
   XLA grouped   RWKVBlock on the grouped layout (rwkv_jax.layers.group_products), the
-                generator's default decode path; batch 1 padded to 2 rows, as it does on GPUs
+                generator's default decode path; batch 1 padded to 2 rows, as it does on GPUs;
+                one row per --xla_options set (XLA compile options on top of the loop's)
   kernels B,K,W,S   decode4.block_step with Config(block_n=B, block_k=K, warps=W, stages=S)
 Each row gives us per block, the bytes of a block's weights over that time, and that time
 over the floor (the weights over the measured copy bandwidth). Prints a table last.
@@ -52,8 +54,22 @@ def random_blocks(config: ModelConfig, n: int, seed: int = 0):
     return out
 
 
-def time_stack(step, blocks, x, states, steps: int) -> float:
-    """Seconds per step of `steps` steps in one jitted loop (one CUDA graph on a GPU)."""
+def parse_options(spec: str) -> dict:
+    """'name=value,...' -> XLA compile options ('true'/'false' become bools, digits ints)."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--xla_options: {item!r} is not name=value")
+        low = value.lower()
+        out[name] = low == "true" if low in ("true", "false") else (
+            int(value) if value.isdigit() else value)
+    return out
+
+
+def time_stack(step, blocks, x, states, steps: int, options: dict | None = None):
+    """Seconds per step of `steps` steps in one jitted loop (one CUDA graph on a GPU), and the
+    compile time. `options` go on top of the generator's loop options."""
 
     def run(blocks, x, states):
         def body(_, carry):
@@ -66,7 +82,10 @@ def time_stack(step, blocks, x, states, steps: int) -> float:
 
         return jax.lax.fori_loop(0, steps, body, (x, states))
 
-    f = jax.jit(run, compiler_options=_loop_options())
+    opts = _loop_options()
+    if options:
+        opts = dict(opts or {}, **options)
+    f = jax.jit(run, compiler_options=opts)
     t = time.perf_counter()
     jax.block_until_ready(f(blocks, x, states))
     compile_s = time.perf_counter() - t
@@ -87,8 +106,12 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["2,1024,4,3"],
                     help="block_n,block_k,warps,stages per kernel row")
     ap.add_argument("--no_xla", action="store_true")
+    ap.add_argument("--xla_options", nargs="*", default=[""],
+                    help="XLA rows, one per option set 'name=value,...' on top of the "
+                         "generator's loop options ('' = those alone)")
     ap.add_argument("--best", default=None, help="write the fastest tiling here (B,K,W,S)")
     a = ap.parse_args()
+    option_sets = [(spec, parse_options(spec)) for spec in a.xla_options]
     gpu = jax.default_backend() == "gpu"
     L, C, V = MODELS[a.model]
     config = ModelConfig(vocab_size=V, n_layer=L, n_embd=C,
@@ -116,7 +139,9 @@ def main():
                 y, s = block.apply({"params": p}, x[:, None], s, pos)
                 return y[:, 0], s
 
-            variants.append((f"XLA grouped ({xla_rows} rows)", xla_step, grouped, xla_rows))
+            for spec, options in option_sets:
+                variants.append((f"XLA grouped ({xla_rows} rows){' ' + spec if spec else ''}",
+                                 xla_step, grouped, xla_rows, options))
         for spec in a.configs:
             bn, bk, w, st = (int(v) for v in spec.split(","))
             cfg = decode4.Config(block_n=bn, block_k=bk, warps=w, stages=st)
@@ -124,13 +149,13 @@ def main():
             def k_step(p, x, s, cfg=cfg):
                 return decode4.block_step(p, x, s, eps=config.layer_norm_eps, cfg=cfg)
 
-            variants.append((f"kernels {spec}", k_step, kernel, rows))
-        for label, step, params, r in variants:
+            variants.append((f"kernels {spec}", k_step, kernel, rows, None))
+        for label, step, params, r, options in variants:
             pos = jnp.zeros((r,), jnp.int32)
             x = jax.random.normal(jax.random.PRNGKey(7), (r, C), jnp.float32)
             states = tuple(zero_layer_state(config, 1, r) for _ in blocks)
             try:
-                per_step, compile_s = time_stack(step, params, x, states, a.steps)
+                per_step, compile_s = time_stack(step, params, x, states, a.steps, options)
             except Exception as e:  # noqa: BLE001 - a tiling that does not compile: say so
                 print(f"  {label}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
