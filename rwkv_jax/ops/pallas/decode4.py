@@ -27,8 +27,9 @@ for the products' bandwidth: 1.9 TB/s here against XLA's 2.7. The products are t
 redo: every program reads the whole input vector for a few rows (with 2 rows per program,
 half as many bytes as it reads of the weights, from L2), and a program's loop over the
 columns is latency-bound (software pipelining changed nothing: 3 stages or 1, 90.6 / 90.8
-us). Split-K would fix both: programs over (row block, column block), partial sums added
-atomically, the epilogue in the program that finishes a row block last.
+us). Split-K with atomic partial sums, measured as products alone, does not fix it: 1.9-2.0x
+the floor against XLA's 1.39x (bench/decode_products.py). No matrix-vector kernel tried, XLA's,
+cuBLAS's or these, reads faster than ~3 TB/s, where the card reads 4.2 (bench/README.md).
 """
 
 from __future__ import annotations
