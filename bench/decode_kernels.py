@@ -67,6 +67,20 @@ def parse_options(spec: str) -> dict:
     return out
 
 
+def best_of(f, *args, repeats: int = 3):
+    """(best seconds of `repeats` calls of the jitted f, seconds of the first call (compile),
+    the first call's output)."""
+    t = time.perf_counter()
+    out = jax.block_until_ready(f(*args))
+    first = time.perf_counter() - t
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        best = min(best, time.perf_counter() - t)
+    return best, first, out
+
+
 def time_stack(step, blocks, x, states, steps: int, options: dict | None = None):
     """Seconds per step of `steps` steps in one jitted loop (one CUDA graph on a GPU), and the
     compile time. `options` go on top of the generator's loop options."""
@@ -85,15 +99,7 @@ def time_stack(step, blocks, x, states, steps: int, options: dict | None = None)
     opts = _loop_options()
     if options:
         opts = dict(opts or {}, **options)
-    f = jax.jit(run, compiler_options=opts)
-    t = time.perf_counter()
-    jax.block_until_ready(f(blocks, x, states))
-    compile_s = time.perf_counter() - t
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        jax.block_until_ready(f(blocks, x, states))
-        best = min(best, time.perf_counter() - t)
+    best, compile_s, _ = best_of(jax.jit(run, compiler_options=opts), blocks, x, states)
     return best / steps, compile_s
 
 

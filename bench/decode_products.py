@@ -29,7 +29,6 @@ import argparse
 import functools
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -40,6 +39,7 @@ from jax import lax  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
 from decode import MODELS, copy_bandwidth  # noqa: E402  bench/decode.py
+from decode_kernels import best_of  # noqa: E402
 from rwkv_jax.generate import _loop_options  # noqa: E402
 from rwkv_jax.ops.pallas.common import compiler_params, plgpu  # noqa: E402
 
@@ -207,13 +207,7 @@ def time_layers(fn, layers, x, steps):
 
         return lax.fori_loop(0, steps, body, (x, jnp.int32(0)))
 
-    f = jax.jit(run, compiler_options=_loop_options())
-    out = jax.block_until_ready(f(layers, x))
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        jax.block_until_ready(f(layers, x))
-        best = min(best, time.perf_counter() - t)
+    best, _, out = best_of(jax.jit(run, compiler_options=_loop_options()), layers, x)
     return best / steps / len(layers), int(out[1])
 
 
@@ -225,26 +219,12 @@ def torch_figures(C, copies_bytes):
         return None
     if not torch.cuda.is_available():
         return None
+    from wkv import copy_bandwidth as torch_copy, cuda_time  # noqa: PLC0415  bench/wkv.py
 
-    def timeit(fn, n=20):
-        fn()
-        torch.cuda.synchronize()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        best = float("inf")
-        for _ in range(5):
-            s.record()
-            for _ in range(n):
-                fn()
-            e.record()
-            torch.cuda.synchronize()
-            best = min(best, s.elapsed_time(e) / n / 1e3)
-        return best
-
+    copy, _ = torch_copy()
     a = torch.ones(1 << 29, dtype=torch.bfloat16, device="cuda")
-    b = torch.empty_like(a)
-    copy = 2 * a.nbytes / timeit(lambda: b.copy_(a))
-    read = a.nbytes / timeit(lambda: a.sum(dtype=torch.float32))
-    del a, b
+    read = a.nbytes / cuda_time(lambda: a.sum(dtype=torch.float32), reps=5)
+    del a
     per_block = 0.0
     for N, K in block_shapes(C):
         n = max(2, -(-copies_bytes // (N * K * 2)))
@@ -255,7 +235,7 @@ def torch_figures(C, copies_bytes):
             for w in ws:
                 torch.nn.functional.linear(x, w)
 
-        per_block += timeit(run, n=10) / n
+        per_block += cuda_time(run, reps=5) / n
     return copy, read, per_block
 
 
