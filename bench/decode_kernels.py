@@ -12,6 +12,7 @@ rwkv_jax.generate runs it), so the time is the device's alone. Rows:
                 generator's default decode path; batch 1 padded to 2 rows, as it does on GPUs;
                 one row per --xla_options set (XLA compile options on top of the loop's)
   kernels B,K,W,S   decode4.block_step with Config(block_n=B, block_k=K, warps=W, stages=S)
+With --check, each variant's output after the loop is compared with XLA's (relative error).
 Each row gives us per block, the bytes of a block's weights over that time, and that time
 over the floor (the weights over the measured copy bandwidth). Prints a table last.
 """
@@ -81,6 +82,33 @@ def best_of(f, *args, repeats: int = 3):
     return best, first, out
 
 
+def one_step(step, blocks, x, states):
+    """Row 0 of x and of every state after three steps through the stack (so that the state,
+    and the WKV terms, are not all zero)."""
+
+    def run(blocks, x, states):
+        for t in range(3):
+            new = []
+            for p, s in zip(blocks, states):
+                x, s = step(p, x * (1.0 + 0.1 * t), s)
+                new.append(s)
+            states = tuple(new)
+        return x[:1], jax.tree.map(lambda a: a[:1], states)
+
+    return jax.jit(run)(blocks, x, states)
+
+
+def check_error(got, want) -> str:
+    """max |got - want| / max |want| for x and each state field, worst layer."""
+    def err(g, w):
+        return float(jnp.max(jnp.abs(g - w)) / jnp.maximum(jnp.max(jnp.abs(w)), 1e-30))
+
+    fields = {"x": err(got[0], want[0])}
+    for name in got[1][0]:
+        fields[name] = max(err(g[name], w[name]) for g, w in zip(got[1], want[1]))
+    return ", ".join(f"{k} {v:.1e}" for k, v in fields.items())
+
+
 def time_stack(step, blocks, x, states, steps: int, options: dict | None = None):
     """Seconds per step of `steps` steps in one jitted loop (one CUDA graph on a GPU), and the
     compile time. `options` go on top of the generator's loop options."""
@@ -112,6 +140,8 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["2,1024,4,3"],
                     help="block_n,block_k,warps,stages per kernel row")
     ap.add_argument("--no_xla", action="store_true")
+    ap.add_argument("--check", action="store_true",
+                    help="compare three steps of every variant with the first row's")
     ap.add_argument("--xla_options", nargs="*", default=[""],
                     help="XLA rows, one per option set 'name=value,...' on top of the "
                          "generator's loop options ('' = those alone)")
@@ -156,10 +186,19 @@ def main():
                 return decode4.block_step(p, x, s, eps=config.layer_norm_eps, cfg=cfg)
 
             variants.append((f"kernels {spec}", k_step, kernel, rows, None))
+        reference = None
         for label, step, params, r, options in variants:
             pos = jnp.zeros((r,), jnp.int32)
-            x = jax.random.normal(jax.random.PRNGKey(7), (r, C), jnp.float32)
+            # Every row the same token: row 0 compares across variants of different widths.
+            x = jnp.tile(jax.random.normal(jax.random.PRNGKey(7), (1, C), jnp.float32), (r, 1))
             states = tuple(zero_layer_state(config, 1, r) for _ in blocks)
+            if a.check:
+                got = one_step(step, params, x, states)
+                if reference is None:
+                    reference = got
+                else:
+                    print(f"  B{rows} {label}: against {variants[0][0]}: relative "
+                          f"error {check_error(got, reference)}", flush=True)
             try:
                 per_step, compile_s = time_stack(step, params, x, states, a.steps, options)
             except Exception as e:  # noqa: BLE001 - a tiling that does not compile: say so
