@@ -1,0 +1,882 @@
+// A study, not the decode path: one RWKV-4 block for one token (batch 1-2) as ONE cooperative
+// CUDA kernel, to see how close a hand-written block gets to the memory floor on a Hopper GPU
+// and where the rest goes. bench/decode_block_cuda.py builds and runs it (nvcc) and prints the
+// tables that bench/README.md quotes; it checks the kernel against a host reference first.
+//
+// Why try: at batch 1 a decode step only streams weights, and no matrix-vector kernel that
+// XLA, cuBLAS or Triton (Pallas) produce reads faster than ~3 TB/s on an H200, where plain
+// loads or the bulk copy engine stream 4.5 (bench/README.md; stream.cu beside this).
+//
+// Design: one CTA per SM streams its contiguous, equal share of every matrix through a ring of
+// shared-memory stages with the bulk copy engine (cp.async.bulk, completing on an mbarrier):
+// one producer thread, eight consumer warps, each owning every eighth slot (a parity wait
+// cannot tell a slot's next use from its last, so one warp must take a slot's uses in order).
+// A consumer multiplies a stage's rows (up to 4) with the input vectors, which every CTA stages
+// in shared memory. The block's four products are phases with a grid barrier between them;
+// the producer takes no part in the barriers, so it streams on across phase boundaries, as far
+// ahead as the ring allows (weights do not depend on the previous phase).
+//
+// Phases (B rows, C channels, F = ffn width; state and x float32, matrices bf16 (out, in)):
+//   0  LN1(x) mixed with the shift state three ways (each CTA computes it for itself), the
+//      rows [key; value; receptance] of this CTA's channels, then their WKV step and gate:
+//      g = sigmoid(r) * wkv (bf16); new aa, bb, pp; LN1(x) is the new shift
+//   1  x2 = x + W_o g
+//   2  LN2(x2) mixed two ways; rows of [key ; receptance]: h = relu(k)^2 (bf16),
+//      gate = sigmoid(r)
+//   3  x_out = x2 + gate * (W_v h)
+// Roundings are the model's (rwkv_jax.layers, rwkv_jax.ops.pallas.decode4): every product is
+// rounded to bf16, everything else is float32.
+//
+// Build flags: -DRWKV_TRACE records each CTA's phase times (%globaltimer); -DRWKV_NOCOMPUTE
+// skips the products (the streaming and synchronisation alone).
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+using bf16 = __nv_bfloat16;
+
+namespace {
+
+constexpr int kConsumers = 8;  // consumer warps; one more warp produces
+constexpr int kConsumerThreads = 32 * kConsumers;
+constexpr int kThreads = kConsumerThreads + 32;
+#ifndef RWKV_STAGE_KB
+#define RWKV_STAGE_KB 20
+#endif
+constexpr int kStageTarget = RWKV_STAGE_KB * 1024;  // bytes per stage (whole rows, at least one)
+constexpr int kPer = 16;   // layer-norm elements per consumer thread: C <= 16 * 256
+// The matrices' row runs, in streaming order: phase 0 key, value, receptance rows; phase 1
+// output rows; phase 2 key rows, receptance rows; phase 3 value rows.
+constexpr int kSegments = 7;
+__constant__ int kFirstSegment[4] = {0, 3, 4, 6};
+constexpr int kMaxStageRows = 4;
+
+// Rows of the per-channel vector table `vecs` (NVEC, C), float32 (decay = -exp(time_decay)).
+enum Vec { LN1_SCALE, LN1_BIAS, MIX_K, MIX_V, MIX_R, DECAY, FIRST, LN2_SCALE, LN2_BIAS,
+           FMIX_K, FMIX_R, NVEC };
+
+struct Args {
+  const float* x;
+  const float* shift_att;
+  const float* aa;
+  const float* bb;
+  const float* pp;
+  const float* shift_ffn;
+  const float* vecs;
+  const bf16* w_kvr;  // (3C, C)
+  const bf16* w_o;    // (C, C)
+  const bf16* w_kr;   // (F + C, C)
+  const bf16* w_v;    // (C, F)
+  float* x_out;
+  float* shift_att_out;
+  float* aa_out;
+  float* bb_out;
+  float* pp_out;
+  float* shift_ffn_out;
+  bf16* g;      // (B, C) between phases
+  bf16* h;      // (B, F)
+  float* gate;  // (B, C)
+  int C, F;
+  float eps;
+  int depth;       // stages in the ring
+  int slot_bytes;  // bytes per stage slot (a multiple of 128)
+};
+
+// A contiguous run of rows of one matrix that this CTA streams, in stages of `rps` rows.
+struct Segment {
+  const bf16* w;
+  int row0, row1;  // rows of w
+  int K;           // row length
+  int rps;         // rows per stage
+  int first;       // index of its first stage in the CTA's whole sequence
+  int input;       // offset of its input vectors in the staged inputs, in 16-byte units
+};
+
+// ----------------------------------------------------------------------------- PTX
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred P1;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%1], %2;\n"
+      "selp.b32 %0, 1, 0, P1;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(smem_addr(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// A stage that never arrives is a bug: fail the kernel (an error) instead of hanging.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  for (int spins = 0; !mbar_try_wait(bar, parity); ++spins) {
+    if (spins > (1 << 24)) {
+      printf("rwkv4 decode block: CTA %d thread %d waited too long on a stage barrier\n",
+             blockIdx.x, threadIdx.x);
+      __trap();
+    }
+  }
+}
+
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes,
+                                          uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
+}
+
+// Synchronises the consumer warps only: the producer must never be waited for.
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");
+}
+
+// A grid barrier for the consumer warps alone: the producer never waits at it, so that it
+// keeps the ring full across phase boundaries (with cooperative groups' grid.sync every thread
+// must arrive, and a producer blocked on a full ring holds the whole grid up). One counter per
+// device counts every arrival since the module loaded; launches of this kernel are serial (each
+// takes every SM) and each adds kBarriers * gridDim.x, so a launch's k-th barrier is passed
+// once the count reaches base + (k + 1) * gridDim.x. An arrival is one release-add (no return
+// value to wait for): under a saturated memory system every round trip costs microseconds.
+constexpr int kBarriers = 3;
+__device__ unsigned long long g_arrivals = 0;
+
+__device__ __forceinline__ unsigned long long load_arrivals() {
+  unsigned long long v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(&g_arrivals) : "memory");
+  return v;
+}
+
+__device__ void grid_barrier(unsigned long long target) {
+  consumers_sync();
+  if (threadIdx.x == 0) {
+    asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(&g_arrivals) : "memory");
+    while (load_arrivals() < target) {
+    }
+  }
+  consumers_sync();
+}
+
+// ----------------------------------------------------------------------------- math
+
+__device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
+__device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
+
+[[maybe_unused]] __device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
+  const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // bf16 -> float32 is a shift of the bits
+    f[2 * i] = __uint_as_float(u[i] << 16);
+    f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+  }
+}
+
+// acc[r][b] = row r . x[b] on every lane, for the R rows of a stage (consecutive, nvec 16-byte
+// vectors each) and x (B, nvec), both in shared memory. Each x vector is unpacked once for all
+// R rows, and every row keeps two partial sums: R * B * 2 independent FMA chains.
+template <int B, int R>
+__device__ __forceinline__ void stage_dot(float (&acc)[R][B], const uint4* w, const uint4* x,
+                                          int nvec, int lane) {
+  float part[R][B][2];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int b = 0; b < B; ++b) part[r][b][0] = part[r][b][1] = 0.f;
+  auto step = [&](int i, int t) {
+    float xf[B][8], wf[8];
+#pragma unroll
+    for (int b = 0; b < B; ++b) unpack8(x[b * nvec + i], xf[b]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      unpack8(w[r * nvec + i], wf);
+#pragma unroll
+      for (int b = 0; b < B; ++b)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) part[r][b][t] = fmaf(wf[e], xf[b][e], part[r][b][t]);
+    }
+  };
+  int i = lane;
+  for (; i + 32 < nvec; i += 64) {
+    step(i, 0);
+    step(i + 32, 1);
+  }
+  if (i < nvec) step(i, 0);
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      float v = part[r][b][0] + part[r][b][1];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      acc[r][b] = v;
+    }
+}
+
+// The stage's R rows times its input, then epilogue(row, acc) on lane 0 for each.
+template <int B, int R, typename Epilogue>
+__device__ __forceinline__ void stage_rows(const uint4* w, const uint4* x, int nvec, int lane,
+                                           int row0, Epilogue& epilogue) {
+  float acc[R][B];
+  stage_dot<B, R>(acc, w, x, nvec, lane);
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) epilogue(row0 + r, acc[r]);
+  }
+}
+
+__device__ float consumers_sum(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  consumers_sync();  // red may still be read from the last call
+  if (lane == 0) red[warp] = v;
+  consumers_sync();
+  float s = 0.f;
+#pragma unroll
+  for (int w = 0; w < kConsumers; ++w) s += red[w];
+  return s;
+}
+
+// A layer norm's and mixes' per-channel inputs for this thread's channels (i = threadIdx.x +
+// j * kConsumerThreads), held in registers so that they can be loaded before a barrier and
+// the norm after it costs one memory round trip (the loaded latency here is microseconds).
+template <int B>
+struct NormInputs {
+  float scale[kPer], bias[kPer], mix[3][kPer], shift[B][kPer];
+};
+
+template <int B>
+__device__ __forceinline__ void load_norm_inputs(NormInputs<B>& in, const float* vecs, int scale_row,
+                                                 const int (&mix_rows)[3], int M,
+                                                 const float* shift, int C) {
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int i = min((int)threadIdx.x + j * kConsumerThreads, C - 1);
+    in.scale[j] = __ldg(vecs + scale_row * C + i);
+    in.bias[j] = __ldg(vecs + (scale_row + 1) * C + i);
+#pragma unroll
+    for (int m = 0; m < 3; ++m) in.mix[m][j] = m < M ? __ldg(vecs + mix_rows[m] * C + i) : 0.f;
+#pragma unroll
+    for (int b = 0; b < B; ++b) in.shift[b][j] = __ldg(shift + b * C + i);
+  }
+}
+
+// LN(x) per row, mixed with the shift state by each of the M mixes into xs (M, B, C) bf16;
+// LN(x) into shift_out (one CTA writes it). Consumer threads only; C <= kPer * threads.
+template <int B>
+__device__ void norm_mix(const NormInputs<B>& in, const float* x, int M, int C, float eps,
+                         bf16* xs, float* shift_out, float* red) {
+  constexpr int T = kConsumerThreads;
+  float v[B][kPer];
+#pragma unroll
+  for (int b = 0; b < B; ++b) {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int i = threadIdx.x + j * T;
+      v[b][j] = i < C ? x[b * C + i] : 0.f;  // x may be this kernel's own output: no __ldg
+    }
+  }
+#pragma unroll
+  for (int b = 0; b < B; ++b) {
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) s += v[b][j];
+    const float mean = consumers_sum(s, red) / C;
+    float q = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const float d = threadIdx.x + j * T < C ? v[b][j] - mean : 0.f;
+      q += d * d;
+    }
+    const float rstd = rsqrtf(consumers_sum(q, red) / C + eps);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int i = threadIdx.x + j * T;
+      if (i < C) {
+        const float xn = (v[b][j] - mean) * rstd * in.scale[j] + in.bias[j];
+        const float sh = in.shift[b][j];
+#pragma unroll
+        for (int m = 0; m < 3; ++m)
+          if (m < M)
+            xs[(m * B + b) * C + i] = __float2bfloat16(xn * in.mix[m][j] + sh * (1.f - in.mix[m][j]));
+        if (shift_out) shift_out[b * C + i] = xn;
+      }
+    }
+  }
+}
+
+// A bf16 array of n elements from global memory into shared memory (consumer threads).
+__device__ void stage_input(const bf16* src, bf16* dst, int n) {
+  const uint4* s = reinterpret_cast<const uint4*>(src);
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  for (int i = threadIdx.x; i < n / 8; i += kConsumerThreads) d[i] = s[i];
+}
+
+// ----------------------------------------------------------------------------- kernel
+
+#ifdef RWKV_TRACE  // timestamps of the phases, for the standalone harness
+__device__ unsigned long long g_trace[1024][18];
+__device__ __forceinline__ void trace(int i, int thread) {
+  if (threadIdx.x == thread && blockIdx.x < 1024) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    g_trace[blockIdx.x][i] = t;
+  }
+}
+#define TRACE_SYNC() consumers_sync()
+#else
+__device__ __forceinline__ void trace(int, int) {}
+#define TRACE_SYNC()
+#endif
+
+template <int B>
+__global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int C = a.C, F = a.F, G = gridDim.x, cta = blockIdx.x, D = a.depth;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  // The CTA's channels (phase 0) and rows (phases 1-3): equal contiguous shares.
+  const int c0 = (int)((long long)cta * C / G), c1 = (int)((long long)(cta + 1) * C / G);
+  const int k0 = (int)((long long)cta * (F + C) / G), k1 = (int)((long long)(cta + 1) * (F + C) / G);
+
+  unsigned char* ring = smem;
+  bf16* xs = reinterpret_cast<bf16*>(smem + (size_t)D * a.slot_bytes);
+  const int xs_elems = B * max(3 * C, F);
+  const int cpc = (C + G - 1) / G + 1;
+  float* res = reinterpret_cast<float*>(xs + xs_elems);  // k, v, r: (3, cpc, B), phase 0
+  float* wkv_in = res + 3 * cpc * B;                    // aa, bb, pp, decay, first: (5, cpc, B)
+  uint64_t* full = reinterpret_cast<uint64_t*>(wkv_in + 5 * cpc * B + 2);  // aligned below
+  full = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(full) + 7) & ~uintptr_t(7));
+  uint64_t* empty = full + D;
+  __shared__ Segment seg[kSegments];
+  __shared__ int phase_end[4];  // stage index one past each phase's last
+  __shared__ float red[kConsumers];
+
+  __shared__ unsigned long long barrier_base;
+  if (threadIdx.x == 0) {
+    // No CTA of this launch can pass its first barrier before this one arrives, so the count
+    // is within gridDim.x of this launch's base.
+    const unsigned long long seen = load_arrivals();
+    barrier_base = seen - seen % ((unsigned long long)kBarriers * G);
+    const int kr = min(max(k0, F), k1);  // where this CTA's ffn rows turn from key to receptance
+    const int rows[kSegments][2] = {{c0, c1}, {C + c0, C + c1}, {2 * C + c0, 2 * C + c1},
+                                    {c0, c1}, {k0, kr}, {kr, k1}, {c0, c1}};
+    const bf16* mats[kSegments] = {a.w_kvr, a.w_kvr, a.w_kvr, a.w_o, a.w_kr, a.w_kr, a.w_v};
+    const int nC = C / 8;
+    const int inputs[kSegments] = {0, B * nC, 2 * B * nC, 0, 0, B * nC, 0};
+    int first = 0;
+    for (int s = 0; s < kSegments; ++s) {
+      const int K = s == 6 ? F : C;
+      const int rps = max(1, min(kMaxStageRows, kStageTarget / (K * 2)));
+      seg[s] = Segment{mats[s], rows[s][0], rows[s][1], K, rps, first, inputs[s]};
+      first += (rows[s][1] - rows[s][0] + rps - 1) / rps;
+      if (s == 2 || s == 3 || s == 5 || s == 6) phase_end[s == 2 ? 0 : s == 3 ? 1 : s == 5 ? 2 : 3] = first;
+    }
+    for (int i = 0; i < D; ++i) {
+      mbar_init(&full[i], 1);
+      mbar_init(&empty[i], 1);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == kConsumers) {
+    // ------------------------------------------------------------------ producer
+    int issued = 0, si = 0;
+    auto issue_until = [&](int end) {
+      for (; issued < end; ++issued) {
+        while (issued >= seg[si].first + (seg[si].row1 - seg[si].row0 + seg[si].rps - 1) /
+                                              seg[si].rps)
+          ++si;
+        const Segment& sg = seg[si];
+        const int r = sg.row0 + (issued - sg.first) * sg.rps;
+        const int n = min(sg.rps, sg.row1 - r);
+        const int slot = issued % D, use = issued / D;
+        if (use > 0) mbar_wait(&empty[slot], (use - 1) & 1);
+        const uint32_t bytes = (uint32_t)n * sg.K * 2;
+        mbar_expect_tx(&full[slot], bytes);
+        bulk_load(ring + (size_t)slot * a.slot_bytes, sg.w + (size_t)r * sg.K, bytes, &full[slot]);
+#ifdef RWKV_TRACE
+        for (int p = 0; p < 4; ++p)
+          if (issued + 1 == phase_end[p]) trace(10 + p, kConsumerThreads);
+#endif
+      }
+    };
+    if (lane == 0) issue_until(phase_end[3]);
+    return;
+  }
+
+  // -------------------------------------------------------------------- consumers
+  // Each slot has one consumer warp, which takes its stages in order: a warp never waits on a
+  // slot's next use before it has released the last (a parity wait cannot tell them apart).
+  auto consume = [&](int p, auto&& epilogue) {
+    int si = kFirstSegment[p];
+    for (int s = p == 0 ? 0 : phase_end[p - 1]; s < phase_end[p]; ++s) {
+      if ((s % D) % kConsumers != warp) continue;
+      while (s >= seg[si].first + (seg[si].row1 - seg[si].row0 + seg[si].rps - 1) / seg[si].rps)
+        ++si;
+      const Segment& sg = seg[si];
+      const int r = sg.row0 + (s - sg.first) * sg.rps;
+      const int n = min(sg.rps, sg.row1 - r);
+      const int slot = s % D;
+      mbar_wait(&full[slot], (s / D) & 1);
+      const uint4* w = reinterpret_cast<const uint4*>(ring + (size_t)slot * a.slot_bytes);
+      const uint4* x = reinterpret_cast<const uint4*>(xs) + sg.input;
+      const int nvec = sg.K / 8;
+#ifndef RWKV_NOCOMPUTE  // the harness's streaming-only mode
+      switch (n) {
+        case 1: stage_rows<B, 1>(w, x, nvec, lane, r, epilogue); break;
+        case 2: stage_rows<B, 2>(w, x, nvec, lane, r, epilogue); break;
+        case 3: stage_rows<B, 3>(w, x, nvec, lane, r, epilogue); break;
+        default: stage_rows<B, 4>(w, x, nvec, lane, r, epilogue); break;
+      }
+#else
+      (void)w, (void)x, (void)nvec;
+#endif
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[slot]);
+    }
+  };
+  const bool lead = cta == 0;
+
+  trace(0, 0);
+  const int nwkv = (c1 - c0) * B;  // this CTA's (channel, row) pairs
+  // The WKV step's other inputs, loaded now so that their latency hides behind phase 0.
+  for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads) {
+    const int c = c0 + t / B, i = (t % B) * C + c;
+    const float in[5] = {__ldg(a.aa + i), __ldg(a.bb + i), __ldg(a.pp + i),
+                         __ldg(a.vecs + DECAY * C + c), __ldg(a.vecs + FIRST * C + c)};
+#pragma unroll
+    for (int j = 0; j < 5; ++j) wkv_in[j * cpc * B + t] = in[j];
+  }
+  // Phase 0: key, value, receptance rows of channels c0..c1, then the WKV step.
+  NormInputs<B> in2;
+  {
+    NormInputs<B> in;
+    load_norm_inputs<B>(in, a.vecs, LN1_SCALE, {MIX_K, MIX_V, MIX_R}, 3, a.shift_att, C);
+    norm_mix<B>(in, a.x, 3, C, a.eps, xs, lead ? a.shift_att_out : nullptr, red);
+    // LN2's inputs other than x2 depend on nothing here: loaded now, they arrive long before
+    // phase 2 (a load still in flight at a grid barrier would hold up its memory fence).
+    load_norm_inputs<B>(in2, a.vecs, LN2_SCALE, {FMIX_K, FMIX_R, FMIX_R}, 2, a.shift_ffn, C);
+    consumers_sync();
+    trace(1, 0);
+    consume(0, [&](int row, const float (&acc)[B]) {
+      const int m = row / C, c = row - m * C - c0;  // m: key, value, receptance
+#pragma unroll
+      for (int b = 0; b < B; ++b) res[(m * cpc + c) * B + b] = round_bf16(acc[b]);
+    });
+    consumers_sync();
+      TRACE_SYNC();
+    trace(2, 0);
+    for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads) {
+      const int cl = t / B, b = t % B, i = b * C + c0 + cl;
+      const float kk = res[cl * B + b], vv = res[(cpc + cl) * B + b], rr = res[(2 * cpc + cl) * B + b];
+      const float aa = wkv_in[t], bb = wkv_in[cpc * B + t], pp = wkv_in[2 * cpc * B + t];
+      const float w = wkv_in[3 * cpc * B + t], u = wkv_in[4 * cpc * B + t];
+      float ww = u + kk, q = fmaxf(pp, ww);
+      float e1 = expf(pp - q), e2 = expf(ww - q);
+      const float y = (e1 * aa + e2 * vv) / (e1 * bb + e2);
+      ww = w + pp;
+      q = fmaxf(ww, kk);
+      e1 = expf(ww - q);
+      e2 = expf(kk - q);
+      a.aa_out[i] = e1 * aa + e2 * vv;
+      a.bb_out[i] = e1 * bb + e2;
+      a.pp_out[i] = q;
+      a.g[i] = __float2bfloat16(sigmoid(rr) * y);
+    }
+  }
+  grid_barrier(barrier_base + 1ull * G);
+  trace(3, 0);
+
+  // Phase 1: x2 = x + W_o g.
+  stage_input(a.g, xs, B * C);
+  consumers_sync();
+  consume(1, [&](int n, const float (&acc)[B]) {
+#pragma unroll
+    for (int b = 0; b < B; ++b) a.x_out[b * C + n] = a.x[b * C + n] + round_bf16(acc[b]);
+  });
+  TRACE_SYNC();
+  trace(4, 0);
+  grid_barrier(barrier_base + 2ull * G);
+  trace(5, 0);
+
+  // Phase 2: h = relu(W_k xk)^2, gate = sigmoid(W_r xr) from LN2(x2).
+  {
+    norm_mix<B>(in2, a.x_out, 2, C, a.eps, xs, lead ? a.shift_ffn_out : nullptr, red);
+    consumers_sync();
+    trace(6, 0);
+    consume(2, [&](int n, const float (&acc)[B]) {
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const float y = round_bf16(acc[b]);
+        if (n < F) {
+          const float relu = fmaxf(y, 0.f);
+          a.h[b * F + n] = __float2bfloat16(relu * relu);
+        } else {
+          a.gate[b * C + (n - F)] = sigmoid(y);
+        }
+      }
+    });
+  }
+  TRACE_SYNC();
+  trace(7, 0);
+  grid_barrier(barrier_base + 3ull * G);
+  trace(8, 0);
+
+  // Phase 3: x_out = x2 + gate * (W_v h).
+  stage_input(a.h, xs, B * F);
+  consumers_sync();
+  consume(3, [&](int n, const float (&acc)[B]) {
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      const int i = b * C + n;
+      a.x_out[i] = a.x_out[i] + a.gate[i] * round_bf16(acc[b]);
+    }
+  });
+  TRACE_SYNC();
+  trace(9, 0);
+}
+
+// ----------------------------------------------------------------------------- launch
+
+std::string cuda_error(const char* what, cudaError_t err) {
+  return std::string(what) + ": " + cudaGetErrorString(err);
+}
+
+template <int B>
+std::string launch(cudaStream_t stream, Args a) {
+  auto kernel = block_kernel<B>;
+  int device = 0, sms = 0, optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  // A stage is whole rows, at most kStageTarget bytes of them, or one longer row.
+  auto stage_bytes = [](int K) {
+    return std::max(1, std::min(kMaxStageRows, kStageTarget / (2 * K))) * 2 * K;
+  };
+  a.slot_bytes = (std::max(stage_bytes(a.C), stage_bytes(a.F)) + 127) / 128 * 128;
+  const int cpc = (a.C + sms - 1) / sms + 1;
+  const size_t fixed = sizeof(bf16) * B * std::max(3 * a.C, a.F) +
+                       sizeof(float) * (8 * cpc * B + 2) + 16;
+  // Static shared memory (segments, reductions) and the barriers (16 bytes a stage) come out
+  // of the same budget.
+  const long long room = (long long)optin - 1024 - (long long)fixed;
+  // A multiple of the consumer warps, each of which owns depth / kConsumers slots.
+  a.depth = (int)std::min<long long>(2 * kConsumers, room / (a.slot_bytes + 16)) / kConsumers *
+            kConsumers;
+  if (a.depth < kConsumers)
+    return "rows too long for " + std::to_string(kConsumers) + " stages in shared memory";
+  const size_t smem = (size_t)a.depth * (a.slot_bytes + 16) + fixed;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return cuda_error("shared memory", err);
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+  if (err != cudaSuccess) return cuda_error("occupancy", err);
+  if (per_sm < 1) return "no CTA fits on an SM";
+  void* args[] = {&a};
+  err = cudaLaunchCooperativeKernel((const void*)kernel, sms, kThreads, args, smem, stream);
+  if (err != cudaSuccess) return cuda_error("cooperative launch", err);
+  return "";
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------- host side
+
+namespace {
+
+struct Host {  // one layer's inputs on the host, bf16 matrices as float
+  int B, C, F;
+  std::vector<float> x, shift_att, aa, bb, pp, shift_ffn, vecs, w_kvr, w_o, w_kr, w_v;
+};
+
+float uniform(float lo, float hi) { return lo + (hi - lo) * (rand() / (float)RAND_MAX); }
+float bf16r(float v) { return __bfloat162float(__float2bfloat16(v)); }
+
+Host random_layer(int B, int C, int F) {
+  Host h{B, C, F};
+  auto fill = [](std::vector<float>& v, size_t n, float lo, float hi) {
+    v.resize(n);
+    for (auto& e : v) e = uniform(lo, hi);
+  };
+  fill(h.x, B * C, -2, 2);
+  fill(h.shift_att, B * C, -1, 1);
+  fill(h.aa, B * C, -1, 1);
+  fill(h.bb, B * C, 0.1f, 2);
+  fill(h.pp, B * C, -1, 1);
+  fill(h.shift_ffn, B * C, -1, 1);
+  h.vecs.resize(NVEC * C);
+  for (int i = 0; i < C; ++i) {
+    h.vecs[LN1_SCALE * C + i] = uniform(0.5f, 1.5f);
+    h.vecs[LN1_BIAS * C + i] = uniform(-0.1f, 0.1f);
+    h.vecs[LN2_SCALE * C + i] = uniform(0.5f, 1.5f);
+    h.vecs[LN2_BIAS * C + i] = uniform(-0.1f, 0.1f);
+    for (int m : {MIX_K, MIX_V, MIX_R, FMIX_K, FMIX_R}) h.vecs[m * C + i] = uniform(0, 1);
+    h.vecs[DECAY * C + i] = -std::exp(uniform(-3, 1));
+    h.vecs[FIRST * C + i] = uniform(-1, 1);
+  }
+  auto mat = [](std::vector<float>& w, size_t rows, int K) {
+    const float s = std::sqrt(3.f / K);
+    w.resize(rows * K);
+    for (auto& e : w) e = bf16r(uniform(-s, s));
+  };
+  mat(h.w_kvr, 3 * C, C);
+  mat(h.w_o, C, C);
+  mat(h.w_kr, F + C, C);
+  mat(h.w_v, C, F);
+  return h;
+}
+
+// The block on the host with the kernel's roundings (dots in double).
+[[maybe_unused]] void reference(const Host& h, std::vector<float>& x_out, std::vector<float>& state_out) {
+  const int B = h.B, C = h.C, F = h.F;
+  auto dot = [](const float* w, const float* x, int K) {
+    double s = 0;
+    for (int j = 0; j < K; ++j) s += (double)w[j] * x[j];
+    return (float)s;
+  };
+  auto sigmoid_h = [](float v) { return 1.f / (1.f + std::exp(-v)); };
+  auto norm_mix = [&](const float* x, const float* shift, int scale_row, const int* mixes, int M,
+                      std::vector<float>& xs, float* shift_out) {
+    double mean = 0, var = 0;
+    for (int i = 0; i < C; ++i) mean += x[i];
+    mean /= C;
+    for (int i = 0; i < C; ++i) var += (x[i] - mean) * (x[i] - mean);
+    const float rstd = 1.f / std::sqrt((float)(var / C) + 1e-5f);
+    xs.assign(M * C, 0.f);
+    for (int i = 0; i < C; ++i) {
+      const float xn = (x[i] - (float)mean) * rstd * h.vecs[scale_row * C + i] +
+                       h.vecs[(scale_row + 1) * C + i];
+      for (int m = 0; m < M; ++m) {
+        const float mix = h.vecs[mixes[m] * C + i];
+        xs[m * C + i] = bf16r(xn * mix + shift[i] * (1.f - mix));
+      }
+      shift_out[i] = xn;
+    }
+  };
+  x_out.assign(B * C, 0.f);
+  state_out.assign(5 * B * C, 0.f);  // shift_att, aa, bb, pp, shift_ffn
+  for (int b = 0; b < B; ++b) {
+    std::vector<float> xs, g(C), x2(C), h2(F), gate(C);
+    const int att_mix[3] = {MIX_K, MIX_V, MIX_R}, ffn_mix[2] = {FMIX_K, FMIX_R};
+    float* so = state_out.data();
+    norm_mix(&h.x[b * C], &h.shift_att[b * C], LN1_SCALE, att_mix, 3, xs, so + b * C);
+    for (int c = 0; c < C; ++c) {
+      const float k = bf16r(dot(&h.w_kvr[(size_t)c * C], &xs[0], C));
+      const float v = bf16r(dot(&h.w_kvr[(size_t)(C + c) * C], &xs[C], C));
+      const float r = bf16r(dot(&h.w_kvr[(size_t)(2 * C + c) * C], &xs[2 * C], C));
+      const int i = b * C + c;
+      const float aa = h.aa[i], bb = h.bb[i], pp = h.pp[i];
+      const float w = h.vecs[DECAY * C + c], u = h.vecs[FIRST * C + c];
+      float ww = u + k, q = std::max(pp, ww), e1 = std::exp(pp - q), e2 = std::exp(ww - q);
+      const float y = (e1 * aa + e2 * v) / (e1 * bb + e2);
+      ww = w + pp;
+      q = std::max(ww, k);
+      e1 = std::exp(ww - q);
+      e2 = std::exp(k - q);
+      so[B * C + i] = e1 * aa + e2 * v;
+      so[2 * B * C + i] = e1 * bb + e2;
+      so[3 * B * C + i] = q;
+      g[c] = bf16r(sigmoid_h(r) * y);
+    }
+    for (int n = 0; n < C; ++n) x2[n] = h.x[b * C + n] + bf16r(dot(&h.w_o[(size_t)n * C], g.data(), C));
+    norm_mix(x2.data(), &h.shift_ffn[b * C], LN2_SCALE, ffn_mix, 2, xs, so + 4 * B * C + b * C);
+    for (int n = 0; n < F; ++n) {
+      const float relu = std::max(bf16r(dot(&h.w_kr[(size_t)n * C], &xs[0], C)), 0.f);
+      h2[n] = bf16r(relu * relu);
+    }
+    for (int n = 0; n < C; ++n) gate[n] = sigmoid_h(bf16r(dot(&h.w_kr[(size_t)(F + n) * C], &xs[C], C)));
+    for (int n = 0; n < C; ++n)
+      x_out[b * C + n] = x2[n] + gate[n] * bf16r(dot(&h.w_v[(size_t)n * F], h2.data(), F));
+  }
+}
+
+template <typename T>
+T* to_device(const std::vector<float>& v) {
+  std::vector<T> t(v.size());
+  for (size_t i = 0; i < v.size(); ++i) t[i] = (T)v[i];
+  T* d;
+  cudaMalloc(&d, t.size() * sizeof(T));
+  cudaMemcpy(d, t.data(), t.size() * sizeof(T), cudaMemcpyHostToDevice);
+  return d;
+}
+
+template <>
+bf16* to_device<bf16>(const std::vector<float>& v) {
+  std::vector<bf16> t(v.size());
+  for (size_t i = 0; i < v.size(); ++i) t[i] = __float2bfloat16(v[i]);
+  bf16* d;
+  cudaMalloc(&d, t.size() * sizeof(bf16));
+  cudaMemcpy(d, t.data(), t.size() * sizeof(bf16), cudaMemcpyHostToDevice);
+  return d;
+}
+
+Args device_args(const Host& h) {
+  const int B = h.B, C = h.C, F = h.F;
+  Args a{};
+  a.x = to_device<float>(h.x);
+  a.shift_att = to_device<float>(h.shift_att);
+  a.aa = to_device<float>(h.aa);
+  a.bb = to_device<float>(h.bb);
+  a.pp = to_device<float>(h.pp);
+  a.shift_ffn = to_device<float>(h.shift_ffn);
+  a.vecs = to_device<float>(h.vecs);
+  a.w_kvr = to_device<bf16>(h.w_kvr);
+  a.w_o = to_device<bf16>(h.w_o);
+  a.w_kr = to_device<bf16>(h.w_kr);
+  a.w_v = to_device<bf16>(h.w_v);
+  float* o;
+  cudaMalloc(&o, 6 * B * C * sizeof(float));
+  a.x_out = o;
+  a.shift_att_out = o + B * C;
+  a.aa_out = o + 2 * B * C;
+  a.bb_out = o + 3 * B * C;
+  a.pp_out = o + 4 * B * C;
+  a.shift_ffn_out = o + 5 * B * C;
+  cudaMalloc(&a.g, B * C * sizeof(bf16));
+  cudaMalloc(&a.h, B * F * sizeof(bf16));
+  cudaMalloc(&a.gate, B * C * sizeof(float));
+  a.C = C;
+  a.F = F;
+  a.eps = 1e-5f;
+  return a;
+}
+
+std::string run(cudaStream_t s, const Args& a, int B) {
+  return B == 1 ? launch<1>(s, a) : launch<2>(s, a);
+}
+
+[[maybe_unused]] float max_rel(const float* got, const float* want, size_t n) {
+  float d = 0, m = 0;
+  for (size_t i = 0; i < n; ++i) {
+    d = std::max(d, std::fabs(got[i] - want[i]));
+    m = std::max(m, std::fabs(want[i]));
+  }
+  return d / std::max(m, 1e-30f);
+}
+
+}  // namespace
+
+// decode_block C F B: prints "check ..." (against the host reference), "us_per_block ..."
+// (4 layers x 25 steps in one CUDA graph, best of 5), and with RWKV_TRACE "trace ..." lines.
+int main(int argc, char** argv) {
+  if (argc != 4) {
+    fprintf(stderr, "usage: %s C F rows\n", argv[0]);
+    return 2;
+  }
+  const int C = atoi(argv[1]), F = atoi(argv[2]), B = atoi(argv[3]);
+  if (C % 8 || F % 8 || C > kPer * kConsumerThreads || B < 1 || B > 2) {
+    fprintf(stderr, "C and F must be multiples of 8, C <= %d, rows 1 or 2\n", kPer * kConsumerThreads);
+    return 2;
+  }
+  const int L = 4, STEPS = 25;
+  srand(1);
+  std::vector<Host> hosts;
+  std::vector<Args> args;
+  for (int l = 0; l < L; ++l) {
+    hosts.push_back(random_layer(B, C, F));
+    args.push_back(device_args(hosts.back()));
+  }
+  cudaStream_t s;
+  cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+  std::string err = run(s, args[0], B);
+  cudaError_t cerr = cudaStreamSynchronize(s);
+  if (!err.empty() || cerr != cudaSuccess) {
+    printf("error %s %s\n", err.c_str(), cudaGetErrorString(cerr));
+    return 1;
+  }
+#ifndef RWKV_NOCOMPUTE
+  {
+    std::vector<float> x_ref, state_ref, x(B * C), state(5 * B * C);
+    reference(hosts[0], x_ref, state_ref);
+    cudaMemcpy(x.data(), args[0].x_out, B * C * sizeof(float), cudaMemcpyDeviceToHost);
+    cudaMemcpy(state.data(), args[0].shift_att_out, 5 * B * C * sizeof(float), cudaMemcpyDeviceToHost);
+    const char* names[5] = {"shift_att", "aa", "bb", "pp", "shift_ffn"};
+    printf("check x %.2e", max_rel(x.data(), x_ref.data(), B * C));
+    for (int k = 0; k < 5; ++k)
+      printf(" %s %.2e", names[k], max_rel(&state[k * B * C], &state_ref[k * B * C], B * C));
+    printf("\n");
+  }
+#endif
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+  for (int t = 0; t < STEPS; ++t)
+    for (auto& a : args) run(s, a, B);
+  cudaStreamEndCapture(s, &graph);
+  cudaGraphInstantiate(&exec, graph, 0);
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  cudaGraphLaunch(exec, s);
+  cudaStreamSynchronize(s);
+  float best = 1e30f;
+  for (int r = 0; r < 5; ++r) {
+    cudaEventRecord(e0, s);
+    cudaGraphLaunch(exec, s);
+    cudaEventRecord(e1, s);
+    cudaEventSynchronize(e1);
+    float ms;
+    cudaEventElapsedTime(&ms, e0, e1);
+    best = std::min(best, ms);
+  }
+  cerr = cudaStreamSynchronize(s);
+  if (cerr != cudaSuccess) {
+    printf("error %s\n", cudaGetErrorString(cerr));
+    return 1;
+  }
+  printf("us_per_block %.2f\n", best * 1e3 / (STEPS * L));
+#ifdef RWKV_TRACE
+  run(s, args[1], B);
+  cudaStreamSynchronize(s);
+  static unsigned long long tr[1024][18];
+  cudaMemcpyFromSymbol(tr, g_trace, sizeof(tr));
+  int sms;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  unsigned long long t0 = ~0ull;
+  for (int c = 0; c < sms; ++c) t0 = std::min(t0, tr[c][0]);
+  const char* names[14] = {"start", "LN1_done", "p0_consumed", "barrier0_passed",
+                           "p1_consumed", "barrier1_passed", "LN2_done", "p2_consumed",
+                           "barrier2_passed", "p3_consumed", "producer_p0_issued",
+                           "producer_p1_issued", "producer_p2_issued", "producer_p3_issued"};
+  for (int i = 0; i < 14; ++i) {
+    double lo = 1e30, hi = 0, sum = 0;
+    for (int c = 0; c < sms; ++c) {
+      const double v = (double)(tr[c][i] - t0) / 1e3;
+      lo = std::min(lo, v);
+      hi = std::max(hi, v);
+      sum += v;
+    }
+    printf("trace %s %.2f %.2f %.2f\n", names[i], lo, sum / sms, hi);
+  }
+#endif
+  return 0;
+}

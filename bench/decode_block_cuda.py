@@ -1,0 +1,146 @@
+"""A hand-written CUDA RWKV-4 block (bench/cuda/decode_block.cu) against the card's read rate:
+how close one cooperative kernel per block gets to the memory floor at batch 1, and where the
+rest of its time goes. A study for the batch-1 decode target of issue #4, not a decode path.
+
+    python3 bench/decode_block_cuda.py [--model 3B] [--out /tmp/decode_block_cuda]
+
+Needs nvcc and an NVIDIA GPU of compute capability 9.0 or newer (bulk copies, mbarriers); no
+JAX. Builds four programs with nvcc and prints four tables:
+  stream      1 GiB read by one CTA per SM: the bulk copy engine into a ring of D stages of S
+              bytes (the block kernel's scheme), and plain 16-byte loads (bench/cuda/stream.cu)
+  block       the block kernel, 4 layers x 25 steps in one CUDA graph: us per block, GB/s of
+              weights, x the floor at the best streaming rate; each first checked against a
+              host reference with the kernel's roundings (max |error| / max |value|)
+  no math     the same kernel with the products skipped: streaming and barriers alone
+  timeline    one launch, each CTA's phase times (%globaltimer): min / mean / max over CTAs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from decode import MODELS  # noqa: E402  bench/decode.py
+
+TOLERANCE = 1e-2  # bf16 products: a rounding flip moves a value by 2^-8 of itself
+
+
+def nvcc() -> str:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    for cand in (home and os.path.join(home, "bin", "nvcc"), shutil.which("nvcc"),
+                 "/usr/local/cuda/bin/nvcc"):
+        if cand and os.path.isfile(cand):
+            return cand
+    raise SystemExit("nvcc (CUDA's compiler) not found in $CUDA_HOME/bin, on PATH or in "
+                     "/usr/local/cuda/bin: this benchmark builds CUDA programs")
+
+
+def arch() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"no NVIDIA GPU found (nvidia-smi: {e})") from None
+    major, minor = out[0].split(".")
+    if int(major) < 9:
+        raise SystemExit(f"compute capability {out[0]}: the kernels need 9.0 or newer (bulk "
+                         "copies into shared memory)")
+    return f"{major}{minor}"
+
+
+def build(out: str, sm: str) -> dict:
+    cc = nvcc()
+    flags = [cc, "-O3", "-std=c++17", f"-gencode=arch=compute_{sm},code=sm_{sm}"]
+    block = os.path.join(HERE, "cuda", "decode_block.cu")
+    jobs = {"block": (block, []), "trace": (block, ["-DRWKV_TRACE"]),
+            "nomath": (block, ["-DRWKV_TRACE", "-DRWKV_NOCOMPUTE"]),
+            "stream": (os.path.join(HERE, "cuda", "stream.cu"), [])}
+
+    def one(name):
+        src, extra = jobs[name]
+        exe = os.path.join(out, name)
+        done = subprocess.run([*flags, *extra, src, "-o", exe], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"building {name} failed:\n{done.stderr[-3000:]}")
+        return name, exe
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return dict(pool.map(one, jobs))
+
+
+def run(exe: str, *args) -> list[list[str]]:
+    done = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=300)
+    lines = [line.split() for line in done.stdout.splitlines() if line.strip()]
+    if done.returncode or any(line[0] == "error" for line in lines):
+        raise SystemExit(f"{os.path.basename(exe)} {' '.join(map(str, args))} failed:\n"
+                         f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="3B", choices=sorted(MODELS))
+    ap.add_argument("--out", default="/tmp/decode_block_cuda", help="where the programs go")
+    a = ap.parse_args()
+    _, C, _ = MODELS[a.model]
+    F = 4 * C
+    if C % 8 or C > 4096:
+        raise SystemExit(f"--model {a.model}: n_embd={C}; the kernel takes multiples of 8 up "
+                         "to 4096")
+    os.makedirs(a.out, exist_ok=True)
+    exes = build(a.out, arch())
+    weight_bytes = 2 * (3 * C * C + C * C + (F + C) * C + C * F)
+
+    stream = run(exes["stream"])
+    best = max(float(line[-1]) for line in stream)  # GB/s
+    floor_us = weight_bytes / (best * 1e3)
+    print(f"\n{a.model} block (C{C}, F{F}): {weight_bytes / 1e6:.1f} MB of weights; best "
+          f"streaming rate {best:,.0f} GB/s, so the floor is {floor_us:.1f} us\n")
+    print("| stream 1 GiB, one CTA per SM | GB/s |\n|---|---|")
+    for line in stream:
+        label = (f"bulk copies, {int(line[2])} x {int(line[1]) // 1024} KB stages"
+                 if line[0] == "tma" else f"16-byte loads, {line[1]} threads")
+        print(f"| {label} | {float(line[-1]):,.0f} |")
+
+    rows = []
+    failed = False
+    for B in (1, 2):
+        out = {line[0]: line[1:] for line in run(exes["block"], C, F, B)}
+        check = dict(zip(out["check"][::2], map(float, out["check"][1::2])))
+        worst = max(check.values())
+        failed |= worst > TOLERANCE
+        us = float(out["us_per_block"][0])
+        rows.append((f"block kernel, {B} row{'s' if B > 1 else ''}", us,
+                     f"{worst:.1e}{'' if worst <= TOLERANCE else ' FAIL'}"))
+    trace = run(exes["trace"], C, F, 1)
+    nomath = run(exes["nomath"], C, F, 1)
+    rows.append(("no math (streaming and barriers), 1 row",
+                 float(next(line for line in nomath if line[0] == "us_per_block")[1]), "-"))
+    print("\n| variant | us / block | GB/s of weights | x floor | max error |\n|---|---|---|---|---|")
+    for label, us, err in rows:
+        print(f"| {label} | {us:.1f} | {weight_bytes / us / 1e3:,.0f} | {us / floor_us:.2f} | "
+              f"{err} |")
+
+    print("\nOne launch, 1 row: us since the first CTA started (min / mean / max over CTAs)\n")
+    print("| event | with math | no math |\n|---|---|---|")
+    nm = {line[1]: line[2:] for line in nomath if line[0] == "trace"}
+    for line in trace:
+        if line[0] == "trace":
+            name, lo, mean, hi = line[1], *line[2:]
+            other = nm.get(name, ["-"] * 3)
+            print(f"| {name.replace('_', ' ')} | {lo} / {mean} / {hi} | "
+                  f"{' / '.join(other)} |")
+    if failed:
+        raise SystemExit(f"the block kernel differs from the host reference by more than "
+                         f"{TOLERANCE}")
+
+
+if __name__ == "__main__":
+    main()
