@@ -9,10 +9,14 @@ JAX. Builds four programs with nvcc and prints four tables:
   stream      1 GiB read by one CTA per SM: the bulk copy engine into a ring of D stages of S
               bytes (the block kernel's scheme), and plain 16-byte loads (bench/cuda/stream.cu)
   block       the block kernel, 4 layers x 25 steps in one CUDA graph: us per block, GB/s of
-              weights, x the floor at the best streaming rate; each first checked against a
-              host reference with the kernel's roundings (max |error| / max |value|)
-  no math     the same kernel with the products skipped: streaming and barriers alone
-  timeline    one launch, each CTA's phase times (%globaltimer): min / mean / max over CTAs
+              weights, x the floor at the best streaming rate; every layer's outputs checked
+              against a host reference with the kernel's roundings, before and after the
+              timed launches: the worst max |error| / max |value|, and the fraction of
+              elements off by more than float noise
+  no math     the same kernel with the products' arithmetic skipped: streaming, norms and
+              barriers alone
+  timeline    one launch of builds that record each CTA's phase times (%globaltimer): min /
+              mean / max over CTAs
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ sys.path.insert(0, HERE)
 
 from decode import MODELS  # noqa: E402  bench/decode.py
 
-TOLERANCE = 1e-2  # bf16 products: a rounding flip moves a value by 2^-8 of itself
+# A product whose float sum lands on the other side of a bf16 rounding boundary moves by one
+# bf16 ulp (up to 2^-7 of itself): rare, and small against the largest value. A rounding
+# missed or added moves most elements, which the fraction off catches.
+MAX_ERROR, MAX_OFF = 1e-2, 0.1
 
 
 def nvcc() -> str:
@@ -48,6 +55,8 @@ def arch() -> str:
                              capture_output=True, text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError) as e:
         raise SystemExit(f"no NVIDIA GPU found (nvidia-smi: {e})") from None
+    if not out:
+        raise SystemExit("no NVIDIA GPU found (nvidia-smi lists none)")
     major, minor = out[0].split(".")
     if int(major) < 9:
         raise SystemExit(f"compute capability {out[0]}: the kernels need 9.0 or newer (bulk "
@@ -59,8 +68,10 @@ def build(out: str, sm: str) -> dict:
     cc = nvcc()
     flags = [cc, "-O3", "-std=c++17", f"-gencode=arch=compute_{sm},code=sm_{sm}"]
     block = os.path.join(HERE, "cuda", "decode_block.cu")
-    jobs = {"block": (block, []), "trace": (block, ["-DRWKV_TRACE"]),
-            "nomath": (block, ["-DRWKV_TRACE", "-DRWKV_NOCOMPUTE"]),
+    # Timings come from the builds without the timeline's timer stores and extra barriers.
+    jobs = {"block": (block, []), "nomath": (block, ["-DRWKV_NOCOMPUTE"]),
+            "trace": (block, ["-DRWKV_TRACE"]),
+            "trace_nomath": (block, ["-DRWKV_TRACE", "-DRWKV_NOCOMPUTE"]),
             "stream": (os.path.join(HERE, "cuda", "stream.cu"), [])}
 
     def one(name):
@@ -76,7 +87,11 @@ def build(out: str, sm: str) -> dict:
 
 
 def run(exe: str, *args) -> list[list[str]]:
-    done = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=300)
+    cmd = [exe, *map(str, args)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"{' '.join(cmd)} ran past 300 s (a hang?)") from None
     lines = [line.split() for line in done.stdout.splitlines() if line.strip()]
     if done.returncode or any(line[0] == "error" for line in lines):
         raise SystemExit(f"{os.path.basename(exe)} {' '.join(map(str, args))} failed:\n"
@@ -91,9 +106,6 @@ def main():
     a = ap.parse_args()
     _, C, _ = MODELS[a.model]
     F = 4 * C
-    if C % 8 or C > 4096:
-        raise SystemExit(f"--model {a.model}: n_embd={C}; the kernel takes multiples of 8 up "
-                         "to 4096")
     os.makedirs(a.out, exist_ok=True)
     exes = build(a.out, arch())
     weight_bytes = 2 * (3 * C * C + C * C + (F + C) * C + C * F)
@@ -112,25 +124,29 @@ def main():
     rows = []
     failed = False
     for B in (1, 2):
-        out = {line[0]: line[1:] for line in run(exes["block"], C, F, B)}
-        check = dict(zip(out["check"][::2], map(float, out["check"][1::2])))
-        worst = max(check.values())
-        failed |= worst > TOLERANCE
-        us = float(out["us_per_block"][0])
+        out = run(exes["block"], C, F, B)
+        checks = [line[1:] for line in out if line[0] == "check"]  # (name, error, off) triples
+        worst = max(float(c[i + 1]) for c in checks for i in range(0, len(c), 3))
+        off = max(float(c[i + 2]) for c in checks for i in range(0, len(c), 3))
+        bad = not (worst <= MAX_ERROR and off <= MAX_OFF)  # NaN fails too
+        failed |= bad
+        us = float(next(line for line in out if line[0] == "us_per_block")[1])
         rows.append((f"block kernel, {B} row{'s' if B > 1 else ''}", us,
-                     f"{worst:.1e}{'' if worst <= TOLERANCE else ' FAIL'}"))
-    trace = run(exes["trace"], C, F, 1)
+                     f"{worst:.1e} / {off:.3f}{' FAIL' if bad else ''}"))
     nomath = run(exes["nomath"], C, F, 1)
-    rows.append(("no math (streaming and barriers), 1 row",
+    rows.append(("products' arithmetic skipped (streaming, norms, barriers), 1 row",
                  float(next(line for line in nomath if line[0] == "us_per_block")[1]), "-"))
-    print("\n| variant | us / block | GB/s of weights | x floor | max error |\n|---|---|---|---|---|")
+    print("\n| variant | us / block | GB/s of weights | x floor | max error / fraction off |\n"
+          "|---|---|---|---|---|")
     for label, us, err in rows:
         print(f"| {label} | {us:.1f} | {weight_bytes / us / 1e3:,.0f} | {us / floor_us:.2f} | "
               f"{err} |")
 
+    trace = run(exes["trace"], C, F, 1)
+    trace_nomath = run(exes["trace_nomath"], C, F, 1)
     print("\nOne launch, 1 row: us since the first CTA started (min / mean / max over CTAs)\n")
     print("| event | with math | no math |\n|---|---|---|")
-    nm = {line[1]: line[2:] for line in nomath if line[0] == "trace"}
+    nm = {line[1]: line[2:] for line in trace_nomath if line[0] == "trace"}
     for line in trace:
         if line[0] == "trace":
             name, lo, mean, hi = line[1], *line[2:]
@@ -138,8 +154,8 @@ def main():
             print(f"| {name.replace('_', ' ')} | {lo} / {mean} / {hi} | "
                   f"{' / '.join(other)} |")
     if failed:
-        raise SystemExit(f"the block kernel differs from the host reference by more than "
-                         f"{TOLERANCE}")
+        raise SystemExit(f"the block kernel differs from the host reference (allowed: max "
+                         f"error {MAX_ERROR}, fraction off {MAX_OFF})")
 
 
 if __name__ == "__main__":

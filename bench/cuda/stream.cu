@@ -99,7 +99,8 @@ int main() {
     return best;
   };
   auto check = [] {
-    const cudaError_t err = cudaDeviceSynchronize();
+    cudaError_t err = cudaGetLastError();  // a launch that never started
+    if (err == cudaSuccess) err = cudaDeviceSynchronize();
     if (err != cudaSuccess) printf("error %s\n", cudaGetErrorString(err));
     return err == cudaSuccess;
   };
