@@ -1,9 +1,34 @@
-"""Shared test helpers: a float64 WKV reference and random official checkpoints."""
+"""Shared test helpers: a float64 WKV reference, random official checkpoints, and one XLA
+compilation cache for the programs that tests start."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_compilation_cache(tmp_path_factory):
+    """The programs that tests start (train.py, infer.py, the sharding and multihost workers)
+    share one persistent XLA compilation cache for the session: several runs of a test compile
+    the same tiny model, and a warm start takes half the time. Set in the environment that
+    child processes inherit; this process imported JAX at collection and keeps its own
+    caches. A size limit turns on the cache's file lock, which processes that run at the same
+    time (the multihost tests) need."""
+    settings = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+                "JAX_COMPILATION_CACHE_MAX_SIZE": str(1 << 31)}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def wkv4_reference(time_decay, time_first, k, v, state=None):
