@@ -105,8 +105,11 @@ WORKER = textwrap.dedent(r'''
 
 
 def test_same_training_on_every_mesh_and_checkpoints_move_between_meshes(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    # Every program here compiles once: the session's compilation cache (conftest) would only
+    # add its writes.
+    env = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": REPO,
+           "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", WORKER, str(tmp_path)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "OK" in out.stdout, (out.stdout[-3000:], out.stderr[-5000:])
