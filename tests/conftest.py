@@ -3,15 +3,13 @@ compilation cache for the programs that tests start."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_compilation_cache(tmp_path_factory):
-    """The programs that tests start (train.py, infer.py, the sharding and multihost workers)
+    """The programs that tests start (train.py, infer.py, the multihost workers)
     share one persistent XLA compilation cache for the session: several runs of a test compile
     the same tiny model, and a warm start takes half the time. Set in the environment that
     child processes inherit; this process imported JAX at collection and keeps its own
@@ -21,14 +19,10 @@ def _shared_compilation_cache(tmp_path_factory):
                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
                 "JAX_COMPILATION_CACHE_MAX_SIZE": str(1 << 31)}
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in settings.items():
+            mp.setenv(name, value)
+        yield
 
 
 def wkv4_reference(time_decay, time_first, k, v, state=None):

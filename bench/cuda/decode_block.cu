@@ -453,7 +453,6 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
       for (int b = 0; b < B; ++b) res[(m * cpc + c) * B + b] = round_bf16(acc[b]);
     });
     consumers_sync();
-      TRACE_SYNC();
     trace(2, 0);
     for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads) {
       const int cl = t / B, b = t % B, i = b * C + c0 + cl;
