@@ -34,9 +34,10 @@ sys.path.insert(0, HERE)
 from decode import MODELS  # noqa: E402  bench/decode.py
 
 # A product whose float sum lands on the other side of a bf16 rounding boundary moves by one
-# bf16 ulp (up to 2^-7 of itself): rare, and small against the largest value. A rounding
-# missed or added moves most elements, which the fraction off catches.
-MAX_ERROR, MAX_OFF = 1e-2, 0.1
+# bf16 ulp (up to 2^-7 of itself): rare, and small against the largest value, but it travels:
+# one such key in layer 1 of the 2-row run moved 12.5% of that layer's x by more than float
+# noise (2026-12-01). A rounding missed or added moves nearly all of them (97% in a CPU test).
+MAX_ERROR, MAX_OFF = 1e-2, 0.5
 
 
 def nvcc() -> str:
@@ -103,7 +104,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="3B", choices=sorted(MODELS))
     ap.add_argument("--out", default="/tmp/decode_block_cuda", help="where the programs go")
+    ap.add_argument("--prefetch", default="0,4,8,12,16",
+                    type=lambda v: [int(p) for p in v.split(",")],
+                    help="L2 prefetch distances to time, in ring stages ahead of the load "
+                         "(each stage is up to 20 KB per SM)")
+    ap.add_argument("--window", default="2,3,4,6",
+                    type=lambda v: [int(p) for p in v.split(",")],
+                    help="limits on the stages in flight per SM to time (0: the ring's free "
+                         "slots)")
     a = ap.parse_args()
+    if any(p < 0 for p in a.prefetch):
+        ap.error(f"--prefetch {a.prefetch}: distances must be 0 (off) or more stages")
+    if any(w < 0 for w in a.window):
+        ap.error(f"--window {a.window}: limits must be 0 (none) or more stages")
     _, C, _ = MODELS[a.model]
     F = 4 * C
     os.makedirs(a.out, exist_ok=True)
@@ -123,28 +136,45 @@ def main():
 
     rows = []
     failed = False
-    for B in (1, 2):
-        out = run(exes["block"], C, F, B)
+
+    def block(B, P, W, exe="block"):
+        nonlocal failed
+        out = run(exes[exe], C, F, B, P, W)
+        if exe != "block":
+            return float(next(line for line in out if line[0] == "us_per_block")[1]), "-"
         checks = [line[1:] for line in out if line[0] == "check"]  # (name, error, off) triples
         worst = max(float(c[i + 1]) for c in checks for i in range(0, len(c), 3))
         off = max(float(c[i + 2]) for c in checks for i in range(0, len(c), 3))
         bad = not (worst <= MAX_ERROR and off <= MAX_OFF)  # NaN fails too
         failed |= bad
         us = float(next(line for line in out if line[0] == "us_per_block")[1])
-        rows.append((f"block kernel, {B} row{'s' if B > 1 else ''}", us,
-                     f"{worst:.1e} / {off:.3f}{' FAIL' if bad else ''}"))
-    nomath = run(exes["nomath"], C, F, 1)
-    rows.append(("products' arithmetic skipped (streaming, norms, barriers), 1 row",
-                 float(next(line for line in nomath if line[0] == "us_per_block")[1]), "-"))
+        return us, f"{worst:.1e} / {off:.3f}{' FAIL' if bad else ''}"
+
+    def row_label(B, P, W, what="block kernel"):
+        how = [f"L2 prefetch {P} stages ahead"] if P else []
+        how += [f"at most {W} stages in flight"] if W else []
+        return f"{what}, {B} row{'s' if B > 1 else ''}, {', '.join(how) or 'ring only'}"
+
+    best, best_us = (0, 0), float("inf")
+    for P, W in [(P, 0) for P in a.prefetch] + [(0, W) for W in a.window if W]:
+        us, err = block(1, P, W)
+        rows.append((row_label(1, P, W), us, err))
+        if us < best_us:
+            best, best_us = (P, W), us
+    rows.append((row_label(2, *best), *block(2, *best)))
+    for P, W in sorted({(0, 0), best}):
+        rows.append((row_label(1, P, W, "products' arithmetic skipped (streaming, norms, "
+                               "barriers)"), *block(1, P, W, "nomath")))
     print("\n| variant | us / block | GB/s of weights | x floor | max error / fraction off |\n"
           "|---|---|---|---|---|")
     for label, us, err in rows:
         print(f"| {label} | {us:.1f} | {weight_bytes / us / 1e3:,.0f} | {us / floor_us:.2f} | "
               f"{err} |")
 
-    trace = run(exes["trace"], C, F, 1)
-    trace_nomath = run(exes["trace_nomath"], C, F, 1)
-    print("\nOne launch, 1 row: us since the first CTA started (min / mean / max over CTAs)\n")
+    trace = run(exes["trace"], C, F, 1, *best)
+    trace_nomath = run(exes["trace_nomath"], C, F, 1, *best)
+    print(f"\nOne launch, {row_label(1, *best, 'the fastest')}: us since the first CTA "
+          "started (min / mean / max over CTAs)\n")
     print("| event | with math | no math |\n|---|---|---|")
     nm = {line[1]: line[2:] for line in trace_nomath if line[0] == "trace"}
     for line in trace:

@@ -105,7 +105,7 @@ int main() {
     return err == cudaSuccess;
   };
   cudaFuncSetAttribute(tma_stream, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
-  const int configs[][2] = {{8192, 8}, {16384, 2}, {16384, 4}, {16384, 8}, {20480, 8}, {32768, 4}};
+  const int configs[][2] = {{8192, 8}, {16384, 2}, {16384, 4}, {16384, 8}, {20480, 2}, {20480, 3}, {20480, 4}, {20480, 8}, {32768, 4}};
   for (auto& c : configs) {
     const int S = c[0], D = c[1];
     const size_t per = total / sms / S * S;
