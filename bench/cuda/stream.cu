@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 
-#include "bulk_copy.cuh"
+#include "../../rwkv_jax/ops/cuda/bulk_copy.cuh"
 
 namespace {
 

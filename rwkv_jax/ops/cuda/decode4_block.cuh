@@ -1,0 +1,756 @@
+#pragma once
+// One RWKV-4 block for one token (batch 1-2) as ONE cooperative CUDA kernel (sm_90: Hopper):
+// the batch-1 decode step on NVIDIA GPUs. decode4_ffi.cu wraps it for XLA (rwkv_jax.ops.cuda.
+// decode4 builds and calls it); bench/cuda/decode_block.cu checks it against a host reference
+// and times it alone (bench/decode_block_cuda.py, whose tables bench/README.md quotes).
+//
+// Why try: at batch 1 a decode step only streams weights, and no matrix-vector kernel that
+// XLA, cuBLAS or Triton (Pallas) produce reads faster than ~3 TB/s on an H200, where plain
+// loads or the bulk copy engine stream 4.5 (bench/README.md; stream.cu beside this).
+//
+// Design: one CTA per SM streams its contiguous, equal share of every matrix through a ring of
+// shared-memory stages with the bulk copy engine (cp.async.bulk, completing on an mbarrier):
+// one producer thread, eight consumer warps, each owning every eighth slot (a parity wait
+// cannot tell a slot's next use from its last, so one warp must take a slot's uses in order).
+// A consumer multiplies a stage's rows (up to 4) with the input vectors, which every CTA stages
+// in shared memory. The block's four products are phases; what a phase needs from the others
+// comes as flagged words (value and epoch in one store, polled until all are this launch's:
+// NCCL's LL protocol), which costs one round trip to L2 where a grid barrier costs three. The
+// producer waits for nothing but ring slots, so it streams on across phase boundaries, as far
+// ahead as the ring allows (weights do not depend on the previous phase).
+//
+// Phases (B rows, C channels, F = ffn width; state and x float32, matrices bf16 (out, in)):
+//   0  LN1(x) mixed with the shift state three ways (each CTA computes it for itself), the
+//      rows [key; value; receptance] of this CTA's channels, then their WKV step and gate:
+//      g = sigmoid(r) * wkv (bf16); new aa, bb, pp; LN1(x) is the new shift
+//   1  x2 = x + W_o g
+//   2  LN2(x2) mixed two ways; rows of [key ; receptance]: h = relu(k)^2 (bf16),
+//      gate = sigmoid(r)
+//   3  x_out = x2 + gate * (W_v h)
+// Roundings are the model's (rwkv_jax.layers, rwkv_jax.ops.pallas.decode4): every product is
+// rounded to bf16, everything else is float32.
+//
+// Build flags: -DRWKV_TRACE records each CTA's phase times (%globaltimer); -DRWKV_NOCOMPUTE
+// skips the products (the streaming and synchronisation alone).
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "bulk_copy.cuh"
+
+namespace rwkv_decode4 {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kConsumers = 8;  // consumer warps; one more warp produces
+constexpr int kConsumerThreads = 32 * kConsumers;
+constexpr int kThreads = kConsumerThreads + 32;
+#ifndef RWKV_STAGE_KB
+#define RWKV_STAGE_KB 20
+#endif
+constexpr int kStageTarget = RWKV_STAGE_KB * 1024;  // bytes per stage (whole rows, at least one)
+constexpr int kPer = 16;   // layer-norm elements per consumer thread: C <= 16 * 256
+// The matrices' row runs, in streaming order: phase 0 key, value, receptance rows; phase 1
+// output rows; phase 2 key rows, receptance rows; phase 3 value rows.
+constexpr int kSegments = 7;
+__constant__ int kFirstSegment[4] = {0, 3, 4, 6};
+constexpr int kMaxStageRows = 4;
+
+// Rows of the per-channel vector table `vecs` (NVEC, C), float32 (decay = -exp(time_decay)).
+enum Vec { LN1_SCALE, LN1_BIAS, MIX_K, MIX_V, MIX_R, DECAY, FIRST, LN2_SCALE, LN2_BIAS,
+           FMIX_K, FMIX_R, NVEC };
+
+struct Args {
+  const float* x;
+  const float* shift_att;
+  const float* aa;
+  const float* bb;
+  const float* pp;
+  const float* shift_ffn;
+  const float* vecs;
+  const bf16* w_kvr;  // (3C, C)
+  const bf16* w_o;    // (C, C)
+  const bf16* w_kr;   // (F + C, C)
+  const bf16* w_v;    // (C, F)
+  float* x_out;
+  float* shift_att_out;
+  float* aa_out;
+  float* bb_out;
+  float* pp_out;
+  float* shift_ffn_out;
+  int C, F;
+  float eps;
+  int depth;       // stages in the ring
+  int slot_bytes;  // bytes per stage slot (a multiple of 128)
+  // L2 prefetch: the producer asks the copy engine to pull the stage `prefetch` ahead of the
+  // one it loads into L2, past the end of this layer into the next layer's matrices (same
+  // shapes; null: none). The ring alone holds ~4.7 us of streaming, less than a grid exchange
+  // costs under load; L2 (50 MB) can hold twice that, so the reads need not stop at one.
+  const bf16* next_w[4];  // the next layer's w_kvr, w_o, w_kr, w_v
+  int prefetch;           // stages ahead of the load (0: no prefetch)
+  // At most this many stages in flight (0: as many as the ring has free slots). Loads in
+  // flight queue at the memory controllers, and every other access waits behind them (Little's
+  // law: 21 MB in flight at 4.6 TB/s is ~4.6 us); HBM stays saturated with far fewer.
+  int window;
+};
+
+// The stages in flight that decode4_ffi.cu asks for: the fastest on an H200 (2: 57.6 us a 3B
+// block, 3: 59.1, no cap: 64.3; bench/README.md).
+constexpr int kWindow = 2;
+
+// A contiguous run of rows of one matrix that this CTA streams, in stages of `rps` rows.
+struct Segment {
+  const bf16* w;
+  int row0, row1;  // rows of w
+  int K;           // row length
+  int rps;         // rows per stage
+  int first;       // index of its first stage in the CTA's whole sequence
+  int end;         // one past its last stage
+  int input;       // offset of its input vectors in the staged inputs, in 16-byte units
+};
+
+// ----------------------------------------------------------------------------- PTX
+
+// Synchronises the consumer warps only: the producer must never be waited for.
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory");
+}
+
+// The exchanges between phases carry their own flags (NCCL's LL protocol): every value that
+// another CTA needs goes out as one word holding the value and this launch's epoch, written by
+// a single relaxed store, and a reader polls the words themselves until all carry the epoch.
+// A grid barrier (release-add, poll, then load the data) costs three round trips to L2, and
+// under a saturated memory system each costs microseconds; this costs one, and no fence.
+// bf16 values travel as (bits << 16 | epoch & 0xffff), float32 values as (bits << 32 | epoch).
+// Every launch rewrites every word, so a stale word carries the last launch's epoch, never
+// this one's. Launches of this kernel are serial (each takes every SM), and every CTA index
+// takes part in each, so CTA i's own launch count is the same in every CTA: the epoch.
+constexpr int kMaxC = kPer * kConsumerThreads;  // C the norms allow
+constexpr int kMaxF = 4 * kMaxC;
+__device__ unsigned g_launches[1024];               // per CTA index
+__device__ uint32_t g_ll_g[2 * kMaxC];              // (B, C) bf16: sigmoid(r) * wkv
+__device__ unsigned long long g_ll_x2[2 * kMaxC];   // (B, C) float32: x2
+__device__ uint32_t g_ll_h[2 * kMaxF];              // (B, F) bf16: relu(k)^2
+__device__ unsigned long long g_ll_gate[2 * kMaxC];  // (B, C) float32: sigmoid(r)
+
+__device__ __forceinline__ void put16(uint32_t* p, bf16 v, uint32_t epoch) {
+  const uint32_t w = (uint32_t)__bfloat16_as_ushort(v) << 16 | (epoch & 0xffffu);
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(w) : "memory");
+}
+
+__device__ __forceinline__ void put32(unsigned long long* p, float v, uint32_t epoch) {
+  const unsigned long long w = (unsigned long long)__float_as_uint(v) << 32 | epoch;
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(w) : "memory");
+}
+
+__device__ __forceinline__ uint4 poll4(const uint32_t* p) {
+  uint4 v;
+  asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long poll64(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ bool ready4(uint4 v, uint32_t epoch) {
+  const uint32_t e = epoch & 0xffffu;
+  return (v.x & 0xffffu) == e && (v.y & 0xffffu) == e && (v.z & 0xffffu) == e &&
+         (v.w & 0xffffu) == e;
+}
+
+__device__ __forceinline__ void too_long(int spins, const char* what) {
+  if (spins > (1 << 24)) {  // a word never written is a bug: an error, not a hang
+    printf("CTA %d waited too long for %s\n", blockIdx.x, what);
+    __trap();
+  }
+}
+
+// n bf16 values (n a multiple of 4) from their flagged words into shared memory, by the
+// consumer threads. Polls go out in rounds: every word not yet this launch's is loaded again
+// before any is checked, so a round costs one round trip however many words are late (checking
+// and re-polling one word at a time would cost one per late word).
+__device__ void gather16(const uint32_t* src, bf16* dst, int n, uint32_t epoch) {
+  constexpr int U = 8;  // 16-byte words in flight per thread: n up to 8192 in one pass
+  for (int base = threadIdx.x; base < n / 4; base += U * kConsumerThreads) {
+    uint4 v[U];
+    unsigned late = 0;  // a bit per word still to come (an array here went to local memory)
+#pragma unroll
+    for (int u = 0; u < U; ++u) late |= (unsigned)(base + u * kConsumerThreads < n / 4) << u;
+    for (int spins = 0; late; ++spins) {
+      too_long(spins, "a bf16 exchange");
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (late >> u & 1) v[u] = poll4(src + 4 * (base + u * kConsumerThreads));
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (ready4(v[u], epoch)) late &= ~(1u << u);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = base + u * kConsumerThreads;
+      if (i < n / 4)
+        reinterpret_cast<uint2*>(dst)[i] = {(v[u].x >> 16) | (v[u].y & 0xffff0000u),
+                                            (v[u].z >> 16) | (v[u].w & 0xffff0000u)};
+    }
+  }
+}
+
+// One float32 from its flagged word.
+__device__ __forceinline__ float get32(const unsigned long long* p, uint32_t epoch) {
+  unsigned long long w = poll64(p);
+  for (int spins = 0; (uint32_t)w != epoch; ++spins) {
+    too_long(spins, "a float exchange");
+    w = poll64(p);
+  }
+  return __uint_as_float((uint32_t)(w >> 32));
+}
+
+// ----------------------------------------------------------------------------- math
+
+__device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
+__device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
+
+[[maybe_unused]] __device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
+  const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // bf16 -> float32 is a shift of the bits
+    f[2 * i] = __uint_as_float(u[i] << 16);
+    f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+  }
+}
+
+// acc[r][b] = row r . x[b] on every lane, for the R rows of a stage (consecutive, nvec 16-byte
+// vectors each) and x (B, nvec), both in shared memory. Each x vector is unpacked once for all
+// R rows, and every row keeps two partial sums: R * B * 2 independent FMA chains.
+template <int B, int R>
+__device__ __forceinline__ void stage_dot(float (&acc)[R][B], const uint4* w, const uint4* x,
+                                          int nvec, int lane) {
+  float part[R][B][2];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int b = 0; b < B; ++b) part[r][b][0] = part[r][b][1] = 0.f;
+  auto step = [&](int i, int t) {
+    float xf[B][8], wf[8];
+#pragma unroll
+    for (int b = 0; b < B; ++b) unpack8(x[b * nvec + i], xf[b]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      unpack8(w[r * nvec + i], wf);
+#pragma unroll
+      for (int b = 0; b < B; ++b)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) part[r][b][t] = fmaf(wf[e], xf[b][e], part[r][b][t]);
+    }
+  };
+  int i = lane;
+  for (; i + 32 < nvec; i += 64) {
+    step(i, 0);
+    step(i + 32, 1);
+  }
+  if (i < nvec) step(i, 0);
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      float v = part[r][b][0] + part[r][b][1];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      acc[r][b] = v;
+    }
+}
+
+// The stage's R rows times its input, then epilogue(row, acc) on lane 0 for each.
+template <int B, int R, typename Epilogue>
+__device__ __forceinline__ void stage_rows(const uint4* w, const uint4* x, int nvec, int lane,
+                                           int row0, Epilogue& epilogue) {
+  float acc[R][B];
+  stage_dot<B, R>(acc, w, x, nvec, lane);
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) epilogue(row0 + r, acc[r]);
+  }
+}
+
+__device__ float consumers_sum(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  consumers_sync();  // red may still be read from the last call
+  if (lane == 0) red[warp] = v;
+  consumers_sync();
+  float s = 0.f;
+#pragma unroll
+  for (int w = 0; w < kConsumers; ++w) s += red[w];
+  return s;
+}
+
+// A layer norm's and mixes' per-channel inputs for this thread's channels (i = threadIdx.x +
+// j * kConsumerThreads), held in registers so that they can be loaded before an exchange and
+// the norm after it costs one memory round trip (the loaded latency here is microseconds).
+template <int B, int M>  // M mixes
+struct NormInputs {
+  float scale[kPer], bias[kPer], mix[M][kPer], shift[B][kPer];
+};
+
+template <int B, int M>
+__device__ __forceinline__ void load_norm_inputs(NormInputs<B, M>& in, const float* vecs,
+                                                 int scale_row, const int (&mix_rows)[M],
+                                                 const float* shift, int C) {
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int i = min((int)threadIdx.x + j * kConsumerThreads, C - 1);
+    in.scale[j] = __ldg(vecs + scale_row * C + i);
+    in.bias[j] = __ldg(vecs + (scale_row + 1) * C + i);
+#pragma unroll
+    for (int m = 0; m < M; ++m) in.mix[m][j] = __ldg(vecs + mix_rows[m] * C + i);
+#pragma unroll
+    for (int b = 0; b < B; ++b) in.shift[b][j] = __ldg(shift + b * C + i);
+  }
+}
+
+// LN(x) per row, mixed with the shift state by each of the M mixes into xs (M, B, C) bf16;
+// LN(x) into shift_out (one CTA writes it). Consumer threads only; C <= kPer * threads. x is
+// either plain float32 (`x`) or this launch's flagged words (`ll`, with `epoch`).
+template <int B, int M>
+__device__ void norm_mix(const NormInputs<B, M>& in, const float* x, const unsigned long long* ll,
+                         uint32_t epoch, int C, float eps, bf16* xs, float* shift_out,
+                         float* red) {
+  constexpr int T = kConsumerThreads;
+  float v[B][kPer];
+  if (ll) {  // in rounds, as gather16
+    unsigned long long w[B][kPer];
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) w[b][j] = 0;  // epoch >= 1: late
+    for (int spins = 0;; ++spins) {
+#pragma unroll
+      for (int b = 0; b < B; ++b)
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          const int i = threadIdx.x + j * T;
+          if ((uint32_t)w[b][j] != epoch) w[b][j] = i < C ? poll64(ll + b * C + i) : epoch;
+        }
+      bool any = false;
+#pragma unroll
+      for (int b = 0; b < B; ++b)
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) any |= (uint32_t)w[b][j] != epoch;
+      if (!any) break;
+      too_long(spins, "x2");
+    }
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) v[b][j] = __uint_as_float((uint32_t)(w[b][j] >> 32));
+  } else {
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int i = threadIdx.x + j * T;
+        v[b][j] = i < C ? x[b * C + i] : 0.f;
+      }
+  }
+#pragma unroll
+  for (int b = 0; b < B; ++b) {
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) s += v[b][j];
+    const float mean = consumers_sum(s, red) / C;
+    float q = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const float d = threadIdx.x + j * T < C ? v[b][j] - mean : 0.f;
+      q += d * d;
+    }
+    const float rstd = rsqrtf(consumers_sum(q, red) / C + eps);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int i = threadIdx.x + j * T;
+      if (i < C) {
+        const float xn = (v[b][j] - mean) * rstd * in.scale[j] + in.bias[j];
+        const float sh = in.shift[b][j];
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+          xs[(m * B + b) * C + i] = __float2bfloat16(xn * in.mix[m][j] + sh * (1.f - in.mix[m][j]));
+        if (shift_out) shift_out[b * C + i] = xn;
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- kernel
+
+#ifdef RWKV_TRACE  // timestamps of the phases, for the standalone harness
+__device__ unsigned long long g_trace[1024][14];
+__device__ __forceinline__ void trace(int i, int thread) {
+  if (threadIdx.x == thread && blockIdx.x < 1024) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    g_trace[blockIdx.x][i] = t;
+  }
+}
+#define TRACE_SYNC() consumers_sync()
+#else
+__device__ __forceinline__ void trace(int, int) {}
+#define TRACE_SYNC()
+#endif
+
+template <int B>
+__global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int C = a.C, F = a.F, G = gridDim.x, cta = blockIdx.x, D = a.depth;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  // The CTA's channels (phase 0) and rows (phases 1-3): equal contiguous shares.
+  const int c0 = (int)((long long)cta * C / G), c1 = (int)((long long)(cta + 1) * C / G);
+  const int k0 = (int)((long long)cta * (F + C) / G), k1 = (int)((long long)(cta + 1) * (F + C) / G);
+
+  unsigned char* ring = smem;
+  bf16* xs = reinterpret_cast<bf16*>(smem + (size_t)D * a.slot_bytes);
+  const int xs_elems = B * max(3 * C, F);
+  const int cpc = (C + G - 1) / G + 1;  // channels per CTA, at most (launch() sizes by it)
+  float* res = reinterpret_cast<float*>(xs + xs_elems);  // k, v, r: (3, cpc, B), phase 0
+  float* wkv_in = res + 3 * cpc * B;                    // aa, bb, pp, decay, first: (5, cpc, B)
+  float* x_own = wkv_in + 5 * cpc * B;  // x, x2 and the gates of this CTA's channels: (cpc, B)
+  float* x2_own = x_own + cpc * B;
+  float* gate_own = x2_own + cpc * B;
+  // The barriers need 8-byte alignment: launch() reserves 2 floats and 16 bytes of slack.
+  uint64_t* full = reinterpret_cast<uint64_t*>(gate_own + cpc * B + 2);
+  full = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(full) + 7) & ~uintptr_t(7));
+  uint64_t* empty = full + D;
+  __shared__ Segment seg[kSegments];
+  __shared__ int phase_end[4];  // stage index one past each phase's last
+  __shared__ float red[kConsumers];
+
+  __shared__ uint32_t epoch_s;
+  if (threadIdx.x == 0) {
+    epoch_s = g_launches[cta] + 1;  // the same in every CTA (see g_launches)
+    g_launches[cta] = epoch_s;
+    const int kr = min(max(k0, F), k1);  // where this CTA's ffn rows turn from key to receptance
+    const int rows[kSegments][2] = {{c0, c1}, {C + c0, C + c1}, {2 * C + c0, 2 * C + c1},
+                                    {c0, c1}, {k0, kr}, {kr, k1}, {c0, c1}};
+    const bf16* mats[kSegments] = {a.w_kvr, a.w_kvr, a.w_kvr, a.w_o, a.w_kr, a.w_kr, a.w_v};
+    const int nC = C / 8;
+    const int inputs[kSegments] = {0, B * nC, 2 * B * nC, 0, 0, B * nC, 0};
+    int first = 0;
+    for (int s = 0; s < kSegments; ++s) {
+      const int K = s == 6 ? F : C;
+      const int rps = max(1, min(kMaxStageRows, kStageTarget / (K * 2)));
+      const int end = first + (rows[s][1] - rows[s][0] + rps - 1) / rps;
+      seg[s] = Segment{mats[s], rows[s][0], rows[s][1], K, rps, first, end, inputs[s]};
+      first = end;
+      if (s == 2 || s == 3 || s == 5 || s == 6) phase_end[s == 2 ? 0 : s == 3 ? 1 : s == 5 ? 2 : 3] = first;
+    }
+    for (int i = 0; i < D; ++i) {
+      mbar_init(&full[i], 1);
+      mbar_init(&empty[i], 1);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == kConsumers) {
+    // ------------------------------------------------------------------ producer
+    int issued = 0, si = 0, pi = 0;  // pi: the segment of the stage being prefetched
+    const int total = phase_end[3];
+    // Stage j's source and size; j past this layer's last is the next layer's stage j - total
+    // (same shapes, so the same rows of the same segments).
+    auto source = [&](int j, int& s, const bf16*& src, uint32_t& bytes) {
+      const bool next = j >= total;
+      if (next) j -= total;
+      if (j < seg[s].first) s = 0;
+      while (j >= seg[s].end) ++s;
+      const Segment& sg = seg[s];
+      const int r = sg.row0 + (j - sg.first) * sg.rps;
+      const bf16* w = sg.w;
+      if (next) w = a.next_w[s < 3 ? 0 : s == 3 ? 1 : s < 6 ? 2 : 3];
+      src = w ? w + (size_t)r * sg.K : nullptr;
+      bytes = (uint32_t)min(sg.rps, sg.row1 - r) * sg.K * 2;
+    };
+    const int P = a.prefetch;
+    auto issue_until = [&](int end) {
+      for (; issued < end; ++issued) {
+        if (P > 0 && issued + P < 2 * total) {  // before any wait, so it runs ahead of stalls
+          const bf16* src;
+          uint32_t bytes;
+          source(issued + P, pi, src, bytes);
+          if (src) prefetch_l2(src, bytes);
+        }
+        const bf16* src;
+        uint32_t bytes;
+        source(issued, si, src, bytes);
+        if (a.window > 0 && issued >= a.window) {  // stage issued - window has landed
+          const int j = issued - a.window;
+          mbar_wait(&full[j % D], (j / D) & 1);
+        }
+        const int slot = issued % D, use = issued / D;
+        if (use > 0) mbar_wait(&empty[slot], (use - 1) & 1);
+        mbar_expect_tx(&full[slot], bytes);
+        bulk_load(ring + (size_t)slot * a.slot_bytes, src, bytes, &full[slot]);
+#ifdef RWKV_TRACE
+        for (int p = 0; p < 4; ++p)
+          if (issued + 1 == phase_end[p]) trace(10 + p, kConsumerThreads);
+#endif
+      }
+    };
+    if (lane == 0) {
+      for (int j = 0; j < min(P, total); ++j) {  // in case the last launch did not fetch them
+        const bf16* src;
+        uint32_t bytes;
+        source(j, pi, src, bytes);
+        prefetch_l2(src, bytes);
+      }
+      issue_until(total);
+    }
+    return;
+  }
+
+  // -------------------------------------------------------------------- consumers
+  // Each slot has one consumer warp, which takes its stages in order: a warp never waits on a
+  // slot's next use before it has released the last (a parity wait cannot tell them apart).
+  auto consume = [&](int p, auto&& epilogue) {
+    int si = kFirstSegment[p];
+    const int s0 = p == 0 ? 0 : phase_end[p - 1];
+    // D is a multiple of kConsumers, so slot s % D belongs to warp s % kConsumers.
+    for (int s = s0 + (warp - s0 % kConsumers + kConsumers) % kConsumers; s < phase_end[p];
+         s += kConsumers) {
+      while (s >= seg[si].end) ++si;
+      const Segment& sg = seg[si];
+      const int r = sg.row0 + (s - sg.first) * sg.rps;
+      const int n = min(sg.rps, sg.row1 - r);
+      const int slot = s % D;
+      mbar_wait(&full[slot], (s / D) & 1);
+      const uint4* w = reinterpret_cast<const uint4*>(ring + (size_t)slot * a.slot_bytes);
+      const uint4* x = reinterpret_cast<const uint4*>(xs) + sg.input;
+      const int nvec = sg.K / 8;
+#ifndef RWKV_NOCOMPUTE  // the harness's streaming-only mode
+      switch (n) {
+        case 1: stage_rows<B, 1>(w, x, nvec, lane, r, epilogue); break;
+        case 2: stage_rows<B, 2>(w, x, nvec, lane, r, epilogue); break;
+        case 3: stage_rows<B, 3>(w, x, nvec, lane, r, epilogue); break;
+        default: stage_rows<B, 4>(w, x, nvec, lane, r, epilogue); break;
+      }
+#else  // the epilogues still run, on zeros: the exchanges are part of what is timed
+      (void)w, (void)x, (void)nvec;
+      if (lane == 0) {
+        const float zero[B] = {};
+        for (int i = 0; i < n; ++i) epilogue(r + i, zero);
+      }
+#endif
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[slot]);
+    }
+  };
+  const bool lead = cta == 0;
+  const uint32_t epoch = epoch_s;
+
+  trace(0, 0);
+  const int nwkv = (c1 - c0) * B;  // this CTA's (channel, row) pairs
+  // The WKV step's other inputs, and x of this CTA's channels for the residuals, loaded now so
+  // that their latency hides behind phase 0.
+  for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads) {
+    const int c = c0 + t / B, i = (t % B) * C + c;
+    const float in[5] = {__ldg(a.aa + i), __ldg(a.bb + i), __ldg(a.pp + i),
+                         __ldg(a.vecs + DECAY * C + c), __ldg(a.vecs + FIRST * C + c)};
+#pragma unroll
+    for (int j = 0; j < 5; ++j) wkv_in[j * cpc * B + t] = in[j];
+    x_own[t] = __ldg(a.x + i);
+  }
+  // Phase 0: key, value, receptance rows of channels c0..c1, then the WKV step.
+  {
+    NormInputs<B, 3> in;
+    load_norm_inputs<B, 3>(in, a.vecs, LN1_SCALE, {MIX_K, MIX_V, MIX_R}, a.shift_att, C);
+    norm_mix<B, 3>(in, a.x, nullptr, 0, C, a.eps, xs, lead ? a.shift_att_out : nullptr, red);
+    consumers_sync();
+    trace(1, 0);
+    consume(0, [&](int row, const float (&acc)[B]) {
+      const int m = row / C, c = row - m * C - c0;  // m: key, value, receptance
+#pragma unroll
+      for (int b = 0; b < B; ++b) res[(m * cpc + c) * B + b] = round_bf16(acc[b]);
+    });
+    consumers_sync();
+    trace(2, 0);
+    for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads) {
+      const int cl = t / B, b = t % B, i = b * C + c0 + cl;
+      const float kk = res[cl * B + b], vv = res[(cpc + cl) * B + b], rr = res[(2 * cpc + cl) * B + b];
+      const float aa = wkv_in[t], bb = wkv_in[cpc * B + t], pp = wkv_in[2 * cpc * B + t];
+      const float w = wkv_in[3 * cpc * B + t], u = wkv_in[4 * cpc * B + t];
+      float ww = u + kk, q = fmaxf(pp, ww);
+      float e1 = expf(pp - q), e2 = expf(ww - q);
+      const float y = (e1 * aa + e2 * vv) / (e1 * bb + e2);
+      put16(g_ll_g + i, __float2bfloat16(sigmoid(rr) * y), epoch);  // first: others wait on it
+      ww = w + pp;
+      q = fmaxf(ww, kk);
+      e1 = expf(ww - q);
+      e2 = expf(kk - q);
+      a.aa_out[i] = e1 * aa + e2 * vv;
+      a.bb_out[i] = e1 * bb + e2;
+      a.pp_out[i] = q;
+    }
+  }
+
+  // Phase 1: x2 = x + W_o g.
+  gather16(g_ll_g, xs, B * C, epoch);
+  consumers_sync();
+  trace(3, 0);
+  consume(1, [&](int n, const float (&acc)[B]) {
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      const int t = (n - c0) * B + b;
+      x2_own[t] = x_own[t] + round_bf16(acc[b]);
+      put32(g_ll_x2 + b * C + n, x2_own[t], epoch);
+    }
+  });
+  TRACE_SYNC();
+  trace(4, 0);
+
+  // Phase 2: h = relu(W_k xk)^2, gate = sigmoid(W_r xr) from LN2(x2).
+  {
+    // Loaded here: held in registers from the start, they made the products spill; loaded
+    // before phase 1, they delayed g's polls (59.1 against 57.6 us a block). Their loads and
+    // x2's polls go out together.
+    NormInputs<B, 2> in2;
+    load_norm_inputs<B, 2>(in2, a.vecs, LN2_SCALE, {FMIX_K, FMIX_R}, a.shift_ffn, C);
+    norm_mix<B, 2>(in2, nullptr, g_ll_x2, epoch, C, a.eps, xs, lead ? a.shift_ffn_out : nullptr,
+                   red);
+    consumers_sync();
+    trace(5, 0);
+    consume(2, [&](int n, const float (&acc)[B]) {
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const float y = round_bf16(acc[b]);
+        if (n < F) {
+          const float relu = fmaxf(y, 0.f);
+          put16(g_ll_h + b * F + n, __float2bfloat16(relu * relu), epoch);
+        } else {
+          put32(g_ll_gate + b * C + (n - F), sigmoid(y), epoch);
+        }
+      }
+    });
+  }
+  TRACE_SYNC();
+  trace(7, 0);
+
+  // Phase 3: x_out = x2 + gate * (W_v h). h lands where phase 2's inputs are: wait for every
+  // warp to finish with them.
+  consumers_sync();
+  for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads)  // the gates of this CTA's channels
+    gate_own[t] = get32(g_ll_gate + (t % B) * C + c0 + t / B, epoch);
+  gather16(g_ll_h, xs, B * F, epoch);
+  consumers_sync();
+  trace(8, 0);
+  consume(3, [&](int n, const float (&acc)[B]) {
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      const int t = (n - c0) * B + b;
+      a.x_out[b * C + n] = x2_own[t] + gate_own[t] * round_bf16(acc[b]);
+    }
+  });
+  TRACE_SYNC();
+  trace(9, 0);
+}
+
+// ----------------------------------------------------------------------------- launch
+
+std::string cuda_error(const char* what, cudaError_t err) {
+  return std::string(what) + ": " + cudaGetErrorString(err);
+}
+
+// How a launch for (device, C, F) is shaped: asked of the device once, then kept (outside a
+// CUDA graph the FFI call launches on every step).
+struct Plan {
+  int sms = 0, depth = 0, slot_bytes = 0;
+  size_t smem = 0;
+  std::string error;
+};
+
+template <int B>
+Plan make_plan(int device, int C, int F) {
+  auto kernel = block_kernel<B>;
+  Plan p;
+  int optin = 0;
+  cudaDeviceGetAttribute(&p.sms, cudaDevAttrMultiProcessorCount, device);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (p.sms > 1024) {
+    p.error = "more than 1024 SMs";  // g_launches has one counter per CTA
+    return p;
+  }
+  // A stage is whole rows, at most kStageTarget bytes of them, or one longer row.
+  auto stage_bytes = [](int K) {
+    return std::max(1, std::min(kMaxStageRows, kStageTarget / (2 * K))) * 2 * K;
+  };
+  p.slot_bytes = (std::max(stage_bytes(C), stage_bytes(F)) + 127) / 128 * 128;
+  const int cpc = (C + p.sms - 1) / p.sms + 1;
+  const size_t fixed = sizeof(bf16) * B * std::max(3 * C, F) +
+                       sizeof(float) * (11 * cpc * B + 2) + 16;
+  // Static shared memory (segments, reductions) and the barriers (16 bytes a stage) come out
+  // of the same budget.
+  const long long room = (long long)optin - 1024 - (long long)fixed;
+  // A multiple of the consumer warps, each of which owns depth / kConsumers slots.
+  p.depth = (int)std::min<long long>(2 * kConsumers, room / (p.slot_bytes + 16)) / kConsumers *
+            kConsumers;
+  if (p.depth < kConsumers) {
+    p.error = "rows too long for " + std::to_string(kConsumers) + " stages in shared memory";
+    return p;
+  }
+  p.smem = (size_t)p.depth * (p.slot_bytes + 16) + fixed;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)p.smem);
+  if (err != cudaSuccess) {
+    p.error = cuda_error("shared memory", err);
+    return p;
+  }
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, p.smem);
+  if (err != cudaSuccess) p.error = cuda_error("occupancy", err);
+  else if (per_sm < 1) p.error = "no CTA fits on an SM";
+  return p;
+}
+
+// Launches the block for a's rows on `stream`; "" or what went wrong.
+template <int B>
+std::string launch(cudaStream_t stream, Args a) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int>, Plan> plans;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return cuda_error("device", err);
+  Plan p;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto key = std::make_tuple(device, a.C, a.F);
+    auto it = plans.find(key);
+    if (it == plans.end()) it = plans.emplace(key, make_plan<B>(device, a.C, a.F)).first;
+    p = it->second;
+  }
+  if (!p.error.empty()) return p.error;
+  a.depth = p.depth;
+  a.slot_bytes = p.slot_bytes;
+  void* args[] = {&a};
+  err = cudaLaunchCooperativeKernel((const void*)block_kernel<B>, p.sms, kThreads, args, p.smem,
+                                    stream);
+  if (err != cudaSuccess) return cuda_error("cooperative launch", err);
+  return "";
+}
+
+}  // namespace rwkv_decode4
