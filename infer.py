@@ -54,10 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--decode_block", type=int, default=16,
                      help="decode steps per device call: text streams out this many tokens at a "
                           "time; larger blocks cost the host less per token")
-    gen.add_argument("--decode_kernels", action="store_true",
-                     help="RWKV-4: decode with the fused Pallas kernels (rwkv_jax.ops.pallas."
-                          "decode4) instead of XLA's products; experimental, slower than XLA on "
-                          "an H200 so far (bench/README.md)")
+    gen.add_argument("--decode_kernels", nargs="?", const="pallas", default=None,
+                     choices=("pallas", "cuda"),
+                     help="RWKV-4: decode with kernels instead of XLA's products. 'pallas' (the "
+                          "flag alone): six fused Pallas kernels a block (rwkv_jax.ops.pallas."
+                          "decode4), slower than XLA on an H200 so far; 'cuda': a block as one "
+                          "CUDA kernel (rwkv_jax.ops.cuda.decode4; Hopper GPUs, nvcc, --bf16). "
+                          "bench/README.md has the numbers")
     other = p.add_argument_group("scoring and export")
     other.add_argument("--score", default=None, metavar="FILE",
                        help="print loss, perplexity and bits per byte of a whole text file")
@@ -175,10 +178,20 @@ def _main(args) -> int:
         if value is not None and value < 1:
             raise InputError(f"--{name}={value}: must be >= 1")
 
+    if args.decode_kernels == "cuda":  # before the checkpoint is read
+        from rwkv_jax.ops.cuda import decode4 as cuda_decode4  # noqa: PLC0415
+
+        try:
+            cuda_decode4.check_device()
+        except cuda_decode4.Unavailable as e:
+            raise InputError(f"--decode_kernels cuda: {e}") from None
     config, params, tokenizer_name, chunk_len = load_model(args)
     if args.decode_kernels and config.version != "4":
         raise InputError(f"--decode_kernels: the decode kernels run RWKV-4 blocks; this model "
                          f"is RWKV-{config.version} (leave the flag out)")
+    if args.decode_kernels == "cuda" and not args.bf16 and config.dtype != "bfloat16":
+        raise InputError(f"--decode_kernels cuda: the kernel reads bf16 weights and this model "
+                         f"computes in {config.dtype}; add --bf16")
     try:
         tokenizer = data_lib.get_tokenizer(tokenizer_name)
     except (ValueError, ImportError, OSError) as e:
@@ -215,8 +228,14 @@ def _main(args) -> int:
         print(f"wrote {args.export_official}", file=sys.stderr)
 
     # Everything is checked; from here on things compile and run.
-    generator = Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk, bf16=args.bf16,
-                          decode_block=args.decode_block, decode_kernels=args.decode_kernels)
+    from rwkv_jax.ops.cuda.decode4 import Unavailable  # noqa: PLC0415
+
+    try:
+        generator = Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk,
+                              bf16=args.bf16, decode_block=args.decode_block,
+                              decode_kernels=args.decode_kernels or False)
+    except Unavailable as e:  # the CUDA kernel's build, or a block it cannot take
+        raise InputError(f"--decode_kernels cuda: {e}") from None
     if rows:
         stops = [_unescape(s) for s in args.stop]
         t = time.perf_counter()

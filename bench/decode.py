@@ -411,7 +411,11 @@ def orchestrate(a):
         # fused Pallas decode kernels (rwkv_jax.ops.pallas.decode4, Generator(decode_kernels=
         # True)), which need no padding.
         variants = [("XLA, grouped products", {}, ["--prefill", "--rows", "1,2"]),
-                    ("decode kernels", {}, ["--rows", "1", "--kernels"])]
+                    ("decode kernels", {}, ["--rows", "1", "--kernels", "pallas"]),
+                    ("CUDA decode block", {}, ["--rows", "1", "--kernels", "cuda"])]
+        keep = {"xla": "XLA", "pallas": "decode kernels", "cuda": "CUDA"}
+        picked = [keep[v] for v in a.variants.split(",") if v] if a.variants else list(keep.values())
+        variants = [v for v in variants if any(v[0].startswith(k) for k in picked)]
     elif a.quick:
         names, device, pdtype, strategy = ["quick"], "cpu", "float32", "cpu fp32"
         prompt_len, new_tokens, batches = 16, 8, [4]
@@ -423,7 +427,7 @@ def orchestrate(a):
     if a.models:
         names = a.models.split(",")
     build = None
-    if a.gpu and not a.no_cuda_build:
+    if a.gpu and not a.no_cuda_build and not a.no_rwkv:
         build = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", "build",
              "--json", os.path.join(a.out, "build.json")],
@@ -459,6 +463,10 @@ def orchestrate(a):
             except (OSError, ValueError, KeyError):
                 cuda_on = False
         remaining = max(a.budget_s + 60 - (time.perf_counter() - start), 30)
+        if a.no_rwkv:
+            results[name]["rwkv"] = {}
+            os.remove(pth)
+            continue
         theirs = _worker("rwkv", ["--pth", pth, "--strategy", strategy, *common]
                          + (["--cuda_on"] if cuda_on else []), log, timeout=remaining)
         log(f"  rwkv: {json.dumps(theirs)}")
@@ -513,7 +521,7 @@ def format_table(results: dict, batches, prompt_len: int, new_tokens: int) -> st
             continue
         t = r["rwkv"]
         theirs = f"{t['decode_ms_per_token']:.2f}" + (" (CUDA ext)" if t.get("cuda_on") == "1" else "") \
-            if t else "failed"
+            if t else "not run" if t == {} else "failed"
         agree, pre_theirs = "", "n/a"
         if t and main.get("first_tokens"):
             n = min(len(main["first_tokens"]), len(t["first_tokens"]))
@@ -540,6 +548,10 @@ def format_table(results: dict, batches, prompt_len: int, new_tokens: int) -> st
             lines[-1] += (" Decode kernels: the fused Pallas kernels (rwkv_jax.ops.pallas.decode4"
                           ", Generator(decode_kernels=True)), one row; batch 16 is more rows than "
                           "they take and runs XLA's products on their weight layout.")
+        if any("CUDA decode block" in r["ours"] for r in results.values()):
+            lines[-1] += (" CUDA decode block: a block as one CUDA kernel (rwkv_jax.ops.cuda."
+                          "decode4, Generator(decode_kernels='cuda')), one row; batch 16 runs "
+                          "XLA's products on its weight layout.")
         if first["device"] == "cpu":
             lines[-1] += (" On a CPU the weights of a small model stay in cache, so the floor "
                           "(from a copy of an array larger than the cache) is not a bound.")
@@ -567,8 +579,11 @@ def main():
     p.add_argument("--prefill", action="store_true", help="also time the prefill of the prompt")
     p.add_argument("--kernel_config", default="",
                    help="the decode kernels' tiling block_n,block_k,warps,stages")
-    p.add_argument("--kernels", action="store_true",
-                   help="decode with the Pallas decode kernels (Generator(decode_kernels=True))")
+    p.add_argument("--kernels", nargs="?", const="pallas", default=None, choices=("pallas", "cuda"),
+                   help="decode with the decode kernels (Generator(decode_kernels=...))")
+    p.add_argument("--variants", default="",
+                   help="--gpu: which of xla,pallas,cuda to run (default: all)")
+    p.add_argument("--no_rwkv", action="store_true", help="leave the rwkv package out")
     p.add_argument("--ungrouped", action="store_true",
                    help="decode with the official weight layout (Generator(group_products=False))")
     a = p.parse_args()

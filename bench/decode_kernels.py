@@ -12,6 +12,7 @@ rwkv_jax.generate runs it), so the time is the device's alone. Rows:
                 generator's default decode path; batch 1 padded to 2 rows, as it does on GPUs;
                 one row per --xla_options set (XLA compile options on top of the loop's)
   kernels B,K,W,S   decode4.block_step with Config(block_n=B, block_k=K, warps=W, stages=S)
+  CUDA block    (--cuda) rwkv_jax.ops.cuda.decode4.block_step, a block as one CUDA kernel
 With --check, each variant first runs three steps from the same rows and state, and its x and
 state are compared with the first variant's (max |difference| / max |value|, worst layer; more
 than CHECK_TOLERANCE fails the run).
@@ -37,6 +38,7 @@ from rwkv_jax import layers  # noqa: E402
 from rwkv_jax.config import ModelConfig  # noqa: E402
 from rwkv_jax.generate import _loop_options, inference_params  # noqa: E402
 from rwkv_jax.layers import RWKVBlock  # noqa: E402
+from rwkv_jax.ops.cuda import decode4 as cuda_decode4  # noqa: E402
 from rwkv_jax.ops.pallas import decode4  # noqa: E402
 from rwkv_jax.state import zero_layer_state  # noqa: E402
 
@@ -153,6 +155,8 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["2,1024,4,3"],
                     help="block_n,block_k,warps,stages per kernel row")
     ap.add_argument("--no_xla", action="store_true")
+    ap.add_argument("--cuda", action="store_true",
+                    help="also the CUDA decode block (rwkv_jax.ops.cuda.decode4), 1-2 rows")
     ap.add_argument("--check", action="store_true",
                     help="compare three steps of every variant with the first variant's")
     ap.add_argument("--xla_options", nargs="*", default=[""],
@@ -176,6 +180,8 @@ def main():
     named = {f"blocks_{i}": p for i, p in enumerate(blocks)}
     grouped = [layers.group_products(stack, named)[f"blocks_{i}"] for i in range(len(blocks))]
     kernel = [layers.kernel_layout(stack, named)[f"blocks_{i}"] for i in range(len(blocks))]
+    cuda = [layers.cuda_layout(stack, named)[f"blocks_{i}"] for i in range(len(blocks))] \
+        if a.cuda else []
     pos = None
     rows_out = []
     failed = False
@@ -200,6 +206,11 @@ def main():
                 return decode4.block_step(p, x, s, eps=config.layer_norm_eps, cfg=cfg)
 
             variants.append((f"kernels {spec}", k_step, kernel, rows, None))
+        if cuda and rows <= cuda_decode4.MAX_ROWS:
+            def c_step(p, x, s):
+                return cuda_decode4.block_step(p, x, s, eps=config.layer_norm_eps)
+
+            variants.append(("CUDA block", c_step, cuda, rows, None))
         reference = None
         # Distinct rows, the same first rows for every variant however many it pads to.
         xs = jax.random.normal(jax.random.PRNGKey(7), (max(v[3] for v in variants), C))

@@ -364,19 +364,28 @@ class Generator:
 
     def __init__(self, config: ModelConfig, params, tokenizer=None, *, prefill_chunk: int = 1024,
                  bf16: bool = False, decode_rows: int | None = None, decode_block: int = 16,
-                 group_products: bool = True, decode_kernels: bool = False):
+                 group_products: bool = True, decode_kernels: bool | str = False):
         if not (isinstance(decode_block, int) and decode_block >= 1):
             raise ValueError(f"decode_block={decode_block!r}: must be an integer >= 1 (decode "
                              "steps per device call)")
         if bf16:
             config = dataclasses.replace(config, dtype="bfloat16")
             params = inference_params(params, jnp.bfloat16)
-        # The Pallas decode kernels (rwkv_jax.ops.pallas.decode4): RWKV-4 steps of up to
-        # decode4.MAX_ROWS rows as six fused kernels per block. Off by default: on an H200 a
-        # 3B block takes them 91 us against XLA's 63 (bench/README.md, decode_kernels.py).
-        # On a CPU they run in the Pallas interpreter, which only tests should do.
-        self.decode_kernels = bool(decode_kernels) and config.version == "4"
-        if self.decode_kernels:
+        # Decode kernels for RWKV-4 blocks, off by default (None):
+        # - "pallas" (or True): rwkv_jax.ops.pallas.decode4, steps of up to 4 rows as six
+        #   fused kernels per block; on an H200 a 3B block takes them 91 us against XLA's 63
+        #   (bench/README.md, decode_kernels.py). On a CPU they run in the Pallas interpreter,
+        #   which only tests should do.
+        # - "cuda": rwkv_jax.ops.cuda.decode4, a whole block of one or two rows as one CUDA
+        #   kernel (Hopper GPUs, bf16 weights); raises its Unavailable if it cannot run here.
+        if decode_kernels not in (False, True, None, "pallas", "cuda"):
+            raise ValueError(f"decode_kernels={decode_kernels!r}: must be False, True / "
+                             f"'pallas' or 'cuda'")
+        kernels = "pallas" if decode_kernels is True else decode_kernels or None
+        self.decode_kernels = kernels if config.version == "4" else None
+        if self.decode_kernels == "cuda":
+            params = layers.cuda_layout(config, params)
+        elif self.decode_kernels:
             params = layers.kernel_layout(config, params)
         elif group_products:  # fewer, larger products per decode step; the same outputs
             params = layers.group_products(config, params)

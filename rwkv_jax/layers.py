@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwkv_jax.config import ModelConfig
+from rwkv_jax.ops.cuda import decode4 as cuda_decode4
 from rwkv_jax.ops.pallas import decode4
 from rwkv_jax.ops.wkv4 import WKVState, wkv4
 
@@ -137,6 +138,21 @@ def kernel_layout(config: ModelConfig, params: dict) -> dict:
         return layer
 
     return _relayout(config, params, transpose)
+
+
+def cuda_layout(config: ModelConfig, params: dict) -> dict:
+    """The kernel layout plus, in every RWKV-4 block, its per-channel vectors packed for the
+    CUDA decode kernel ("decode_vecs", rwkv_jax.ops.cuda.decode4), which then runs the block's
+    decode steps of one or two rows. Raises cuda_decode4.Unavailable, saying why, if the kernel
+    cannot run here or a block does not suit it."""
+    cuda_decode4.check_device()
+    out = dict(kernel_layout(config, params))
+    for i in range(config.n_layer):
+        block = out[f"blocks_{i}"]
+        if config.version == "4" and config.is_rwkv(i) and "decode_vecs" not in block:
+            cuda_decode4.check_block(block)
+            out[f"blocks_{i}"] = {**block, "decode_vecs": cuda_decode4.pack_vectors(block)}
+    return out
 
 
 def uses_decode_kernels(module: nn.Module, x) -> bool:
@@ -401,8 +417,10 @@ class RWKVBlock(nn.Module):
 
             state = zero_layer_state(cfg, self.layer_id, x.shape[0])
         if uses_decode_kernels(self, x):
-            x, new = decode4.block_step(self.variables["params"], x[:, 0], state,
-                                        eps=cfg.layer_norm_eps)
+            p = self.variables["params"]
+            cuda = "decode_vecs" in p and x.shape[0] <= cuda_decode4.MAX_ROWS
+            step = cuda_decode4.block_step if cuda else decode4.block_step
+            x, new = step(p, x[:, 0], state, eps=cfg.layer_norm_eps)
             return x[:, None], new
         wkv = WKVState(state["aa"], state["bb"], state["pp"])
         att, shift_att, wkv = TimeMix(cfg, self.layer_id, name="att")(

@@ -111,6 +111,9 @@ def _bad_inputs(run, tmp):
          "--decode_block=0: must be >= 1"),
         ("kernels-on-rwkv7", ["--official", str(tmp / "x070.pth"), *prompt, "--decode_kernels"],
          "--decode_kernels: the decode kernels run RWKV-4 blocks; this model is RWKV-7"),
+        *([("cuda-kernel-on-cpu", ["--run_dir", run.run_dir, *prompt, "--decode_kernels", "cuda"],
+            "--decode_kernels cuda: the CUDA decode kernel needs an NVIDIA GPU")]
+          if jax.default_backend() != "gpu" else []),
         # The world tokenizer (the default for --official) on a byte-level model.
         ("world-on-bytes", ["--official", str(tmp / "byte.pth"), "--prompt", "Hello world"],
          "outside this model's vocabulary of 256"),

@@ -1,0 +1,172 @@
+"""One RWKV-4 block for one token of one or two rows as one CUDA kernel (decode4_block.cuh),
+through the XLA FFI: the batch-1 decode step on Hopper GPUs (sm_90).
+
+decode4_block.cuh says how the kernel works and why. Here: building it (nvcc, on first use,
+into a cache keyed by the sources, the GPU's architecture and the jax version), registering it
+with XLA, the vector table it reads, and `block_step`, the drop-in for one block of
+rwkv_jax.layers.RWKVBlock on a decode step. Anything that stops it (no GPU, an older GPU, no
+nvcc, weights that are not bf16) raises `Unavailable` with the reason, before any work.
+
+The kernel keeps its exchange buffers and launch counters in the library's device memory, so
+its launches on one device must not overlap: JAX runs a device's computations on one stream.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HERE = Path(__file__).parent
+SOURCES = ("decode4_ffi.cu", "decode4_block.cuh", "bulk_copy.cuh")
+TARGET = "rwkv4_cuda_decode_block"
+MAX_ROWS = 2  # the kernel is built for 1 and 2 rows
+STATE = ("shift_att", "aa", "bb", "pp", "shift_ffn")
+# The rows of the kernel's per-channel table, in the order of its `Vec` enum.
+VECS = ("LN1_SCALE", "LN1_BIAS", "MIX_K", "MIX_V", "MIX_R", "DECAY", "FIRST", "LN2_SCALE",
+        "LN2_BIAS", "FMIX_K", "FMIX_R")
+
+
+class Unavailable(RuntimeError):
+    """The CUDA decode kernel cannot run here; the message says why."""
+
+
+def kernel_vec_names() -> tuple[str, ...]:
+    """The `Vec` enum of decode4_block.cuh, read from the source (VECS must match it)."""
+    text = (HERE / "decode4_block.cuh").read_text()
+    body = re.search(r"enum Vec \{([^}]*)\}", text).group(1)
+    return tuple(n.strip() for n in body.split(",") if n.strip() and n.strip() != "NVEC")
+
+
+def _nvcc() -> str:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    for cand in ((Path(home) / "bin" / "nvcc") if home else None, shutil.which("nvcc"),
+                 "/usr/local/cuda/bin/nvcc"):
+        if cand and Path(cand).is_file():
+            return str(cand)
+    raise Unavailable("the CUDA decode kernel is built on first use and needs nvcc (CUDA's "
+                      "compiler): none in $CUDA_HOME/bin, on PATH or in /usr/local/cuda/bin")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RWKV_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rwkv_jax")
+    return Path(root) / "cuda"
+
+
+def check_device() -> str:
+    """The GPU's architecture ("90"), or Unavailable if JAX has none this kernel runs on."""
+    if jax.default_backend() != "gpu":
+        raise Unavailable(f"the CUDA decode kernel needs an NVIDIA GPU; JAX's backend here is "
+                          f"{jax.default_backend()!r}")
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    if cc is None:
+        raise Unavailable(f"the CUDA decode kernel needs an NVIDIA GPU; the device is "
+                          f"{dev.device_kind!r}")
+    major, minor = (int(v) for v in str(cc).split(".")[:2])
+    if major < 9:
+        raise Unavailable(f"the CUDA decode kernel needs compute capability 9.0 or newer (bulk "
+                          f"copies into shared memory); {dev.device_kind} has {cc}")
+    return f"{major}{minor}"
+
+
+def build() -> Path:
+    """The shared library for this GPU, compiled if the cache lacks it."""
+    arch = check_device()
+    include = jax.ffi.include_dir()
+    digest = hashlib.sha256(f"{arch} {jax.__version__} {include}".encode())
+    for name in SOURCES:
+        digest.update((HERE / name).read_bytes())
+    lib = cache_dir() / f"decode4-sm{arch}-{digest.hexdigest()[:16]}.so"
+    if lib.is_file():
+        return lib
+    nvcc = _nvcc()
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-Wno-return-type",
+           f"-gencode=arch=compute_{arch},code=sm_{arch}", "-I", include,
+           str(HERE / SOURCES[0]), "-o", tmp]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise Unavailable(f"building the CUDA decode kernel failed ({' '.join(cmd)}):\n"
+                              f"{done.stderr[-2000:]}")
+        os.replace(tmp, lib)  # atomic: a concurrent build finds a whole file or none
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return lib
+
+
+@functools.cache
+def _register() -> None:
+    lib = ctypes.cdll.LoadLibrary(str(build()))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RwkvDecode4Block), platform="CUDA")
+
+
+def ensure() -> None:
+    """Build and register the kernel, or raise Unavailable saying why not."""
+    _register()
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def pack_vectors(block: dict) -> jax.Array:
+    """(len(VECS), C) float32: a kernel-layout block's per-channel vectors, in VECS's order."""
+    att, ffn = block["att"], block["ffn"]
+    rows = {"LN1_SCALE": block["ln1"]["scale"], "LN1_BIAS": block["ln1"]["bias"],
+            "MIX_K": att["time_mix_k"], "MIX_V": att["time_mix_v"], "MIX_R": att["time_mix_r"],
+            "DECAY": -jnp.exp(jnp.asarray(att["time_decay"], jnp.float32)),
+            "FIRST": att["time_first"], "LN2_SCALE": block["ln2"]["scale"],
+            "LN2_BIAS": block["ln2"]["bias"], "FMIX_K": ffn["time_mix_k"],
+            "FMIX_R": ffn["time_mix_r"]}
+    return jnp.stack([jnp.asarray(rows[n], jnp.float32).reshape(-1) for n in VECS])
+
+
+def check_block(block: dict) -> None:
+    """Raise Unavailable unless a kernel-layout block (rwkv_jax.layers.kernel_layout) suits the
+    kernel."""
+    att, ffn = block["att"], block["ffn"]
+    C = att["output_t"].shape[0]
+    F = ffn["value_t"].shape[1]
+    for name, w in (("kvr_t", att["kvr_t"]), ("output_t", att["output_t"]),
+                    ("kr_t", ffn["kr_t"]), ("value_t", ffn["value_t"])):
+        if w.dtype != jnp.bfloat16:
+            raise Unavailable(f"the CUDA decode kernel reads bf16 matrices; {name} is {w.dtype} "
+                              f"(decode in bfloat16: infer.py --bf16, Generator(bf16=True))")
+    if C % 8 or F % 8 or C > 4096 or F > 16384:
+        raise Unavailable(f"the CUDA decode kernel needs n_embd and the ffn width to be "
+                          f"multiples of 8, at most 4096 and 16384; they are {C} and {F}")
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def block_step(p: dict, x, state: dict, *, eps: float):
+    """One RWKV-4 block for one token per row: x (B, C) float32 (after ln0 in block 0) and the
+    layer's state -> (x, state), as rwkv_jax.ops.pallas.decode4.block_step. p: the block in the
+    kernel layout plus "decode_vecs" (pack_vectors)."""
+    ensure()
+    att, ffn = p["att"], p["ffn"]
+    B, C = x.shape
+    if not 1 <= B <= MAX_ROWS:
+        raise ValueError(f"the CUDA decode kernel takes 1..{MAX_ROWS} rows, got {B}")
+    f32 = jax.ShapeDtypeStruct((B, C), jnp.float32)
+    out = jax.ffi.ffi_call(TARGET, [f32] * 6)(
+        x.astype(jnp.float32), *(state[k].astype(jnp.float32) for k in STATE),
+        p["decode_vecs"], att["kvr_t"].reshape(3 * C, C), att["output_t"], ffn["kr_t"],
+        ffn["value_t"], eps=np.float32(eps))
+    return out[0], dict(zip(STATE, out[1:]))

@@ -1,0 +1,84 @@
+"""The CUDA decode block (rwkv_jax.ops.cuda.decode4). Here, on a CPU: the vector table it
+reads is the kernel's, and asking for it where it cannot run fails at once with the reason.
+On a Hopper GPU with nvcc (skipped elsewhere): a bf16 block step through it equals XLA's."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import perturbed
+from rwkv_jax.config import ModelConfig
+from rwkv_jax.generate import Generator
+from rwkv_jax.layers import RWKVBlock, cuda_layout, kernel_layout
+from rwkv_jax.model import init_params
+from rwkv_jax.ops.cuda import decode4 as cuda_decode4
+from rwkv_jax.state import zero_layer_state
+
+
+def _config(**kw):
+    return ModelConfig(**{"vocab_size": 61, "n_layer": 2, "n_embd": 64, "dim_ffn": 256, **kw})
+
+
+def _runs_here() -> bool:
+    try:
+        cuda_decode4.check_device()
+        cuda_decode4._nvcc()
+    except cuda_decode4.Unavailable:
+        return False
+    return True
+
+
+def test_the_vector_table_is_the_kernels():
+    """pack_vectors writes the rows the kernel's `Vec` enum names, in its order."""
+    assert cuda_decode4.VECS == cuda_decode4.kernel_vec_names()
+    config = _config()
+    params = perturbed(init_params(config, jax.random.PRNGKey(0)))
+    block = kernel_layout(config, params)["blocks_1"]
+    table = np.asarray(cuda_decode4.pack_vectors(block))
+    assert table.shape == (len(cuda_decode4.VECS), 64) and table.dtype == np.float32
+    row = dict(zip(cuda_decode4.VECS, table))
+    np.testing.assert_array_equal(row["LN2_BIAS"], block["ln2"]["bias"])
+    np.testing.assert_array_equal(row["MIX_V"], block["att"]["time_mix_v"])
+    np.testing.assert_array_equal(row["FMIX_R"], block["ffn"]["time_mix_r"])
+    np.testing.assert_allclose(row["DECAY"], -np.exp(block["att"]["time_decay"]), rtol=1e-6)
+
+
+@pytest.mark.skipif(_runs_here(), reason="the kernel runs here")
+def test_asking_for_it_where_it_cannot_run_says_why():
+    config = _config(dtype="bfloat16")
+    params = init_params(config, jax.random.PRNGKey(0))
+    with pytest.raises(cuda_decode4.Unavailable, match="needs an NVIDIA GPU|compute capability"):
+        Generator(config, params, decode_kernels="cuda")
+    with pytest.raises(ValueError, match="decode_kernels='xla': must be False, True / 'pallas' or"):
+        Generator(config, params, decode_kernels="xla")
+
+
+@pytest.mark.skipif(not _runs_here(), reason="needs a GPU of compute capability 9.0 and nvcc")
+@pytest.mark.parametrize("rows", [1, 2])
+def test_block_step_equals_xlas_block(rows):
+    config = _config(dtype="bfloat16")
+    block = RWKVBlock(config, 1)
+    pos = jnp.zeros((rows,), jnp.int32)
+    x = jax.random.normal(jax.random.PRNGKey(0), (rows, 1, 64)) * 3 + 1
+    params = perturbed(block.init(jax.random.PRNGKey(1), x, None, pos)["params"])
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.ndim == 2 else a, params)
+    apply = jax.jit(block.apply)
+    state = zero_layer_state(config, 1, rows)
+    for t in range(3):  # a state that has seen something
+        _, state = apply({"params": params}, jax.random.normal(jax.random.PRNGKey(t), x.shape),
+                         state, pos)
+    want, want_state = apply({"params": params}, x, state, pos)
+    fused = cuda_layout(_config(n_layer=1, dtype="bfloat16"), {"blocks_0": params})["blocks_0"]
+    got, got_state = jax.jit(lambda p, x, s: cuda_decode4.block_step(
+        p, x, s, eps=config.layer_norm_eps))(fused, x[:, 0], state)
+    scale = float(jnp.max(jnp.abs(want)))
+    # Products rounded to bf16 in both; a sum that lands on the other side of a rounding
+    # boundary moves one value by a bf16 ulp, and what follows it a little.
+    assert float(jnp.max(jnp.abs(got - want[:, 0]))) <= 2e-2 * scale
+    for name in want_state:
+        ref = want_state[name]
+        assert float(jnp.max(jnp.abs(got_state[name] - ref))) <= 2e-2 * float(
+            jnp.max(jnp.abs(ref))), name
