@@ -7,6 +7,10 @@ with XLA, the vector table it reads, and `block_step`, the drop-in for one block
 rwkv_jax.layers.RWKVBlock on a decode step. Anything that stops it (no GPU, an older GPU, no
 nvcc, weights that are not bf16) raises `Unavailable` with the reason, before any work.
 
+Status (H200, 2026-12-01, bench/README.md): a 3B block takes 57.6 us in the standalone harness
+and 68.8 us in a jitted loop through this call, against XLA's 63.1; 3B decodes at 2.32 ms per
+token against XLA's 2.29. So rwkv_jax.generate leaves it off unless asked.
+
 The kernel keeps its exchange buffers and launch counters in the library's device memory, so
 its launches on one device must not overlap: JAX runs a device's computations on one stream.
 """
