@@ -414,7 +414,12 @@ def orchestrate(a):
                     ("decode kernels", {}, ["--rows", "1", "--kernels", "pallas"]),
                     ("CUDA decode block", {}, ["--rows", "1", "--kernels", "cuda"])]
         keep = {"xla": "XLA", "pallas": "decode kernels", "cuda": "CUDA"}
-        picked = [keep[v] for v in a.variants.split(",") if v] if a.variants else list(keep.values())
+        wanted = [v for v in a.variants.split(",") if v] or list(keep)
+        unknown = [v for v in wanted if v not in keep]
+        if unknown:
+            raise SystemExit(f"--variants {a.variants!r}: unknown {unknown}; choose from "
+                             f"{','.join(keep)}")
+        picked = [keep[v] for v in wanted]
         variants = [v for v in variants if any(v[0].startswith(k) for k in picked)]
     elif a.quick:
         names, device, pdtype, strategy = ["quick"], "cpu", "float32", "cpu fp32"

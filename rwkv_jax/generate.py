@@ -377,11 +377,15 @@ class Generator:
         #   (bench/README.md, decode_kernels.py). On a CPU they run in the Pallas interpreter,
         #   which only tests should do.
         # - "cuda": rwkv_jax.ops.cuda.decode4, a whole block of one or two rows as one CUDA
-        #   kernel (Hopper GPUs, bf16 weights); raises its Unavailable if it cannot run here.
-        if decode_kernels not in (False, True, None, "pallas", "cuda"):
-            raise ValueError(f"decode_kernels={decode_kernels!r}: must be False, True / "
-                             f"'pallas' or 'cuda'")
-        kernels = "pallas" if decode_kernels is True else decode_kernels or None
+        #   kernel (Hopper GPUs, bf16 weights; more rows take XLA's products); raises its
+        #   Unavailable, saying why, if it cannot run here.
+        if isinstance(decode_kernels, str):
+            if decode_kernels not in ("pallas", "cuda"):
+                raise ValueError(f"decode_kernels={decode_kernels!r}: must be False, True / "
+                                 f"'pallas' or 'cuda'")
+            kernels = decode_kernels
+        else:
+            kernels = "pallas" if decode_kernels else None
         self.decode_kernels = kernels if config.version == "4" else None
         if self.decode_kernels == "cuda":
             params = layers.cuda_layout(config, params)

@@ -143,14 +143,19 @@ def kernel_layout(config: ModelConfig, params: dict) -> dict:
 def cuda_layout(config: ModelConfig, params: dict) -> dict:
     """The kernel layout plus, in every RWKV-4 block, its per-channel vectors packed for the
     CUDA decode kernel ("decode_vecs", rwkv_jax.ops.cuda.decode4), which then runs the block's
-    decode steps of one or two rows. Raises cuda_decode4.Unavailable, saying why, if the kernel
-    cannot run here or a block does not suit it."""
+    decode steps of one or two rows (more rows take XLA's products on the kernel layout).
+    Builds the kernel; raises cuda_decode4.Unavailable, saying why, if it cannot run here or a
+    block does not suit it."""
     cuda_decode4.check_device()
     out = dict(kernel_layout(config, params))
+    blocks = [out[f"blocks_{i}"] for i in range(config.n_layer)
+              if config.version == "4" and config.is_rwkv(i)]
+    for block in blocks:
+        cuda_decode4.check_block(block)
+    cuda_decode4.ensure()  # built now, before anything compiles
     for i in range(config.n_layer):
         block = out[f"blocks_{i}"]
         if config.version == "4" and config.is_rwkv(i) and "decode_vecs" not in block:
-            cuda_decode4.check_block(block)
             out[f"blocks_{i}"] = {**block, "decode_vecs": cuda_decode4.pack_vectors(block)}
     return out
 
@@ -416,11 +421,17 @@ class RWKVBlock(nn.Module):
             from rwkv_jax.state import zero_layer_state  # noqa: PLC0415
 
             state = zero_layer_state(cfg, self.layer_id, x.shape[0])
+        step = None
         if uses_decode_kernels(self, x):
             p = self.variables["params"]
-            cuda = "decode_vecs" in p and x.shape[0] <= cuda_decode4.MAX_ROWS
-            step = cuda_decode4.block_step if cuda else decode4.block_step
-            x, new = step(p, x[:, 0], state, eps=cfg.layer_norm_eps)
+            if "decode_vecs" not in p:
+                step = decode4.block_step
+            elif x.shape[0] <= cuda_decode4.MAX_ROWS and cuda_decode4.fits(
+                    cfg.n_embd, p["ffn"]["value_t"].shape[1], x.shape[0]):
+                step = cuda_decode4.block_step
+            # else: the CUDA layout with rows the kernel does not take: XLA's products below
+        if step is not None:
+            x, new = step(self.variables["params"], x[:, 0], state, eps=cfg.layer_norm_eps)
             return x[:, None], new
         wkv = WKVState(state["aa"], state["bb"], state["pp"])
         att, shift_att, wkv = TimeMix(cfg, self.layer_id, name="att")(

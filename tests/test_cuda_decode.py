@@ -52,8 +52,43 @@ def test_asking_for_it_where_it_cannot_run_says_why():
     params = init_params(config, jax.random.PRNGKey(0))
     with pytest.raises(cuda_decode4.Unavailable, match="needs an NVIDIA GPU|compute capability"):
         Generator(config, params, decode_kernels="cuda")
+
+
+def test_a_decode_kernels_value_outside_the_choices_is_refused():
+    config = _config()
+    params = init_params(config, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="decode_kernels='xla': must be False, True / 'pallas' or"):
         Generator(config, params, decode_kernels="xla")
+    assert Generator(config, params, decode_kernels=1).decode_kernels == "pallas"
+
+
+def test_sizes_its_shared_memory_cannot_hold_are_refused_before_any_work():
+    assert cuda_decode4.fits(2560, 10240, 1) and cuda_decode4.fits(2560, 10240, 2)  # 3B
+    assert not cuda_decode4.fits(4096, 16384, 1)  # 7B: a ring of 32 KB rows
+    config = _config(n_embd=4096, dim_ffn=16384, n_layer=1, dtype="bfloat16")
+    block = jax.eval_shape(lambda: jax.tree.map(  # shapes only: no 7B arrays on the CPU
+        lambda a: a.astype(jnp.bfloat16) if a.ndim > 1 else a,
+        kernel_layout(config, init_params(config, jax.random.PRNGKey(0)))))["blocks_0"]
+    with pytest.raises(cuda_decode4.Unavailable, match="cannot hold a block of n_embd 4096 and "
+                                                       "ffn width 16384"):
+        cuda_decode4.check_block(block)
+
+
+def test_rows_the_kernel_does_not_take_run_xlas_products():
+    """A block in the CUDA layout given 3 rows (the kernel takes 1 or 2) gives the model's
+    outputs through XLA's products, not through a kernel."""
+    config = _config(n_layer=1)
+    block = RWKVBlock(config, 0)
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 1, 64))
+    pos = jnp.zeros((3,), jnp.int32)
+    params = perturbed(block.init(jax.random.PRNGKey(1), x, None, pos)["params"])
+    fused = kernel_layout(config, {"blocks_0": params})["blocks_0"]
+    fused = {**fused, "decode_vecs": cuda_decode4.pack_vectors(fused)}  # as cuda_layout would
+    want, want_state = block.apply({"params": params}, x, None, pos)
+    got, got_state = block.apply({"params": fused}, x, None, pos)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for name in want_state:
+        np.testing.assert_allclose(got_state[name], want_state[name], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not _runs_here(), reason="needs a GPU of compute capability 9.0 and nvcc")
@@ -82,3 +117,29 @@ def test_block_step_equals_xlas_block(rows):
         ref = want_state[name]
         assert float(jnp.max(jnp.abs(got_state[name] - ref))) <= 2e-2 * float(
             jnp.max(jnp.abs(ref))), name
+
+
+@pytest.mark.skipif(not _runs_here(), reason="needs a GPU of compute capability 9.0 and nvcc")
+def test_steps_of_one_and_two_rows_in_turn_stay_with_xla():
+    """Sizes where every CTA's stages wrap the ring, steps chained, the rows changing between
+    launches (the exchange words of the second row go unused, then are used again)."""
+    config = _config(n_embd=1024, dim_ffn=4096, dtype="bfloat16")
+    block = RWKVBlock(config, 1)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 1, 1024)) * 3 + 1
+    params = perturbed(block.init(jax.random.PRNGKey(1), x, None, jnp.zeros((2,), jnp.int32))[
+        "params"])
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.ndim == 2 else a, params)
+    fused = cuda_layout(_config(n_layer=1, n_embd=1024, dim_ffn=4096, dtype="bfloat16"),
+                        {"blocks_0": params})["blocks_0"]
+    apply = jax.jit(block.apply)
+    step = jax.jit(lambda p, x, s: cuda_decode4.block_step(p, x, s, eps=config.layer_norm_eps))
+    for t, rows in enumerate((1, 2, 2, 1, 2)):
+        xt = jax.random.normal(jax.random.PRNGKey(10 + t), (rows, 1, 1024)) * 3 + 1
+        state = zero_layer_state(config, 1, rows)
+        want, want_state = apply({"params": params}, xt, state, jnp.zeros((rows,), jnp.int32))
+        got, got_state = step(fused, xt[:, 0], state)
+        assert float(jnp.max(jnp.abs(got - want[:, 0]))) <= 2e-2 * float(jnp.max(jnp.abs(want)))
+        for name in want_state:
+            ref = want_state[name]
+            assert float(jnp.max(jnp.abs(got_state[name] - ref))) <= 2e-2 * float(
+                jnp.max(jnp.abs(ref))), (t, name)

@@ -99,8 +99,10 @@ def build() -> Path:
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
+    # -diag-suppress / -Wno-return-type: warnings from XLA's FFI headers, not from the kernel.
     cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-Wno-return-type",
-           f"-gencode=arch=compute_{arch},code=sm_{arch}", "-I", include,
+           "-diag-suppress", "940,2473", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-I",
+           include,
            str(HERE / SOURCES[0]), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -140,6 +142,23 @@ def pack_vectors(block: dict) -> jax.Array:
     return jnp.stack([jnp.asarray(rows[n], jnp.float32).reshape(-1) for n in VECS])
 
 
+# The kernel's shared memory (decode4_block.cuh, make_plan): a ring of at least 8 stages of
+# whole rows (up to 4 rows, 20 KB) beside the staged inputs, within sm_90's 227 KB a block.
+SMEM_OPTIN = 232448
+RING_STAGES, STAGE_BYTES, STAGE_ROWS = 8, 20480, 4
+
+
+def fits(C: int, F: int, rows: int) -> bool:
+    """Whether the kernel's shared memory holds a block of these sizes for `rows` rows."""
+    def stage(K):
+        return max(1, min(STAGE_ROWS, STAGE_BYTES // (2 * K))) * 2 * K
+
+    slot = (max(stage(C), stage(F)) + 127) // 128 * 128
+    cpc = C // 64 + 2  # channels per CTA, bounded for GPUs of 64 SMs or more
+    fixed = 2 * rows * max(3 * C, F) + 4 * (11 * cpc * rows + 2) + 16
+    return RING_STAGES * (slot + 16) <= SMEM_OPTIN - 1024 - fixed
+
+
 def check_block(block: dict) -> None:
     """Raise Unavailable unless a kernel-layout block (rwkv_jax.layers.kernel_layout) suits the
     kernel."""
@@ -151,9 +170,14 @@ def check_block(block: dict) -> None:
         if w.dtype != jnp.bfloat16:
             raise Unavailable(f"the CUDA decode kernel reads bf16 matrices; {name} is {w.dtype} "
                               f"(decode in bfloat16: infer.py --bf16, Generator(bf16=True))")
-    if C % 8 or F % 8 or C > 4096 or F > 16384:
+    if C % 8 or F % 8 or not 8 <= C <= 4096 or not 8 <= F <= 16384:
         raise Unavailable(f"the CUDA decode kernel needs n_embd and the ffn width to be "
                           f"multiples of 8, at most 4096 and 16384; they are {C} and {F}")
+    if not fits(C, F, 1):
+        raise Unavailable(f"the CUDA decode kernel's shared memory cannot hold a block of "
+                          f"n_embd {C} and ffn width {F} (a ring of {RING_STAGES} stages of whole "
+                          f"rows of {2 * F} bytes beside its inputs; 3B, n_embd 2560 and ffn "
+                          f"10240, fits)")
 
 
 # ----------------------------------------------------------------------------- the step
@@ -163,11 +187,11 @@ def block_step(p: dict, x, state: dict, *, eps: float):
     """One RWKV-4 block for one token per row: x (B, C) float32 (after ln0 in block 0) and the
     layer's state -> (x, state), as rwkv_jax.ops.pallas.decode4.block_step. p: the block in the
     kernel layout plus "decode_vecs" (pack_vectors)."""
-    ensure()
     att, ffn = p["att"], p["ffn"]
     B, C = x.shape
     if not 1 <= B <= MAX_ROWS:
         raise ValueError(f"the CUDA decode kernel takes 1..{MAX_ROWS} rows, got {B}")
+    ensure()
     f32 = jax.ShapeDtypeStruct((B, C), jnp.float32)
     out = jax.ffi.ffi_call(TARGET, [f32] * 6)(
         x.astype(jnp.float32), *(state[k].astype(jnp.float32) for k in STATE),

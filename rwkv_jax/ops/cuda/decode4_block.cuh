@@ -100,7 +100,8 @@ struct Args {
   // costs under load; L2 (50 MB) can hold twice that, so the reads need not stop at one.
   const bf16* next_w[4];  // the next layer's w_kvr, w_o, w_kr, w_v
   int prefetch;           // stages ahead of the load (0: no prefetch)
-  // At most this many stages in flight (0: as many as the ring has free slots). Loads in
+  // At most this many stages in flight (0, or more than the ring's depth, which launch() caps
+  // it to: as many as the ring has free slots). Loads in
   // flight queue at the memory controllers, and every other access waits behind them (Little's
   // law: 21 MB in flight at 4.6 TB/s is ~4.6 us); HBM stays saturated with far fewer.
   int window;
@@ -134,19 +135,24 @@ __device__ __forceinline__ void consumers_sync() {
 // A grid barrier (release-add, poll, then load the data) costs three round trips to L2, and
 // under a saturated memory system each costs microseconds; this costs one, and no fence.
 // bf16 values travel as (bits << 16 | epoch & 0xffff), float32 values as (bits << 32 | epoch).
-// Every launch rewrites every word, so a stale word carries the last launch's epoch, never
-// this one's. Launches of this kernel are serial (each takes every SM), and every CTA index
+// Every launch writes every word it reads, so a stale word carries an earlier launch's epoch;
+// the 32-bit tags never repeat in practice, and the 16-bit ones are kept from repeating by a
+// stamp at the kernel's start. Launches of this kernel are serial (each takes every SM), and every CTA index
 // takes part in each, so CTA i's own launch count is the same in every CTA: the epoch.
 constexpr int kMaxC = kPer * kConsumerThreads;  // C the norms allow
 constexpr int kMaxF = 4 * kMaxC;
 __device__ unsigned g_launches[1024];               // per CTA index
-__device__ uint32_t g_ll_g[2 * kMaxC];              // (B, C) bf16: sigmoid(r) * wkv
+__device__ __align__(16) uint32_t g_ll_g[2 * kMaxC];  // (B, C) bf16: sigmoid(r) * wkv (16-byte polls)
 __device__ unsigned long long g_ll_x2[2 * kMaxC];   // (B, C) float32: x2
-__device__ uint32_t g_ll_h[2 * kMaxF];              // (B, F) bf16: relu(k)^2
+__device__ __align__(16) uint32_t g_ll_h[2 * kMaxF];  // (B, F) bf16: relu(k)^2
 __device__ unsigned long long g_ll_gate[2 * kMaxC];  // (B, C) float32: sigmoid(r)
 
 __device__ __forceinline__ void put16(uint32_t* p, bf16 v, uint32_t epoch) {
   const uint32_t w = (uint32_t)__bfloat16_as_ushort(v) << 16 | (epoch & 0xffffu);
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(w) : "memory");
+}
+
+__device__ __forceinline__ void put_raw(uint32_t* p, uint32_t w) {
   asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(w) : "memory");
 }
 
@@ -565,6 +571,15 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
   const uint32_t epoch = epoch_s;
 
   trace(0, 0);
+  // The bf16 words' 16-bit tags repeat every 65536 launches, so a word may pass for this
+  // launch's only if it was last written exactly 65536*k launches ago. The words this launch
+  // uses it writes itself; every other word (the second row's when B = 1, and beyond a smaller
+  // C or F) is stamped here, so that no word goes unwritten for 65536 launches.
+  for (int i = cta * kConsumerThreads + threadIdx.x; i < 2 * kMaxF; i += G * kConsumerThreads) {
+    const uint32_t stale = 0xffff0000u | (epoch & 0xffffu);  // a NaN stamped with this launch
+    if (i >= B * C && i < 2 * kMaxC) put_raw(g_ll_g + i, stale);
+    if (i >= B * F) put_raw(g_ll_h + i, stale);
+  }
   const int nwkv = (c1 - c0) * B;  // this CTA's (channel, row) pairs
   // The WKV step's other inputs, and x of this CTA's channels for the residuals, loaded now so
   // that their latency hides behind phase 0.
@@ -745,6 +760,7 @@ std::string launch(cudaStream_t stream, Args a) {
   }
   if (!p.error.empty()) return p.error;
   a.depth = p.depth;
+  if (a.window > p.depth) a.window = 0;  // a wait on a stage the ring no longer holds: no cap
   a.slot_bytes = p.slot_bytes;
   void* args[] = {&a};
   err = cudaLaunchCooperativeKernel((const void*)block_kernel<B>, p.sms, kThreads, args, p.smem,

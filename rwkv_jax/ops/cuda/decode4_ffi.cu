@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "decode4_block.cuh"
 #include "xla/ffi/api/ffi.h"
@@ -36,12 +37,32 @@ ffi::Error Decode4Block(cudaStream_t stream, ffi::Buffer<ffi::F32> x,
   if (vd.size() != 2 || vd[0] != C) return bad("w_v must be (C, F)");
   const int64_t F = vd[1];
   if (B < 1 || B > 2) return bad("rows must be 1 or 2, got " + std::to_string(B));
-  if (C % 8 || F % 8 || C > kMaxC || F > kMaxF)
-    return bad("C and F must be multiples of 8, C <= " + std::to_string(kMaxC) + ", F <= " +
-               std::to_string(kMaxF) + "; got " + std::to_string(C) + ", " + std::to_string(F));
-  if (w_kvr.element_count() != 3 * C * C || w_o.element_count() != C * C ||
-      w_kr.element_count() != (F + C) * C || vecs.element_count() != NVEC * C)
-    return bad("weight shapes do not match x (rows, C) and w_v (C, F)");
+  if (C < 8 || F < 8 || C % 8 || F % 8 || C > kMaxC || F > kMaxF)
+    return bad("C and F must be multiples of 8, 8 <= C <= " + std::to_string(kMaxC) +
+               ", 8 <= F <= " + std::to_string(kMaxF) + "; got " + std::to_string(C) + ", " +
+               std::to_string(F));
+  const std::pair<const char*, std::pair<size_t, int64_t>> sizes[] = {
+      {"w_kvr", {w_kvr.element_count(), 3 * C * C}},
+      {"w_o", {w_o.element_count(), C * C}},
+      {"w_kr", {w_kr.element_count(), (F + C) * C}},
+      {"vecs", {vecs.element_count(), NVEC * C}},
+      {"shift_att", {shift_att.element_count(), B * C}},
+      {"aa", {aa.element_count(), B * C}},
+      {"bb", {bb.element_count(), B * C}},
+      {"pp", {pp.element_count(), B * C}},
+      {"shift_ffn", {shift_ffn.element_count(), B * C}},
+      {"x_out", {x_out->element_count(), B * C}},
+      {"shift_att_out", {shift_att_out->element_count(), B * C}},
+      {"aa_out", {aa_out->element_count(), B * C}},
+      {"bb_out", {bb_out->element_count(), B * C}},
+      {"pp_out", {pp_out->element_count(), B * C}},
+      {"shift_ffn_out", {shift_ffn_out->element_count(), B * C}}};
+  for (const auto& [name, got_want] : sizes)
+    if ((int64_t)got_want.first != got_want.second)
+      return bad(std::string(name) + " has " + std::to_string(got_want.first) +
+                 " elements; x (" + std::to_string(B) + ", " + std::to_string(C) +
+                 ") and w_v (C, " + std::to_string(F) + ") need " +
+                 std::to_string(got_want.second));
   Args a{};
   a.x = x.typed_data();
   a.shift_att = shift_att.typed_data();
