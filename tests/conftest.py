@@ -161,6 +161,31 @@ def perturbed(params, seed=1, scale=0.3):
     )
 
 
+def seasoned_block(config, rows: int, matrices=None):
+    """An RWKV-4 block (layer 1) with perturbed parameters (2-D ones cast to `matrices` if
+    given), a state that has seen three tokens, and one more token for it: (params, x (rows, 1,
+    C), state, the block's output for x, its state after x)."""
+    import jax
+    import jax.numpy as jnp
+
+    from rwkv_jax.layers import RWKVBlock
+    from rwkv_jax.state import zero_layer_state
+
+    block = RWKVBlock(config, 1)
+    pos = jnp.zeros((rows,), jnp.int32)
+    x = jax.random.normal(jax.random.PRNGKey(0), (rows, 1, config.n_embd)) * 3 + 1
+    params = perturbed(block.init(jax.random.PRNGKey(1), x, None, pos)["params"])
+    if matrices is not None:
+        params = jax.tree.map(lambda a: a.astype(matrices) if a.ndim == 2 else a, params)
+    apply = jax.jit(block.apply)
+    state = zero_layer_state(config, 1, rows)
+    for t in range(3):
+        _, state = apply({"params": params}, jax.random.normal(jax.random.PRNGKey(t), x.shape),
+                         state, pos)
+    want, want_state = apply({"params": params}, x, state, pos)
+    return params, x, state, want, want_state
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A tiny training run with the learned state codec on, shared by the inference and state

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import perturbed
+from conftest import perturbed, seasoned_block
 from rwkv_jax.config import ModelConfig
 from rwkv_jax.generate import Generator
 from rwkv_jax.layers import RWKVBlock, cuda_layout, kernel_layout
@@ -95,17 +95,7 @@ def test_rows_the_kernel_does_not_take_run_xlas_products():
 @pytest.mark.parametrize("rows", [1, 2])
 def test_block_step_equals_xlas_block(rows):
     config = _config(dtype="bfloat16")
-    block = RWKVBlock(config, 1)
-    pos = jnp.zeros((rows,), jnp.int32)
-    x = jax.random.normal(jax.random.PRNGKey(0), (rows, 1, 64)) * 3 + 1
-    params = perturbed(block.init(jax.random.PRNGKey(1), x, None, pos)["params"])
-    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.ndim == 2 else a, params)
-    apply = jax.jit(block.apply)
-    state = zero_layer_state(config, 1, rows)
-    for t in range(3):  # a state that has seen something
-        _, state = apply({"params": params}, jax.random.normal(jax.random.PRNGKey(t), x.shape),
-                         state, pos)
-    want, want_state = apply({"params": params}, x, state, pos)
+    params, x, state, want, want_state = seasoned_block(config, rows, jnp.bfloat16)
     fused = cuda_layout(_config(n_layer=1, dtype="bfloat16"), {"blocks_0": params})["blocks_0"]
     got, got_state = jax.jit(lambda p, x, s: cuda_decode4.block_step(
         p, x, s, eps=config.layer_norm_eps))(fused, x[:, 0], state)

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import perturbed, rel_err
+from conftest import perturbed, rel_err, seasoned_block
 from rwkv_jax.config import ModelConfig
 from rwkv_jax.generate import GREEDY, Generator
-from rwkv_jax.layers import RWKVBlock, kernel_layout
+from rwkv_jax.layers import kernel_layout
 from rwkv_jax.model import RWKV, init_params
 from rwkv_jax.ops.pallas import decode4
 from rwkv_jax.state import zero_layer_state
@@ -30,16 +30,7 @@ def _config(**kw):
 @pytest.mark.parametrize("rows", [1, 3])
 def test_block_step_equals_the_model_block(rows):
     config = _config()
-    block = RWKVBlock(config, 1)
-    pos = jnp.zeros((rows,), jnp.int32)
-    x = jax.random.normal(jax.random.PRNGKey(0), (rows, 1, 48)) * 3 + 1
-    params = perturbed(block.init(jax.random.PRNGKey(1), x, None, pos)["params"])
-    apply = jax.jit(block.apply)
-    state = zero_layer_state(config, 1, rows)
-    for t in range(3):  # a state that has seen something
-        _, state = apply({"params": params}, jax.random.normal(jax.random.PRNGKey(t), x.shape),
-                         state, pos)
-    want, want_state = apply({"params": params}, x, state, pos)
+    params, x, state, want, want_state = seasoned_block(config, rows)
     fused = kernel_layout(_config(n_layer=1), {"blocks_0": params})["blocks_0"]
     for cfg in TILINGS:
         got, got_state = decode4.block_step(fused, x[:, 0], state, eps=config.layer_norm_eps,
