@@ -164,6 +164,11 @@ def main():
                          "generator's loop options ('' = those alone)")
     ap.add_argument("--best", default=None, help="write the fastest tiling here (B,K,W,S)")
     a = ap.parse_args()
+    if a.cuda:
+        try:
+            cuda_decode4.check_device()
+        except cuda_decode4.Unavailable as e:
+            raise SystemExit(f"--cuda: {e}") from None
     option_sets = [(spec, parse_options(spec)) for spec in a.xla_options]
     gpu = jax.default_backend() == "gpu"
     L, C, V = MODELS[a.model]
@@ -180,8 +185,13 @@ def main():
     named = {f"blocks_{i}": p for i, p in enumerate(blocks)}
     grouped = [layers.group_products(stack, named)[f"blocks_{i}"] for i in range(len(blocks))]
     kernel = [layers.kernel_layout(stack, named)[f"blocks_{i}"] for i in range(len(blocks))]
-    cuda = [layers.cuda_layout(stack, named)[f"blocks_{i}"] for i in range(len(blocks))] \
-        if a.cuda else []
+    cuda = []
+    if a.cuda:
+        try:
+            fused = layers.cuda_layout(stack, named)
+        except cuda_decode4.Unavailable as e:
+            raise SystemExit(f"--cuda: {e}") from None
+        cuda = [fused[f"blocks_{i}"] for i in range(len(blocks))]
     pos = None
     rows_out = []
     failed = False
