@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of the closing notes, in one command on the lent H100 (device tool):
+# The GPU measurements of the closing notes, in one command on the lent GPU (device tool):
 #   run(command="bash bench/run_on_gpu.sh", carry=[".whl", ".bench_data"])
 # .whl holds the wheels the GPU image lacks (ml_collections, rwkv, tensorboardX) and
 # .bench_data a copy of ../shared/data/shakespeare (shared/ does not travel).
@@ -36,3 +36,14 @@ if [[ $what == all || $what == train3b ]]; then
     --config.logging.progress=False 2>&1 | tee "$OUT/train_3b.log" | grep -vE "^W[0-9]" | tail -20
 fi
 echo; cat "$OUT/train_step.md" 2>/dev/null
+if [[ $what == all || $what == cuda ]]; then
+  # The CUDA decode block (rwkv_jax/ops/cuda): its tests, alone against its host reference,
+  # through JAX against XLA's block, and 3B decoding end to end (~4 min on an H200).
+  python3 -m pytest -q tests/test_cuda_decode.py 2>&1 | tail -3
+  python3 bench/decode_block_cuda.py --model 3B --prefetch 0 --window 2 --out /tmp/dbc 2>&1 \
+    | tee "$OUT/decode_block_cuda.md" | grep -A8 "^| variant"
+  python3 bench/decode_kernels.py --model 3B --layers 4 --rows 1,2 --configs --cuda --check 2>&1 \
+    | tee "$OUT/decode_kernels.md" | grep -E "against|^\||FAIL|--check"
+  python3 bench/decode.py --gpu --models 3B --variants xla,cuda --no_rwkv --out "$OUT/decode" 2>&1 \
+    | grep -A4 "^| model | ours"
+fi
