@@ -233,7 +233,7 @@ def _main(args) -> int:
     try:
         generator = Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk,
                               bf16=args.bf16, decode_block=args.decode_block,
-                              decode_kernels=args.decode_kernels or False)
+                              decode_kernels=args.decode_kernels)
     except Unavailable as e:  # the CUDA kernel's build, or a block it cannot take
         raise InputError(f"--decode_kernels cuda: {e}") from None
     if rows:

@@ -148,15 +148,13 @@ def cuda_layout(config: ModelConfig, params: dict) -> dict:
     block does not suit it."""
     cuda_decode4.check_device()
     out = dict(kernel_layout(config, params))
-    blocks = [out[f"blocks_{i}"] for i in range(config.n_layer)
-              if config.version == "4" and config.is_rwkv(i)]
-    for block in blocks:
-        cuda_decode4.check_block(block)
+    names = [f"blocks_{i}" for i in range(config.n_layer)
+             if config.version == "4" and config.is_rwkv(i)]
+    for name in names:
+        cuda_decode4.check_block(out[name])
     cuda_decode4.ensure()  # built now, before anything compiles
-    for i in range(config.n_layer):
-        block = out[f"blocks_{i}"]
-        if config.version == "4" and config.is_rwkv(i) and "decode_vecs" not in block:
-            out[f"blocks_{i}"] = {**block, "decode_vecs": cuda_decode4.pack_vectors(block)}
+    for name in names:
+        out[name] = {**out[name], "decode_vecs": cuda_decode4.pack_vectors(out[name])}
     return out
 
 

@@ -152,10 +152,6 @@ __device__ __forceinline__ void put16(uint32_t* p, bf16 v, uint32_t epoch) {
   asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(w) : "memory");
 }
 
-__device__ __forceinline__ void put_raw(uint32_t* p, uint32_t w) {
-  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(w) : "memory");
-}
-
 __device__ __forceinline__ void put32(unsigned long long* p, float v, uint32_t epoch) {
   const unsigned long long w = (unsigned long long)__float_as_uint(v) << 32 | epoch;
   asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(w) : "memory");
@@ -572,13 +568,16 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
 
   trace(0, 0);
   // The bf16 words' 16-bit tags repeat every 65536 launches, so a word may pass for this
-  // launch's only if it was last written exactly 65536*k launches ago. The words this launch
-  // uses it writes itself; every other word (the second row's when B = 1, and beyond a smaller
-  // C or F) is stamped here, so that no word goes unwritten for 65536 launches.
-  for (int i = cta * kConsumerThreads + threadIdx.x; i < 2 * kMaxF; i += G * kConsumerThreads) {
-    const uint32_t stale = 0xffff0000u | (epoch & 0xffffu);  // a NaN stamped with this launch
-    if (i >= B * C && i < 2 * kMaxC) put_raw(g_ll_g + i, stale);
-    if (i >= B * F) put_raw(g_ll_h + i, stale);
+  // launch's only if it was last written exactly 65536*k launches ago. The words a launch uses
+  // it writes itself; every other word (the second row's when B = 1, and beyond a smaller C or
+  // F) is stamped once every 32768 launches, so that no word goes unwritten for 65536. Every
+  // CTA has the same epoch, so all of them stamp in the same launch.
+  if ((epoch & 0x7fffu) == 0) {
+    for (int i = cta * kConsumerThreads + threadIdx.x; i < 2 * kMaxF;
+         i += G * kConsumerThreads) {
+      if (i >= B * C && i < 2 * kMaxC) put16(g_ll_g + i, __ushort_as_bfloat16(0xffff), epoch);
+      if (i >= B * F) put16(g_ll_h + i, __ushort_as_bfloat16(0xffff), epoch);  // NaN: unused
+    }
   }
   const int nwkv = (c1 - c0) * B;  // this CTA's (channel, row) pairs
   // The WKV step's other inputs, and x of this CTA's channels for the residuals, loaded now so
