@@ -227,7 +227,9 @@ def _decode_block(model, spec, rows, params, carry: _Carry, forced_tok, forced_m
     def body(loop):
         s, c, out = loop
         logits, state = _model_step(model, rows, params, c.state, c.token)
-        state = _keep_rows(c.consume, state, c.state)  # finished rows keep their state
+        if B > 1:  # finished rows keep their state; one row runs only while it consumes
+            # (and the select would make XLA copy the state around an in-place kernel)
+            state = _keep_rows(c.consume, state, c.state)
         emitted = c.alive & ~forced_mask[:, s]
         token, c = _advance(spec, logits, c._replace(state=state), forced_tok[:, s], ~emitted,
                             knobs, weight)

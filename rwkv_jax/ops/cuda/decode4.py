@@ -7,9 +7,11 @@ with XLA, the vector table it reads, and `block_step`, the drop-in for one block
 rwkv_jax.layers.RWKVBlock on a decode step. Anything that stops it (no GPU, an older GPU, no
 nvcc, weights that are not bf16) raises `Unavailable` with the reason, before any work.
 
-Status (H200, 2026-12-01, bench/README.md): a 3B block takes 57.6 us in the standalone harness
-and 68.8 us in a jitted loop through this call, against XLA's 63.1; 3B decodes at 2.32 ms per
-token against XLA's 2.29. So rwkv_jax.generate leaves it off unless asked.
+Status (H200, 2026-12-01, bench/README.md): a 3B block takes 58.1 us in the standalone harness
+and 64.0 us in a jitted loop through this call, against XLA's 63.0; 3B decodes at 2.08 ms per
+token against XLA's 2.25. The call updates x and the state in place, so that a decode loop
+carries them without copies. rwkv_jax.generate leaves it off unless asked: a generator serves
+one weight layout, and batch 16 on this one runs XLA's products at half their speed.
 
 The kernel keeps its exchange buffers and launch counters in the library's device memory, so
 its launches on one device must not overlap: JAX runs a device's computations on one stream.
@@ -155,7 +157,7 @@ def fits(C: int, F: int, rows: int) -> bool:
 
     slot = (max(stage(C), stage(F)) + 127) // 128 * 128
     cpc = C // 64 + 2  # channels per CTA, bounded for GPUs of 64 SMs or more
-    fixed = 2 * rows * max(3 * C, F) + 4 * (11 * cpc * rows + 2) + 16
+    fixed = 2 * rows * max(3 * C, F) + 4 * (13 * cpc * rows + 2) + 16
     return RING_STAGES * (slot + 16) <= SMEM_OPTIN - 1024 - fixed
 
 
@@ -193,7 +195,9 @@ def block_step(p: dict, x, state: dict, *, eps: float):
         raise ValueError(f"the CUDA decode kernel takes 1..{MAX_ROWS} rows, got {B}")
     ensure()
     f32 = jax.ShapeDtypeStruct((B, C), jnp.float32)
-    out = jax.ffi.ffi_call(TARGET, [f32] * 6)(
+    # In place: a decode loop then carries x and the state in the same buffers, where fresh
+    # outputs cost a copy of each per block (bench/README.md).
+    out = jax.ffi.ffi_call(TARGET, [f32] * 6, input_output_aliases={i: i for i in range(6)})(
         x.astype(jnp.float32), *(state[k].astype(jnp.float32) for k in STATE),
         p["decode_vecs"], att["kvr_t"].reshape(3 * C, C), att["output_t"], ffn["kr_t"],
         ffn["value_t"], eps=np.float32(eps))

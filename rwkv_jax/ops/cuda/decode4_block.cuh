@@ -84,6 +84,9 @@ struct Args {
   const bf16* w_o;    // (C, C)
   const bf16* w_kr;   // (F + C, C)
   const bf16* w_v;    // (C, F)
+  // The outputs may be the inputs' own buffers (decode4_ffi.cu updates x and the state in
+  // place, so that a decode loop carries them without copies): nothing is written before every
+  // CTA is done reading what it overwrites.
   float* x_out;
   float* shift_att_out;
   float* aa_out;
@@ -146,6 +149,7 @@ __device__ __align__(16) uint32_t g_ll_g[2 * kMaxC];  // (B, C) bf16: sigmoid(r)
 __device__ unsigned long long g_ll_x2[2 * kMaxC];   // (B, C) float32: x2
 __device__ __align__(16) uint32_t g_ll_h[2 * kMaxF];  // (B, F) bf16: relu(k)^2
 __device__ unsigned long long g_ll_gate[2 * kMaxC];  // (B, C) float32: sigmoid(r)
+__device__ unsigned long long g_ll_read[1024];  // per CTA: done reading x and the shift states
 
 __device__ __forceinline__ void put16(uint32_t* p, bf16 v, uint32_t epoch) {
   const uint32_t w = (uint32_t)__bfloat16_as_ushort(v) << 16 | (epoch & 0xffffu);
@@ -330,12 +334,13 @@ __device__ __forceinline__ void load_norm_inputs(NormInputs<B, M>& in, const flo
 }
 
 // LN(x) per row, mixed with the shift state by each of the M mixes into xs (M, B, C) bf16;
-// LN(x) into shift_out (one CTA writes it). Consumer threads only; C <= kPer * threads. x is
+// LN(x) of this CTA's channels c0..c1 into own (cpc, B), the new shift state, which the CTA
+// writes out once no CTA still reads the old one (the call updates the state in place). Consumer threads only; C <= kPer * threads. x is
 // either plain float32 (`x`) or this launch's flagged words (`ll`, with `epoch`).
 template <int B, int M>
 __device__ void norm_mix(const NormInputs<B, M>& in, const float* x, const unsigned long long* ll,
-                         uint32_t epoch, int C, float eps, bf16* xs, float* shift_out,
-                         float* red) {
+                         uint32_t epoch, int C, float eps, bf16* xs, float* own, int c0,
+                         int c1, float* red) {
   constexpr int T = kConsumerThreads;
   float v[B][kPer];
   if (ll) {  // in rounds, as gather16
@@ -395,7 +400,7 @@ __device__ void norm_mix(const NormInputs<B, M>& in, const float* x, const unsig
 #pragma unroll
         for (int m = 0; m < M; ++m)
           xs[(m * B + b) * C + i] = __float2bfloat16(xn * in.mix[m][j] + sh * (1.f - in.mix[m][j]));
-        if (shift_out) shift_out[b * C + i] = xn;
+        if (i >= c0 && i < c1) own[(i - c0) * B + b] = xn;
       }
     }
   }
@@ -436,8 +441,10 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
   float* x_own = wkv_in + 5 * cpc * B;  // x, x2 and the gates of this CTA's channels: (cpc, B)
   float* x2_own = x_own + cpc * B;
   float* gate_own = x2_own + cpc * B;
+  float* shift_att_own = gate_own + cpc * B;  // the new shift states of this CTA's channels
+  float* shift_ffn_own = shift_att_own + cpc * B;
   // The barriers need 8-byte alignment: launch() reserves 2 floats and 16 bytes of slack.
-  uint64_t* full = reinterpret_cast<uint64_t*>(gate_own + cpc * B + 2);
+  uint64_t* full = reinterpret_cast<uint64_t*>(shift_ffn_own + cpc * B + 2);
   full = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(full) + 7) & ~uintptr_t(7));
   uint64_t* empty = full + D;
   __shared__ Segment seg[kSegments];
@@ -563,7 +570,6 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
       if (lane == 0) mbar_arrive(&empty[slot]);
     }
   };
-  const bool lead = cta == 0;
   const uint32_t epoch = epoch_s;
 
   trace(0, 0);
@@ -594,7 +600,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
   {
     NormInputs<B, 3> in;
     load_norm_inputs<B, 3>(in, a.vecs, LN1_SCALE, {MIX_K, MIX_V, MIX_R}, a.shift_att, C);
-    norm_mix<B, 3>(in, a.x, nullptr, 0, C, a.eps, xs, lead ? a.shift_att_out : nullptr, red);
+    norm_mix<B, 3>(in, a.x, nullptr, 0, C, a.eps, xs, shift_att_own, c0, c1, red);
     consumers_sync();
     trace(1, 0);
     consume(0, [&](int row, const float (&acc)[B]) {
@@ -645,9 +651,11 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
     // x2's polls go out together.
     NormInputs<B, 2> in2;
     load_norm_inputs<B, 2>(in2, a.vecs, LN2_SCALE, {FMIX_K, FMIX_R}, a.shift_ffn, C);
-    norm_mix<B, 2>(in2, nullptr, g_ll_x2, epoch, C, a.eps, xs, lead ? a.shift_ffn_out : nullptr,
-                   red);
+    norm_mix<B, 2>(in2, nullptr, g_ll_x2, epoch, C, a.eps, xs, shift_ffn_own, c0, c1, red);
     consumers_sync();
+    // This CTA has read all it reads of x and of both shift states (program order: phase 0
+    // first), so others may now overwrite them.
+    if (threadIdx.x == 0) put32(g_ll_read + cta, 0.f, epoch);
     trace(5, 0);
     consume(2, [&](int n, const float (&acc)[B]) {
 #pragma unroll
@@ -670,6 +678,11 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
   consumers_sync();
   for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads)  // the gates of this CTA's channels
     gate_own[t] = get32(g_ll_gate + (t % B) * C + c0 + t / B, epoch);
+  // Before this CTA writes x and the shift states in place, every CTA must be done reading
+  // them. Polled by the last threads, beside the gates' polls, so it adds no round trip; the
+  // words are long written by now (the h exchange below waits for far more).
+  for (int t = kConsumerThreads - 1 - threadIdx.x; t < G; t += kConsumerThreads)
+    get32(g_ll_read + t, epoch);
   gather16(g_ll_h, xs, B * F, epoch);
   consumers_sync();
   trace(8, 0);
@@ -680,6 +693,11 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
       a.x_out[b * C + n] = x2_own[t] + gate_own[t] * round_bf16(acc[b]);
     }
   });
+  for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads) {
+    const int i = (t % B) * C + c0 + t / B;
+    a.shift_att_out[i] = shift_att_own[t];
+    a.shift_ffn_out[i] = shift_ffn_own[t];
+  }
   TRACE_SYNC();
   trace(9, 0);
 }
@@ -716,7 +734,7 @@ Plan make_plan(int device, int C, int F) {
   p.slot_bytes = (std::max(stage_bytes(C), stage_bytes(F)) + 127) / 128 * 128;
   const int cpc = (C + p.sms - 1) / p.sms + 1;
   const size_t fixed = sizeof(bf16) * B * std::max(3 * C, F) +
-                       sizeof(float) * (11 * cpc * B + 2) + 16;
+                       sizeof(float) * (13 * cpc * B + 2) + 16;
   // Static shared memory (segments, reductions) and the barriers (16 bytes a stage) come out
   // of the same budget.
   const long long room = (long long)optin - 1024 - (long long)fixed;
