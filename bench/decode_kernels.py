@@ -12,7 +12,8 @@ rwkv_jax.generate runs it), so the time is the device's alone. Rows:
                 generator's default decode path; batch 1 padded to 2 rows, as it does on GPUs;
                 one row per --xla_options set (XLA compile options on top of the loop's)
   kernels B,K,W,S   decode4.block_step with Config(block_n=B, block_k=K, warps=W, stages=S)
-  CUDA block    (--cuda) rwkv_jax.ops.cuda.decode4.block_step, a block as one CUDA kernel
+  CUDA          (--cuda) rwkv_jax.ops.cuda.decode4: a launch a block (block_step), and the
+                whole stack in one launch (layers_step, what rwkv_jax.model does)
 With --check, each variant first runs three steps from the same rows and state, and its x and
 state are compared with the first variant's (max |difference| / max |value|, worst layer; more
 than CHECK_TOLERANCE fails the run).
@@ -91,17 +92,27 @@ def best_of(f, *args, repeats: int = 3):
 CHECK_TOLERANCE = {"bfloat16": 3e-2, "float32": 1e-4}
 
 
-def three_steps(step, blocks, x, states, rows: int, options: dict | None = None):
+def per_block(step):
+    """A step through the whole stack from a step through one block."""
+
+    def stack(blocks, x, states):
+        new = []
+        for p, s in zip(blocks, states):
+            x, s = step(p, x, s)
+            new.append(s)
+        return x, tuple(new)
+
+    return stack
+
+
+def three_steps(stack, blocks, x, states, rows: int, options: dict | None = None):
     """x and every state after three steps through the stack (so that the state and the WKV
     terms are not all zero), their first `rows` rows (the rest is padding)."""
 
     def run(blocks, x, states):
         for t in range(3):
-            new = []
-            for p, s in zip(blocks, states):
-                x, s = step(p, x * (1.0 + 0.1 * t), s)
-                new.append(s)
-            states = tuple(new)
+            x, states = stack(blocks, x * (1.0 + 0.1 * t), states)
+            states = tuple(states)
         return x[:rows], jax.tree.map(lambda a: a[:rows], states)
 
     return jax.jit(run, compiler_options=options)(blocks, x, states)
@@ -124,18 +135,14 @@ def check_error(got, want) -> dict:
     return fields
 
 
-def time_stack(step, blocks, x, states, steps: int, options: dict | None = None):
+def time_stack(stack, blocks, x, states, steps: int, options: dict | None = None):
     """Seconds per step of `steps` steps in one jitted loop (one CUDA graph on a GPU), and the
     compile time. `options` go on top of the generator's loop options."""
 
     def run(blocks, x, states):
         def body(_, carry):
-            x, states = carry
-            new = []
-            for p, s in zip(blocks, states):
-                x, s = step(p, x, s)
-                new.append(s)
-            return x, tuple(new)
+            x, states = stack(blocks, *carry)
+            return x, tuple(states)
 
         return jax.lax.fori_loop(0, steps, body, (x, states))
 
@@ -207,7 +214,7 @@ def main():
 
             for spec, options in option_sets:
                 variants.append((f"XLA grouped ({xla_rows} rows){' ' + spec if spec else ''}",
-                                 xla_step, grouped, xla_rows, options))
+                                 per_block(xla_step), grouped, xla_rows, options))
         for spec in a.configs:
             bn, bk, w, st = (int(v) for v in spec.split(","))
             cfg = decode4.Config(block_n=bn, block_k=bk, warps=w, stages=st)
@@ -215,12 +222,16 @@ def main():
             def k_step(p, x, s, cfg=cfg):
                 return decode4.block_step(p, x, s, eps=config.layer_norm_eps, cfg=cfg)
 
-            variants.append((f"kernels {spec}", k_step, kernel, rows, None))
+            variants.append((f"kernels {spec}", per_block(k_step), kernel, rows, None))
         if cuda and rows <= cuda_decode4.MAX_ROWS:
             def c_step(p, x, s):
                 return cuda_decode4.block_step(p, x, s, eps=config.layer_norm_eps)
 
-            variants.append(("CUDA block", c_step, cuda, rows, None))
+            def c_stack(blocks, x, states):
+                return cuda_decode4.layers_step(blocks, x, states, eps=config.layer_norm_eps)
+
+            variants.append(("CUDA, a launch a block", per_block(c_step), cuda, rows, None))
+            variants.append((f"CUDA, {len(cuda)} blocks a launch", c_stack, cuda, rows, None))
         reference = None
         # Distinct rows, the same first rows for every variant however many it pads to.
         xs = jax.random.normal(jax.random.PRNGKey(7), (max(v[3] for v in variants), C))

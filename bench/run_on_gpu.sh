@@ -39,8 +39,8 @@ echo; cat "$OUT/train_step.md" 2>/dev/null
 if [[ $what == all || $what == cuda ]]; then
   # The CUDA decode block (rwkv_jax/ops/cuda): its tests, alone against its host reference,
   # through JAX against XLA's block, and 3B decoding end to end (~4 min on an H200).
-  python3 -m pytest -q tests/test_cuda_decode.py 2>&1 | tail -3
-  python3 bench/decode_block_cuda.py --model 3B --prefetch 0 --window 2 --out /tmp/dbc 2>&1 \
+  python3 -m pytest -q tests/test_cuda_decode.py 2>&1 | grep -E "^E |Error|passed|failed" | tail -25
+  python3 bench/decode_block_cuda.py --model 3B --layers 1,32 --window 2,3 --out /tmp/dbc 2>&1 \
     | tee "$OUT/decode_block_cuda.md" | grep -A8 "^| variant"
   python3 bench/decode_kernels.py --model 3B --layers 4 --rows 1,2 --configs --cuda --check 2>&1 \
     | tee "$OUT/decode_kernels.md" | grep -E "against|^\||FAIL|--check"

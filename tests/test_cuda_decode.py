@@ -4,6 +4,7 @@ On a Hopper GPU with nvcc (skipped elsewhere): a bf16 block step through it equa
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,7 @@ from conftest import perturbed, seasoned_block
 from rwkv_jax.config import ModelConfig
 from rwkv_jax.generate import Generator
 from rwkv_jax.layers import RWKVBlock, cuda_layout, kernel_layout
-from rwkv_jax.model import init_params
+from rwkv_jax.model import RWKV, init_params
 from rwkv_jax.ops.cuda import decode4 as cuda_decode4
 from rwkv_jax.state import zero_layer_state
 
@@ -91,6 +92,57 @@ def test_rows_the_kernel_does_not_take_run_xlas_products():
         np.testing.assert_allclose(got_state[name], want_state[name], rtol=1e-5, atol=1e-5)
 
 
+def _cuda_params(config, params):
+    """What cuda_layout gives, built on a CPU (cuda_layout itself wants the GPU)."""
+    out = dict(kernel_layout(config, params))
+    for i in range(config.n_layer):
+        if config.is_rwkv(i):
+            b = out[f"blocks_{i}"]
+            out[f"blocks_{i}"] = {**b, "decode_vecs": cuda_decode4.pack_vectors(b)}
+    return out
+
+
+def test_a_decode_step_sends_each_run_of_rwkv_blocks_to_one_launch(monkeypatch):
+    """The model hands every run of consecutive RWKV-4 blocks of a decode step to one call of
+    the kernel (split around attention layers), with x after ln0 and the run's states, and puts
+    the returned states back in their layers' places. The kernel's stand-in here is XLA's block
+    on the official weights, so the step must give what the official layout gives."""
+    config = _config(n_layer=4, layer_types=("rwkv", "attn", "rwkv", "rwkv"), attn_head_size=8,
+                     attn_window=6)
+    params = perturbed(init_params(config, jax.random.PRNGKey(0)))
+    model = RWKV(config)
+    rwkv_layers = [i for i in range(config.n_layer) if config.is_rwkv(i)]
+    runs = []
+
+    def stand_in(blocks, x, states, *, eps):
+        first = sum(runs)
+        runs.append(len(blocks))
+        out = []
+        for j, (p, state) in enumerate(zip(blocks, states)):
+            assert "decode_vecs" in p and eps == config.layer_norm_eps
+            official = params[f"blocks_{rwkv_layers[first + j]}"]
+            x, state = RWKVBlock(config, 1).apply(  # layer 1: x comes after ln0
+                {"params": official}, x[:, None], state, jnp.zeros((x.shape[0],), jnp.int32))
+            x = x[:, 0]
+            out.append(state)
+        return x, out
+
+    monkeypatch.setattr(cuda_decode4, "layers_step", stand_in)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 5), 0, config.vocab_size)
+    _, state = model.apply({"params": params}, tokens)
+    step = jnp.array([[3], [7]])
+    want, want_state = model.apply({"params": params}, step, state)
+    got, got_state = model.apply({"params": _cuda_params(config, params)}, step, state)
+    assert runs == [1, 2]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(got_state, want_state, rtol=1e-5, atol=1e-5)
+    runs.clear()  # a prefill (several tokens) and three rows go to XLA
+    model.apply({"params": _cuda_params(config, params)}, tokens, state)
+    model.apply({"params": _cuda_params(config, params)}, jnp.array([[1], [2], [3]]),
+                jax.tree.map(lambda a: jnp.concatenate([a, a[:1]]), state))
+    assert runs == []
+
+
 def _assert_like_xla(x, state, want_x, want_state, what):
     """Within 2% of the largest value, field by field. Products are rounded to bf16 in both; a
     sum that lands on the other side of a rounding boundary moves one value by a bf16 ulp, and
@@ -132,3 +184,46 @@ def test_steps_of_one_and_two_rows_in_turn_stay_with_xla():
         want, want_state = apply({"params": params}, xt, state, jnp.zeros((rows,), jnp.int32))
         got, got_state = step(fused, xt[:, 0], state)
         _assert_like_xla(got, got_state, want[:, 0], want_state, (t, rows))
+
+
+@pytest.mark.skipif(not _runs_here(), reason="needs a GPU of compute capability 9.0 and nvcc")
+@pytest.mark.parametrize("layer_types", [("rwkv", "attn", "rwkv", "rwkv"), ("rwkv",) * 4])
+def test_model_decode_steps_equal_xlas(layer_types):
+    """Whole decode steps of a model in the CUDA layout: each run of RWKV blocks in one launch,
+    x and the states carried between steps."""
+    config = _config(n_layer=len(layer_types), layer_types=layer_types, attn_head_size=8,
+                     attn_window=6, dtype="bfloat16")
+    params = perturbed(init_params(config, jax.random.PRNGKey(0)))
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.ndim == 2 else a, params)
+    fused = cuda_layout(config, params)
+    apply = jax.jit(RWKV(config).apply)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 6), 0, config.vocab_size)
+    _, state = apply({"params": params}, tokens[:, :3])
+    want_state = got_state = state
+    for t in range(3, 6):
+        want, want_state = apply({"params": params}, tokens[:, t:t + 1], want_state)
+        got, got_state = apply({"params": fused}, tokens[:, t:t + 1], got_state)
+        scale = float(jnp.max(jnp.abs(want)))
+        assert float(jnp.max(jnp.abs(got - want))) <= 3e-2 * scale, t
+    for i, (g, w) in enumerate(zip(got_state["layers"], want_state["layers"])):
+        for name in w:
+            assert float(jnp.max(jnp.abs(g[name] - w[name]))) <= 3e-2 * float(
+                jnp.max(jnp.abs(w[name]))) + 1e-6, (i, name)
+
+
+@pytest.mark.skipif(not _runs_here(), reason="needs a GPU of compute capability 9.0 and nvcc")
+def test_a_run_split_over_launches_gives_the_same_bits(monkeypatch):
+    """A run longer than one launch takes (MAX_LAYERS) goes in several; x crosses between them
+    through memory instead of the kernel's exchange, bit for bit the same values."""
+    config = _config(n_layer=5, dtype="bfloat16")
+    params = perturbed(init_params(config, jax.random.PRNGKey(0)))
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.ndim == 2 else a, params)
+    fused = cuda_layout(config, params)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 4), 0, config.vocab_size)
+    _, state = RWKV(config).apply({"params": params}, tokens)
+    step = jnp.array([[5]])
+    one = jax.jit(RWKV(config).apply)({"params": fused}, step, state)  # 5 layers, one launch
+    for most in (2, 1):
+        monkeypatch.setattr(cuda_decode4, "MAX_LAYERS", most)
+        chex.assert_trees_all_equal(
+            jax.jit(RWKV(config).apply)({"params": fused}, step, state), one)

@@ -150,37 +150,82 @@ bf16* to_device<bf16>(const std::vector<float>& v) {
   return d;
 }
 
-Args device_args(const Host& h) {
-  const int B = h.B, C = h.C, F = h.F;
-  Args a{};
-  a.x = to_device<float>(h.x);
-  a.shift_att = to_device<float>(h.shift_att);
-  a.aa = to_device<float>(h.aa);
-  a.bb = to_device<float>(h.bb);
-  a.pp = to_device<float>(h.pp);
-  a.shift_ffn = to_device<float>(h.shift_ffn);
-  a.vecs = to_device<float>(h.vecs);
-  a.w_kvr = to_device<bf16>(h.w_kvr);
-  a.w_o = to_device<bf16>(h.w_o);
-  a.w_kr = to_device<bf16>(h.w_kr);
-  a.w_v = to_device<bf16>(h.w_v);
-  float* o;
-  cudaMalloc(&o, 6 * B * C * sizeof(float));
-  a.x_out = o;
-  a.shift_att_out = o + B * C;
-  a.aa_out = o + 2 * B * C;
-  a.bb_out = o + 3 * B * C;
-  a.pp_out = o + 4 * B * C;
-  a.shift_ffn_out = o + 5 * B * C;
-  a.C = C;
-  a.F = F;
-  a.eps = 1e-5f;
-  return a;
+void upload(float* d, const std::vector<float>& v) {
+  cudaMemcpy(d, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice);
 }
 
-std::string run(cudaStream_t s, const Args& a, int B) {
-  return B == 1 ? launch<1>(s, a) : launch<2>(s, a);
-}
+// A model of `layers` layers on the device whose weights cycle through the host layers' (more
+// of them than L2 holds, so no layer's weights are still cached when it runs again), each
+// layer with its own state. The kernel updates x and the states in place; reset() puts the
+// host layers' back.
+struct Model {
+  const std::vector<Host>& hosts;
+  int layers, B, C;
+  float* x;
+  std::vector<Layer> table;
+
+  Model(const std::vector<Host>& h, int n) : hosts(h), layers(n), B(h[0].B), C(h[0].C) {
+    std::vector<Layer> weights;
+    for (const Host& w : hosts)
+      weights.push_back(Layer{to_device<bf16>(w.w_kvr), to_device<bf16>(w.w_o),
+                              to_device<bf16>(w.w_kr), to_device<bf16>(w.w_v),
+                              to_device<float>(w.vecs)});
+    x = to_device<float>(hosts[0].x);
+    for (int l = 0; l < layers; ++l) {
+      Layer ly = weights[l % hosts.size()];
+      float* st;
+      cudaMalloc(&st, 5 * B * C * sizeof(float));
+      ly.shift_att = st;
+      ly.aa = st + B * C;
+      ly.bb = st + 2 * B * C;
+      ly.pp = st + 3 * B * C;
+      ly.shift_ffn = st + 4 * B * C;
+      table.push_back(ly);
+    }
+    reset();
+  }
+
+  void reset() {
+    upload(x, hosts[0].x);
+    for (int l = 0; l < layers; ++l) {
+      const Host& h = hosts[l % hosts.size()];
+      const Layer& ly = table[l];
+      upload(ly.shift_att, h.shift_att);
+      upload(ly.aa, h.aa);
+      upload(ly.bb, h.bb);
+      upload(ly.pp, h.pp);
+      upload(ly.shift_ffn, h.shift_ffn);
+    }
+  }
+
+  // Layers first .. first + n - 1 as one launch.
+  std::string run(cudaStream_t s, int first, int n, int window) const {
+    Args a{};
+    a.x = x;
+    a.layers = n;
+    a.C = C;
+    a.F = hosts[0].F;
+    a.eps = 1e-5f;
+    a.window = window;
+    for (int i = 0; i < n; ++i) a.layer[i] = table[first + i];
+    return B == 1 ? launch<1>(s, a) : launch<2>(s, a);
+  }
+
+  // One token through every layer, `per` layers a launch.
+  std::string step(cudaStream_t s, int per, int window) const {
+    for (int l = 0; l < layers; l += per) {
+      std::string err = run(s, l, std::min(per, layers - l), window);
+      if (!err.empty()) return err;
+    }
+    return "";
+  }
+
+  std::vector<float> state(int l) const {
+    std::vector<float> v(5 * B * C);
+    cudaMemcpy(v.data(), table[l].shift_att, v.size() * sizeof(float), cudaMemcpyDeviceToHost);
+    return v;
+  }
+};
 
 // max |got - want| / max |want| (infinite where got is not finite), and the fraction of
 // elements that differ beyond float noise. With the kernel's roundings matched, only the rare
@@ -199,18 +244,30 @@ std::string run(cudaStream_t s, const Args& a, int B) {
   return {d / std::max(m, 1e-30f), (float)off / n};
 }
 
-// Prints "check NAME MAX_ERROR FRACTION_OFF ..." for layer l's outputs against the reference.
-[[maybe_unused]] void check(const Host& h, const Args& a) {
-  const int B = h.B, C = h.C;
-  std::vector<float> x_ref, state_ref, x(B * C), state(5 * B * C);
-  reference(h, x_ref, state_ref);
-  cudaMemcpy(x.data(), a.x_out, B * C * sizeof(float), cudaMemcpyDeviceToHost);
-  cudaMemcpy(state.data(), a.shift_att_out, 5 * B * C * sizeof(float), cudaMemcpyDeviceToHost);
+// Prints "WHAT x MAX_ERROR FRACTION_OFF shift_att ..." for x and the states of `layers`
+// against the reference's, which starts from the host layers' x and runs them in turn.
+[[maybe_unused]] void check(const char* what, const Model& m, int layers) {
+  const int B = m.B, C = m.C;
+  std::vector<float> x_ref = m.hosts[0].x, state_ref, x(B * C);
+  std::vector<std::vector<float>> states;
+  for (int l = 0; l < layers; ++l) {
+    Host h = m.hosts[l % m.hosts.size()];
+    h.x = x_ref;
+    reference(h, x_ref, state_ref);
+    states.push_back(state_ref);
+  }
+  cudaMemcpy(x.data(), m.x, B * C * sizeof(float), cudaMemcpyDeviceToHost);
   const char* names[5] = {"shift_att", "aa", "bb", "pp", "shift_ffn"};
   auto [e, off] = compare(x.data(), x_ref.data(), B * C);
-  printf("check x %.2e %.4f", e, off);
+  printf("%s x %.2e %.4f", what, e, off);
   for (int k = 0; k < 5; ++k) {
-    auto [ek, offk] = compare(&state[k * B * C], &state_ref[k * B * C], B * C);
+    float ek = 0, offk = 0;
+    for (int l = 0; l < layers; ++l) {
+      const std::vector<float> got = m.state(l);
+      auto [el, offl] = compare(&got[k * B * C], &states[l][k * B * C], B * C);
+      ek = std::max(ek, el);
+      offk = std::max(offk, offl);
+    }
     printf(" %s %.2e %.4f", names[k], ek, offk);
   }
   printf("\n");
@@ -218,65 +275,70 @@ std::string run(cudaStream_t s, const Args& a, int B) {
 
 }  // namespace
 
-// decode_block C F B: prints "check ..." (against the host reference), "us_per_block ..."
-// (4 layers x 25 steps in one CUDA graph, best of 5), and with RWKV_TRACE "trace ..." lines.
+// decode_block C F rows [window [layers_per_launch]]: a model of 32 layers, one token a step.
+// Prints "check ..." (one layer from the host inputs, against the reference),
+// "check_chain ..." (one launch of the first 4 layers), "us_per_block ..." (10 steps of 32
+// layers in one CUDA graph, best of 5), and with RWKV_TRACE "trace ..." lines (the second layer
+// of a launch, where it has two).
 int main(int argc, char** argv) {
   if (argc < 4 || argc > 6) {
-    fprintf(stderr, "usage: %s C F rows [prefetch_stages [window_stages]]\n", argv[0]);
+    fprintf(stderr, "usage: %s C F rows [window_stages [layers_per_launch]]\n", argv[0]);
     return 2;
   }
   const int C = atoi(argv[1]), F = atoi(argv[2]), B = atoi(argv[3]);
-  const int prefetch = argc >= 5 ? atoi(argv[4]) : 0;
-  const int window = argc >= 6 ? atoi(argv[5]) : 0;
-  if (C % 8 || F % 8 || C > kPer * kConsumerThreads || B < 1 || B > 2) {
-    fprintf(stderr, "C and F must be multiples of 8, C <= %d, rows 1 or 2\n", kPer * kConsumerThreads);
+  const int window = argc >= 5 ? atoi(argv[4]) : 0;
+  const int LAYERS = 32, STEPS = 10, CHAIN = 4;
+  const int per = argc >= 6 ? atoi(argv[5]) : 1;
+  if (C % 8 || F % 8 || C > kMaxC || F > kMaxF || B < 1 || B > 2 || per < 1 ||
+      per > kMaxLayers) {
+    fprintf(stderr, "C and F must be multiples of 8, C <= %d, F <= %d, rows 1 or 2, layers a "
+            "launch 1..%d\n", kMaxC, kMaxF, kMaxLayers);
     return 2;
   }
-  const int L = 4, STEPS = 25;
   srand(1);
   std::vector<Host> hosts;
-  std::vector<Args> args;
-  for (int l = 0; l < L; ++l) {
-    hosts.push_back(random_layer(B, C, F));
-    args.push_back(device_args(hosts.back()));
-  }
-  for (int l = 0; l < L; ++l) {  // the launches run the layers in turn, the last then the first
-    const Args& n = args[(l + 1) % L];
-    args[l].next_w[0] = n.w_kvr;
-    args[l].next_w[1] = n.w_o;
-    args[l].next_w[2] = n.w_kr;
-    args[l].next_w[3] = n.w_v;
-    args[l].prefetch = prefetch;
-    args[l].window = window;
-  }
+  for (int l = 0; l < 4; ++l) hosts.push_back(random_layer(B, C, F));
+  Model model(hosts, LAYERS);
   cudaStream_t s;
   cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
-  std::string err = run(s, args[0], B);
-  cudaError_t cerr = cudaStreamSynchronize(s);
-  if (!err.empty() || cerr != cudaSuccess) {
-    printf("error %s %s\n", err.c_str(), cudaGetErrorString(cerr));
-    return 1;
-  }
-#ifndef RWKV_NOCOMPUTE
-  check(hosts[0], args[0]);
-#endif
   auto fail = [](const char* what, cudaError_t e) {
     if (e != cudaSuccess) {
       printf("error %s: %s\n", what, cudaGetErrorString(e));
       exit(1);
     }
   };
+  auto checked = [&](const std::string& err) {
+    if (!err.empty()) {
+      printf("error %s\n", err.c_str());
+      exit(1);
+    }
+    fail("launch", cudaStreamSynchronize(s));
+  };
+  // Checks: one layer alone, then a launch of several (the exchange between layers).
+  auto checks = [&]() {
+    model.reset();
+    checked(model.run(s, 0, 1, window));
+#ifndef RWKV_NOCOMPUTE
+    check("check", model, 1);
+#endif
+    model.reset();
+    checked(model.run(s, 0, CHAIN, window));
+#ifndef RWKV_NOCOMPUTE
+    check("check_chain", model, CHAIN);
+#endif
+    model.reset();
+  };
+  checks();
   cudaGraph_t graph;
   cudaGraphExec_t exec;
   fail("capture", cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-  for (int t = 0; t < STEPS; ++t)
-    for (auto& a : args) {
-      err = run(s, a, B);
-      if (!err.empty()) {
-        printf("error %s\n", err.c_str());
-        return 1;
-      }
+  for (int t = 0; t < STEPS; ++t) {
+    std::string err = model.step(s, per, window);
+    if (!err.empty()) {
+      printf("error %s\n", err.c_str());
+      return 1;
     }
+  }
   fail("end capture", cudaStreamEndCapture(s, &graph));
   fail("instantiate", cudaGraphInstantiate(&exec, graph, 0));
   cudaEvent_t e0, e1;
@@ -286,6 +348,7 @@ int main(int argc, char** argv) {
   fail("graph", cudaStreamSynchronize(s));
   float best = 1e30f;
   for (int r = 0; r < 5; ++r) {
+    model.reset();  // x and the states stay those of a few tokens
     cudaEventRecord(e0, s);
     fail("graph", cudaGraphLaunch(exec, s));
     cudaEventRecord(e1, s);
@@ -294,14 +357,10 @@ int main(int argc, char** argv) {
     cudaEventElapsedTime(&ms, e0, e1);
     best = std::min(best, ms);
   }
-#ifndef RWKV_NOCOMPUTE
-  // The timed launches rewrote every layer's outputs from the same inputs: check them all.
-  for (int l = 0; l < L; ++l) check(hosts[l], args[l]);
-#endif
-  printf("us_per_block %.2f\n", best * 1e3 / (STEPS * L));
+  checks();  // after thousands of launches: the epochs and exchange words still hold
+  printf("us_per_block %.2f\n", best * 1e3 / (STEPS * LAYERS));
 #ifdef RWKV_TRACE
-  run(s, args[1], B);
-  cudaStreamSynchronize(s);
+  checked(model.run(s, 0, std::min(per, LAYERS), window));
   static unsigned long long tr[1024][14];
   cudaMemcpyFromSymbol(tr, g_trace, sizeof(tr));
   int sms;

@@ -1,11 +1,12 @@
-"""One RWKV-4 block for one token of one or two rows as one CUDA kernel (decode4_block.cuh),
+"""RWKV-4 blocks for one token of one or two rows as one CUDA kernel (decode4_block.cuh),
 through the XLA FFI: the batch-1 decode step on Hopper GPUs (sm_90).
 
 decode4_block.cuh says how the kernel works and why. Here: building it (nvcc, on first use,
 into a cache keyed by the sources, the GPU's architecture and the jax version), registering it
-with XLA, the vector table it reads, and `block_step`, the drop-in for one block of
-rwkv_jax.layers.RWKVBlock on a decode step. Anything that stops it (no GPU, an older GPU, no
-nvcc, weights that are not bf16) raises `Unavailable` with the reason, before any work.
+with XLA, the vector table it reads, `layers_step`, which rwkv_jax.model calls for each run of
+consecutive RWKV-4 blocks on a decode step, and `block_step`, the same for one block
+(rwkv_jax.layers.RWKVBlock on its own). Anything that stops it (no GPU, an older GPU, no nvcc,
+weights that are not bf16) raises `Unavailable` with the reason, before any work.
 
 Status (H200, 2026-12-01, bench/README.md): a 3B block takes 58.1 us in the standalone harness
 and 64.0 us in a jitted loop through this call, against XLA's 63.0; 3B decodes at 2.08 ms per
@@ -35,8 +36,9 @@ import numpy as np
 
 HERE = Path(__file__).parent
 SOURCES = ("decode4_ffi.cu", "decode4_block.cuh", "bulk_copy.cuh")
-TARGET = "rwkv4_cuda_decode_block"
+TARGET = "rwkv4_cuda_decode_layers"
 MAX_ROWS = 2  # the kernel is built for 1 and 2 rows
+MAX_LAYERS = 40  # layers in one launch (kMaxLayers: its table is the kernel's parameter)
 STATE = ("shift_att", "aa", "bb", "pp", "shift_ffn")
 # The rows of the kernel's per-channel table, in the order of its `Vec` enum.
 VECS = ("LN1_SCALE", "LN1_BIAS", "MIX_K", "MIX_V", "MIX_R", "DECAY", "FIRST", "LN2_SCALE",
@@ -121,7 +123,7 @@ def build() -> Path:
 @functools.cache
 def _register() -> None:
     lib = ctypes.cdll.LoadLibrary(str(build()))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RwkvDecode4Block), platform="CUDA")
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RwkvDecode4Layers), platform="CUDA")
 
 
 def ensure() -> None:
@@ -185,20 +187,45 @@ def check_block(block: dict) -> None:
 # ----------------------------------------------------------------------------- the step
 
 
+def layers_step(blocks, x, states, *, eps: float):
+    """A run of RWKV-4 blocks for one token per row, as one kernel launch per MAX_LAYERS:
+    x (B, C) (after ln0 if the run starts at block 0) and each block's state -> (x, states).
+    blocks: the blocks' params in the kernel layout plus "decode_vecs" (pack_vectors).
+
+    The call updates x and the states in place (input_output_aliases), so a decode loop that
+    carries them needs no copies; the kernel streams straight across the blocks' boundaries."""
+    B, C = x.shape
+    if not 1 <= B <= MAX_ROWS:
+        raise ValueError(f"the CUDA decode kernel takes 1..{MAX_ROWS} rows, got {B}")
+    if len(blocks) != len(states) or not blocks:
+        raise ValueError(f"layers_step needs a state for each of its blocks; got {len(blocks)} "
+                         f"blocks and {len(states)} states")
+    ensure()
+    x = x.astype(jnp.float32)
+    states = [dict(st) for st in states]
+    f32 = jax.ShapeDtypeStruct((B, C), jnp.float32)
+    for start in range(0, len(blocks), MAX_LAYERS):
+        run = range(start, min(start + MAX_LAYERS, len(blocks)))
+        operands = [x]
+        for i in run:
+            att, ffn = blocks[i]["att"], blocks[i]["ffn"]
+            operands += [states[i][k].astype(jnp.float32) for k in STATE]
+            operands += [blocks[i]["decode_vecs"], att["kvr_t"].reshape(3 * C, C),
+                         att["output_t"], ffn["kr_t"], ffn["value_t"]]
+        # Operand 1 + 10j + k is result 1 + 5j + k: layer j's state k; x is 0 and 0.
+        aliases = {0: 0}
+        aliases.update({1 + 10 * j + k: 1 + 5 * j + k for j in range(len(run)) for k in range(5)})
+        out = jax.ffi.ffi_call(TARGET, [f32] * (1 + 5 * len(run)),
+                               input_output_aliases=aliases)(*operands, eps=np.float32(eps))
+        x = out[0]
+        for j, i in enumerate(run):
+            states[i] = dict(zip(STATE, out[1 + 5 * j:6 + 5 * j]))
+    return x, states
+
+
 def block_step(p: dict, x, state: dict, *, eps: float):
     """One RWKV-4 block for one token per row: x (B, C) float32 (after ln0 in block 0) and the
     layer's state -> (x, state), as rwkv_jax.ops.pallas.decode4.block_step. p: the block in the
     kernel layout plus "decode_vecs" (pack_vectors)."""
-    att, ffn = p["att"], p["ffn"]
-    B, C = x.shape
-    if not 1 <= B <= MAX_ROWS:
-        raise ValueError(f"the CUDA decode kernel takes 1..{MAX_ROWS} rows, got {B}")
-    ensure()
-    f32 = jax.ShapeDtypeStruct((B, C), jnp.float32)
-    # In place: a decode loop then carries x and the state in the same buffers, where fresh
-    # outputs cost a copy of each per block (bench/README.md).
-    out = jax.ffi.ffi_call(TARGET, [f32] * 6, input_output_aliases={i: i for i in range(6)})(
-        x.astype(jnp.float32), *(state[k].astype(jnp.float32) for k in STATE),
-        p["decode_vecs"], att["kvr_t"].reshape(3 * C, C), att["output_t"], ffn["kr_t"],
-        ffn["value_t"], eps=np.float32(eps))
-    return out[0], dict(zip(STATE, out[1:]))
+    x, (state,) = layers_step([p], x, [state], eps=eps)
+    return x, state

@@ -1,6 +1,6 @@
 #pragma once
-// One RWKV-4 block for one token (batch 1-2) as ONE cooperative CUDA kernel (sm_90: Hopper):
-// the batch-1 decode step on NVIDIA GPUs. decode4_ffi.cu wraps it for XLA (rwkv_jax.ops.cuda.
+// A run of RWKV-4 blocks for one token (batch 1-2) as ONE cooperative CUDA kernel (sm_90:
+// Hopper): the batch-1 decode step on NVIDIA GPUs. decode4_ffi.cu wraps it for XLA (rwkv_jax.ops.cuda.
 // decode4 builds and calls it); bench/cuda/decode_block.cu checks it against a host reference
 // and times it alone (bench/decode_block_cuda.py, whose tables bench/README.md quotes).
 //
@@ -16,8 +16,10 @@
 // in shared memory. The block's four products are phases; what a phase needs from the others
 // comes as flagged words (value and epoch in one store, polled until all are this launch's:
 // NCCL's LL protocol), which costs one round trip to L2 where a grid barrier costs three. The
-// producer waits for nothing but ring slots, so it streams on across phase boundaries, as far
-// ahead as the ring allows (weights do not depend on the previous phase).
+// producer waits for nothing but ring slots, so it streams on across phase and layer
+// boundaries, as far ahead as the ring allows (weights do not depend on the previous phase).
+// One launch runs many layers: between launches the ring would drain and refill, and the
+// launch itself costs microseconds; between layers in a launch x is one more exchange.
 //
 // Phases (B rows, C channels, F = ffn width; state and x float32, matrices bf16 (out, in)):
 //   0  LN1(x) mixed with the shift state three ways (each CTA computes it for itself), the
@@ -26,7 +28,7 @@
 //   1  x2 = x + W_o g
 //   2  LN2(x2) mixed two ways; rows of [key ; receptance]: h = relu(k)^2 (bf16),
 //      gate = sigmoid(r)
-//   3  x_out = x2 + gate * (W_v h)
+//   3  x_out = x2 + gate * (W_v h), the next layer's x
 // Roundings are the model's (rwkv_jax.layers, rwkv_jax.ops.pallas.decode4): every product is
 // rounded to bf16, everything else is float32.
 //
@@ -72,43 +74,40 @@ constexpr int kMaxStageRows = 4;
 enum Vec { LN1_SCALE, LN1_BIAS, MIX_K, MIX_V, MIX_R, DECAY, FIRST, LN2_SCALE, LN2_BIAS,
            FMIX_K, FMIX_R, NVEC };
 
-struct Args {
-  const float* x;
-  const float* shift_att;
-  const float* aa;
-  const float* bb;
-  const float* pp;
-  const float* shift_ffn;
-  const float* vecs;
+// One layer's weights and state. The state is read, then overwritten with the new state: a
+// decode loop then carries it without copies, and nothing is written before every CTA is done
+// reading what it overwrites.
+struct Layer {
   const bf16* w_kvr;  // (3C, C)
   const bf16* w_o;    // (C, C)
   const bf16* w_kr;   // (F + C, C)
   const bf16* w_v;    // (C, F)
-  // The outputs may be the inputs' own buffers (decode4_ffi.cu updates x and the state in
-  // place, so that a decode loop carries them without copies): nothing is written before every
-  // CTA is done reading what it overwrites.
-  float* x_out;
-  float* shift_att_out;
-  float* aa_out;
-  float* bb_out;
-  float* pp_out;
-  float* shift_ffn_out;
-  int C, F;
+  const float* vecs;  // (NVEC, C)
+  float* shift_att;   // (B, C) each
+  float* aa;
+  float* bb;
+  float* pp;
+  float* shift_ffn;
+};
+
+// Layers per launch: the table travels as the kernel's parameter, within its 4 KB (RWKV-4's
+// largest model, 14B, has 40 layers; a longer run takes several launches).
+constexpr int kMaxLayers = 40;
+
+struct Args {
+  float* x;  // (B, C): in, x before the first layer (after ln0); out, x after the last
+  int layers, C, F;
   float eps;
   int depth;       // stages in the ring
   int slot_bytes;  // bytes per stage slot (a multiple of 128)
-  // L2 prefetch: the producer asks the copy engine to pull the stage `prefetch` ahead of the
-  // one it loads into L2, past the end of this layer into the next layer's matrices (same
-  // shapes; null: none). The ring alone holds ~4.7 us of streaming, less than a grid exchange
-  // costs under load; L2 (50 MB) can hold twice that, so the reads need not stop at one.
-  const bf16* next_w[4];  // the next layer's w_kvr, w_o, w_kr, w_v
-  int prefetch;           // stages ahead of the load (0: no prefetch)
   // At most this many stages in flight (0, or more than the ring's depth, which launch() caps
-  // it to: as many as the ring has free slots). Loads in
-  // flight queue at the memory controllers, and every other access waits behind them (Little's
-  // law: 21 MB in flight at 4.6 TB/s is ~4.6 us); HBM stays saturated with far fewer.
+  // it to: as many as the ring has free slots). Loads in flight queue at the memory
+  // controllers, and every other access waits behind them (Little's law: 21 MB in flight at
+  // 4.6 TB/s is ~4.6 us); HBM stays saturated with far fewer.
   int window;
+  Layer layer[kMaxLayers];
 };
+static_assert(sizeof(Args) <= 4096, "kernel parameters are limited to 4 KB");
 
 // The stages in flight that decode4_ffi.cu asks for: the fastest on an H200 (2: 57.6 us a 3B
 // block, 3: 59.1, no cap: 64.3; bench/README.md).
@@ -116,14 +115,18 @@ constexpr int kWindow = 2;
 
 // A contiguous run of rows of one matrix that this CTA streams, in stages of `rps` rows.
 struct Segment {
-  const bf16* w;
-  int row0, row1;  // rows of w
+  int mat;         // 0..3: w_kvr, w_o, w_kr, w_v
+  int row0, row1;  // rows of the matrix
   int K;           // row length
   int rps;         // rows per stage
   int first;       // index of its first stage in the CTA's whole sequence
   int end;         // one past its last stage
   int input;       // offset of its input vectors in the staged inputs, in 16-byte units
 };
+
+__device__ __forceinline__ const bf16* matrix(const Layer& l, int mat) {
+  return mat == 0 ? l.w_kvr : mat == 1 ? l.w_o : mat == 2 ? l.w_kr : l.w_v;
+}
 
 // ----------------------------------------------------------------------------- PTX
 
@@ -138,10 +141,12 @@ __device__ __forceinline__ void consumers_sync() {
 // A grid barrier (release-add, poll, then load the data) costs three round trips to L2, and
 // under a saturated memory system each costs microseconds; this costs one, and no fence.
 // bf16 values travel as (bits << 16 | epoch & 0xffff), float32 values as (bits << 32 | epoch).
-// Every launch writes every word it reads, so a stale word carries an earlier launch's epoch;
-// the 32-bit tags never repeat in practice, and the 16-bit ones are kept from repeating by a
-// stamp at the kernel's start. Launches of this kernel are serial (each takes every SM), and every CTA index
-// takes part in each, so CTA i's own launch count is the same in every CTA: the epoch.
+// Each layer of a launch has its own epoch. Every layer writes every word it reads, so a stale
+// word carries an earlier epoch; the 32-bit tags never repeat in practice, and the 16-bit ones
+// are kept from repeating by a stamp. Launches of this kernel are serial (each takes every SM),
+// and every CTA index takes part in each, so CTA i's own count of layers run is the same in
+// every CTA: the epoch. A word is rewritten only after all its readers have read it: each
+// exchange's next writer has passed an exchange that waited on every reader.
 constexpr int kMaxC = kPer * kConsumerThreads;  // C the norms allow
 constexpr int kMaxF = 4 * kMaxC;
 __device__ unsigned g_launches[1024];               // per CTA index
@@ -149,6 +154,7 @@ __device__ __align__(16) uint32_t g_ll_g[2 * kMaxC];  // (B, C) bf16: sigmoid(r)
 __device__ unsigned long long g_ll_x2[2 * kMaxC];   // (B, C) float32: x2
 __device__ __align__(16) uint32_t g_ll_h[2 * kMaxF];  // (B, F) bf16: relu(k)^2
 __device__ unsigned long long g_ll_gate[2 * kMaxC];  // (B, C) float32: sigmoid(r)
+__device__ unsigned long long g_ll_x[2 * kMaxC];     // (B, C) float32: x between layers
 __device__ unsigned long long g_ll_read[1024];  // per CTA: done reading x and the shift states
 
 __device__ __forceinline__ void put16(uint32_t* p, bf16 v, uint32_t epoch) {
@@ -219,6 +225,17 @@ __device__ void gather16(const uint32_t* src, bf16* dst, int n, uint32_t epoch) 
   }
 }
 
+// A 4-byte copy from global to shared memory that does not hold the thread up (cp.async):
+// the loads of a layer's inputs then overlap one another and the exchanges.
+__device__ __forceinline__ void copy_async(float* dst, const float* src) {
+  const uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void copies_done() {  // this thread's copies have landed
+  asm volatile("cp.async.wait_all;" ::: "memory");
+}
+
 // One float32 from its flagged word.
 __device__ __forceinline__ float get32(const unsigned long long* p, uint32_t epoch) {
   unsigned long long w = poll64(p);
@@ -227,6 +244,13 @@ __device__ __forceinline__ float get32(const unsigned long long* p, uint32_t epo
     w = poll64(p);
   }
   return __uint_as_float((uint32_t)(w >> 32));
+}
+
+// Until the word carries `epoch` or a later one (a CTA's "done reading" word, which it may
+// rewrite for the next layer before a slow reader has seen this layer's).
+__device__ __forceinline__ void wait_epoch(const unsigned long long* p, uint32_t epoch) {
+  for (int spins = 0; (int32_t)((uint32_t)poll64(p) - epoch) < 0; ++spins)
+    too_long(spins, "a CTA done reading");
 }
 
 // ----------------------------------------------------------------------------- math
@@ -424,9 +448,9 @@ __device__ __forceinline__ void trace(int, int) {}
 #endif
 
 template <int B>
-__global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads, 1) block_kernel(const __grid_constant__ Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const int C = a.C, F = a.F, G = gridDim.x, cta = blockIdx.x, D = a.depth;
+  const int C = a.C, F = a.F, G = gridDim.x, cta = blockIdx.x, D = a.depth, L = a.layers;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   // The CTA's channels (phase 0) and rows (phases 1-3): equal contiguous shares.
   const int c0 = (int)((long long)cta * C / G), c1 = (int)((long long)(cta + 1) * C / G);
@@ -448,17 +472,17 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
   full = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(full) + 7) & ~uintptr_t(7));
   uint64_t* empty = full + D;
   __shared__ Segment seg[kSegments];
-  __shared__ int phase_end[4];  // stage index one past each phase's last
+  __shared__ int phase_end[4];  // stage index one past each phase's last, in a layer
   __shared__ float red[kConsumers];
 
   __shared__ uint32_t epoch_s;
   if (threadIdx.x == 0) {
-    epoch_s = g_launches[cta] + 1;  // the same in every CTA (see g_launches)
-    g_launches[cta] = epoch_s;
+    epoch_s = g_launches[cta] + 1;  // the first layer's; the same in every CTA (g_launches)
+    g_launches[cta] += L;
     const int kr = min(max(k0, F), k1);  // where this CTA's ffn rows turn from key to receptance
     const int rows[kSegments][2] = {{c0, c1}, {C + c0, C + c1}, {2 * C + c0, 2 * C + c1},
                                     {c0, c1}, {k0, kr}, {kr, k1}, {c0, c1}};
-    const bf16* mats[kSegments] = {a.w_kvr, a.w_kvr, a.w_kvr, a.w_o, a.w_kr, a.w_kr, a.w_v};
+    const int mats[kSegments] = {0, 0, 0, 1, 2, 2, 3};
     const int nC = C / 8;
     const int inputs[kSegments] = {0, B * nC, 2 * B * nC, 0, 0, B * nC, 0};
     int first = 0;
@@ -477,40 +501,25 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
+  const int total = phase_end[3];  // stages a layer
 
   if (warp == kConsumers) {
     // ------------------------------------------------------------------ producer
-    int issued = 0, si = 0, pi = 0;  // pi: the segment of the stage being prefetched
-    const int total = phase_end[3];
-    // Stage j's source and size; j past this layer's last is the next layer's stage j - total
-    // (same shapes, so the same rows of the same segments).
-    auto source = [&](int j, int& s, const bf16*& src, uint32_t& bytes) {
-      const bool next = j >= total;
-      if (next) j -= total;
-      if (j < seg[s].first) s = 0;
-      while (j >= seg[s].end) ++s;
-      const Segment& sg = seg[s];
-      const int r = sg.row0 + (j - sg.first) * sg.rps;
-      const bf16* w = sg.w;
-      if (next) w = a.next_w[s < 3 ? 0 : s == 3 ? 1 : s < 6 ? 2 : 3];
-      src = w ? w + (size_t)r * sg.K : nullptr;
-      bytes = (uint32_t)min(sg.rps, sg.row1 - r) * sg.K * 2;
-    };
-    const int P = a.prefetch;
-    auto issue_until = [&](int end) {
-      for (; issued < end; ++issued) {
-        if (P > 0 && issued + P < 2 * total) {  // before any wait, so it runs ahead of stalls
-          const bf16* src;
-          uint32_t bytes;
-          source(issued + P, pi, src, bytes);
-          if (src) prefetch_l2(src, bytes);
-        }
-        const bf16* src;
-        uint32_t bytes;
-        source(issued, si, src, bytes);
+    // Streams every layer's stages in turn: weights depend on nothing, so it runs on across
+    // phase and layer boundaries as far as the ring lets it.
+    if (lane == 0) {
+      int si = 0;
+      for (int issued = 0; issued < L * total; ++issued) {
+        const int l = issued / total, j = issued - l * total;
+        if (j < seg[si].first) si = 0;
+        while (j >= seg[si].end) ++si;
+        const Segment& sg = seg[si];
+        const int r = sg.row0 + (j - sg.first) * sg.rps;
+        const bf16* src = matrix(a.layer[l], sg.mat) + (size_t)r * sg.K;
+        const uint32_t bytes = (uint32_t)min(sg.rps, sg.row1 - r) * sg.K * 2;
         if (a.window > 0 && issued >= a.window) {  // stage issued - window has landed
-          const int j = issued - a.window;
-          mbar_wait(&full[j % D], (j / D) & 1);
+          const int w = issued - a.window;
+          mbar_wait(&full[w % D], (w / D) & 1);
         }
         const int slot = issued % D, use = issued / D;
         if (use > 0) mbar_wait(&empty[slot], (use - 1) & 1);
@@ -518,18 +527,9 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
         bulk_load(ring + (size_t)slot * a.slot_bytes, src, bytes, &full[slot]);
 #ifdef RWKV_TRACE
         for (int p = 0; p < 4; ++p)
-          if (issued + 1 == phase_end[p]) trace(10 + p, kConsumerThreads);
+          if (issued + 1 == (L > 1 ? total : 0) + phase_end[p]) trace(10 + p, kConsumerThreads);
 #endif
       }
-    };
-    if (lane == 0) {
-      for (int j = 0; j < min(P, total); ++j) {  // in case the last launch did not fetch them
-        const bf16* src;
-        uint32_t bytes;
-        source(j, pi, src, bytes);
-        prefetch_l2(src, bytes);
-      }
-      issue_until(total);
     }
     return;
   }
@@ -537,15 +537,16 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
   // -------------------------------------------------------------------- consumers
   // Each slot has one consumer warp, which takes its stages in order: a warp never waits on a
   // slot's next use before it has released the last (a parity wait cannot tell them apart).
-  auto consume = [&](int p, auto&& epilogue) {
+  // Stage indices count from the launch's first layer (base: the layer's first stage).
+  auto consume = [&](int p, int base, auto&& epilogue) {
     int si = kFirstSegment[p];
-    const int s0 = p == 0 ? 0 : phase_end[p - 1];
+    const int s0 = base + (p == 0 ? 0 : phase_end[p - 1]), s1 = base + phase_end[p];
     // D is a multiple of kConsumers, so slot s % D belongs to warp s % kConsumers.
-    for (int s = s0 + (warp - s0 % kConsumers + kConsumers) % kConsumers; s < phase_end[p];
+    for (int s = s0 + (warp - s0 % kConsumers + kConsumers) % kConsumers; s < s1;
          s += kConsumers) {
-      while (s >= seg[si].end) ++si;
+      while (s - base >= seg[si].end) ++si;
       const Segment& sg = seg[si];
-      const int r = sg.row0 + (s - sg.first) * sg.rps;
+      const int r = sg.row0 + (s - base - sg.first) * sg.rps;
       const int n = min(sg.rps, sg.row1 - r);
       const int slot = s % D;
       mbar_wait(&full[slot], (s / D) & 1);
@@ -570,136 +571,155 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(Args a) {
       if (lane == 0) mbar_arrive(&empty[slot]);
     }
   };
-  const uint32_t epoch = epoch_s;
-
-  trace(0, 0);
-  // The bf16 words' 16-bit tags repeat every 65536 launches, so a word may pass for this
-  // launch's only if it was last written exactly 65536*k launches ago. The words a launch uses
-  // it writes itself; every other word (the second row's when B = 1, and beyond a smaller C or
-  // F) is stamped once every 32768 launches, so that no word goes unwritten for 65536. Every
-  // CTA has the same epoch, so all of them stamp in the same launch.
-  if ((epoch & 0x7fffu) == 0) {
-    for (int i = cta * kConsumerThreads + threadIdx.x; i < 2 * kMaxF;
-         i += G * kConsumerThreads) {
-      if (i >= B * C && i < 2 * kMaxC) put16(g_ll_g + i, __ushort_as_bfloat16(0xffff), epoch);
-      if (i >= B * F) put16(g_ll_h + i, __ushort_as_bfloat16(0xffff), epoch);  // NaN: unused
-    }
-  }
   const int nwkv = (c1 - c0) * B;  // this CTA's (channel, row) pairs
-  // The WKV step's other inputs, and x of this CTA's channels for the residuals, loaded now so
-  // that their latency hides behind phase 0.
-  for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads) {
-    const int c = c0 + t / B, i = (t % B) * C + c;
-    const float in[5] = {__ldg(a.aa + i), __ldg(a.bb + i), __ldg(a.pp + i),
-                         __ldg(a.vecs + DECAY * C + c), __ldg(a.vecs + FIRST * C + c)};
-#pragma unroll
-    for (int j = 0; j < 5; ++j) wkv_in[j * cpc * B + t] = in[j];
-    x_own[t] = __ldg(a.x + i);
-  }
-  // Phase 0: key, value, receptance rows of channels c0..c1, then the WKV step.
-  {
-    NormInputs<B, 3> in;
-    load_norm_inputs<B, 3>(in, a.vecs, LN1_SCALE, {MIX_K, MIX_V, MIX_R}, a.shift_att, C);
-    norm_mix<B, 3>(in, a.x, nullptr, 0, C, a.eps, xs, shift_att_own, c0, c1, red);
-    consumers_sync();
-    trace(1, 0);
-    consume(0, [&](int row, const float (&acc)[B]) {
-      const int m = row / C, c = row - m * C - c0;  // m: key, value, receptance
-#pragma unroll
-      for (int b = 0; b < B; ++b) res[(m * cpc + c) * B + b] = round_bf16(acc[b]);
-    });
-    consumers_sync();
-    trace(2, 0);
+  for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads)  // x of this CTA's channels
+    copy_async(x_own + t, a.x + (t % B) * C + c0 + t / B);
+  // The timeline (the harness's trace build) of the second layer, where a launch has one: the
+  // steady state, which the first layer's start does not show.
+  const int traced = L > 1 ? 1 : 0;
+
+  for (int l = 0; l < L; ++l) {
+    const Layer& ly = a.layer[l];
+    const uint32_t epoch = epoch_s + l;
+    const int base = l * total;
+    auto mark = [&](int i) { if (l == traced) trace(i, 0); };
+    mark(0);
+    consumers_sync();  // the last layer's phase 3 is done with xs and the own-channel buffers
+    // The bf16 words' 16-bit tags repeat every 65536 epochs, so a word may pass for this
+    // epoch's only if it was last written exactly 65536*k epochs ago. The words a layer uses it
+    // writes itself; every other word (the second row's when B = 1, and beyond a smaller C or
+    // F) is stamped once every 32768 epochs, so that no word goes unwritten for 65536. Every
+    // CTA has the same epoch, so all of them stamp in the same layer.
+    if ((epoch & 0x7fffu) == 0) {
+      for (int i = cta * kConsumerThreads + threadIdx.x; i < 2 * kMaxF;
+           i += G * kConsumerThreads) {
+        if (i >= B * C && i < 2 * kMaxC) put16(g_ll_g + i, __ushort_as_bfloat16(0xffff), epoch);
+        if (i >= B * F) put16(g_ll_h + i, __ushort_as_bfloat16(0xffff), epoch);  // NaN: unused
+      }
+    }
+    // The WKV step's other inputs, copied now so that their latency hides behind phase 0.
     for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads) {
-      const int cl = t / B, b = t % B, i = b * C + c0 + cl;
-      const float kk = res[cl * B + b], vv = res[(cpc + cl) * B + b], rr = res[(2 * cpc + cl) * B + b];
-      const float aa = wkv_in[t], bb = wkv_in[cpc * B + t], pp = wkv_in[2 * cpc * B + t];
-      const float w = wkv_in[3 * cpc * B + t], u = wkv_in[4 * cpc * B + t];
-      float ww = u + kk, q = fmaxf(pp, ww);
-      float e1 = expf(pp - q), e2 = expf(ww - q);
-      const float y = (e1 * aa + e2 * vv) / (e1 * bb + e2);
-      put16(g_ll_g + i, __float2bfloat16(sigmoid(rr) * y), epoch);  // first: others wait on it
-      ww = w + pp;
-      q = fmaxf(ww, kk);
-      e1 = expf(ww - q);
-      e2 = expf(kk - q);
-      a.aa_out[i] = e1 * aa + e2 * vv;
-      a.bb_out[i] = e1 * bb + e2;
-      a.pp_out[i] = q;
-    }
-  }
-
-  // Phase 1: x2 = x + W_o g.
-  gather16(g_ll_g, xs, B * C, epoch);
-  consumers_sync();
-  trace(3, 0);
-  consume(1, [&](int n, const float (&acc)[B]) {
+      const int c = c0 + t / B, i = (t % B) * C + c;
+      const float* in[5] = {ly.aa + i, ly.bb + i, ly.pp + i, ly.vecs + DECAY * C + c,
+                            ly.vecs + FIRST * C + c};
 #pragma unroll
-    for (int b = 0; b < B; ++b) {
-      const int t = (n - c0) * B + b;
-      x2_own[t] = x_own[t] + round_bf16(acc[b]);
-      put32(g_ll_x2 + b * C + n, x2_own[t], epoch);
+      for (int j = 0; j < 5; ++j) copy_async(wkv_in + j * cpc * B + t, in[j]);
     }
-  });
-  TRACE_SYNC();
-  trace(4, 0);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    // Phase 0: key, value, receptance rows of channels c0..c1, then the WKV step. x is the
+    // launch's input in the first layer and the last layer's flagged words after it.
+    {
+      NormInputs<B, 3> in;
+      load_norm_inputs<B, 3>(in, ly.vecs, LN1_SCALE, {MIX_K, MIX_V, MIX_R}, ly.shift_att, C);
+      norm_mix<B, 3>(in, l == 0 ? a.x : nullptr, l == 0 ? nullptr : g_ll_x, epoch - 1, C, a.eps,
+                     xs, shift_att_own, c0, c1, red);
+      consumers_sync();
+      mark(1);
+      consume(0, base, [&](int row, const float (&acc)[B]) {
+        const int m = row / C, c = row - m * C - c0;  // m: key, value, receptance
+#pragma unroll
+        for (int b = 0; b < B; ++b) res[(m * cpc + c) * B + b] = round_bf16(acc[b]);
+      });
+      copies_done();  // each thread reads the WKV inputs it copied; x_own after a barrier
+      consumers_sync();
+      mark(2);
+      for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads) {
+        const int cl = t / B, b = t % B, i = b * C + c0 + cl;
+        const float kk = res[cl * B + b], vv = res[(cpc + cl) * B + b], rr = res[(2 * cpc + cl) * B + b];
+        const float aa = wkv_in[t], bb = wkv_in[cpc * B + t], pp = wkv_in[2 * cpc * B + t];
+        const float w = wkv_in[3 * cpc * B + t], u = wkv_in[4 * cpc * B + t];
+        float ww = u + kk, q = fmaxf(pp, ww);
+        float e1 = expf(pp - q), e2 = expf(ww - q);
+        const float y = (e1 * aa + e2 * vv) / (e1 * bb + e2);
+        put16(g_ll_g + i, __float2bfloat16(sigmoid(rr) * y), epoch);  // first: others wait on it
+        ww = w + pp;
+        q = fmaxf(ww, kk);
+        e1 = expf(ww - q);
+        e2 = expf(kk - q);
+        ly.aa[i] = e1 * aa + e2 * vv;  // only this CTA reads its channels' WKV state
+        ly.bb[i] = e1 * bb + e2;
+        ly.pp[i] = q;
+      }
+    }
 
-  // Phase 2: h = relu(W_k xk)^2, gate = sigmoid(W_r xr) from LN2(x2).
-  {
-    // Loaded here: held in registers from the start, they made the products spill; loaded
-    // before phase 1, they delayed g's polls (59.1 against 57.6 us a block). Their loads and
-    // x2's polls go out together.
-    NormInputs<B, 2> in2;
-    load_norm_inputs<B, 2>(in2, a.vecs, LN2_SCALE, {FMIX_K, FMIX_R}, a.shift_ffn, C);
-    norm_mix<B, 2>(in2, nullptr, g_ll_x2, epoch, C, a.eps, xs, shift_ffn_own, c0, c1, red);
+    // Phase 1: x2 = x + W_o g.
+    gather16(g_ll_g, xs, B * C, epoch);
     consumers_sync();
-    // This CTA has read all it reads of x and of both shift states (program order: phase 0
-    // first), so others may now overwrite them.
-    if (threadIdx.x == 0) put32(g_ll_read + cta, 0.f, epoch);
-    trace(5, 0);
-    consume(2, [&](int n, const float (&acc)[B]) {
+    mark(3);
+    consume(1, base, [&](int n, const float (&acc)[B]) {
 #pragma unroll
       for (int b = 0; b < B; ++b) {
-        const float y = round_bf16(acc[b]);
-        if (n < F) {
-          const float relu = fmaxf(y, 0.f);
-          put16(g_ll_h + b * F + n, __float2bfloat16(relu * relu), epoch);
-        } else {
-          put32(g_ll_gate + b * C + (n - F), sigmoid(y), epoch);
-        }
+        const int t = (n - c0) * B + b;
+        x2_own[t] = x_own[t] + round_bf16(acc[b]);
+        put32(g_ll_x2 + b * C + n, x2_own[t], epoch);
       }
     });
-  }
-  TRACE_SYNC();
-  trace(7, 0);
+    TRACE_SYNC();
+    mark(4);
 
-  // Phase 3: x_out = x2 + gate * (W_v h). h lands where phase 2's inputs are: wait for every
-  // warp to finish with them.
-  consumers_sync();
-  for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads)  // the gates of this CTA's channels
-    gate_own[t] = get32(g_ll_gate + (t % B) * C + c0 + t / B, epoch);
-  // Before this CTA writes x and the shift states in place, every CTA must be done reading
-  // them. Polled by the last threads, beside the gates' polls, so it adds no round trip; the
-  // words are long written by now (the h exchange below waits for far more).
-  for (int t = kConsumerThreads - 1 - threadIdx.x; t < G; t += kConsumerThreads)
-    get32(g_ll_read + t, epoch);
-  gather16(g_ll_h, xs, B * F, epoch);
-  consumers_sync();
-  trace(8, 0);
-  consume(3, [&](int n, const float (&acc)[B]) {
+    // Phase 2: h = relu(W_k xk)^2, gate = sigmoid(W_r xr) from LN2(x2).
+    {
+      // Loaded here: held in registers from the start, they made the products spill; loaded
+      // before phase 1, they delayed g's polls (59.1 against 57.6 us a block). Their loads and
+      // x2's polls go out together.
+      NormInputs<B, 2> in2;
+      load_norm_inputs<B, 2>(in2, ly.vecs, LN2_SCALE, {FMIX_K, FMIX_R}, ly.shift_ffn, C);
+      norm_mix<B, 2>(in2, nullptr, g_ll_x2, epoch, C, a.eps, xs, shift_ffn_own, c0, c1, red);
+      consumers_sync();
+      // This CTA has read all it reads of this layer's x and shift states (program order:
+      // phase 0 first), so others may now overwrite them.
+      if (threadIdx.x == 0) put32(g_ll_read + cta, 0.f, epoch);
+      mark(5);
+      consume(2, base, [&](int n, const float (&acc)[B]) {
 #pragma unroll
-    for (int b = 0; b < B; ++b) {
-      const int t = (n - c0) * B + b;
-      a.x_out[b * C + n] = x2_own[t] + gate_own[t] * round_bf16(acc[b]);
+        for (int b = 0; b < B; ++b) {
+          const float y = round_bf16(acc[b]);
+          if (n < F) {
+            const float relu = fmaxf(y, 0.f);
+            put16(g_ll_h + b * F + n, __float2bfloat16(relu * relu), epoch);
+          } else {
+            put32(g_ll_gate + b * C + (n - F), sigmoid(y), epoch);
+          }
+        }
+      });
     }
-  });
-  for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads) {
-    const int i = (t % B) * C + c0 + t / B;
-    a.shift_att_out[i] = shift_att_own[t];
-    a.shift_ffn_out[i] = shift_ffn_own[t];
+    TRACE_SYNC();
+    mark(7);
+
+    // Phase 3: x_out = x2 + gate * (W_v h). h lands where phase 2's inputs are: wait for every
+    // warp to finish with them.
+    consumers_sync();
+    for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads)  // the gates of this CTA's channels
+      gate_own[t] = get32(g_ll_gate + (t % B) * C + c0 + t / B, epoch);
+    // Before this CTA writes x and the shift states in place, every CTA must be done reading
+    // them. Polled by the last threads, beside the gates' polls, so it adds no round trip; the
+    // words are long written by now (the h exchange below waits for far more).
+    for (int t = kConsumerThreads - 1 - threadIdx.x; t < G; t += kConsumerThreads)
+      wait_epoch(g_ll_read + t, epoch);
+    // A CTA without channels (C below the SM count) has nothing left to compute, and nobody
+    // waits for it to read h: it must not poll words the next layer may already have rewritten.
+    if (c1 > c0) gather16(g_ll_h, xs, B * F, epoch);
+    consumers_sync();
+    mark(8);
+    const bool last = l == L - 1;
+    consume(3, base, [&](int n, const float (&acc)[B]) {
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const int t = (n - c0) * B + b;
+        const float v = x2_own[t] + gate_own[t] * round_bf16(acc[b]);
+        x_own[t] = v;  // the next layer's residual
+        if (last) a.x[b * C + n] = v;
+        else put32(g_ll_x + b * C + n, v, epoch);
+      }
+    });
+    for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads) {
+      const int i = (t % B) * C + c0 + t / B;
+      ly.shift_att[i] = shift_att_own[t];
+      ly.shift_ffn[i] = shift_ffn_own[t];
+    }
+    TRACE_SYNC();
+    mark(9);
   }
-  TRACE_SYNC();
-  trace(9, 0);
 }
 
 // ----------------------------------------------------------------------------- launch
@@ -776,6 +796,8 @@ std::string launch(cudaStream_t stream, Args a) {
     p = it->second;
   }
   if (!p.error.empty()) return p.error;
+  if (a.layers < 1 || a.layers > kMaxLayers)
+    return "layers must be 1.." + std::to_string(kMaxLayers) + ", got " + std::to_string(a.layers);
   a.depth = p.depth;
   if (a.window > p.depth) a.window = 0;  // a wait on a stage the ring no longer holds: no cap
   a.slot_bytes = p.slot_bytes;
