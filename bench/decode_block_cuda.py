@@ -67,7 +67,7 @@ def arch() -> str:
     return f"{major}{minor}"
 
 
-def build(out: str, sm: str) -> dict:
+def build(out: str, sm: str, consumers=()) -> dict:
     cc = nvcc()
     flags = [cc, "-O3", "-std=c++17", f"-gencode=arch=compute_{sm},code=sm_{sm}"]
     block = os.path.join(HERE, "cuda", "decode_block.cu")
@@ -76,6 +76,8 @@ def build(out: str, sm: str) -> dict:
             "trace": (block, ["-DRWKV_TRACE"]),
             "trace_nomath": (block, ["-DRWKV_TRACE", "-DRWKV_NOCOMPUTE"]),
             "stream": (os.path.join(HERE, "cuda", "stream.cu"), [])}
+    for n in consumers:
+        jobs[f"block_c{n}"] = (block, [f"-DRWKV_CONSUMERS={n}"])
 
     def one(name):
         src, extra = jobs[name]
@@ -112,7 +114,12 @@ def main():
     ap.add_argument("--window", default="2", type=lambda v: [int(p) for p in v.split(",")],
                     help="limits on the stages in flight per SM to time (0: the ring's free "
                          "slots)")
+    ap.add_argument("--consumers", default="", type=lambda v: [int(p) for p in v.split(",") if p],
+                    help="also time kernels built with these many consumer warps (8 otherwise; "
+                         "5 makes room for a ring of 10 stages)")
     a = ap.parse_args()
+    if any(not 1 <= n <= 16 for n in a.consumers):
+        ap.error(f"--consumers {a.consumers}: 1..16 warps")
     if any(not 1 <= n <= 40 for n in a.layers):
         ap.error(f"--layers {a.layers}: layers a launch must be 1..40")
     if any(w < 0 for w in a.window):
@@ -120,7 +127,7 @@ def main():
     _, C, _ = MODELS[a.model]
     F = 4 * C
     os.makedirs(a.out, exist_ok=True)
-    exes = build(a.out, arch())
+    exes = build(a.out, arch(), a.consumers)
     weight_bytes = 2 * (3 * C * C + C * C + (F + C) * C + C * F)
 
     stream = run(exes["stream"])
@@ -141,7 +148,7 @@ def main():
         nonlocal failed
         out = run(exes[exe], C, F, B, W, N)
         us = float(next(line for line in out if line[0] == "us_per_block")[1])
-        if exe != "block":
+        if exe == "nomath":
             return us, "-", "-"
 
         def worst(kind):  # (name, error, off) triples after the kind
@@ -168,6 +175,10 @@ def main():
             if us < best_us:
                 best, best_us = (W, N), us
     rows.append((row_label(2, *best), *block(2, *best)))
+    for n in a.consumers:
+        for N in a.layers:
+            rows.append((row_label(1, best[0], N, f"kernel with {n} consumer warps"),
+                         *block(1, best[0], N, f"block_c{n}")))
     for N in sorted({1, best[1]}):
         rows.append((row_label(1, best[0], N, "products' arithmetic skipped (streaming, norms, "
                                "exchanges)"), *block(1, best[0], N, "nomath")))

@@ -39,6 +39,8 @@ SOURCES = ("decode4_ffi.cu", "decode4_block.cuh", "bulk_copy.cuh")
 TARGET = "rwkv4_cuda_decode_layers"
 MAX_ROWS = 2  # the kernel is built for 1 and 2 rows
 MAX_LAYERS = 40  # layers in one launch (kMaxLayers: its table is the kernel's parameter)
+MAX_C = 16 * 32 * 5  # kMaxC: 16 norm elements per consumer thread, 5 consumer warps
+MAX_F = 4 * MAX_C
 STATE = ("shift_att", "aa", "bb", "pp", "shift_ffn")
 # The rows of the kernel's per-channel table, in the order of its `Vec` enum.
 VECS = ("LN1_SCALE", "LN1_BIAS", "MIX_K", "MIX_V", "MIX_R", "DECAY", "FIRST", "LN2_SCALE",
@@ -146,10 +148,11 @@ def pack_vectors(block: dict) -> jax.Array:
     return jnp.stack([jnp.asarray(rows[n], jnp.float32).reshape(-1) for n in VECS])
 
 
-# The kernel's shared memory (decode4_block.cuh, make_plan): a ring of at least 8 stages of
-# whole rows (up to 4 rows, 20 KB) beside the staged inputs, within sm_90's 227 KB a block.
+# The kernel's shared memory (decode4_block.cuh, make_plan): a ring of at least a stage per
+# consumer warp (5) of whole rows (up to 4 rows, 20 KB) beside the staged inputs, within
+# sm_90's 227 KB a block.
 SMEM_OPTIN = 232448
-RING_STAGES, STAGE_BYTES, STAGE_ROWS = 8, 20480, 4
+RING_STAGES, STAGE_BYTES, STAGE_ROWS = 5, 20480, 4
 
 
 def fits(C: int, F: int, rows: int) -> bool:
@@ -158,6 +161,8 @@ def fits(C: int, F: int, rows: int) -> bool:
         return max(1, min(STAGE_ROWS, STAGE_BYTES // (2 * K))) * 2 * K
 
     slot = (max(stage(C), stage(F)) + 127) // 128 * 128
+    if C % 8 or F % 8 or not 8 <= C <= MAX_C or not 8 <= F <= MAX_F:
+        return False
     cpc = C // 64 + 2  # channels per CTA, bounded for GPUs of 64 SMs or more
     fixed = 2 * rows * max(3 * C, F) + 4 * (13 * cpc * rows + 2) + 16
     return RING_STAGES * (slot + 16) <= SMEM_OPTIN - 1024 - fixed
@@ -174,9 +179,9 @@ def check_block(block: dict) -> None:
         if w.dtype != jnp.bfloat16:
             raise Unavailable(f"the CUDA decode kernel reads bf16 matrices; {name} is {w.dtype} "
                               f"(decode in bfloat16: infer.py --bf16, Generator(bf16=True))")
-    if C % 8 or F % 8 or not 8 <= C <= 4096 or not 8 <= F <= 16384:
+    if C % 8 or F % 8 or not 8 <= C <= MAX_C or not 8 <= F <= MAX_F:
         raise Unavailable(f"the CUDA decode kernel needs n_embd and the ffn width to be "
-                          f"multiples of 8, at most 4096 and 16384; they are {C} and {F}")
+                          f"multiples of 8, at most {MAX_C} and {MAX_F}; they are {C} and {F}")
     if not fits(C, F, 1):
         raise Unavailable(f"the CUDA decode kernel's shared memory cannot hold a block of "
                           f"n_embd {C} and ffn width {F} (a ring of {RING_STAGES} stages of whole "

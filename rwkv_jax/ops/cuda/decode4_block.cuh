@@ -10,7 +10,7 @@
 //
 // Design: one CTA per SM streams its contiguous, equal share of every matrix through a ring of
 // shared-memory stages with the bulk copy engine (cp.async.bulk, completing on an mbarrier):
-// one producer thread, eight consumer warps, each owning every eighth slot (a parity wait
+// one producer thread, five consumer warps, each owning every fifth slot (a parity wait
 // cannot tell a slot's next use from its last, so one warp must take a slot's uses in order).
 // A consumer multiplies a stage's rows (up to 4) with the input vectors, which every CTA stages
 // in shared memory. The block's four products are phases; what a phase needs from the others
@@ -33,7 +33,8 @@
 // rounded to bf16, everything else is float32.
 //
 // Build flags: -DRWKV_TRACE records each CTA's phase times (%globaltimer); -DRWKV_NOCOMPUTE
-// skips the products (the streaming and synchronisation alone).
+// skips the products (the streaming and synchronisation alone); -DRWKV_CONSUMERS=n sets the
+// consumer warps (8).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -56,7 +57,15 @@ namespace rwkv_decode4 {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kConsumers = 8;  // consumer warps; one more warp produces
+#ifndef RWKV_CONSUMERS
+#define RWKV_CONSUMERS 5
+#endif
+// Consumer warps; one more warp produces. The ring's depth is a multiple of it (a warp owns
+// every kConsumers-th slot). Five (a 3B block: 44.9 us at 32 layers a launch) beat eight
+// (54.4) and ten (53.6), both of which spilled registers in the products, eight with a ring
+// of 8 stages, ten of 10 like five (bench/README.md; the harness's --consumers). The norms
+// take C <= 16 * 32 * kConsumers: 2560 with five, 3B's width.
+constexpr int kConsumers = RWKV_CONSUMERS;
 constexpr int kConsumerThreads = 32 * kConsumers;
 constexpr int kThreads = kConsumerThreads + 32;
 #ifndef RWKV_STAGE_KB
