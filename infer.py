@@ -54,12 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--decode_block", type=int, default=16,
                      help="decode steps per device call: text streams out this many tokens at a "
                           "time; larger blocks cost the host less per token")
-    gen.add_argument("--decode_kernels", nargs="?", const="pallas", default=None,
-                     choices=("pallas", "cuda"),
-                     help="RWKV-4: decode with kernels instead of XLA's products. 'pallas' (the "
-                          "flag alone): six fused Pallas kernels a block (rwkv_jax.ops.pallas."
-                          "decode4), slower than XLA on an H200 so far; 'cuda': a block as one "
-                          "CUDA kernel (rwkv_jax.ops.cuda.decode4; Hopper GPUs, nvcc, --bf16). "
+    gen.add_argument("--decode_kernels", nargs="?", const="pallas", default="auto",
+                     choices=("auto", "xla", "pallas", "cuda"),
+                     help="RWKV-4: how a decode step runs. 'cuda': each run of blocks as one "
+                          "CUDA kernel (rwkv_jax.ops.cuda.decode4; Hopper GPUs, nvcc, bf16 "
+                          "weights, 1-2 rows); 'xla': XLA's products; 'auto' (the default): "
+                          "'cuda' where it can run, else 'xla'; 'pallas' (the flag alone): six "
+                          "fused Pallas kernels a block, slower than XLA on an H200. "
                           "bench/README.md has the numbers")
     other = p.add_argument_group("scoring and export")
     other.add_argument("--score", default=None, metavar="FILE",
@@ -168,6 +169,25 @@ def main(argv=None) -> int:
         return 2
 
 
+def _decode_kernels(args, config, rows: int):
+    """The Generator's decode_kernels for --decode_kernels. 'auto' is the CUDA kernel where it
+    is the fastest and can run: RWKV-4 in bf16, one or two rows (more run XLA's products on
+    its weight layout, at half their speed), a Hopper GPU and nvcc. On an H200 it decodes 3B at
+    batch 1 in 1.63 ms a token against XLA's 2.28 (bench/README.md)."""
+    if args.decode_kernels != "auto":
+        return None if args.decode_kernels == "xla" else args.decode_kernels
+    if (config.version != "4" or not (args.bf16 or config.dtype == "bfloat16")
+            or not 1 <= rows <= 2):
+        return None
+    from rwkv_jax.ops.cuda import decode4 as cuda_decode4  # noqa: PLC0415
+
+    try:
+        cuda_decode4.check_available()
+    except cuda_decode4.Unavailable:
+        return None
+    return "cuda"
+
+
 def _main(args) -> int:
     from rwkv_jax import data as data_lib  # noqa: PLC0415
 
@@ -186,7 +206,7 @@ def _main(args) -> int:
         except cuda_decode4.Unavailable as e:
             raise InputError(f"--decode_kernels cuda: {e}") from None
     config, params, tokenizer_name, chunk_len = load_model(args)
-    if args.decode_kernels and config.version != "4":
+    if args.decode_kernels in ("pallas", "cuda") and config.version != "4":
         raise InputError(f"--decode_kernels: the decode kernels run RWKV-4 blocks; this model "
                          f"is RWKV-{config.version} (leave the flag out)")
     if args.decode_kernels == "cuda" and not args.bf16 and config.dtype != "bfloat16":
@@ -230,12 +250,17 @@ def _main(args) -> int:
     # Everything is checked; from here on things compile and run.
     from rwkv_jax.ops.cuda.decode4 import Unavailable  # noqa: PLC0415
 
+    kernels = _decode_kernels(args, config, len(rows))
     try:
         generator = Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk,
                               bf16=args.bf16, decode_block=args.decode_block,
-                              decode_kernels=args.decode_kernels)
+                              decode_kernels=kernels)
     except Unavailable as e:  # the CUDA kernel's build, or a block it cannot take
-        raise InputError(f"--decode_kernels cuda: {e}") from None
+        if args.decode_kernels == "cuda":
+            raise InputError(f"--decode_kernels cuda: {e}") from None
+        print(f"decoding with XLA's products: {e}", file=sys.stderr)
+        generator = Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk,
+                              bf16=args.bf16, decode_block=args.decode_block)
     if rows:
         stops = [_unescape(s) for s in args.stop]
         t = time.perf_counter()

@@ -28,8 +28,7 @@ def _config(**kw):
 
 def _runs_here() -> bool:
     try:
-        cuda_decode4.check_device()
-        cuda_decode4._nvcc()
+        cuda_decode4.check_available()
     except cuda_decode4.Unavailable:
         return False
     return True

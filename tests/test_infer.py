@@ -151,3 +151,29 @@ def test_decode_kernels_flag_gives_the_same_greedy_text(run, capsys):
         assert infer.main(argv + extra) == 0
         texts.append(capsys.readouterr().out)
     assert texts[1] == texts[0] and len(texts[0].strip()) > 0
+
+
+def test_decode_kernels_auto_takes_the_cuda_kernel_only_where_it_runs_and_helps(monkeypatch):
+    """--decode_kernels auto (the default): the CUDA kernel for RWKV-4 in bf16 at one or two
+    rows where it can run, XLA's products otherwise; explicit choices pass through."""
+    from argparse import Namespace
+
+    from rwkv_jax.config import ModelConfig
+    from rwkv_jax.ops.cuda import decode4 as cuda_decode4
+
+    v4, v7 = ModelConfig(version="4"), ModelConfig(version="7")
+
+    def pick(kernels="auto", bf16=True, config=v4, rows=1):
+        return infer._decode_kernels(Namespace(decode_kernels=kernels, bf16=bf16), config, rows)
+
+    assert (pick("xla"), pick("pallas"), pick("cuda")) == (None, "pallas", "cuda")
+
+    def absent():
+        raise cuda_decode4.Unavailable("no GPU here")
+
+    monkeypatch.setattr(cuda_decode4, "check_available", absent)
+    assert pick() is None
+    monkeypatch.setattr(cuda_decode4, "check_available", lambda: None)
+    assert pick() == "cuda" and pick(rows=2) == "cuda"
+    assert pick(rows=3) is None and pick(rows=0) is None  # a batch; scoring alone
+    assert pick(bf16=False) is None and pick(config=v7) is None

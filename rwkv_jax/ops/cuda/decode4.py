@@ -8,11 +8,11 @@ consecutive RWKV-4 blocks on a decode step, and `block_step`, the same for one b
 (rwkv_jax.layers.RWKVBlock on its own). Anything that stops it (no GPU, an older GPU, no nvcc,
 weights that are not bf16) raises `Unavailable` with the reason, before any work.
 
-Status (H200, 2026-12-01, bench/README.md): a 3B block takes 58.1 us in the standalone harness
-and 64.0 us in a jitted loop through this call, against XLA's 63.0; 3B decodes at 2.08 ms per
-token against XLA's 2.25. The call updates x and the state in place, so that a decode loop
-carries them without copies. rwkv_jax.generate leaves it off unless asked: a generator serves
-one weight layout, and batch 16 on this one runs XLA's products at half their speed.
+Status (H200, 2026-12-01, bench/README.md): 3B decodes at 1.63 ms per token through it (1.18x
+the memory floor) against XLA's 2.28; a 3B block takes 44.9 us in the standalone harness at 32
+layers a launch. infer.py takes it by itself where it runs (--decode_kernels auto);
+rwkv_jax.generate only when asked: a generator serves one weight layout, and batch 16 on this
+one runs XLA's products at half their speed.
 
 The kernel keeps its exchange buffers and launch counters in the library's device memory, so
 its launches on one device must not overlap: JAX runs a device's computations on one stream.
@@ -89,6 +89,13 @@ def check_device() -> str:
         raise Unavailable(f"the CUDA decode kernel needs compute capability 9.0 or newer (bulk "
                           f"copies into shared memory); {dev.device_kind} has {cc}")
     return f"{major}{minor}"
+
+
+def check_available() -> None:
+    """Raise Unavailable unless this machine can build and run the kernel (a GPU of compute
+    capability 9.0 or newer, nvcc); cheap: builds nothing."""
+    check_device()
+    _nvcc()
 
 
 def build() -> Path:
