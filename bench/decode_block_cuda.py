@@ -115,8 +115,8 @@ def main():
                     help="limits on the stages in flight per SM to time (0: the ring's free "
                          "slots)")
     ap.add_argument("--consumers", default="", type=lambda v: [int(p) for p in v.split(",") if p],
-                    help="also time kernels built with these many consumer warps (8 otherwise; "
-                         "5 makes room for a ring of 10 stages)")
+                    help="also time kernels built with these many consumer warps (5 otherwise, "
+                         "a ring of 10 stages; 8: a ring of 8)")
     a = ap.parse_args()
     if any(not 1 <= n <= 16 for n in a.consumers):
         ap.error(f"--consumers {a.consumers}: 1..16 warps")

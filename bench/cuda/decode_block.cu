@@ -196,6 +196,9 @@ struct Model {
       upload(ly.pp, h.pp);
       upload(ly.shift_ffn, h.shift_ffn);
     }
+    // A copy from pageable memory may return before it lands, and the launches go on a
+    // non-blocking stream that does not wait for it.
+    cudaDeviceSynchronize();
   }
 
   // Layers first .. first + n - 1 as one launch.
