@@ -144,20 +144,22 @@ def test_a_decode_step_sends_each_run_of_rwkv_blocks_to_one_launch(monkeypatch):
         return x, out
 
     monkeypatch.setattr(cuda_decode4, "layers_step", stand_in)
+    # Traced, not run: which calls reach the kernel is decided while tracing.
+    fused = _cuda_params(config, params)
+    for rows, length in ((2, 5), (3, 1)):  # a prefill; three rows
+        tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+        state = jax.eval_shape(lambda t: model.apply({"params": params}, t)[1], tokens)
+        jax.eval_shape(lambda t, s: model.apply({"params": fused}, t, s), tokens, state)
+    assert runs == []  # a prefill and three rows run XLA's products
     with jax.default_matmul_precision("highest"):
-        tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 5), 0, config.vocab_size)
-        _, state = model.apply({"params": params}, tokens)
+        apply = jax.jit(model.apply)
+        state = apply({"params": params}, jnp.array([[1, 4, 2], [5, 0, 9]]))[1]
         step = jnp.array([[3], [7]])
-        want, want_state = model.apply({"params": params}, step, state)
-        got, got_state = model.apply({"params": _cuda_params(config, params)}, step, state)
-        assert runs == [1, 2]
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-        chex.assert_trees_all_close(got_state, want_state, rtol=1e-5, atol=1e-5)
-        runs.clear()  # a prefill (several tokens) and three rows go to XLA
-        model.apply({"params": _cuda_params(config, params)}, tokens, state)
-        model.apply({"params": _cuda_params(config, params)}, jnp.array([[1], [2], [3]]),
-                    jax.tree.map(lambda a: jnp.concatenate([a, a[:1]]), state))
-        assert runs == []
+        want, want_state = apply({"params": params}, step, state)
+        got, got_state = apply({"params": fused}, step, state)
+    assert runs == [1, 2]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(got_state, want_state, rtol=1e-5, atol=1e-5)
 
 
 def _assert_like_xla(x, state, want_x, want_state, what):
