@@ -158,6 +158,13 @@ def cuda_layout(config: ModelConfig, params: dict) -> dict:
     return out
 
 
+def cuda_takes(config: ModelConfig, p: dict, rows: int) -> bool:
+    """Whether the CUDA decode kernel runs a decode step of `rows` rows through the RWKV-4
+    block with params p: the CUDA layout (cuda_layout), rows and sizes it takes."""
+    return ("decode_vecs" in p and rows <= cuda_decode4.MAX_ROWS
+            and cuda_decode4.fits(config.n_embd, p["ffn"]["value_t"].shape[1], rows))
+
+
 def uses_decode_kernels(module: nn.Module, x) -> bool:
     """Whether an RWKV-4 block runs this input through the decode kernels: one token, a few
     rows, and its weights in the kernel layout."""
@@ -424,8 +431,7 @@ class RWKVBlock(nn.Module):
             p = self.variables["params"]
             if "decode_vecs" not in p:
                 step = decode4.block_step
-            elif x.shape[0] <= cuda_decode4.MAX_ROWS and cuda_decode4.fits(
-                    cfg.n_embd, p["ffn"]["value_t"].shape[1], x.shape[0]):
+            elif cuda_takes(cfg, p, x.shape[0]):
                 step = cuda_decode4.block_step
             # else: the CUDA layout with rows the kernel does not take: XLA's products below
         if step is not None:

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from rwkv_jax.config import ModelConfig
-from rwkv_jax.layers import AttentionBlock, RWKVBlock, dense, layer_norm, learned_layer_state
+from rwkv_jax.layers import (AttentionBlock, RWKVBlock, cuda_takes, dense, layer_norm,
+                             learned_layer_state)
 from rwkv_jax.layers7 import RWKV7Block, learned_layer_state7
 from rwkv_jax.ops.cuda import decode4 as cuda_decode4
 from rwkv_jax.state import init_state as zero_state
@@ -100,16 +101,13 @@ def _cuda_run(model: RWKV, i: int, x, state) -> int:
     the CUDA layout (rwkv_jax.layers.cuda_layout) whose sizes it takes."""
     cfg = model.config
     B, T = x.shape[:2]
-    if state is None or T != 1 or B > cuda_decode4.MAX_ROWS or cfg.version != "4":
+    if state is None or T != 1 or cfg.version != "4":
         return 0
     n = 0
     while i + n < cfg.n_layer and cfg.is_rwkv(i + n):
         name = f"blocks_{i + n}"
-        if not model.has_variable("params", name):
-            break
-        p = model.get_variable("params", name)
-        if "decode_vecs" not in p or not cuda_decode4.fits(
-                cfg.n_embd, p["ffn"]["value_t"].shape[1], B):
+        if not (model.has_variable("params", name)
+                and cuda_takes(cfg, model.get_variable("params", name), B)):
             break
         n += 1
     return n

@@ -267,7 +267,7 @@ __device__ __forceinline__ void wait_epoch(const unsigned long long* p, uint32_t
 __device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
 __device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
 
-[[maybe_unused]] __device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
+__device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
   const uint32_t u[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {  // bf16 -> float32 is a shift of the bits
