@@ -2,7 +2,7 @@
 bench/cuda/decode_block.cu) against the card's read rate: how close one cooperative kernel per
 block, or per run of blocks, gets to the memory floor at batch 1, and where the rest goes.
 
-    python3 bench/decode_block_cuda.py [--model 3B] [--layers 1,32] [--window 2]
+    python3 bench/decode_block_cuda.py [--model 3B] [--layers 1,32] [--window 2] [--depth 0]
 
 Needs nvcc and an NVIDIA GPU of compute capability 9.0 or newer (bulk copies, mbarriers); no
 JAX. Builds four programs with nvcc and prints four tables:
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def arch() -> str:
     return f"{major}{minor}"
 
 
-def build(out: str, sm: str, consumers=()) -> dict:
+def build(out: str, sm: str, consumers=(), defines=()) -> dict:
     cc = nvcc()
     flags = [cc, "-O3", "-std=c++17", f"-gencode=arch=compute_{sm},code=sm_{sm}"]
     block = os.path.join(HERE, "cuda", "decode_block.cu")
@@ -78,6 +79,8 @@ def build(out: str, sm: str, consumers=()) -> dict:
             "stream": (os.path.join(HERE, "cuda", "stream.cu"), [])}
     for n in consumers:
         jobs[f"block_c{n}"] = (block, [f"-DRWKV_CONSUMERS={n}"])
+    for d in defines:
+        jobs[f"block_{d}"] = (block, [f"-D{kv}" for kv in d.split(",")])
 
     def one(name):
         src, extra = jobs[name]
@@ -114,20 +117,32 @@ def main():
     ap.add_argument("--window", default="2", type=lambda v: [int(p) for p in v.split(",")],
                     help="limits on the stages in flight per SM to time (0: the ring's free "
                          "slots)")
+    ap.add_argument("--depth", default="0", type=lambda v: [int(p) for p in v.split(",")],
+                    help="ring depths to time, in stages (0: as many as fit in shared memory, "
+                         "up to the kernel's kMaxDepth)")
     ap.add_argument("--consumers", default="", type=lambda v: [int(p) for p in v.split(",") if p],
-                    help="also time kernels built with these many consumer warps (5 otherwise, "
-                         "a ring of 10 stages; 8: a ring of 8)")
+                    help="also time kernels built with these many consumer warps (5 otherwise)")
+    ap.add_argument("--define", nargs="*", default=[],
+                    help="also time kernels built with these macros, one build each: "
+                         "NAME=VALUE[,NAME=VALUE] (RWKV_MAX_STAGE_ROWS=3, RWKV_MAX_DEPTH=16, "
+                         "RWKV_STAGE_KB=16)")
     a = ap.parse_args()
+    bad = [d for d in a.define
+           if not re.fullmatch(r"RWKV_[A-Z_]+=\d+(,RWKV_[A-Z_]+=\d+)*", d)]
+    if bad:
+        ap.error(f"--define {bad}: each must be NAME=INTEGER[,NAME=INTEGER], names RWKV_...")
     if any(not 1 <= n <= 16 for n in a.consumers):
         ap.error(f"--consumers {a.consumers}: 1..16 warps")
     if any(not 1 <= n <= 40 for n in a.layers):
         ap.error(f"--layers {a.layers}: layers a launch must be 1..40")
+    if any(d < 0 for d in a.depth):
+        ap.error(f"--depth {a.depth}: 0 (as deep as fits) or more stages")
     if any(w < 0 for w in a.window):
         ap.error(f"--window {a.window}: limits must be 0 (none) or more stages")
     _, C, _ = MODELS[a.model]
     F = 4 * C
     os.makedirs(a.out, exist_ok=True)
-    exes = build(a.out, arch(), a.consumers)
+    exes = build(a.out, arch(), a.consumers, a.define)
     weight_bytes = 2 * (3 * C * C + C * C + (F + C) * C + C * F)
 
     stream = run(exes["stream"])
@@ -144,9 +159,9 @@ def main():
     rows = []
     failed = False
 
-    def block(B, W, N, exe="block"):
+    def block(B, W, N, D, exe="block"):
         nonlocal failed
-        out = run(exes[exe], C, F, B, W, N)
+        out = run(exes[exe], C, F, B, W, N, D)
         us = float(next(line for line in out if line[0] == "us_per_block")[1])
         if exe == "nomath":
             return us, "-", "-"
@@ -162,26 +177,34 @@ def main():
         failed |= bad
         return us, f"{err:.1e} / {off:.3f}", f"{chain:.1e}{' FAIL' if bad else ''}"
 
-    def row_label(B, W, N, what="kernel"):
+    def row_label(B, W, N, D, what="kernel"):
         how = [f"at most {W} stages in flight"] if W else ["ring only"]
         how.append(f"{N} layer{'s' if N > 1 else ''} a launch")
+        if D:
+            how.append(f"a ring of at most {D}")
         return f"{what}, {B} row{'s' if B > 1 else ''}, {', '.join(how)}"
 
-    best, best_us = (a.window[0], a.layers[0]), float("inf")
+    best, best_us = (a.window[0], a.layers[0], a.depth[0]), float("inf")
     for W in a.window:
         for N in a.layers:
-            us, err, chain = block(1, W, N)
-            rows.append((row_label(1, W, N), us, err, chain))
-            if us < best_us:
-                best, best_us = (W, N), us
+            for D in a.depth:
+                us, err, chain = block(1, W, N, D)
+                rows.append((row_label(1, W, N, D), us, err, chain))
+                if us < best_us:
+                    best, best_us = (W, N, D), us
     rows.append((row_label(2, *best), *block(2, *best)))
     for n in a.consumers:
         for N in a.layers:
-            rows.append((row_label(1, best[0], N, f"kernel with {n} consumer warps"),
-                         *block(1, best[0], N, f"block_c{n}")))
+            rows.append((row_label(1, best[0], N, best[2], f"kernel with {n} consumer warps"),
+                         *block(1, best[0], N, best[2], f"block_c{n}")))
+    for d in a.define:
+        for W in a.window:
+            for D in a.depth:
+                rows.append((row_label(1, W, best[1], D, f"kernel built with {d}"),
+                             *block(1, W, best[1], D, f"block_{d}")))
     for N in sorted({1, best[1]}):
-        rows.append((row_label(1, best[0], N, "products' arithmetic skipped (streaming, norms, "
-                               "exchanges)"), *block(1, best[0], N, "nomath")))
+        rows.append((row_label(1, best[0], N, best[2], "products' arithmetic skipped (streaming, "
+                               "norms, exchanges)"), *block(1, best[0], N, best[2], "nomath")))
     print("\n| variant | us / block | GB/s of weights | x floor | one layer: max error / "
           "fraction off | 4 layers in a launch: max error |\n|---|---|---|---|---|---|")
     for label, us, err, chain in rows:

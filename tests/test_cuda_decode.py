@@ -71,6 +71,9 @@ def test_the_size_limits_are_the_kernels():
     per = int(re.search(r"constexpr int kPer = (\d+);", text).group(1))
     assert cuda_decode4.MAX_C == per * 32 * consumers and cuda_decode4.MAX_F == 4 * per * 32 * consumers
     assert cuda_decode4.RING_STAGES == consumers  # make_plan's smallest ring
+    define = lambda name: int(re.search(rf"#define {name} (\d+)", text).group(1))  # noqa: E731
+    assert cuda_decode4.STAGE_ROWS == define("RWKV_MAX_STAGE_ROWS")
+    assert cuda_decode4.STAGE_BYTES == 1024 * define("RWKV_STAGE_KB")
     assert int(re.search(r"constexpr int kMaxLayers = (\d+);", text).group(1)) == (
         cuda_decode4.MAX_LAYERS)
 

@@ -202,8 +202,9 @@ struct Model {
   }
 
   // Layers first .. first + n - 1 as one launch.
-  std::string run(cudaStream_t s, int first, int n, int window) const {
+  std::string run(cudaStream_t s, int first, int n, int window, int depth = 0) const {
     Args a{};
+    a.depth = depth;
     a.x = x;
     a.layers = n;
     a.C = C;
@@ -215,9 +216,9 @@ struct Model {
   }
 
   // One token through every layer, `per` layers a launch.
-  std::string step(cudaStream_t s, int per, int window) const {
+  std::string step(cudaStream_t s, int per, int window, int depth) const {
     for (int l = 0; l < layers; l += per) {
-      std::string err = run(s, l, std::min(per, layers - l), window);
+      std::string err = run(s, l, std::min(per, layers - l), window, depth);
       if (!err.empty()) return err;
     }
     return "";
@@ -278,20 +279,22 @@ struct Model {
 
 }  // namespace
 
-// decode_block C F rows [window [layers_per_launch]]: a model of 32 layers, one token a step.
+// decode_block C F rows [window [layers_per_launch [depth]]]: a model of 32 layers, one token a
+// step; depth caps the ring's stages (0: as many as fit).
 // Prints "check ..." (one layer from the host inputs, against the reference),
 // "check_chain ..." (one launch of the first 4 layers), "us_per_block ..." (10 steps of 32
 // layers in one CUDA graph, best of 5), and with RWKV_TRACE "trace ..." lines (the second layer
 // of a launch, where it has two).
 int main(int argc, char** argv) {
-  if (argc < 4 || argc > 6) {
-    fprintf(stderr, "usage: %s C F rows [window_stages [layers_per_launch]]\n", argv[0]);
+  if (argc < 4 || argc > 7) {
+    fprintf(stderr, "usage: %s C F rows [window_stages [layers_per_launch [depth]]]\n", argv[0]);
     return 2;
   }
   const int C = atoi(argv[1]), F = atoi(argv[2]), B = atoi(argv[3]);
   const int window = argc >= 5 ? atoi(argv[4]) : 0;
   const int LAYERS = 32, STEPS = 10, CHAIN = 4;
   const int per = argc >= 6 ? atoi(argv[5]) : 1;
+  const int depth = argc >= 7 ? atoi(argv[6]) : 0;
   if (C % 8 || F % 8 || C > kMaxC || F > kMaxF || B < 1 || B > 2 || per < 1 ||
       per > kMaxLayers) {
     fprintf(stderr, "C and F must be multiples of 8, C <= %d, F <= %d, rows 1 or 2, layers a "
@@ -320,12 +323,12 @@ int main(int argc, char** argv) {
   // Checks: one layer alone, then a launch of several (the exchange between layers).
   auto checks = [&]() {
     model.reset();
-    checked(model.run(s, 0, 1, window));
+    checked(model.run(s, 0, 1, window, depth));
 #ifndef RWKV_NOCOMPUTE
     check("check", model, 1);
 #endif
     model.reset();
-    checked(model.run(s, 0, CHAIN, window));
+    checked(model.run(s, 0, CHAIN, window, depth));
 #ifndef RWKV_NOCOMPUTE
     check("check_chain", model, CHAIN);
 #endif
@@ -336,7 +339,7 @@ int main(int argc, char** argv) {
   cudaGraphExec_t exec;
   fail("capture", cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
   for (int t = 0; t < STEPS; ++t) {
-    std::string err = model.step(s, per, window);
+    std::string err = model.step(s, per, window, depth);
     if (!err.empty()) {
       printf("error %s\n", err.c_str());
       return 1;
@@ -363,7 +366,7 @@ int main(int argc, char** argv) {
   checks();  // after thousands of launches: the epochs and exchange words still hold
   printf("us_per_block %.2f\n", best * 1e3 / (STEPS * LAYERS));
 #ifdef RWKV_TRACE
-  checked(model.run(s, 0, std::min(per, LAYERS), window));
+  checked(model.run(s, 0, std::min(per, LAYERS), window, depth));
   static unsigned long long tr[1024][14];
   cudaMemcpyFromSymbol(tr, g_trace, sizeof(tr));
   int sms;
@@ -376,9 +379,11 @@ int main(int argc, char** argv) {
                            "producer_p1_issued", "producer_p2_issued", "producer_p3_issued"};
   for (int i = 0; i < 14; ++i) {
     if (!names[i]) continue;
-    double lo = 1e30, hi = 0, sum = 0;
+    double lo = 1e30, hi = -1e30, sum = 0;
     for (int c = 0; c < sms; ++c) {
-      const double v = (double)(tr[c][i] - t0) / 1e3;
+      // Signed: where the ring holds more than a phase, the producer issues this layer's
+      // stages before the first CTA begins the layer.
+      const double v = (double)(long long)(tr[c][i] - t0) / 1e3;
       lo = std::min(lo, v);
       hi = std::max(hi, v);
       sum += v;

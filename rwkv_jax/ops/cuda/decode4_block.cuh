@@ -10,8 +10,9 @@
 //
 // Design: one CTA per SM streams its contiguous, equal share of every matrix through a ring of
 // shared-memory stages with the bulk copy engine (cp.async.bulk, completing on an mbarrier):
-// one producer thread, five consumer warps, each owning every fifth slot (a parity wait
-// cannot tell a slot's next use from its last, so one warp must take a slot's uses in order).
+// one producer thread, five consumer warps, warp w owning the slots i with i % 5 == w (a parity
+// wait cannot tell a slot's next use from its last, so one warp must take a slot's uses in
+// order).
 // A consumer multiplies a stage's rows (up to 4) with the input vectors, which every CTA stages
 // in shared memory. The block's four products are phases; what a phase needs from the others
 // comes as flagged words (value and epoch in one store, polled until all are this launch's:
@@ -34,7 +35,8 @@
 //
 // Build flags: -DRWKV_TRACE records each CTA's phase times (%globaltimer); -DRWKV_NOCOMPUTE
 // skips the products (the streaming and synchronisation alone); -DRWKV_CONSUMERS=n sets the
-// consumer warps (5).
+// consumer warps (5); -DRWKV_STAGE_KB=n and -DRWKV_MAX_STAGE_ROWS=n bound a stage (20 KB, 4
+// rows), -DRWKV_MAX_DEPTH=n the ring (10 stages).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -60,11 +62,12 @@ using bf16 = __nv_bfloat16;
 #ifndef RWKV_CONSUMERS
 #define RWKV_CONSUMERS 5
 #endif
-// Consumer warps; one more warp produces. The ring's depth is a multiple of it (a warp owns
-// every kConsumers-th slot). Five (a 3B block: 44.9 us at 32 layers a launch) beat eight
-// (54.4) and ten (53.6), both of which spilled registers in the products, eight with a ring
-// of 8 stages, ten of 10 like five (bench/README.md; the harness's --consumers). The norms
-// take C <= 16 * 32 * kConsumers: 2560 with five, 3B's width.
+// Consumer warps; one more warp produces. A warp owns every kConsumers-th slot of the ring,
+// whose depth need not be a multiple of it (a warp that owns a slot more takes more stages).
+// Five (a 3B block: 44.9 us at 32 layers a launch) beat eight (54.4) and ten (53.6), both of
+// which spilled registers in the products, eight with a ring of 8 stages, ten of 10 like five
+// (bench/README.md; the harness's --consumers). The norms take C <= 16 * 32 * kConsumers:
+// 2560 with five, 3B's width.
 constexpr int kConsumers = RWKV_CONSUMERS;
 constexpr int kConsumerThreads = 32 * kConsumers;
 constexpr int kThreads = kConsumerThreads + 32;
@@ -77,7 +80,25 @@ constexpr int kPer = 16;   // layer-norm elements per consumer thread: C <= 16 *
 // output rows; phase 2 key rows, receptance rows; phase 3 value rows.
 constexpr int kSegments = 7;
 __constant__ int kFirstSegment[4] = {0, 3, 4, 6};
-constexpr int kMaxStageRows = 4;
+#ifndef RWKV_MAX_STAGE_ROWS
+#define RWKV_MAX_STAGE_ROWS 4
+#endif
+// Four rows is the best measured for 3B and 1.5B (us a block at 32 layers a launch, H200,
+// 2026-12-01, the harness's --define): 3B 45.5 against 61.6 with 2 rows and 50.0 with 3; 1.5B
+// 34.9 against 47.7, 38.1, and 42.7 with 5. Smaller stages put fewer bytes in flight at the
+// same window; larger ones leave warps idle at a phase's end. 169M, whose time is the
+// exchanges', took 17.3 against 16.9 with 2, 15.7 with 3, and 21.2 with 8.
+constexpr int kMaxStageRows = RWKV_MAX_STAGE_ROWS;
+// The ring's depth, at most: as many stages as fit in shared memory beside the inputs, up to
+// this. A deeper ring hides more of an exchange's latency in principle (the producer streams on
+// while the consumers wait), but measured no better: 1.5B's 16 KB stages fit 13, which took
+// 35.1 and 35.7 us a block against 34.3 and 34.9 with 10 (two runs); 169M, 12 against 10,
+// 17.0 against 17.4 (bench/README.md; --define RWKV_MAX_DEPTH=16). A 3B block's 20 KB stages
+// fit 10 either way.
+#ifndef RWKV_MAX_DEPTH
+#define RWKV_MAX_DEPTH (2 * RWKV_CONSUMERS)
+#endif
+constexpr int kMaxDepth = RWKV_MAX_DEPTH;
 
 // Rows of the per-channel vector table `vecs` (NVEC, C), float32 (decay = -exp(time_decay)).
 enum Vec { LN1_SCALE, LN1_BIAS, MIX_K, MIX_V, MIX_R, DECAY, FIRST, LN2_SCALE, LN2_BIAS,
@@ -107,7 +128,7 @@ struct Args {
   float* x;  // (B, C): in, x before the first layer (after ln0); out, x after the last
   int layers, C, F;
   float eps;
-  int depth;       // stages in the ring
+  int depth;       // stages in the ring: at most this many (0: as many as fit; launch() sets it)
   int slot_bytes;  // bytes per stage slot (a multiple of 128)
   // At most this many stages in flight (0, or more than the ring's depth, which launch() caps
   // it to: as many as the ring has free slots). Loads in flight queue at the memory
@@ -317,10 +338,14 @@ __device__ __forceinline__ void stage_dot(float (&acc)[R][B], const uint4* w, co
     }
 }
 
-// The stage's R rows times its input, then epilogue(row, acc) on lane 0 for each.
+// The stage's n <= R rows times its input, then epilogue(row, acc) on lane 0 for each: one
+// instance a row count, so that every product's loop is unrolled over its rows.
 template <int B, int R, typename Epilogue>
-__device__ __forceinline__ void stage_rows(const uint4* w, const uint4* x, int nvec, int lane,
-                                           int row0, Epilogue& epilogue) {
+__device__ __forceinline__ void stage_rows(int n, const uint4* w, const uint4* x, int nvec,
+                                           int lane, int row0, Epilogue& epilogue) {
+  if constexpr (R > 1) {
+    if (n < R) return stage_rows<B, R - 1>(n, w, x, nvec, lane, row0, epilogue);
+  }
   float acc[R][B];
   stage_dot<B, R>(acc, w, x, nvec, lane);
   if (lane == 0) {
@@ -552,25 +577,20 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(const __grid_constan
   auto consume = [&](int p, int base, auto&& epilogue) {
     int si = kFirstSegment[p];
     const int s0 = base + (p == 0 ? 0 : phase_end[p - 1]), s1 = base + phase_end[p];
-    // D is a multiple of kConsumers, so slot s % D belongs to warp s % kConsumers.
-    for (int s = s0 + (warp - s0 % kConsumers + kConsumers) % kConsumers; s < s1;
-         s += kConsumers) {
+    // Slot s % D belongs to warp (s % D) % kConsumers: the warp's stages, in order.
+    int slot = s0 % D;
+    for (int s = s0; s < s1; ++s, slot = slot + 1 == D ? 0 : slot + 1) {
+      if (slot % kConsumers != warp) continue;
       while (s - base >= seg[si].end) ++si;
       const Segment& sg = seg[si];
       const int r = sg.row0 + (s - base - sg.first) * sg.rps;
       const int n = min(sg.rps, sg.row1 - r);
-      const int slot = s % D;
       mbar_wait(&full[slot], (s / D) & 1);
       const uint4* w = reinterpret_cast<const uint4*>(ring + (size_t)slot * a.slot_bytes);
       const uint4* x = reinterpret_cast<const uint4*>(xs) + sg.input;
       const int nvec = sg.K / 8;
 #ifndef RWKV_NOCOMPUTE  // the harness's streaming-only mode
-      switch (n) {
-        case 1: stage_rows<B, 1>(w, x, nvec, lane, r, epilogue); break;
-        case 2: stage_rows<B, 2>(w, x, nvec, lane, r, epilogue); break;
-        case 3: stage_rows<B, 3>(w, x, nvec, lane, r, epilogue); break;
-        default: stage_rows<B, 4>(w, x, nvec, lane, r, epilogue); break;
-      }
+      stage_rows<B, kMaxStageRows>(n, w, x, nvec, lane, r, epilogue);
 #else  // the epilogues still run, on zeros: the exchanges are part of what is timed
       (void)w, (void)x, (void)nvec;
       if (lane == 0) {
@@ -769,9 +789,8 @@ Plan make_plan(int device, int C, int F) {
   // Static shared memory (segments, reductions) and the barriers (16 bytes a stage) come out
   // of the same budget.
   const long long room = (long long)optin - 1024 - (long long)fixed;
-  // A multiple of the consumer warps, each of which owns depth / kConsumers slots.
-  p.depth = (int)std::min<long long>(2 * kConsumers, room / (p.slot_bytes + 16)) / kConsumers *
-            kConsumers;
+  // At least a slot for every consumer warp.
+  p.depth = (int)std::min<long long>(kMaxDepth, room / (p.slot_bytes + 16));
   if (p.depth < kConsumers) {
     p.error = "rows too long for " + std::to_string(kConsumers) + " stages in shared memory";
     return p;
@@ -809,8 +828,9 @@ std::string launch(cudaStream_t stream, Args a) {
   if (!p.error.empty()) return p.error;
   if (a.layers < 1 || a.layers > kMaxLayers)
     return "layers must be 1.." + std::to_string(kMaxLayers) + ", got " + std::to_string(a.layers);
-  a.depth = p.depth;
-  if (a.window > p.depth) a.window = 0;  // a wait on a stage the ring no longer holds: no cap
+  // The harness sweeps shallower rings; the smem reserved stays the plan's.
+  a.depth = a.depth >= kConsumers && a.depth < p.depth ? a.depth : p.depth;
+  if (a.window > a.depth) a.window = 0;  // a wait on a stage the ring no longer holds: no cap
   a.slot_bytes = p.slot_bytes;
   void* args[] = {&a};
   err = cudaLaunchCooperativeKernel((const void*)block_kernel<B>, p.sms, kThreads, args, p.smem,
