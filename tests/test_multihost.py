@@ -55,7 +55,7 @@ def _launch(args, devices, env=None, process=None, port=None):
 
 def _two_processes(args, env1=None):
     port = _free_port()
-    procs = [_launch(args, 4, process=i, port=port, env=env1 if i == 1 else None) for i in (0, 1)]
+    procs = [_launch(args, 2, process=i, port=port, env=env1 if i == 1 else None) for i in (0, 1)]
     return procs
 
 
@@ -65,25 +65,52 @@ def _final_loss(log: str) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Three launches share the module's work. At the same time: one process on 4 devices and
+    two processes on 2 each (a process's rows span several devices), both from scratch, the
+    pair's process 1 killed after step 3 (between the checkpoints of steps 2 and 4). Then the
+    same command for the pair again, once the single process's step-2 checkpoint has replaced
+    the pair's (the two are checked equal first), so the rerun restores a checkpoint that
+    another process count wrote."""
     tmp = tmp_path_factory.mktemp("multihost")
-    two = _two_processes(_args(tmp, tmp / "two", 4))
-    one = _launch(_args(tmp, tmp / "one", 4), 8)
-    logs = {"one": one.communicate(timeout=300)[0]}
-    t0 = time.time()
-    for i, p in enumerate(two):
+    one = _launch(_args(tmp, tmp / "one", 4), 4)
+    args = _args(tmp, tmp / "two", 4)
+    killed = _two_processes(args, env1={"RWKV_JAX_DIE_AT_STEP": "3"})
+    logs = {"killed1": killed[1].communicate(timeout=300)[0]}
+    died = time.time()
+    logs["killed0"] = killed[0].communicate(timeout=300)[0]
+    waited = time.time() - died
+    logs["one"] = one.communicate(timeout=300)[0]
+    assert one.returncode == 0, logs["one"][-3000:]
+    codes = (killed[0].returncode, killed[1].returncode)
+    after_kill = ckpt.TrainCheckpointer(tmp / "two" / "tiny" / "checkpoints").all_steps()
+    _, at2, meta2 = ckpt.restore_params(tmp / "two" / "tiny", step=2)
+
+    step2 = tmp / "two" / "tiny" / "checkpoints" / "2"
+    shutil.rmtree(step2)
+    shutil.copytree(tmp / "one" / "tiny" / "checkpoints" / "2", step2)
+    rerun = _two_processes(args)
+    for i, p in enumerate(rerun):
         logs[f"p{i}"] = p.communicate(timeout=300)[0]
         assert p.returncode == 0, logs[f"p{i}"][-3000:]
-    assert one.returncode == 0, logs["one"][-3000:]
-    return tmp, logs, time.time() - t0
+    return tmp, logs, {"codes": codes, "waited": waited, "after_kill": after_kill,
+                       "two_at_2": (at2, meta2)}
 
 
 def test_two_processes_train_like_one_and_load_only_their_rows(runs):
-    tmp, logs, _ = runs
-    assert "process 0 of 2 loads rows 0:4 of each global batch of 8" in logs["p0"]
-    assert "process 1 of 2 loads rows 4:8 of each global batch of 8" in logs["p1"]
-    assert "done:" not in logs["p1"]  # one process reports
+    tmp, logs, killed = runs
+    for log in (logs["killed0"], logs["p0"]):
+        assert "process 0 of 2 loads rows 0:4 of each global batch of 8" in log
+    for log in (logs["killed1"], logs["p1"]):
+        assert "process 1 of 2 loads rows 4:8 of each global batch of 8" in log
+    assert "done:" in logs["p0"] and "done:" not in logs["p1"]  # one process reports
+    # From scratch, two processes x 2 devices train as one process x 4 (step 2, written by
+    # the two and restored in this single process), and they go on as it does from its own
+    # checkpoint (step 4, after the rerun).
+    _, one2, one_meta2 = ckpt.restore_params(tmp / "one" / "tiny", step=2)
+    two2, two_meta2 = killed["two_at_2"]
+    assert abs(two_meta2["loss"] - one_meta2["loss"]) <= 1e-5 * one_meta2["loss"]
+    chex.assert_trees_all_close(two2, one2, rtol=2e-4, atol=2e-6)
     assert abs(_final_loss(logs["p0"]) - _final_loss(logs["one"])) <= 1e-5 * _final_loss(logs["one"])
-    # The 2-process checkpoint restores in this single process; parameters match 1 x 8 devices.
     _, two, meta = ckpt.restore_params(tmp / "two" / "tiny")
     _, one, _ = ckpt.restore_params(tmp / "one" / "tiny")
     assert meta["step"] == 4
@@ -91,26 +118,12 @@ def test_two_processes_train_like_one_and_load_only_their_rows(runs):
 
 
 def test_killed_process_stops_the_other_and_the_rerun_resumes(runs):
-    tmp, _, _ = runs
-    # Start from the checkpoint one process wrote: it restores in two.
-    out = tmp / "kill"
-    shutil.copytree(tmp / "one", out)
-    args = _args(tmp, out, 8)
-    procs = _two_processes(args, env1={"RWKV_JAX_DIE_AT_STEP": "6"})
-    log1 = procs[1].communicate(timeout=300)[0]
-    died = time.time()
-    log0 = procs[0].communicate(timeout=300)[0]
-    waited = time.time() - died
-    assert procs[1].returncode == -9, log1[-2000:]
-    assert procs[0].returncode != 0 and waited < 60, (procs[0].returncode, waited)
-    assert "stopped sending heartbeats" in log0
-    assert "resumed from" in log0 and "at step 4" in log0
-    steps = ckpt.TrainCheckpointer(out / "tiny" / "checkpoints").all_steps()
-    assert max(steps) == 4  # nothing half-written past the last complete save
-
-    procs = _two_processes(args)
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs[0][-3000:]
-    assert "at step 4" in logs[0]
-    _, _, meta = ckpt.restore_params(out / "tiny")
-    assert meta["step"] == 8
+    _, logs, killed = runs
+    code0, code1 = killed["codes"]
+    assert code1 == -9, logs["killed1"][-2000:]
+    assert code0 != 0 and killed["waited"] < 60, (code0, killed["waited"])
+    assert "stopped sending heartbeats" in logs["killed0"]
+    assert killed["after_kill"] == [2]  # nothing half-written past the last complete save
+    # The same command again resumes from the newest checkpoint (the single process's: it
+    # restores in two) and finishes.
+    assert "resumed from" in logs["p0"] and "at step 2" in logs["p0"]
