@@ -11,6 +11,9 @@ from conftest import rel_err
 from rwkv_jax.ops import wkv7 as ops
 from rwkv_jax.ops.pallas import wkv7 as pk
 
+# Jitted: one compile per shape instead of op-by-op dispatch of every step (as test_wkv4.py).
+wkv7 = jax.jit(ops.wkv7, static_argnames=("impl", "chunk_size"))
+
 
 def wkv7_reference(r, w, k, v, a, b, state):
     """Straight from the definition, float64, token by token."""
@@ -52,7 +55,7 @@ def data(rng):
 def test_forms_match_float64_reference(data, impl, chunk):
     xs, s0 = data
     y_ref, s_ref = wkv7_reference(*xs, s0)
-    y, s = ops.wkv7(*map(jnp.asarray, xs), jnp.asarray(s0), impl=impl, chunk_size=chunk)
+    y, s = wkv7(*map(jnp.asarray, xs), jnp.asarray(s0), impl=impl, chunk_size=chunk)
     assert y.dtype == jnp.float32 and y.shape == xs[0].shape
     assert rel_err(y, y_ref) < 2e-6
     assert rel_err(s, s_ref) < 2e-6
@@ -62,10 +65,10 @@ def test_forms_match_float64_reference(data, impl, chunk):
 def test_pieces_with_state_equal_one_call(data, impl):
     xs, s0 = data
     xs = tuple(map(jnp.asarray, xs))
-    y_all, s_all = ops.wkv7(*xs, jnp.asarray(s0), impl=impl, chunk_size=16)
+    y_all, s_all = wkv7(*xs, jnp.asarray(s0), impl=impl, chunk_size=16)
     s, ys = jnp.asarray(s0), []
     for lo, hi in ((0, 13), (13, 14), (14, 37)):
-        y, s = ops.wkv7(*(x[:, lo:hi] for x in xs), s, impl=impl, chunk_size=16)
+        y, s = wkv7(*(x[:, lo:hi] for x in xs), s, impl=impl, chunk_size=16)
         ys.append(y)
     assert rel_err(jnp.concatenate(ys, axis=1), y_all) < 2e-6
     assert rel_err(s, s_all) < 2e-6
@@ -75,8 +78,8 @@ def test_zero_state_and_empty_sequence(data):
     xs, _ = data
     xs = tuple(map(jnp.asarray, xs))
     B, _, H, N = xs[0].shape
-    y0, s0 = ops.wkv7(*xs, impl="scan")
-    y1, s1 = ops.wkv7(*xs, jnp.zeros((B, H, N, N)), impl="chunked")
+    y0, s0 = wkv7(*xs, impl="scan")
+    y1, s1 = wkv7(*xs, jnp.zeros((B, H, N, N)), impl="chunked")
     assert rel_err(y1, y0) < 2e-6 and rel_err(s1, s0) < 2e-6
     y, s = ops.wkv7(*(x[:, :0] for x in xs), s0)
     assert y.shape == (B, 0, H, N) and s is not None
@@ -96,8 +99,8 @@ def test_gradients_match_the_scan(data, impl, rng):
             return jnp.sum(y * gy) + jnp.sum(s * gs)
         return jax.grad(f, argnums=tuple(range(7)))
 
-    ref = loss("scan")(*args)
-    got = loss(impl)(*args)
+    ref = jax.jit(loss("scan"))(*args)
+    got = jax.jit(loss(impl))(*args)
     for name, g, g_ref in zip(("r", "w", "k", "v", "a", "b", "state"), got, ref):
         assert rel_err(g, g_ref) < 1e-5, name
 
@@ -110,9 +113,9 @@ def test_pallas_gradients_split_over_key_blocks(rng):
     gy = jnp.asarray(rng.normal(size=xs[0].shape), jnp.float32)
     cfg = pk.Config(block_k=16, block_v=16)
 
-    def grads(f):
-        return jax.grad(lambda *a: jnp.sum(f(*a)[0] * gy) + jnp.sum(f(*a)[1]),
-                        argnums=tuple(range(7)))(*args)
+    def grads(f):  # jitted: one compile instead of op-by-op dispatch
+        return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a)[0] * gy) + jnp.sum(f(*a)[1]),
+                                argnums=tuple(range(7))))(*args)
 
     ref = grads(lambda *a: ops.wkv7(*a[:6], a[6], impl="scan"))
     got = grads(lambda *a: pk.wkv7(*a[:6], a[6], config=cfg))
@@ -125,10 +128,10 @@ def test_pallas_half_precision_inputs(data):
     xs, s0 = data
     args = [jnp.asarray(x, jnp.bfloat16) for x in xs]
     args[1] = jnp.asarray(xs[1])  # the log decay stays float32, as the layer passes it
-    y, _ = ops.wkv7(*args, jnp.asarray(s0), impl="pallas")
-    y_ref, _ = ops.wkv7(*[a.astype(jnp.float32) for a in args], jnp.asarray(s0), impl="scan")
+    y, _ = wkv7(*args, jnp.asarray(s0), impl="pallas")
+    y_ref, _ = wkv7(*[a.astype(jnp.float32) for a in args], jnp.asarray(s0), impl="scan")
     assert rel_err(y, y_ref) < 1e-5
-    g = jax.grad(lambda r: jnp.sum(ops.wkv7(r, *args[1:], impl="pallas")[0]))(args[0])
+    g = jax.jit(jax.grad(lambda r: jnp.sum(ops.wkv7(r, *args[1:], impl="pallas")[0])))(args[0])
     assert g.dtype == jnp.bfloat16
 
 
