@@ -78,10 +78,19 @@ def test_unknown_option_is_refused(tmp_path, corpus):
         trainer.prepare(cfg)
 
 
-def _run_cli(args, env=None, timeout=240):
+def _start_cli(args, env=None):
     env = {**os.environ, **(env or {}), "PYTHONPATH": REPO}
-    return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc, timeout=240):
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _run_cli(args, env=None, timeout=240):
+    return _finish(_start_cli(args, env), timeout)
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path):
@@ -168,15 +177,17 @@ def test_sigkill_then_same_command_resumes_bit_exact(tmp_path):
             "--config.checkpoint.every=4", "--config.logging.every=3",
             "--config.logging.eval_every=1000", "--config.logging.eval_tokens=128",
             "--config.logging.progress=False"]
-    straight = _run_cli(base + [f"--config.output_dir={tmp_path / 'a'}"])
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
+    # The killed run goes first and compiles both train steps into the session's compilation
+    # cache (conftest); then the uninterrupted run and the resumed one load them, side by side.
     interrupted = base + [f"--config.output_dir={tmp_path / 'b'}"]
     killed = _run_cli(interrupted, env={"RWKV_JAX_DIE_AT_STEP": "6"})  # between checkpoints 4 and 8
     assert killed.returncode == -9, killed.stderr[-3000:]
     steps = ckpt.TrainCheckpointer(tmp_path / "b" / "tiny" / "checkpoints").all_steps()
     assert steps == [4]  # only whole checkpoints are visible
-    resumed = _run_cli(interrupted)
+    straight = _start_cli(base + [f"--config.output_dir={tmp_path / 'a'}"])
+    resumed = _finish(_start_cli(interrupted))
+    straight = _finish(straight)
+    assert straight.returncode == 0, straight.stderr[-3000:]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "at step 4" in resumed.stderr
 
