@@ -188,8 +188,8 @@ def seasoned_block(config, rows: int, matrices=None):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """A tiny training run with the learned state codec on, shared by the inference and state
-    codec tests (one training compile for both)."""
+    """A tiny training run with the learned state codec on, shared by the inference, state
+    codec and state tuning tests (one training compile for all)."""
     from test_train import TEXT, tiny_config
 
     from rwkv_jax import trainer
