@@ -102,6 +102,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
 
 
 _apply = jax.jit(lambda model, *a: model.apply(*a), static_argnums=0)
+_chunk_forward = jax.jit(trainer.chunk_forward, static_argnums=(0, 4))  # as the train step runs it
 
 
 def _per_token_ce(model, params, tokens, targets, state=None):
@@ -152,7 +153,7 @@ def test_overlapping_chunks_count_each_target_once_with_exact_state(tmp_path, co
     counted = np.zeros((2, 32))
     total, state = 0.0, None
     for (a, b), mask, handoff in zip(run.spans, run.masks, run.handoffs):
-        logits, state = trainer.chunk_forward(model, params, x[:, a:b], state, handoff)
+        logits, state = _chunk_forward(model, params, x[:, a:b], state, handoff)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y[:, a:b])
         chex.assert_trees_all_close(ce, full[:, a:b], rtol=1e-5, atol=1e-5)  # the state is exact
         counted[:, a:b] += mask
@@ -198,9 +199,10 @@ def test_sigkill_then_same_command_resumes_bit_exact(tmp_path):
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
+    # One chunk a sequence: one train step to compile.
     cfg = tiny_config(tmp_path, corpus, **{"optimizer.lr": 1e30, "optimizer.warmup_steps": 0,
                                            "optimizer.grad_clip": 0.0, "train.steps": 40,
-                                           "checkpoint.every": 1})
+                                           "checkpoint.every": 1, "train.max_seq_length": 16})
     run = trainer.prepare(cfg)
     with pytest.raises(trainer.TrainingDiverged, match="is not finite"):
         trainer.train(run)
