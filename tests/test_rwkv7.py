@@ -99,7 +99,7 @@ def test_logits_and_states_match_official_whole_in_pieces_and_token_by_token(par
     got, _ = apply({"params": params}, jnp.asarray([_tokens(48)]))
     assert rel_err(got[0], official["whole/logits"]) <= 1e-5
     chunked = ModelConfig(**{**config.to_dict(), "wkv_impl": "chunked", "wkv_chunk_size": 16})
-    got, _ = RWKV(chunked).apply({"params": params}, jnp.asarray([_tokens(48)]))
+    got, _ = jax.jit(RWKV(chunked).apply)({"params": params}, jnp.asarray([_tokens(48)]))
     assert rel_err(got[0], official["whole/logits"]) <= 1e-5
 
     out, state = [], None
@@ -198,6 +198,7 @@ HYBRID = _config(n_layer=4, layer_types=("attn", "rwkv", "attn", "rwkv"), pos_em
 T, B = 24, 2
 TOKENS = jax.random.randint(jax.random.PRNGKey(7), (B, T), 0, V)
 _apply = jax.jit(lambda cfg, p, x, s: RWKV(cfg).apply({"params": p}, x, s), static_argnums=0)
+_roundtrip = jax.jit(state_codec.roundtrip, static_argnums=1)
 
 
 @pytest.fixture(scope="module")
@@ -312,13 +313,13 @@ def test_state_codecs_on_rwkv7_states(hybrid):
     want, _ = _apply(HYBRID, params, nxt, state)
     size = {m: state_codec.bytes_of(state_codec.compress(state, m)) for m in ("none", "bf16", "int8")}
     for mode, tol, logits_tol in (("bf16", 5e-3, 1e-2), ("int8", 2e-2, 3e-2)):
-        back = state_codec.roundtrip(state, mode)
+        back = _roundtrip(state, mode)
         chex.assert_trees_all_equal_shapes_and_dtypes(back, state)
         for key in ("shift_att", "wkv", "shift_ffn"):
             assert rel_err(back["layers"][3][key], state["layers"][3][key]) < tol, (mode, key)
         assert rel_err(_apply(HYBRID, params, nxt, back)[0], want) < logits_tol
         zero = init_state(HYBRID, 2)
-        chex.assert_trees_all_equal(state_codec.roundtrip(zero, mode), zero)
+        chex.assert_trees_all_equal(_roundtrip(zero, mode), zero)
     assert size["bf16"] < 0.55 * size["none"] and size["int8"] < 0.35 * size["none"], size
 
     cfg = _config(**{**HYBRID.to_dict(), "state_compression": "learned", "state_rank": 5})
@@ -331,7 +332,7 @@ def test_state_codecs_on_rwkv7_states(hybrid):
                 "bias": jnp.arange(320.0)}} for i in (1, 3)}}
     packed = state_codec.compress(state, "learned", codec)
     assert packed["layers"][1]["code"].shape == (2, 5) and packed["layers"][0] is state["layers"][0]
-    back = state_codec.roundtrip(state, "learned", codec)
+    back = _roundtrip(state, "learned", codec)
     chex.assert_trees_all_equal_shapes_and_dtypes(back, state)
     layer = back["layers"][1]  # the decoder's output in order: shift_att, shift_ffn, wkv
     code = packed["layers"][1]["code"]
@@ -426,7 +427,7 @@ def test_version_7_trains_with_remat_resumes_generates_and_exports(tmp_path, cap
                        "--temperature", "0", "--export_official", str(pth)]) == 0
     tokens = ByteTokenizer().encode("First" + capsys.readouterr().out[:-1])
     assert len(tokens) == 5 + 6
-    logits, _ = RWKV(config).apply({"params": params}, jnp.asarray([tokens]))
+    logits, _ = jax.jit(RWKV(config).apply)({"params": params}, jnp.asarray([tokens]))
     assert np.argmax(logits[0, 4:-1], -1).tolist() == tokens[5:]
     official = run_official(pth, {"whole": [tokens]}, tmp_path)
     assert rel_err(logits[0], official["whole/logits"]) <= 1e-5
