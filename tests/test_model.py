@@ -37,7 +37,7 @@ def _run_modes(config, T=24, B=2, seed=0):
     full, full_state = apply({"params": params}, tokens)
 
     pieces, state = [], None
-    for a, b in [(0, 5), (5, 6), (6, 17), (17, T)]:
+    for a, b in [(0, 5), (5, 6), (6, 15), (15, T)]:  # the last two of one length: one compile
         logits, state = apply({"params": params}, tokens[:, a:b], state)
         pieces.append(logits)
     chunked = jnp.concatenate(pieces, axis=1)
@@ -97,10 +97,10 @@ def test_window_limits_what_attention_sees():
 
 def test_wkv_forms_give_the_same_model():
     tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 19), 0, V)
+    params = perturbed(init_params(PURE, jax.random.PRNGKey(0)))  # the same for every form
     outs = []
     for impl in ("scan", "assoc", "chunked"):
         config = _config(wkv_impl=impl, wkv_chunk_size=8)
-        params = perturbed(init_params(config, jax.random.PRNGKey(0)))
         outs.append(jax.jit(RWKV(config).apply)({"params": params}, tokens)[0])
     chex.assert_trees_all_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(outs[2], outs[0], rtol=1e-5, atol=1e-5)
