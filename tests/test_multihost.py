@@ -83,6 +83,7 @@ def runs(tmp_path_factory):
     assert one.returncode == 0, logs["one"][-3000:]
     codes = (killed[0].returncode, killed[1].returncode)
     after_kill = ckpt.TrainCheckpointer(tmp / "two" / "tiny" / "checkpoints").all_steps()
+    assert 2 in after_kill, (codes, after_kill, logs["killed0"][-3000:], logs["killed1"][-3000:])
     _, at2, meta2 = ckpt.restore_params(tmp / "two" / "tiny", step=2)
 
     step2 = tmp / "two" / "tiny" / "checkpoints" / "2"
