@@ -51,9 +51,9 @@ WORKER = textwrap.dedent(r'''
 
     # A checkpoint written on one mesh restores onto another, values intact, new shardings.
     src, dst = runs["8x1x1"], runs["2x2x2"]
-    optimizer = trainer.make_optimizer(dst)
-    layout = trainer.plan_layout(dst, optimizer)
-    template, _ = trainer.init_train_state(dst, jax.random.PRNGKey(1), layout)
+    layout = trainer.plan_layout(dst, trainer.make_optimizer(dst))
+    template = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            layout.shapes, layout.state)  # where the state would live on dst
     restored, meta = ckpt.TrainCheckpointer(src.run_dir + "/checkpoints").restore(template)
     saved = results["8x1x1"][1]
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(saved)):
