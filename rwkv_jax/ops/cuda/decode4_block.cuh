@@ -36,7 +36,9 @@
 // Build flags: -DRWKV_TRACE records each CTA's phase times (%globaltimer); -DRWKV_NOCOMPUTE
 // skips the products (the streaming and synchronisation alone); -DRWKV_CONSUMERS=n sets the
 // consumer warps (5); -DRWKV_STAGE_KB=n and -DRWKV_MAX_STAGE_ROWS=n bound a stage (20 KB, 4
-// rows), -DRWKV_MAX_DEPTH=n the ring (10 stages).
+// rows), -DRWKV_MAX_DEPTH=n the ring (10 stages); -DRWKV_MMA=1 does the products on the tensor
+// cores; -DRWKV_POLL_NS=n sleeps n ns between rounds of polls. The last two are experiments
+// that measured no faster (bench/README.md).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -218,7 +220,16 @@ __device__ __forceinline__ bool ready4(uint4 v, uint32_t epoch) {
          (v.w & 0xffffu) == e;
 }
 
+#ifndef RWKV_POLL_NS
+#define RWKV_POLL_NS 0
+#endif
+// Called between two rounds of polls. RWKV_POLL_NS > 0 (the harness's --define) sleeps that
+// long between rounds: the experiment on whether the polls' own traffic (up to B * F * 4 bytes
+// a CTA a round) slows the exchanges or the weight stream. It does not: sleeping only added
+// latency (us a block, H200, one run: 1.5B 35.1 polling flat out, 35.2 / 35.7 / 36.3 with
+// 100 / 300 / 1000 ns; 169M 17.9, then 18.4 / 18.8 / 19.3).
 __device__ __forceinline__ void too_long(int spins, const char* what) {
+  if (RWKV_POLL_NS > 0 && spins > 0) __nanosleep(RWKV_POLL_NS);
   if (spins > (1 << 24)) {  // a word never written is a bug: an error, not a hang
     printf("CTA %d waited too long for %s\n", blockIdx.x, what);
     __trap();
@@ -338,6 +349,128 @@ __device__ __forceinline__ void stage_dot(float (&acc)[R][B], const uint4* w, co
     }
 }
 
+#ifndef RWKV_MMA
+#define RWKV_MMA 0
+#endif
+#if RWKV_MMA
+// The same products on the tensor cores (mma.sync m16n8k16, bf16 in, float32 accumulate),
+// built with -DRWKV_MMA=1 (the harness's --define). A matrix-vector product has one column, so
+// it is cast as a matrix product whose diagonal is the answer: for a span of 128 elements at
+// j, A's rows m and 8 + m hold two weight rows' elements j + 8m .. +8 and j + 64 + 8m .. +8,
+// and B's column n holds x at the same places, so that D[m][m] and D[8 + m][m] are those 16
+// elements' dot products; the other entries are never read. Each operand is one ldmatrix (A: 4
+// matrices of 128 contiguous bytes, B: 2; no bank conflicts), so a span of two rows costs 3
+// instructions and one mma where the CUDA cores take ~17 a lane.
+// Not the default: it measured no faster (us a block at 32 layers a launch, H200, one run: 3B
+// 44.5 against 45.1, 1.5B 34.8 against 35.3, 169M 19.6 against 18.3; bench/README.md), so the
+// products' instruction count is not what holds a block up.
+__device__ __forceinline__ void ldmatrix4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix2(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// acc[r][b] = row r . x[b] on every lane, as stage_dot, with the 128-element spans on the
+// tensor cores and what is left of a row (K % 128) on the CUDA cores. Rows pair up in A (an odd
+// last row pairs with itself, its twin unread); two spans go at a time, each with its own
+// accumulators, so consecutive mmas do not wait on each other.
+template <int B, int R>
+__device__ __forceinline__ void stage_dot_mma(float (&acc)[R][B], const uint4* w, const uint4* x,
+                                              int nvec, int lane) {
+  constexpr int P = (R + 1) / 2;
+  const bf16* wr = reinterpret_cast<const bf16*>(w);
+  const bf16* xr = reinterpret_cast<const bf16*>(x);
+  const int K = nvec * 8, spans = K / 128;
+  // ldmatrix's row addresses: lane l gives row l % 8 of matrix l / 8. A's matrices: (rows
+  // 0-7, k 0-7) from the pair's first row, (8-15, 0-7) its second, then both again 64 on.
+  const int m = lane & 7, mat = lane >> 3;
+  const int a_off = 8 * m + (mat & 2 ? 64 : 0);
+  const int b_off = 8 * m + (mat & 1 ? 64 : 0);  // B: matrices 0, 1 from lanes 0-15
+  const bf16* a_row[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int r = min(2 * p + (mat & 1), R - 1);
+    a_row[p] = wr + r * K + a_off;
+  }
+  float d[2][P][B][4];
+#pragma unroll
+  for (int u = 0; u < 2; ++u)
+#pragma unroll
+    for (int p = 0; p < P; ++p)
+#pragma unroll
+      for (int b = 0; b < B; ++b) d[u][p][b][0] = d[u][p][b][1] = d[u][p][b][2] = d[u][p][b][3] = 0.f;
+  auto span = [&](int j, int u) {
+    uint32_t bx[B][2];
+#pragma unroll
+    for (int b = 0; b < B; ++b) ldmatrix2(bx[b], xr + b * K + j + b_off);
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      uint32_t a[4];
+      ldmatrix4(a, a_row[p] + j);
+#pragma unroll
+      for (int b = 0; b < B; ++b) mma_bf16(d[u][p][b], a, bx[b]);
+    }
+  };
+  int s = 0;
+  for (; s + 1 < spans; s += 2) {
+    span(128 * s, 0);
+    span(128 * s + 128, 1);
+  }
+  if (s < spans) span(128 * s, 0);
+  // D[m][m] (the first row of a pair) sits in lane 4m + m / 2, in d[0] for even m and d[1]
+  // for odd; D[8 + m][m] (the second) in the same lane's d[2] / d[3].
+  const int g = lane >> 2, t = lane & 3;
+  const bool diag = t == g >> 1;
+  const int e = g & 1;
+  float part[R][B];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      const int p = r / 2, h = 2 * (r & 1);
+      const float v = (e ? d[0][p][b][h + 1] : d[0][p][b][h]) + (e ? d[1][p][b][h + 1] : d[1][p][b][h]);
+      part[r][b] = diag ? v : 0.f;
+    }
+  for (int i = spans * 16 + lane; i < nvec; i += 32) {  // the rest of the row, 8 at a lane
+    float xf[B][8], wf[8];
+#pragma unroll
+    for (int b = 0; b < B; ++b) unpack8(x[b * nvec + i], xf[b]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      unpack8(w[r * nvec + i], wf);
+#pragma unroll
+      for (int b = 0; b < B; ++b)
+#pragma unroll
+        for (int k = 0; k < 8; ++k) part[r][b] = fmaf(wf[k], xf[b][k], part[r][b]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      float v = part[r][b];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      acc[r][b] = v;
+    }
+}
+#endif
+
 // The stage's n <= R rows times its input, then epilogue(row, acc) on lane 0 for each: one
 // instance a row count, so that every product's loop is unrolled over its rows.
 template <int B, int R, typename Epilogue>
@@ -347,7 +480,11 @@ __device__ __forceinline__ void stage_rows(int n, const uint4* w, const uint4* x
     if (n < R) return stage_rows<B, R - 1>(n, w, x, nvec, lane, row0, epilogue);
   }
   float acc[R][B];
+#if RWKV_MMA
+  stage_dot_mma<B, R>(acc, w, x, nvec, lane);
+#else
   stage_dot<B, R>(acc, w, x, nvec, lane);
+#endif
   if (lane == 0) {
 #pragma unroll
     for (int r = 0; r < R; ++r) epilogue(row0 + r, acc[r]);
