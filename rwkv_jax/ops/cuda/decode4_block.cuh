@@ -361,9 +361,10 @@ __device__ __forceinline__ void stage_dot(float (&acc)[R][B], const uint4* w, co
 // elements' dot products; the other entries are never read. Each operand is one ldmatrix (A: 4
 // matrices of 128 contiguous bytes, B: 2; no bank conflicts), so a span of two rows costs 3
 // instructions and one mma where the CUDA cores take ~17 a lane.
-// Not the default: it measured no faster (us a block at 32 layers a launch, H200, one run: 3B
-// 44.5 against 45.1, 1.5B 34.8 against 35.3, 169M 19.6 against 18.3; bench/README.md), so the
-// products' instruction count is not what holds a block up.
+// Not the default: it measured no faster (us a block at 32 layers a launch, H200, two runs: 3B
+// 44.5 / 47.2 against 45.1 / 45.5, 1.5B 34.8 / 35.1 against 35.3 / 34.9, 169M 19.6 / 19.0
+// against 18.3 / 17.4; bench/README.md), so the products' instruction count is not what holds
+// a block up.
 __device__ __forceinline__ void ldmatrix4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
