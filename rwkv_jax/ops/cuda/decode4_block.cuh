@@ -308,6 +308,24 @@ __device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
   }
 }
 
+// part(r, b) += row r's 16-byte vector i . x[b]'s, for the R rows of a stage (consecutive, nvec
+// vectors each) and the B input rows: each x vector is unpacked once for all R rows.
+template <int B, int R, typename Part>
+__device__ __forceinline__ void fma_vec(const uint4* w, const uint4* x, int nvec, int i,
+                                        Part&& part) {
+  float xf[B][8], wf[8];
+#pragma unroll
+  for (int b = 0; b < B; ++b) unpack8(x[b * nvec + i], xf[b]);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    unpack8(w[r * nvec + i], wf);
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) part(r, b) = fmaf(wf[e], xf[b][e], part(r, b));
+  }
+}
+
 // acc[r][b] = row r . x[b] on every lane, for the R rows of a stage (consecutive, nvec 16-byte
 // vectors each) and x (B, nvec), both in shared memory. Each x vector is unpacked once for all
 // R rows, and every row keeps two partial sums: R * B * 2 independent FMA chains.
@@ -320,17 +338,7 @@ __device__ __forceinline__ void stage_dot(float (&acc)[R][B], const uint4* w, co
 #pragma unroll
     for (int b = 0; b < B; ++b) part[r][b][0] = part[r][b][1] = 0.f;
   auto step = [&](int i, int t) {
-    float xf[B][8], wf[8];
-#pragma unroll
-    for (int b = 0; b < B; ++b) unpack8(x[b * nvec + i], xf[b]);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      unpack8(w[r * nvec + i], wf);
-#pragma unroll
-      for (int b = 0; b < B; ++b)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) part[r][b][t] = fmaf(wf[e], xf[b][e], part[r][b][t]);
-    }
+    fma_vec<B, R>(w, x, nvec, i, [&](int r, int b) -> float& { return part[r][b][t]; });
   };
   int i = lane;
   for (; i + 32 < nvec; i += 64) {
@@ -447,19 +455,8 @@ __device__ __forceinline__ void stage_dot_mma(float (&acc)[R][B], const uint4* w
       const float v = (e ? d[0][p][b][h + 1] : d[0][p][b][h]) + (e ? d[1][p][b][h + 1] : d[1][p][b][h]);
       part[r][b] = diag ? v : 0.f;
     }
-  for (int i = spans * 16 + lane; i < nvec; i += 32) {  // the rest of the row, 8 at a lane
-    float xf[B][8], wf[8];
-#pragma unroll
-    for (int b = 0; b < B; ++b) unpack8(x[b * nvec + i], xf[b]);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      unpack8(w[r * nvec + i], wf);
-#pragma unroll
-      for (int b = 0; b < B; ++b)
-#pragma unroll
-        for (int k = 0; k < 8; ++k) part[r][b] = fmaf(wf[k], xf[b][k], part[r][b]);
-    }
-  }
+  for (int i = spans * 16 + lane; i < nvec; i += 32)  // the rest of the row, 8 at a lane
+    fma_vec<B, R>(w, x, nvec, i, [&](int r, int b) -> float& { return part[r][b]; });
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
