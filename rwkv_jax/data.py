@@ -6,6 +6,7 @@ behaves identically on every host of a multi-host run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.resources
@@ -262,6 +263,26 @@ def _temp_path_beside(path: Path) -> Path:
     return Path(name)
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Holds an exclusive lock on `path`.lock while the block runs: the processes of one
+    multi-process run (and runs that share a data cache) tokenize into the same file, and one
+    of them reading it while another rewrites it finds the metadata gone. Where there is no
+    fcntl (Windows), nothing is locked."""
+    try:
+        import fcntl  # noqa: PLC0415 - POSIX only
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = _temp_path_beside(path)
     try:
@@ -310,10 +331,14 @@ def prepare_tokens(
     out_path = Path(out_path)
     if not source.is_file():
         raise FileNotFoundError(f"Text file not found: {source}")
-    if _is_up_to_date(out_path, source, tokenizer.name):
-        log.info("Reusing %s (up to date with %s)", out_path, source)
-        return TokenFile(out_path)
+    with _file_lock(out_path):  # the first to come writes it, the others wait, then reuse it
+        if _is_up_to_date(out_path, source, tokenizer.name):
+            log.info("Reusing %s (up to date with %s)", out_path, source)
+            return TokenFile(out_path)
+        return _write_tokens(source, tokenizer, out_path, block_bytes)
 
+
+def _write_tokens(source: Path, tokenizer: Tokenizer, out_path: Path, block_bytes: int) -> TokenFile:
     log.info("Tokenizing %s with %s tokenizer into %s", source, tokenizer.name, out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Stat before reading: if the source changes while we read, the recorded

@@ -219,6 +219,36 @@ def test_interrupted_prepare_leaves_no_partial_output(tmp_path, text_file):
     assert _leftover_temp_files(tmp_path) == []
 
 
+def test_concurrent_prepares_of_one_file_tokenize_it_once(tmp_path, text_file):
+    """The processes of a multi-process run prepare the same token file at the same time: the
+    first writes it, the others wait for it and reuse it, none reads it half-written."""
+    import threading
+    import time
+
+    class Slow(CountingTokenizer):  # a wide window for the others to race into
+        def encode(self, text):
+            time.sleep(0.01)
+            return super().encode(text)
+
+    tok, out, results, errors = Slow(), tmp_path / "cache" / "corpus.bin", [], []
+
+    def prepare():
+        try:
+            results.append(prepare_tokens(text_file, tok, out, block_bytes=512).num_tokens)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=prepare) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and results == [text_file.stat().st_size] * 4
+    one_pass = CountingTokenizer()
+    prepare_tokens(text_file, one_pass, tmp_path / "alone.bin", block_bytes=512)
+    assert tok.calls == one_pass.calls  # tokenized once, by whoever came first
+
+
 @pytest.mark.parametrize("block_bytes", [1, 7, 64, 1000])
 def test_blockwise_tokenization_equals_whole_text_for_bytes(tmp_path, block_bytes):
     # Includes a long line with no newline so blocks must be cut mid-line,
