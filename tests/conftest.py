@@ -10,8 +10,7 @@ import pytest
 # The suite's time on a CPU is mostly XLA compiling tiny programs that then run for
 # milliseconds: LLVM's optimisation passes are most of a compile and buy nothing here (the
 # whole suite on 2 cores: 793 s -> 593 s; 443 s with README's two workers, -n 2). The programs
-# tests start get the same through the environment (_shared_environment), except the
-# multihost workers (test_multihost says why).
+# tests start get the same through the environment (_shared_environment).
 jax.config.update("jax_disable_most_optimizations", True)
 NO_OPT_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 

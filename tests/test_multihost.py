@@ -17,8 +17,6 @@ import chex
 import jax
 import pytest
 
-from conftest import NO_OPT_ENV
-
 from rwkv_jax import checkpoint as ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,10 +44,7 @@ def _args(tmp, out, steps):
 
 
 def _launch(args, devices, env=None, process=None, port=None):
-    # Optimised as a user's: built without LLVM's optimisations, the pair once left no
-    # complete step-2 checkpoint behind the kill after step 3 (the kill's timing is the test's).
-    env = {**{k: v for k, v in os.environ.items() if k != NO_OPT_ENV}, "PYTHONPATH": REPO,
-           "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
     if process is not None:
         args = args + [f"--config.dist.coordinator_address=127.0.0.1:{port}",
