@@ -20,6 +20,11 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+try:
+    import fcntl  # POSIX: token files are locked while written (_file_lock)
+except ImportError:  # Windows: no lock
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 WORLD_VOCAB_FILE = "rwkv_vocab_v20230424.txt"
@@ -269,12 +274,9 @@ def _file_lock(path: Path):
     multi-process run (and runs that share a data cache) tokenize into the same file, and one
     of them reading it while another rewrites it finds the metadata gone. Where there is no
     fcntl (Windows), nothing is locked."""
-    try:
-        import fcntl  # noqa: PLC0415 - POSIX only
-    except ImportError:
+    if fcntl is None:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -331,6 +333,7 @@ def prepare_tokens(
     out_path = Path(out_path)
     if not source.is_file():
         raise FileNotFoundError(f"Text file not found: {source}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(out_path):  # the first to come writes it, the others wait, then reuse it
         if _is_up_to_date(out_path, source, tokenizer.name):
             log.info("Reusing %s (up to date with %s)", out_path, source)
@@ -340,7 +343,6 @@ def prepare_tokens(
 
 def _write_tokens(source: Path, tokenizer: Tokenizer, out_path: Path, block_bytes: int) -> TokenFile:
     log.info("Tokenizing %s with %s tokenizer into %s", source, tokenizer.name, out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     # Stat before reading: if the source changes while we read, the recorded
     # mtime is stale and the next prepare redoes the work instead of trusting it.
     st = source.stat()

@@ -12,7 +12,6 @@ import pytest
 # whole suite on 2 cores: 793 s -> 593 s; 443 s with README's two workers, -n 2). The programs
 # tests start get the same through the environment (_shared_environment).
 jax.config.update("jax_disable_most_optimizations", True)
-NO_OPT_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -23,12 +22,12 @@ def _shared_environment(tmp_path_factory):
     child processes inherit; this process imported JAX at collection and keeps its own
     caches. A size limit turns on the cache's file lock, which processes that run at the same
     time (the multihost tests) need. They compile without LLVM's optimisations, as this
-    process does (NO_OPT_ENV)."""
+    process does."""
     settings = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
                 "JAX_COMPILATION_CACHE_MAX_SIZE": str(1 << 31),
-                NO_OPT_ENV: "1"}
+                "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
     with pytest.MonkeyPatch.context() as mp:
         for name, value in settings.items():
             mp.setenv(name, value)

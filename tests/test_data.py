@@ -1,6 +1,8 @@
 import json
 import math
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -222,8 +224,6 @@ def test_interrupted_prepare_leaves_no_partial_output(tmp_path, text_file):
 def test_concurrent_prepares_of_one_file_tokenize_it_once(tmp_path, text_file):
     """The processes of a multi-process run prepare the same token file at the same time: the
     first writes it, the others wait for it and reuse it, none reads it half-written."""
-    import threading
-    import time
 
     class Slow(CountingTokenizer):  # a wide window for the others to race into
         def encode(self, text):

@@ -308,6 +308,13 @@ __device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
   }
 }
 
+// v summed over the warp's lanes, on every lane.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
 // part(r, b) += row r's 16-byte vector i . x[b]'s, for the R rows of a stage (consecutive, nvec
 // vectors each) and the B input rows: each x vector is unpacked once for all R rows.
 template <int B, int R, typename Part>
@@ -349,12 +356,7 @@ __device__ __forceinline__ void stage_dot(float (&acc)[R][B], const uint4* w, co
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int b = 0; b < B; ++b) {
-      float v = part[r][b][0] + part[r][b][1];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-      acc[r][b] = v;
-    }
+    for (int b = 0; b < B; ++b) acc[r][b] = warp_sum(part[r][b][0] + part[r][b][1]);
 }
 
 #ifndef RWKV_MMA
@@ -460,12 +462,7 @@ __device__ __forceinline__ void stage_dot_mma(float (&acc)[R][B], const uint4* w
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int b = 0; b < B; ++b) {
-      float v = part[r][b];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-      acc[r][b] = v;
-    }
+    for (int b = 0; b < B; ++b) acc[r][b] = warp_sum(part[r][b]);
 }
 #endif
 
@@ -490,8 +487,7 @@ __device__ __forceinline__ void stage_rows(int n, const uint4* w, const uint4* x
 }
 
 __device__ float consumers_sum(float v, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  v = warp_sum(v);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   consumers_sync();  // red may still be read from the last call
   if (lane == 0) red[warp] = v;
