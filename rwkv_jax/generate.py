@@ -417,11 +417,20 @@ class Generator:
         self._blocks: dict[_Spec, Callable] = {}
         self._feed_fn = jax.jit(partial(_feed_rows, self.model, decode_rows),
                                 compiler_options=_loop_options())
+        # A state in buffers of its own (the steps donate theirs) as one compiled call: a copy
+        # per array costs a dispatch each, and a 24-layer state is 120 arrays (~10 ms a call on
+        # a GPU, more than a hundred 1.5B decode steps' worth of launches).
         self._snapshot = jax.jit(_copy)
+        self._initial = jax.jit(partial(initial_state, config), static_argnums=(1,))
         self._merge = jax.jit(_keep_rows)
         self._apply = jax.jit(lambda p, x, s: self.model.apply({"params": p}, x, s))
         self._weights: jax.Array | None = None
         self._codec_fns: dict[str, Callable] = {}
+        # Inputs a call would otherwise make afresh each time, on the host or the device: a
+        # batch-1 call's own host work (~6 ms on the H200 machine before, most of it in such
+        # small steps) is paid by every call of a chat, a hundred 169M tokens' worth.
+        self._keys: dict[int, np.ndarray] = {}  # a seed's PRNG key data
+        self._consts: dict[tuple, Any] = {}  # device arrays that no step donates
 
     def _block_fn(self, spec: _Spec) -> Callable:
         """The compiled decode block for these sampling settings (compiled on first use)."""
@@ -442,8 +451,38 @@ class Generator:
 
     def reset(self, batch_size: int) -> dict:
         """A fresh state: the zero state, or the learned initial state where the model has one."""
-        # A buffer of its own per leaf (the zero state shares one), as the steps donate them.
-        return self._put(_copy(initial_state(self.config, self.params, batch_size)))
+        learned = None
+        if self.config.learned_init_state:  # only what initial_state reads goes in the call
+            learned = {name: {"init_state": block["init_state"]}
+                       for name, block in self.params.items() if "init_state" in block}
+        # Each leaf a buffer of its own (a compiled call's outputs are), as the steps donate them.
+        return self._initial(learned, batch_size)
+
+    def _own(self, state: dict) -> dict:
+        """A caller's state, copied onto this device (the steps donate what they are given)."""
+        leaves = jax.tree.leaves(state)
+        # One call made the state, so its first leaf tells where all of it is.
+        if not (all(isinstance(a, jax.Array) for a in leaves)
+                and leaves[0].devices() == {self._device}):
+            state = self._put(state)
+        return self._snapshot(state)
+
+    def _key_data(self, seed: int) -> np.ndarray:
+        if seed not in self._keys:
+            if len(self._keys) > 4096:  # a caller drawing a new seed for every call
+                self._keys.clear()
+            self._keys[seed] = np.asarray(jax.random.key_data(jax.random.key(seed)))
+        return self._keys[seed]
+
+    def _const(self, *parts: np.ndarray):
+        """Device copies of host arrays that no step donates, kept for calls that pass the same
+        values."""
+        key = tuple((a.dtype.str, a.shape, a.tobytes()) for a in parts)
+        if key not in self._consts:
+            if len(self._consts) > 64:  # the few setting combinations of a session
+                self._consts.clear()
+            self._consts[key] = self._put(tuple(a.copy() for a in parts))
+        return self._consts[key]
 
     def _pieces(self, n: int) -> list[int]:
         c = self.prefill_chunk
@@ -466,7 +505,7 @@ class Generator:
             raise ValueError("feed: every row must have the same number of tokens "
                              "(generate takes prompts of different lengths)")
         tokens = np.asarray(rows, np.int32)
-        state = self.reset(len(tokens)) if state is None else self._put(_copy(state))
+        state = self.reset(len(tokens)) if state is None else self._own(state)
         a = 0
         for n in self._pieces(tokens.shape[1]):
             state = self._piece(self.params, self._put(tokens[:, a : a + n]), state)
@@ -554,40 +593,44 @@ class Generator:
         L0 = min(lengths)
         spec = sampling.spec(self.config.vocab_size)
         V, K = self.config.vocab_size, self.decode_block
-        state = self.reset(B) if state is None else self._put(_copy(state))
+        state = self.reset(B) if state is None else self._own(state)
         if state["pos"].shape[0] != B:
             raise ValueError(f"the state holds {state['pos'].shape[0]} rows for {B} prompts")
         stop_set = {int(t) for t in stop_tokens}
         # Padded to a power of two with -1 (no token), so the block compiles once per size class.
         stop_ids = np.full(1 << max(len(stop_set) - 1, 0).bit_length(), -1, np.int32)
         stop_ids[: len(stop_set)] = sorted(stop_set)
-        knobs = self._put(sampling.knobs())
-        weight = self._count_weights() if spec.penalties else self._put(np.ones((1,), np.float32))
         pen = V if spec.penalties else 0
-        keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])
+        keys = np.stack([self._key_data(int(s)) for s in seeds])
+        common = np.asarray([r[:L0] for r in rows], np.int32)
+        yes = np.ones(B, bool)
+        no_force = (np.zeros((B, K), np.int32), np.zeros((B, K), bool))
+        allowed_np = np.ones(B, bool)
+        allowed_sent = allowed_np.copy()  # what the device has; the loop changes allowed_np
+        # What the steps donate, fresh, in one transfer (a device_put walks its whole tree; the
+        # state, on the device already, stays out of it); the rest as kept from earlier calls.
+        small = self._put((keys, np.zeros((B, pen), np.float32), np.zeros((B, pen), bool),
+                           common[:, -1], yes, yes.copy(), np.zeros(B, np.int32)))
+        weight = (self._count_weights(),) if spec.penalties else self._const(np.ones(1, np.float32))
+        consts = (*self._const(stop_ids, np.int32(max_new_tokens), sampling.knobs()), *weight)
+        no_force_dev = self._const(*no_force)
+        (allowed,) = self._const(allowed_sent)
+        block = self._block_fn(spec)
         t0 = time.perf_counter()
 
         # All but the last common token in parallel; the last one goes through the first decode
         # step, which picks selection 0 from its logits (one compiled function fewer).
-        common = np.asarray([r[:L0] for r in rows], np.int32)
         a = 0
         for n in self._pieces(L0 - 1) if L0 > 1 else ():
             state = self._piece(self.params, self._put(common[:, a : a + n]), state)
             a += n
         jax.block_until_ready(state)
         t1 = time.perf_counter()
-        yes = np.ones(B, bool)
-        carry = self._put(_Carry(state, keys, np.zeros((B, pen), np.float32),
-                                 np.zeros((B, pen), bool), common[:, -1], yes, yes,
-                                 np.zeros(B, np.int32)))
-        block = self._block_fn(spec)
-        consts = self._put((stop_ids, np.int32(max_new_tokens), knobs, weight))
+        carry = _Carry(state, *small)
 
         # Selection j is the token at position L0 + j of every row: its prompt's while that
         # lasts (forced), sampled after. Block b picks selections b*K .. b*K + K - 1.
         n_forced = max(lengths) - L0
-        no_force = (np.zeros((B, K), np.int32), np.zeros((B, K), bool))
-        no_force_dev = self._put(no_force)
 
         def forced(b):
             if b * K >= n_forced:
@@ -604,9 +647,6 @@ class Generator:
         replay = keep_state and bool(stop)
         snapshots: dict[int, Any] = {}
         fixes: list[tuple[jax.Array, dict]] = []
-        allowed_np = np.ones(B, bool)
-        allowed_sent = allowed_np.copy()
-        allowed = self._put(allowed_sent)
 
         def launch(b, carry, allowed):
             if replay:

@@ -17,7 +17,7 @@ from rwkv_jax.config import ModelConfig
 from rwkv_jax.data import ByteTokenizer
 from rwkv_jax.generate import (GREEDY, Generator, Sampling, Session, _advance, _Carry, _draw,
                                _TextTail)
-from rwkv_jax.model import RWKV, init_params
+from rwkv_jax.model import RWKV, init_params, initial_state
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\n"
 V = len(CHARS)
@@ -232,3 +232,30 @@ def test_session_keeps_the_state_between_calls_and_compresses_it():
         g.generate("", max_new_tokens=3)
     with pytest.raises(ValueError, match="outside this model's vocabulary"):
         g.generate([V + 3], max_new_tokens=3)
+
+
+def test_a_callers_state_survives_the_calls_that_start_from_it():
+    """The decode steps donate their state, so generate and feed start from a copy of the one
+    they are given: it stays usable, as device arrays or as numpy."""
+    gen = _generator(PURE)
+    state = gen.feed("To be or")
+    first = gen.generate(" not", state=state, max_new_tokens=6, keep_state=True)
+    again = gen.generate(" not", state=state, max_new_tokens=6)
+    on_host = gen.generate(" not", state=jax.device_get(state), max_new_tokens=6)
+    assert first.tokens == again.tokens == on_host.tokens
+    chex.assert_trees_all_equal(gen.feed(" not", state), gen.feed(" not", state))
+    assert not any(a.is_deleted() for a in jax.tree.leaves(state))
+    assert {a.unsafe_buffer_pointer() for a in jax.tree.leaves(first.state)}.isdisjoint(
+        a.unsafe_buffer_pointer() for a in jax.tree.leaves(state))
+
+
+def test_reset_gives_the_learned_initial_state_in_buffers_of_its_own():
+    config = ModelConfig(vocab_size=V, n_layer=2, n_embd=32, learned_init_state=True)
+    params = perturbed(init_params(config, jax.random.PRNGKey(0)), scale=0.5)
+    gen = Generator(config, params, CharTokenizer())
+    fresh = gen.reset(3)
+    chex.assert_trees_all_close(fresh, initial_state(config, params, 3))
+    assert float(jnp.abs(fresh["layers"][0]["aa"]).max()) > 0  # learned, not zero
+    pointers = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(fresh)]
+    assert len(set(pointers)) == len(pointers)  # each donated separately by the steps
+    assert gen.generate("ab", max_new_tokens=3).tokens == gen.generate("ab", max_new_tokens=3).tokens
