@@ -84,8 +84,14 @@ class RWKV(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = layer_norm(cfg, "ln_out")(x)
-        head_gain = 0.5 * (cfg.vocab_size / cfg.n_embd) ** 0.5 if cfg.vocab_size > cfg.n_embd else 0.5
-        logits = dense(cfg, cfg.vocab_size, "head", nn.initializers.orthogonal(head_gain))(x)
+        head = self.get_variable("params", "head") if self.has_variable("params", "head") else {}
+        if "kernel_t" in head:  # the head as rows (rwkv_jax.layers.head_rows_layout)
+            # Rounded as nn.Dense rounds: inputs, weights and the product in the config's dtype.
+            dtype = jnp.dtype(cfg.dtype)
+            logits = jnp.einsum("btc,vc->btv", x.astype(dtype), head["kernel_t"].astype(dtype))
+        else:
+            gain = 0.5 * (cfg.vocab_size / cfg.n_embd) ** 0.5 if cfg.vocab_size > cfg.n_embd else 0.5
+            logits = dense(cfg, cfg.vocab_size, "head", nn.initializers.orthogonal(gain))(x)
         logits = logits.astype(jnp.float32)
         chex.assert_shape(logits, (B, x.shape[1], cfg.vocab_size))
         if cfg.state_compression == "learned" and self.is_initializing():

@@ -16,7 +16,7 @@ import pytest
 from conftest import perturbed, seasoned_block
 from rwkv_jax.config import ModelConfig
 from rwkv_jax.generate import Generator
-from rwkv_jax.layers import RWKVBlock, cuda_layout, kernel_layout
+from rwkv_jax.layers import RWKVBlock, cuda_layout, head_rows_layout, kernel_layout
 from rwkv_jax.model import RWKV, init_params
 from rwkv_jax.ops.cuda import decode4 as cuda_decode4
 from rwkv_jax.state import zero_layer_state
@@ -249,3 +249,22 @@ def test_a_run_split_over_launches_gives_the_same_bits(monkeypatch):
         monkeypatch.setattr(cuda_decode4, "MAX_LAYERS", most)
         chex.assert_trees_all_equal(
             jax.jit(RWKV(config).apply)({"params": fused}, step, state), one)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_head_as_rows_gives_the_same_logits(dtype):
+    """head_rows_layout (the CUDA layout's head, which XLA reads faster in a decode step), on
+    any backend: a prefill and a decode step, bit for bit the official layout's logits."""
+    config = _config(dtype=dtype)
+    params = perturbed(init_params(config, jax.random.PRNGKey(0)))
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.ndim == 2 else a, params)
+    rows = head_rows_layout(params)
+    assert set(rows["head"]) == {"kernel_t"} and rows["head"]["kernel_t"].shape == (61, 64)
+    assert head_rows_layout(rows) is rows  # idempotent
+    apply = jax.jit(RWKV(config).apply)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 5), 0, config.vocab_size)
+    want, state = apply({"params": params}, tokens)
+    chex.assert_trees_all_equal(apply({"params": rows}, tokens), (want, state))
+    step = tokens[:, :1]
+    chex.assert_trees_all_equal(apply({"params": rows}, step, state),
+                                apply({"params": params}, step, state))
