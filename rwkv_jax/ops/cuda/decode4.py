@@ -8,9 +8,9 @@ consecutive RWKV-4 blocks on a decode step, and `block_step`, the same for one b
 (rwkv_jax.layers.RWKVBlock on its own). Anything that stops it (no GPU, an older GPU, no nvcc,
 weights that are not bf16) raises `Unavailable` with the reason, before any work.
 
-Status (H200, 2026-12-01, bench/README.md): 3B decodes at 1.63 ms per token through it (1.18x
-the memory floor) against XLA's 2.28; a 3B block takes 44.9 us in the standalone harness at 32
-layers a launch. infer.py takes it by itself where it runs (--decode_kernels auto);
+Status (H200, 2026-12-01, bench/README.md): 3B decodes at 1.70 ms per token through it, a whole
+generate call of 100 tokens (1.56 on the device alone, 1.12x the memory floor), against XLA's
+2.29; a 3B block takes 44.9 us in the standalone harness at 32 layers a launch. infer.py takes it by itself where it runs (--decode_kernels auto);
 rwkv_jax.generate only when asked: a generator serves one weight layout, and batch 16 on this
 one runs XLA's products at half their speed.
 
@@ -163,12 +163,14 @@ def pack_vectors(block: dict) -> jax.Array:
 # sm_90's 227 KB a block.
 SMEM_OPTIN = 232448
 RING_STAGES, STAGE_BYTES, STAGE_ROWS = 5, 20480, 4
+NARROW_C, NARROW_STAGE_ROWS = 768, 3  # stage_rows_cap: up to this n_embd, stages of 3 rows
 
 
 def fits(C: int, F: int, rows: int) -> bool:
     """Whether the kernel's shared memory holds a block of these sizes for `rows` rows."""
     def stage(K):
-        return max(1, min(STAGE_ROWS, STAGE_BYTES // (2 * K))) * 2 * K
+        cap = NARROW_STAGE_ROWS if C <= NARROW_C else STAGE_ROWS
+        return max(1, min(cap, STAGE_BYTES // (2 * K))) * 2 * K
 
     slot = (max(stage(C), stage(F)) + 127) // 128 * 128
     if C % 8 or F % 8 or not 8 <= C <= MAX_C or not 8 <= F <= MAX_F:

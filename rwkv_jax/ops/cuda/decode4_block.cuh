@@ -36,9 +36,10 @@
 // Build flags: -DRWKV_TRACE records each CTA's phase times (%globaltimer); -DRWKV_NOCOMPUTE
 // skips the products (the streaming and synchronisation alone); -DRWKV_CONSUMERS=n sets the
 // consumer warps (5); -DRWKV_STAGE_KB=n and -DRWKV_MAX_STAGE_ROWS=n bound a stage (20 KB, 4
-// rows), -DRWKV_MAX_DEPTH=n the ring (10 stages); -DRWKV_MMA=1 does the products on the tensor
-// cores; -DRWKV_POLL_NS=n sleeps n ns between rounds of polls. The last two are experiments
-// that measured no faster (bench/README.md).
+// rows), -DRWKV_NARROW_STAGE_ROWS=n the rows of one for n_embd up to -DRWKV_NARROW_C=n (3 up
+// to 768), -DRWKV_MAX_DEPTH=n the ring (10 stages); -DRWKV_MMA=1 does the products on the
+// tensor cores; -DRWKV_POLL_NS=n sleeps n ns between rounds of polls. The last two are
+// experiments that measured no faster (bench/README.md).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -91,6 +92,20 @@ __constant__ int kFirstSegment[4] = {0, 3, 4, 6};
 // same window; larger ones leave warps idle at a phase's end. 169M, whose time is the
 // exchanges', took 17.3 against 16.9 with 2, 15.7 with 3, and 21.2 with 8.
 constexpr int kMaxStageRows = RWKV_MAX_STAGE_ROWS;
+// Narrow models take fewer rows a stage: a CTA's share of a phase is then only a few rows a
+// consumer warp, and its time is the exchanges', not the stream's. 169M (n_embd 768) took 16.2
+// us a block with 3 against 17.7 with 4 and 17.4 with 2; n_embd 1024 took 19.3 with 3 against
+// 18.4 with 4, and 1.5B (2048) is best with 4 (bench/README.md; the harness's --define).
+#ifndef RWKV_NARROW_C
+#define RWKV_NARROW_C 768
+#endif
+#ifndef RWKV_NARROW_STAGE_ROWS
+#define RWKV_NARROW_STAGE_ROWS 3
+#endif
+__host__ __device__ constexpr int stage_rows_cap(int C) {
+  return C <= RWKV_NARROW_C && RWKV_NARROW_STAGE_ROWS < kMaxStageRows ? RWKV_NARROW_STAGE_ROWS
+                                                                      : kMaxStageRows;
+}
 // The ring's depth, at most: as many stages as fit in shared memory beside the inputs, up to
 // this. A deeper ring hides more of an exchange's latency in principle (the producer streams on
 // while the consumers wait), but measured no better: 1.5B's 16 KB stages fit 13, which took
@@ -655,7 +670,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(const __grid_constan
     int first = 0;
     for (int s = 0; s < kSegments; ++s) {
       const int K = s == 6 ? F : C;
-      const int rps = max(1, min(kMaxStageRows, kStageTarget / (K * 2)));
+      const int rps = max(1, min(stage_rows_cap(C), kStageTarget / (K * 2)));
       const int end = first + (rows[s][1] - rows[s][0] + rps - 1) / rps;
       seg[s] = Segment{mats[s], rows[s][0], rows[s][1], K, rps, first, end, inputs[s]};
       first = end;
@@ -910,8 +925,8 @@ Plan make_plan(int device, int C, int F) {
     return p;
   }
   // A stage is whole rows, at most kStageTarget bytes of them, or one longer row.
-  auto stage_bytes = [](int K) {
-    return std::max(1, std::min(kMaxStageRows, kStageTarget / (2 * K))) * 2 * K;
+  auto stage_bytes = [C](int K) {
+    return std::max(1, std::min(stage_rows_cap(C), kStageTarget / (2 * K))) * 2 * K;
   };
   p.slot_bytes = (std::max(stage_bytes(C), stage_bytes(F)) + 127) / 128 * 128;
   const int cpc = (C + p.sms - 1) / p.sms + 1;
