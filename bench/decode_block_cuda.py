@@ -40,7 +40,12 @@ from decode import MODELS  # noqa: E402  bench/decode.py
 # bf16 ulp (up to 2^-7 of itself): rare, and small against the largest value, but it travels:
 # one such key in layer 1 of the 2-row run moved 12.5% of that layer's x by more than float
 # noise (2026-12-01). A rounding missed or added moves nearly all of them (97% in a CPU test).
-MAX_ERROR, MAX_OFF = 1e-2, 0.5
+# A flip early in the time-mix travels further: with 4, 6 and 8 consumer warps the 169M layer
+# showed 50.8% off at a max error of 1.4e-3, the same figures for all three (session 12), where
+# five matched the reference bit for bit. The reference takes the norms' sums in double, the
+# kernel in float32 in an order set by its warps, so a different order lands a normalised value
+# on the other side of a bf16 boundary; the 4-layer chain stayed at 3.8e-3 (five: 3.6e-3).
+MAX_ERROR, MAX_OFF = 1e-2, 0.75
 
 
 def nvcc() -> str:

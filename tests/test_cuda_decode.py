@@ -81,12 +81,12 @@ def test_the_size_limits_are_the_kernels():
 def test_sizes_it_cannot_take_are_refused_before_any_work():
     assert cuda_decode4.fits(2560, 10240, 1) and cuda_decode4.fits(2560, 10240, 2)  # 3B
     assert not cuda_decode4.fits(4096, 16384, 1)  # 7B: wider than its norms take
-    assert not cuda_decode4.fits(2048, 10240 + 8, 1)
+    assert not cuda_decode4.fits(2048, cuda_decode4.MAX_F + 8, 1)
     config = _config(n_embd=4096, dim_ffn=16384, n_layer=1, dtype="bfloat16")
     block = jax.eval_shape(lambda: jax.tree.map(  # shapes only: no 7B arrays on the CPU
         lambda a: a.astype(jnp.bfloat16) if a.ndim > 1 else a,
         kernel_layout(config, init_params(config, jax.random.PRNGKey(0)))))["blocks_0"]
-    with pytest.raises(cuda_decode4.Unavailable, match="at most 2560 and 10240; they are 4096 "
+    with pytest.raises(cuda_decode4.Unavailable, match="at most 3072 and 12288; they are 4096 "
                                                        "and 16384"):
         cuda_decode4.check_block(block)
 

@@ -8,9 +8,10 @@ consecutive RWKV-4 blocks on a decode step, and `block_step`, the same for one b
 (rwkv_jax.layers.RWKVBlock on its own). Anything that stops it (no GPU, an older GPU, no nvcc,
 weights that are not bf16) raises `Unavailable` with the reason, before any work.
 
-Status (H200, 2026-12-01, bench/README.md): 3B decodes at 1.70 ms per token through it, a whole
-generate call of 100 tokens (1.56 on the device alone, 1.12x the memory floor), against XLA's
-2.29; a 3B block takes 44.9 us in the standalone harness at 32 layers a launch. infer.py takes it by itself where it runs (--decode_kernels auto);
+Status (H200, 2026-12-01, bench/README.md): with five consumer warps 3B decoded at 1.70 ms per
+token through it over a whole generate call of 100 tokens (1.56 on the device alone, 1.12x the
+memory floor), against XLA's 2.29. Six, the default since, take a 3B block 0.8 us longer and a
+1.5B block 2.7 shorter (32.1 us): 1.5B then steps in 0.877 ms on the device, 1.27x its floor. infer.py takes it by itself where it runs (--decode_kernels auto);
 rwkv_jax.generate only when asked: a generator serves one weight layout, and batch 16 on this
 one runs XLA's products at half their speed.
 
@@ -39,7 +40,7 @@ SOURCES = ("decode4_ffi.cu", "decode4_block.cuh", "bulk_copy.cuh")
 TARGET = "rwkv4_cuda_decode_layers"
 MAX_ROWS = 2  # the kernel is built for 1 and 2 rows
 MAX_LAYERS = 40  # layers in one launch (kMaxLayers: its table is the kernel's parameter)
-MAX_C = 16 * 32 * 5  # kMaxC: 16 norm elements per consumer thread, 5 consumer warps
+MAX_C = 16 * 32 * 6  # kMaxC: 16 norm elements per consumer thread, 6 consumer warps
 MAX_F = 4 * MAX_C
 STATE = ("shift_att", "aa", "bb", "pp", "shift_ffn")
 # The rows of the kernel's per-channel table, in the order of its `Vec` enum.
@@ -159,10 +160,10 @@ def pack_vectors(block: dict) -> jax.Array:
 
 
 # The kernel's shared memory (decode4_block.cuh, make_plan): a ring of at least a stage per
-# consumer warp (5) of whole rows (up to 4 rows, 20 KB) beside the staged inputs, within
+# consumer warp (6) of whole rows (up to 4 rows, 20 KB) beside the staged inputs, within
 # sm_90's 227 KB a block.
 SMEM_OPTIN = 232448
-RING_STAGES, STAGE_BYTES, STAGE_ROWS = 5, 20480, 4
+RING_STAGES, STAGE_BYTES, STAGE_ROWS = 6, 20480, 4
 NARROW_C, NARROW_STAGE_ROWS = 768, 3  # stage_rows_cap: up to this n_embd, stages of 3 rows
 
 

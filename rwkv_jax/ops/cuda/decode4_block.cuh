@@ -10,7 +10,7 @@
 //
 // Design: one CTA per SM streams its contiguous, equal share of every matrix through a ring of
 // shared-memory stages with the bulk copy engine (cp.async.bulk, completing on an mbarrier):
-// one producer thread, five consumer warps, warp w owning the slots i with i % 5 == w (a parity
+// one producer thread, six consumer warps, warp w owning the slots i with i % 6 == w (a parity
 // wait cannot tell a slot's next use from its last, so one warp must take a slot's uses in
 // order).
 // A consumer multiplies a stage's rows (up to 4) with the input vectors, which every CTA stages
@@ -35,9 +35,9 @@
 //
 // Build flags: -DRWKV_TRACE records each CTA's phase times (%globaltimer); -DRWKV_NOCOMPUTE
 // skips the products (the streaming and synchronisation alone); -DRWKV_CONSUMERS=n sets the
-// consumer warps (5); -DRWKV_STAGE_KB=n and -DRWKV_MAX_STAGE_ROWS=n bound a stage (20 KB, 4
+// consumer warps (6); -DRWKV_STAGE_KB=n and -DRWKV_MAX_STAGE_ROWS=n bound a stage (20 KB, 4
 // rows), -DRWKV_NARROW_STAGE_ROWS=n the rows of one for n_embd up to -DRWKV_NARROW_C=n (3 up
-// to 768), -DRWKV_MAX_DEPTH=n the ring (10 stages); -DRWKV_MMA=1 does the products on the
+// to 768), -DRWKV_MAX_DEPTH=n the ring (12 stages); -DRWKV_MMA=1 does the products on the
 // tensor cores; -DRWKV_POLL_NS=n sleeps n ns between rounds of polls. The last two are
 // experiments that measured no faster (bench/README.md).
 
@@ -63,14 +63,14 @@ namespace rwkv_decode4 {
 using bf16 = __nv_bfloat16;
 
 #ifndef RWKV_CONSUMERS
-#define RWKV_CONSUMERS 5
+#define RWKV_CONSUMERS 6
 #endif
 // Consumer warps; one more warp produces. A warp owns every kConsumers-th slot of the ring,
 // whose depth need not be a multiple of it (a warp that owns a slot more takes more stages).
-// Five (a 3B block: 44.9 us at 32 layers a launch) beat eight (54.4) and ten (53.6), both of
-// which spilled registers in the products, eight with a ring of 8 stages, ten of 10 like five
-// (bench/README.md; the harness's --consumers). The norms take C <= 16 * 32 * kConsumers:
-// 2560 with five, 3B's width.
+// Six: a 1.5B block took 32.3 us at 32 layers a launch against 34.9 with five, 35.7 with four
+// and 38.5 with eight (session 12). Five had beaten eight (54.4) and ten (53.6) at 3B (44.9),
+// both of which spilled registers in the products; six spill no more than five (bench/README.md;
+// the harness's --consumers). The norms take C <= 16 * 32 * kConsumers: 3072 with six.
 constexpr int kConsumers = RWKV_CONSUMERS;
 constexpr int kConsumerThreads = 32 * kConsumers;
 constexpr int kThreads = kConsumerThreads + 32;
