@@ -420,8 +420,12 @@ class Generator:
         # A state in buffers of its own (the steps donate theirs) as one compiled call: a copy
         # per array costs a dispatch each, and a 24-layer state is 120 arrays (~10 ms a call on
         # a GPU, more than a hundred 1.5B decode steps' worth of launches).
-        self._snapshot = jax.jit(_copy)
-        self._initial = jax.jit(partial(initial_state, config), static_argnums=(1,))
+        # Outputs committed to this device, as the steps' are: jit compiles a function again
+        # for an argument placed differently.
+        self._on_device = jax.sharding.SingleDeviceSharding(self._device)
+        self._snapshot = jax.jit(_copy, out_shardings=self._on_device)
+        self._initial = jax.jit(partial(initial_state, config), static_argnums=(1,),
+                                out_shardings=self._on_device)
         self._merge = jax.jit(_keep_rows)
         self._apply = jax.jit(lambda p, x, s: self.model.apply({"params": p}, x, s))
         self._weights: jax.Array | None = None
@@ -429,7 +433,7 @@ class Generator:
         # Inputs a call would otherwise make afresh each time, on the host or the device: a
         # batch-1 call's own host work (~6 ms on the H200 machine before, most of it in such
         # small steps) is paid by every call of a chat, a hundred 169M tokens' worth.
-        self._keys: dict[int, np.ndarray] = {}  # a seed's PRNG key data
+        self._keys: dict[tuple, np.ndarray] = {}  # a seed's PRNG key data, per key kind
         self._consts: dict[tuple, Any] = {}  # device arrays that no step donates
 
     def _block_fn(self, spec: _Spec) -> Callable:
@@ -460,29 +464,30 @@ class Generator:
 
     def _own(self, state: dict) -> dict:
         """A caller's state, copied onto this device (the steps donate what they are given)."""
-        leaves = jax.tree.leaves(state)
-        # One call made the state, so its first leaf tells where all of it is.
-        if not (all(isinstance(a, jax.Array) for a in leaves)
-                and leaves[0].devices() == {self._device}):
+        if not all(isinstance(a, jax.Array) and a.sharding == self._on_device
+                   for a in jax.tree.leaves(state)):
             state = self._put(state)
         return self._snapshot(state)
 
     def _key_data(self, seed: int) -> np.ndarray:
-        if seed not in self._keys:
+        key = (seed, str(jax.config.jax_default_prng_impl))
+        data = self._keys.get(key)
+        if data is None:
             if len(self._keys) > 4096:  # a caller drawing a new seed for every call
                 self._keys.clear()
-            self._keys[seed] = np.asarray(jax.random.key_data(jax.random.key(seed)))
-        return self._keys[seed]
+            data = self._keys[key] = np.asarray(jax.random.key_data(jax.random.key(seed)))
+        return data
 
     def _const(self, *parts: np.ndarray):
         """Device copies of host arrays that no step donates, kept for calls that pass the same
         values."""
         key = tuple((a.dtype.str, a.shape, a.tobytes()) for a in parts)
-        if key not in self._consts:
+        arrays = self._consts.get(key)
+        if arrays is None:
             if len(self._consts) > 64:  # the few setting combinations of a session
                 self._consts.clear()
-            self._consts[key] = self._put(tuple(a.copy() for a in parts))
-        return self._consts[key]
+            arrays = self._consts[key] = self._put(tuple(a.copy() for a in parts))
+        return arrays
 
     def _pieces(self, n: int) -> list[int]:
         c = self.prefill_chunk

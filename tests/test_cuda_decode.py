@@ -73,6 +73,8 @@ def test_the_size_limits_are_the_kernels():
     assert cuda_decode4.RING_STAGES == consumers  # make_plan's smallest ring
     define = lambda name: int(re.search(rf"#define {name} (\d+)", text).group(1))  # noqa: E731
     assert cuda_decode4.STAGE_ROWS == define("RWKV_MAX_STAGE_ROWS")
+    assert cuda_decode4.NARROW_C == define("RWKV_NARROW_C")
+    assert cuda_decode4.NARROW_STAGE_ROWS == define("RWKV_NARROW_STAGE_ROWS")
     assert cuda_decode4.STAGE_BYTES == 1024 * define("RWKV_STAGE_KB")
     assert int(re.search(r"constexpr int kMaxLayers = (\d+);", text).group(1)) == (
         cuda_decode4.MAX_LAYERS)

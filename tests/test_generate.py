@@ -259,3 +259,19 @@ def test_reset_gives_the_learned_initial_state_in_buffers_of_its_own():
     pointers = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(fresh)]
     assert len(set(pointers)) == len(pointers)  # each donated separately by the steps
     assert gen.generate("ab", max_new_tokens=3).tokens == gen.generate("ab", max_new_tokens=3).tokens
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_fresh_and_returned_states_share_the_compiled_steps(learned):
+    """reset and the copy of a caller's state are placed as the steps' outputs are (committed
+    to the device): jit compiles a function again for arguments placed differently."""
+    config = ModelConfig(vocab_size=V, n_layer=2, n_embd=32, learned_init_state=learned)
+    gen = Generator(config, init_params(config, jax.random.PRNGKey(0)), CharTokenizer())
+    assert all(a.committed for a in jax.tree.leaves(gen.reset(2)))
+    first = gen.generate("a", max_new_tokens=20, keep_state=True)  # blocks of 16: two launches
+    gen.generate("b", max_new_tokens=3, state=first.state)
+    gen.generate("b", max_new_tokens=3, state=jax.device_get(first.state))
+    assert [f._cache_size() for f in gen._blocks.values()] == [1]
+    fed = gen.feed("abcd")
+    gen.feed("abcd", fed)  # the same piece, from a state the generator returned
+    assert gen._piece._cache_size() == 1
