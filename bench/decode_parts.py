@@ -44,7 +44,8 @@ def run_model(name: str, n: int, tmp: str) -> dict:
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from decode import MODELS, copy_bandwidth, greedy_block_inputs, load_params, make_pth  # noqa: PLC0415
+    from decode import (MODELS, copy_bandwidth, greedy_block_inputs, load_params,  # noqa: PLC0415
+                        make_pth, time_bare_blocks)
     from rwkv_jax.config import ModelConfig  # noqa: PLC0415
     from rwkv_jax.generate import Generator  # noqa: PLC0415
     from rwkv_jax.layers import head_rows_layout  # noqa: PLC0415
@@ -66,15 +67,8 @@ def run_model(name: str, n: int, tmp: str) -> dict:
     state = gen.feed([prompt])
 
     block, carry, rest = greedy_block_inputs(gen, gen._own(state), [prompt[-1]], n)
-    carry, o = block(p, carry, *rest)  # compiles; the carry is donated, so it is carried on
-    o.block_until_ready()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        carry, o = block(p, carry, *rest)
-        o.block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    out["step_ms"] = 1e3 * best / n
+    _, per_call, _ = time_bare_blocks(gen, block, carry, rest, 3)  # the carry is donated
+    out["step_ms"] = 1e3 * per_call / n
 
     eps = config.layer_norm_eps
     blocks = [p[f"blocks_{i}"] for i in range(L)]

@@ -417,11 +417,10 @@ class Generator:
         self._blocks: dict[_Spec, Callable] = {}
         self._feed_fn = jax.jit(partial(_feed_rows, self.model, decode_rows),
                                 compiler_options=_loop_options())
-        # A state in buffers of its own (the steps donate theirs) as one compiled call: a copy
-        # per array costs a dispatch each, and a 24-layer state is 120 arrays (~10 ms a call on
-        # a GPU, more than a hundred 1.5B decode steps' worth of launches).
-        # Outputs committed to this device, as the steps' are: jit compiles a function again
-        # for an argument placed differently.
+        # A state in buffers of its own (the steps donate theirs) as one compiled call, where a
+        # copy per array costs a dispatch each (a 24-layer state is 120 arrays: ~10 ms a call on
+        # a GPU); committed to this device as the steps' outputs are, since jit compiles a
+        # function again for an argument placed differently.
         self._on_device = jax.sharding.SingleDeviceSharding(self._device)
         self._snapshot = jax.jit(_copy, out_shardings=self._on_device)
         self._initial = jax.jit(partial(initial_state, config), static_argnums=(1,),

@@ -102,9 +102,13 @@ constexpr int kMaxStageRows = RWKV_MAX_STAGE_ROWS;
 #ifndef RWKV_NARROW_STAGE_ROWS
 #define RWKV_NARROW_STAGE_ROWS 3
 #endif
-__host__ __device__ constexpr int stage_rows_cap(int C) {
-  return C <= RWKV_NARROW_C && RWKV_NARROW_STAGE_ROWS < kMaxStageRows ? RWKV_NARROW_STAGE_ROWS
-                                                                      : kMaxStageRows;
+// Rows a stage of rows K elements long takes, for n_embd C: whole rows, at most kStageTarget
+// bytes of them, or one longer row (the kernel's segments and make_plan's slots both).
+__host__ __device__ inline int stage_rows(int C, int K) {
+  const int cap = C <= RWKV_NARROW_C && RWKV_NARROW_STAGE_ROWS < kMaxStageRows
+                      ? RWKV_NARROW_STAGE_ROWS
+                      : kMaxStageRows;
+  return max(1, min(cap, kStageTarget / (K * 2)));
 }
 // The ring's depth, at most: as many stages as fit in shared memory beside the inputs, up to
 // this. A deeper ring hides more of an exchange's latency in principle (the producer streams on
@@ -670,7 +674,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(const __grid_constan
     int first = 0;
     for (int s = 0; s < kSegments; ++s) {
       const int K = s == 6 ? F : C;
-      const int rps = max(1, min(stage_rows_cap(C), kStageTarget / (K * 2)));
+      const int rps = stage_rows(C, K);
       const int end = first + (rows[s][1] - rows[s][0] + rps - 1) / rps;
       seg[s] = Segment{mats[s], rows[s][0], rows[s][1], K, rps, first, end, inputs[s]};
       first = end;
@@ -924,10 +928,7 @@ Plan make_plan(int device, int C, int F) {
     p.error = "more than 1024 SMs";  // g_launches has one counter per CTA
     return p;
   }
-  // A stage is whole rows, at most kStageTarget bytes of them, or one longer row.
-  auto stage_bytes = [C](int K) {
-    return std::max(1, std::min(stage_rows_cap(C), kStageTarget / (2 * K))) * 2 * K;
-  };
+  auto stage_bytes = [C](int K) { return stage_rows(C, K) * 2 * K; };
   p.slot_bytes = (std::max(stage_bytes(C), stage_bytes(F)) + 127) / 128 * 128;
   const int cpc = (C + p.sms - 1) / p.sms + 1;
   const size_t fixed = sizeof(bf16) * B * std::max(3 * C, F) +
