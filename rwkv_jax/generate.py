@@ -22,8 +22,10 @@ device, and the block ends early once every row has ended, so the host launches 
 block rather than per token: a batch-1 step of a big model on a GPU takes milliseconds, and
 launching it (hundreds of weight arrays) costs the host about as much again.
 
-The host reads each block's tokens one block late, after queueing the next block, so the
-device never waits for Python; stop strings and streaming work on those tokens. A stop string
+The host reads each block's tokens one block late, after queueing the next block (none past
+the last block a call can need), so the device never waits for Python; stop strings and
+streaming work on those tokens. Between calls the state stays flat on the device, one array per
+dtype (rwkv_jax.state.FlatLayout): what a call costs the host grows with the arrays it returns. A stop string
 ends its row from the next block queued on; the state a call returns has consumed every token
 of each row, the last generated one included (a row that stopped early is frozen from then
 on), so a next call continues from it with new text. Where a stop string ended a row in the
@@ -59,6 +61,7 @@ import numpy as np
 from rwkv_jax import layers, state_codec
 from rwkv_jax.config import ModelConfig
 from rwkv_jax.model import RWKV, initial_state
+from rwkv_jax.state import FlatLayout, state_shapes
 
 # ChatRWKV counts a generated token 0 towards the frequency penalty when its text is a
 # substring of this (a space, a tab, digits).
@@ -111,7 +114,7 @@ class _Spec(NamedTuple):
 class _Carry(NamedTuple):
     """Everything a decode block updates in place (donated)."""
 
-    state: dict
+    state: tuple  # the state as one (B, n) array per dtype (rwkv_jax.state.FlatLayout)
     keys: jax.Array  # (B, key words) uint32: each row's own PRNG key
     counts: jax.Array  # (B, V) float32 penalty counts; (B, 0) without penalties
     seen: jax.Array  # (B, V) bool: generated before; (B, 0) without penalties
@@ -192,9 +195,9 @@ def _keep_rows(live, new, old):
     return jax.tree.map(pick, new, old)
 
 
-def _prefill_piece(model, params, tokens, state):
-    _, state = model.apply({"params": params}, tokens, state, last_only=True)
-    return state  # the logits are unused, so XLA drops the head
+def _prefill_piece(model, layout, params, tokens, flat):
+    _, state = model.apply({"params": params}, tokens, layout.unflatten(flat), last_only=True)
+    return layout.flatten(state)  # the logits are unused, so XLA drops the head
 
 
 def _model_step(model, rows, params, state, token):
@@ -211,8 +214,8 @@ def _model_step(model, rows, params, state, token):
     return logits[:, 0], state
 
 
-def _decode_block(model, spec, rows, params, carry: _Carry, forced_tok, forced_mask, allowed,
-                  stop_ids, max_new, knobs, weight):
+def _decode_block(model, layout, spec, rows, params, carry: _Carry, forced_tok, forced_mask,
+                  allowed, stop_ids, max_new, knobs, weight):
     """Up to K = forced_tok.shape[1] decode steps; fewer once no row has a token left to feed.
 
     Step s feeds each row's `carry.token` and picks the row's next token: its prompt token
@@ -222,7 +225,8 @@ def _decode_block(model, spec, rows, params, carry: _Carry, forced_tok, forced_m
     host found). Returns the carry and the emitted tokens (B, K), -1 where none was.
     """
     B, K = forced_tok.shape
-    carry = carry._replace(consume=carry.consume & allowed, alive=carry.alive & allowed)
+    carry = carry._replace(state=layout.unflatten(carry.state), consume=carry.consume & allowed,
+                           alive=carry.alive & allowed)
 
     def body(loop):
         s, c, out = loop
@@ -246,10 +250,18 @@ def _decode_block(model, spec, rows, params, carry: _Carry, forced_tok, forced_m
 
     _, carry, out = jax.lax.while_loop(more, body, (jnp.int32(0), carry,
                                                     jnp.full((B, K), -1, jnp.int32)))
-    return carry, out
+    return carry._replace(state=layout.flatten(carry.state)), out
 
 
-def _feed_rows(model, rows, params, state, tokens, counts):
+def _carry_parts(keys, token, pen: int):
+    """A fresh _Carry's fields after the state: every row consumes `token` first, and is alive;
+    penalty counts of width `pen` (0 without penalties)."""
+    B = token.shape[0]
+    return (keys, jnp.zeros((B, pen), jnp.float32), jnp.zeros((B, pen), bool), token,
+            jnp.ones(B, bool), jnp.ones(B, bool), jnp.zeros(B, jnp.int32))
+
+
+def _feed_rows(model, layout, rows, params, flat, tokens, counts):
     """The state after row i has fed tokens[i, :counts[i]] one step at a time, as decoding
     does (the replay of a row that a stop string ended in the middle of a block)."""
 
@@ -257,7 +269,8 @@ def _feed_rows(model, rows, params, state, tokens, counts):
         _, new = _model_step(model, rows, params, state, tokens[:, s])
         return _keep_rows(s < counts, new, state)
 
-    return jax.lax.fori_loop(0, tokens.shape[1], body, state)
+    state = jax.lax.fori_loop(0, tokens.shape[1], body, layout.unflatten(flat))
+    return layout.flatten(state)
 
 
 # Leaves kept in float32 although they have two or more dimensions: the learned codec, learned
@@ -413,19 +426,27 @@ class Generator:
         # weight array) is paid once per block, and text streams out a block at a time.
         self.decode_block = decode_block
         self.model = RWKV(config)
-        self._piece = jax.jit(partial(_prefill_piece, self.model), donate_argnums=(2,))
+        # Between its compiled calls the generator keeps a state flat: one (B, n) array per
+        # dtype, where the tree is 5 arrays a layer, each of which a call hands back to the host
+        # one by one (FlatLayout says what that costs). Callers see the tree.
+        self._layout = layout = FlatLayout.of(state_shapes(config, 1))
+        self._piece = jax.jit(partial(_prefill_piece, self.model, layout), donate_argnums=(2,))
         self._blocks: dict[_Spec, Callable] = {}
-        self._feed_fn = jax.jit(partial(_feed_rows, self.model, decode_rows),
+        self._feed_fn = jax.jit(partial(_feed_rows, self.model, layout, decode_rows),
                                 compiler_options=_loop_options())
-        # A state in buffers of its own (the steps donate theirs) as one compiled call, where a
-        # copy per array costs a dispatch each (a 24-layer state is 120 arrays: ~10 ms a call on
-        # a GPU); committed to this device as the steps' outputs are, since jit compiles a
-        # function again for an argument placed differently.
-        self._on_device = jax.sharding.SingleDeviceSharding(self._device)
-        self._snapshot = jax.jit(_copy, out_shardings=self._on_device)
+        # Outputs committed to this device, as the steps' are: jit compiles a function again for
+        # an argument placed differently. A caller's state is copied (the steps donate theirs).
+        self._on_device = on_device = jax.sharding.SingleDeviceSharding(self._device)
+        self._snapshot = jax.jit(_copy, out_shardings=on_device)
+        self._flatten = jax.jit(lambda state: _copy(layout.flatten(state)), out_shardings=on_device)
+        self._unflatten = jax.jit(layout.unflatten, out_shardings=on_device)
         self._initial = jax.jit(partial(initial_state, config), static_argnums=(1,),
-                                out_shardings=self._on_device)
+                                out_shardings=on_device)
+        self._initial_flat = jax.jit(
+            lambda learned, B: layout.flatten(initial_state(config, learned, B)),
+            static_argnums=(1,), out_shardings=on_device)
         self._merge = jax.jit(_keep_rows)
+        self._carry_parts = jax.jit(_carry_parts, static_argnums=(2,), out_shardings=on_device)
         self._apply = jax.jit(lambda p, x, s: self.model.apply({"params": p}, x, s))
         self._weights: jax.Array | None = None
         self._codec_fns: dict[str, Callable] = {}
@@ -439,8 +460,8 @@ class Generator:
         """The compiled decode block for these sampling settings (compiled on first use)."""
         if spec not in self._blocks:
             self._blocks[spec] = jax.jit(
-                partial(_decode_block, self.model, spec, self.decode_rows), donate_argnums=(1,),
-                compiler_options=_loop_options())
+                partial(_decode_block, self.model, self._layout, spec, self.decode_rows),
+                donate_argnums=(1,), compiler_options=_loop_options())
         return self._blocks[spec]
 
     # --------------------------------------------------------------- inputs and states
@@ -454,19 +475,28 @@ class Generator:
 
     def reset(self, batch_size: int) -> dict:
         """A fresh state: the zero state, or the learned initial state where the model has one."""
-        learned = None
-        if self.config.learned_init_state:  # only what initial_state reads goes in the call
-            learned = {name: {"init_state": block["init_state"]}
-                       for name, block in self.params.items() if "init_state" in block}
         # Each leaf a buffer of its own (a compiled call's outputs are), as the steps donate them.
-        return self._initial(learned, batch_size)
+        return self._initial(self._learned(), batch_size)
 
-    def _own(self, state: dict) -> dict:
-        """A caller's state, copied onto this device (the steps donate what they are given)."""
-        if not all(isinstance(a, jax.Array) and a.sharding == self._on_device
-                   for a in jax.tree.leaves(state)):
+    def _learned(self) -> dict | None:
+        """The learned initial state's parameters, where the model has them."""
+        if not self.config.learned_init_state:
+            return None
+        # Only what initial_state reads goes in the call.
+        return {name: {"init_state": block["init_state"]}
+                for name, block in self.params.items() if "init_state" in block}
+
+    def _fresh(self, batch_size: int) -> tuple:
+        """reset(batch_size), flat."""
+        return self._initial_flat(self._learned(), batch_size)
+
+    def _own(self, state: dict) -> tuple:
+        """A caller's state, checked, flat, in buffers of its own on this device (the steps
+        donate what they are given)."""
+        leaves = self._layout.check(state)
+        if not all(isinstance(a, jax.Array) and a.sharding == self._on_device for a in leaves):
             state = self._put(state)
-        return self._snapshot(state)
+        return self._flatten(state)
 
     def _key_data(self, seed: int) -> np.ndarray:
         key = (seed, str(jax.config.jax_default_prng_impl))
@@ -509,12 +539,15 @@ class Generator:
             raise ValueError("feed: every row must have the same number of tokens "
                              "(generate takes prompts of different lengths)")
         tokens = np.asarray(rows, np.int32)
-        state = self.reset(len(tokens)) if state is None else self._own(state)
+        flat = self._fresh(len(tokens)) if state is None else self._own(state)
+        if flat[0].shape[0] != len(tokens):
+            raise ValueError(f"the state holds {flat[0].shape[0]} rows for {len(tokens)} rows "
+                             "of tokens")
         a = 0
         for n in self._pieces(tokens.shape[1]):
-            state = self._piece(self.params, self._put(tokens[:, a : a + n]), state)
+            flat = self._piece(self.params, self._put(tokens[:, a : a + n]), flat)
             a += n
-        return state
+        return self._unflatten(flat)
 
     def score(self, tokens, chunk_len: int = 256, state: dict | None = None,
               compression: str = "none") -> dict:
@@ -597,9 +630,9 @@ class Generator:
         L0 = min(lengths)
         spec = sampling.spec(self.config.vocab_size)
         V, K = self.config.vocab_size, self.decode_block
-        state = self.reset(B) if state is None else self._own(state)
-        if state["pos"].shape[0] != B:
-            raise ValueError(f"the state holds {state['pos'].shape[0]} rows for {B} prompts")
+        state = self._fresh(B) if state is None else self._own(state)  # flat
+        if state[0].shape[0] != B:
+            raise ValueError(f"the state holds {state[0].shape[0]} rows for {B} prompts")
         stop_set = {int(t) for t in stop_tokens}
         # Padded to a power of two with -1 (no token), so the block compiles once per size class.
         stop_ids = np.full(1 << max(len(stop_set) - 1, 0).bit_length(), -1, np.int32)
@@ -607,14 +640,13 @@ class Generator:
         pen = V if spec.penalties else 0
         keys = np.stack([self._key_data(int(s)) for s in seeds])
         common = np.asarray([r[:L0] for r in rows], np.int32)
-        yes = np.ones(B, bool)
         no_force = (np.zeros((B, K), np.int32), np.zeros((B, K), bool))
         allowed_np = np.ones(B, bool)
         allowed_sent = allowed_np.copy()  # what the device has; the loop changes allowed_np
-        # What the steps donate, fresh, in one transfer (a device_put walks its whole tree; the
-        # state, on the device already, stays out of it); the rest as kept from earlier calls.
-        small = self._put((keys, np.zeros((B, pen), np.float32), np.zeros((B, pen), bool),
-                           common[:, -1], yes, yes.copy(), np.zeros(B, np.int32)))
+        # What the steps donate besides the state, made on the device by one compiled call
+        # (jit moves numpy arguments over in ~30 us where device_put takes ~300 for these seven
+        # on a CPU); the rest as kept from earlier calls.
+        small = self._carry_parts(keys, common[:, -1].copy(), pen)
         weight = (self._count_weights(),) if spec.penalties else self._const(np.ones(1, np.float32))
         consts = (*self._const(stop_ids, np.int32(max_new_tokens), sampling.knobs()), *weight)
         no_force_dev = self._const(*no_force)
@@ -657,7 +689,7 @@ class Generator:
                 snapshots[b] = self._snapshot(carry.state)
             host_forced, dev_forced = forced(b)
             carry, out = block(self.params, carry, *dev_forced, allowed, *consts)
-            return carry, (b, out, host_forced)
+            return carry, (out, host_forced)
 
         # Without a tokenizer there is no text: token ids only.
         texts = [_TextTail(self.tokenizer, stop) if self.tokenizer is not None else None
@@ -666,16 +698,21 @@ class Generator:
         reasons = [""] * B
         feed_in = common[:, -1].copy()  # the token each row feeds first in the current block
         steps = 0
+        # Every row is done within its prompt plus max_new_tokens selections, and one step more
+        # feeds its last token into a state kept: no block is launched past those (a launch
+        # costs the host ~2 ms at 1.5B on the H200 machine, in the way of a short call's read).
+        n_blocks = -(-(n_forced + max_new_tokens + keep_state) // K)
         carry, current = launch(0, carry, allowed)
-        while True:
+        for b in range(n_blocks):
             # Queue block b + 1, then read block b: the device runs a block ahead of this loop.
             if not np.array_equal(allowed_sent, allowed_np):
                 # A copy: on CPU the device array may share the numpy buffer, which this loop
                 # goes on changing while queued blocks still read it.
                 allowed_sent = allowed_np.copy()
                 allowed = self._put(allowed_sent)
-            b, out, (ftok, fmask) = current
-            carry, current = launch(b + 1, carry, allowed)
+            out, (ftok, fmask) = current
+            if b + 1 < n_blocks:
+                carry, current = launch(b + 1, carry, allowed)
             picked = np.asarray(out)
             selections = np.where(fmask, ftok, picked)
             cut = np.zeros(B, np.int32)  # per row ended by a stop string here: tokens to replay
@@ -715,12 +752,11 @@ class Generator:
         final = carry.state
         for rows_fixed, fixed in fixes:
             final = self._merge(rows_fixed, fixed, final)
-        if keep_state:
-            jax.block_until_ready(final)
+        final = jax.block_until_ready(self._unflatten(final)) if keep_state else None
         t2 = time.perf_counter()
         return Generation(
             texts=[t.text if t else "" for t in texts], tokens=generated, stop_reasons=reasons,
-            state=final if keep_state else None,
+            state=final,
             timings={"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps,
                      "new_tokens": sum(len(g) for g in generated)})
 

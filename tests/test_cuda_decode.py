@@ -270,3 +270,24 @@ def test_the_head_as_rows_gives_the_same_logits(dtype):
     step = tokens[:, :1]
     chex.assert_trees_all_equal(apply({"params": rows}, step, state),
                                 apply({"params": params}, step, state))
+
+
+@pytest.mark.skipif(not _runs_here(), reason="needs a GPU of compute capability 9.0 and nvcc")
+def test_generate_through_the_kernel_keeps_the_state_of_every_token():
+    """generate with the CUDA kernel, end to end (the state flat between calls, blocks of 16
+    steps, a caller's state left as it was): the state it returns is XLA's after the prompt and
+    every generated token."""
+    config = _config(n_layer=3, dtype="bfloat16")
+    params = perturbed(init_params(config, jax.random.PRNGKey(0)))
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.ndim == 2 else a, params)
+    gen = Generator(config, params, decode_kernels="cuda")
+    prompt = [3, 14, 15, 9, 2, 6]
+    start = gen.feed(prompt[:4])
+    before = jax.tree.map(np.asarray, start)
+    first = gen.generate(prompt[4:], state=start, max_new_tokens=20, keep_state=True)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, start), before)  # the caller's, kept
+    assert len(first.tokens[0]) == 20
+    _, want = jax.jit(RWKV(config).apply)({"params": params},
+                                           jnp.asarray([prompt + first.tokens[0]]))
+    for g, w in zip(jax.tree.leaves(first.state), jax.tree.leaves(want)):
+        assert float(jnp.max(jnp.abs(g - w))) <= 3e-2 * float(jnp.max(jnp.abs(w))) + 1e-6

@@ -3,6 +3,7 @@ sampling, streaming, scoring and sessions."""
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import chex
@@ -18,6 +19,7 @@ from rwkv_jax.data import ByteTokenizer
 from rwkv_jax.generate import (GREEDY, Generator, Sampling, Session, _advance, _Carry, _draw,
                                _TextTail)
 from rwkv_jax.model import RWKV, init_params, initial_state
+from rwkv_jax.state import FlatLayout, init_state
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\n"
 V = len(CHARS)
@@ -275,3 +277,34 @@ def test_fresh_and_returned_states_share_the_compiled_steps(learned):
     fed = gen.feed("abcd")
     gen.feed("abcd", fed)  # the same piece, from a state the generator returned
     assert gen._piece._cache_size() == 1
+
+
+def test_a_flat_state_is_the_state_in_one_array_per_dtype():
+    """FlatLayout, which the generator keeps its states in between compiled calls: a hybrid
+    state (float32 RWKV, bf16 key-value window, int32 positions) joins into one (B, n) array
+    per dtype and splits back bit for bit, and a per-row select works on the flat arrays."""
+    config = dataclasses.replace(HYBRID, dtype="bfloat16")
+    state = jax.tree.map(lambda a: a + jnp.arange(a.size, dtype=a.dtype).reshape(a.shape),
+                         init_state(config, 3))
+    layout = FlatLayout.of(state)
+    flat = jax.jit(layout.flatten)(state)
+    assert [(a.shape[0], a.dtype) for a in flat] == [(3, jnp.float32), (3, jnp.bfloat16),
+                                                      (3, jnp.int32)]
+    assert sum(a.size for a in flat) == sum(a.size for a in jax.tree.leaves(state))
+    chex.assert_trees_all_equal(jax.jit(layout.unflatten)(flat), state)
+    rows = jnp.array([True, False, True])
+    picked = jax.tree.map(lambda a: a[rows], state)
+    chex.assert_trees_all_equal(layout.unflatten([a[rows] for a in flat]), picked)
+
+
+def test_a_state_of_another_model_is_refused_with_the_reason():
+    gen = _generator(PURE)
+    wider = ModelConfig(vocab_size=V, n_layer=PURE.n_layer, n_embd=2 * PURE.n_embd)
+    with pytest.raises(ValueError, match=r"state array 0 has shape \(1, 64\); this model's is "
+                                         r"\(batch, 32\)"):
+        gen.generate("a", state=init_state(wider, 1), max_new_tokens=2)
+    deeper = ModelConfig(vocab_size=V, n_layer=PURE.n_layer + 1, n_embd=PURE.n_embd)
+    with pytest.raises(ValueError, match="not this model's state tree"):
+        gen.feed("a", init_state(deeper, 1))
+    with pytest.raises(ValueError, match="the state holds 2 rows for 1 prompts"):
+        gen.generate("a", state=gen.reset(2), max_new_tokens=2)
