@@ -253,12 +253,13 @@ def _decode_block(model, layout, spec, rows, params, carry: _Carry, forced_tok, 
     return carry._replace(state=layout.flatten(carry.state)), out
 
 
-def _carry_parts(keys, token, pen: int):
-    """A fresh _Carry's fields after the state: every row consumes `token` first, and is alive;
-    penalty counts of width `pen` (0 without penalties)."""
+def _start(layout, state, keys, token, pen: int) -> _Carry:
+    """A call's first carry: `state` flat, in buffers of its own (the steps donate them); every
+    row consumes `token` first and is alive; penalty counts of width `pen` (0: none)."""
     B = token.shape[0]
-    return (keys, jnp.zeros((B, pen), jnp.float32), jnp.zeros((B, pen), bool), token,
-            jnp.ones(B, bool), jnp.ones(B, bool), jnp.zeros(B, jnp.int32))
+    return _Carry(_copy(layout.flatten(state)), keys, jnp.zeros((B, pen), jnp.float32),
+                  jnp.zeros((B, pen), bool), token, jnp.ones(B, bool), jnp.ones(B, bool),
+                  jnp.zeros(B, jnp.int32))
 
 
 def _feed_rows(model, layout, rows, params, flat, tokens, counts):
@@ -439,6 +440,13 @@ class Generator:
         self._on_device = on_device = jax.sharding.SingleDeviceSharding(self._device)
         self._snapshot = jax.jit(_copy, out_shardings=on_device)
         self._flatten = jax.jit(lambda state: _copy(layout.flatten(state)), out_shardings=on_device)
+        # A generate call's carry, made in one call (each call costs the host ~0.6 ms on the
+        # H200 machine): from a caller's state, or from the initial state.
+        self._start = jax.jit(partial(_start, layout), static_argnums=(3,),
+                              out_shardings=on_device)
+        self._start_fresh = jax.jit(
+            lambda learned, *a: _start(layout, initial_state(config, learned, a[1].shape[0]), *a),
+            static_argnums=(3,), out_shardings=on_device)
         self._unflatten = jax.jit(layout.unflatten, out_shardings=on_device)
         self._initial = jax.jit(partial(initial_state, config), static_argnums=(1,),
                                 out_shardings=on_device)
@@ -446,7 +454,6 @@ class Generator:
             lambda learned, B: layout.flatten(initial_state(config, learned, B)),
             static_argnums=(1,), out_shardings=on_device)
         self._merge = jax.jit(_keep_rows)
-        self._carry_parts = jax.jit(_carry_parts, static_argnums=(2,), out_shardings=on_device)
         self._apply = jax.jit(lambda p, x, s: self.model.apply({"params": p}, x, s))
         self._weights: jax.Array | None = None
         self._codec_fns: dict[str, Callable] = {}
@@ -490,13 +497,15 @@ class Generator:
         """reset(batch_size), flat."""
         return self._initial_flat(self._learned(), batch_size)
 
-    def _own(self, state: dict) -> tuple:
-        """A caller's state, checked, flat, in buffers of its own on this device (the steps
-        donate what they are given)."""
+    def _placed(self, state: dict, batch_size: int) -> dict:
+        """A caller's state, checked against the model and the batch, on this device."""
         leaves = self._layout.check(state)
+        if leaves[0].shape[0] != batch_size:
+            raise ValueError(f"the state holds {leaves[0].shape[0]} rows for {batch_size} "
+                             "prompts")
         if not all(isinstance(a, jax.Array) and a.sharding == self._on_device for a in leaves):
             state = self._put(state)
-        return self._flatten(state)
+        return state
 
     def _key_data(self, seed: int) -> np.ndarray:
         key = (seed, str(jax.config.jax_default_prng_impl))
@@ -539,10 +548,10 @@ class Generator:
             raise ValueError("feed: every row must have the same number of tokens "
                              "(generate takes prompts of different lengths)")
         tokens = np.asarray(rows, np.int32)
-        flat = self._fresh(len(tokens)) if state is None else self._own(state)
-        if flat[0].shape[0] != len(tokens):
-            raise ValueError(f"the state holds {flat[0].shape[0]} rows for {len(tokens)} rows "
-                             "of tokens")
+        if state is None:
+            flat = self._fresh(len(tokens))
+        else:  # a copy, flat (the pieces donate what they are given)
+            flat = self._flatten(self._placed(state, len(tokens)))
         a = 0
         for n in self._pieces(tokens.shape[1]):
             flat = self._piece(self.params, self._put(tokens[:, a : a + n]), flat)
@@ -630,9 +639,8 @@ class Generator:
         L0 = min(lengths)
         spec = sampling.spec(self.config.vocab_size)
         V, K = self.config.vocab_size, self.decode_block
-        state = self._fresh(B) if state is None else self._own(state)  # flat
-        if state[0].shape[0] != B:
-            raise ValueError(f"the state holds {state[0].shape[0]} rows for {B} prompts")
+        if state is not None:
+            state = self._placed(state, B)
         stop_set = {int(t) for t in stop_tokens}
         # Padded to a power of two with -1 (no token), so the block compiles once per size class.
         stop_ids = np.full(1 << max(len(stop_set) - 1, 0).bit_length(), -1, np.int32)
@@ -643,10 +651,14 @@ class Generator:
         no_force = (np.zeros((B, K), np.int32), np.zeros((B, K), bool))
         allowed_np = np.ones(B, bool)
         allowed_sent = allowed_np.copy()  # what the device has; the loop changes allowed_np
-        # What the steps donate besides the state, made on the device by one compiled call
-        # (jit moves numpy arguments over in ~30 us where device_put takes ~300 for these seven
-        # on a CPU); the rest as kept from earlier calls.
-        small = self._carry_parts(keys, common[:, -1].copy(), pen)
+        # What the steps donate, made on the device by one compiled call (jit moves numpy
+        # arguments over in ~30 us where device_put takes ~300 for seven on a CPU); the rest as
+        # kept from earlier calls.
+        first = common[:, -1].copy()
+        if state is None:
+            carry = self._start_fresh(self._learned(), keys, first, pen)
+        else:
+            carry = self._start(state, keys, first, pen)
         weight = (self._count_weights(),) if spec.penalties else self._const(np.ones(1, np.float32))
         consts = (*self._const(stop_ids, np.int32(max_new_tokens), sampling.knobs()), *weight)
         no_force_dev = self._const(*no_force)
@@ -658,11 +670,12 @@ class Generator:
         # step, which picks selection 0 from its logits (one compiled function fewer).
         a = 0
         for n in self._pieces(L0 - 1) if L0 > 1 else ():
-            state = self._piece(self.params, self._put(common[:, a : a + n]), state)
+            carry = carry._replace(
+                state=self._piece(self.params, self._put(common[:, a : a + n]), carry.state))
             a += n
-        jax.block_until_ready(state)
+        if a:  # waited for only to time the prefill: a wait costs a short call ~1 ms (H200 host)
+            jax.block_until_ready(carry.state)
         t1 = time.perf_counter()
-        carry = _Carry(state, *small)
 
         # Selection j is the token at position L0 + j of every row: its prompt's while that
         # lasts (forced), sampled after. Block b picks selections b*K .. b*K + K - 1.
