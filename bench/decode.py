@@ -248,12 +248,14 @@ def jax_worker(a) -> dict:
 def greedy_block_inputs(gen, state, tokens, steps: int):
     """The generator's compiled greedy decode block and what it takes, for timing it bare:
     (block, carry, rest) with `carry, out = block(gen.params, carry, *rest)` running `steps`
-    steps that never end a row."""
+    steps that never end a row. state: a state (copied), or a carry's flat state (taken)."""
     import numpy as np  # noqa: PLC0415
 
     from rwkv_jax.generate import GREEDY, _Carry  # noqa: PLC0415
 
     B = len(tokens)
+    if isinstance(state, dict):  # the tree callers see; a block carries it flat
+        state = gen._flatten(gen._placed(state, B))
     yes = np.ones((B,), bool)
     carry = gen._put(_Carry(state, np.zeros((B, 2), np.uint32), np.zeros((B, 0), np.float32),
                             np.zeros((B, 0), bool), np.asarray(tokens, np.int32), yes, yes,
@@ -287,7 +289,7 @@ def measure_decode(gen, prefilled, token: int, B: int, n: int) -> dict:
     state = jax.tree.map(lambda x: jnp.repeat(x, B, axis=0), prefilled)
     rows = [[token]] * B
     t = time.perf_counter()
-    gen.generate(rows, state=state, max_new_tokens=4)  # compiles
+    gen.generate(rows, state=state, max_new_tokens=4, keep_state=True)  # compiles
     compile_s = time.perf_counter() - t
     t = time.perf_counter()
     res = gen.generate(rows, state=state, max_new_tokens=n, keep_state=True)

@@ -66,7 +66,7 @@ def run_model(name: str, n: int, tmp: str) -> dict:
     prompt = np.random.default_rng(1).integers(0, V, 64).tolist()
     state = gen.feed([prompt])
 
-    block, carry, rest = greedy_block_inputs(gen, gen._own(state), [prompt[-1]], n)
+    block, carry, rest = greedy_block_inputs(gen, state, [prompt[-1]], n)
     _, per_call, _ = time_bare_blocks(gen, block, carry, rest, 3)  # the carry is donated
     out["step_ms"] = 1e3 * per_call / n
 
@@ -106,11 +106,11 @@ def run_model(name: str, n: int, tmp: str) -> dict:
     # inputs), the later ones on the buffers the block before wrote (donated): the difference
     # is what new buffers cost a launch (its CUDA graph rewritten for them, if that is it).
     K = gen.decode_block
-    blockk, carry, rest = greedy_block_inputs(gen, gen._own(state), [prompt[-1]], K)
+    blockk, carry, rest = greedy_block_inputs(gen, state, [prompt[-1]], K)
     times = {"same": [], "fresh": []}
     for i in range(7):
         if i % 2:
-            carry = greedy_block_inputs(gen, gen._own(state), [prompt[-1]], K)[1]
+            carry = greedy_block_inputs(gen, state, [prompt[-1]], K)[1]
         t = time.perf_counter()
         carry, o = blockk(p, carry, *rest)
         o.block_until_ready()
