@@ -8,10 +8,9 @@ consecutive RWKV-4 blocks on a decode step, and `block_step`, the same for one b
 (rwkv_jax.layers.RWKVBlock on its own). Anything that stops it (no GPU, an older GPU, no nvcc,
 weights that are not bf16) raises `Unavailable` with the reason, before any work.
 
-Status (H200, 2026-12-01, bench/README.md): with five consumer warps 3B decoded at 1.70 ms per
-token through it over a whole generate call of 100 tokens (1.56 on the device alone, 1.12x the
-memory floor), against XLA's 2.29. Six, the default since, take a 3B block 0.8 us longer and a
-1.5B block 2.7 shorter (32.1 us): 1.5B then steps in 0.877 ms on the device, 1.27x its floor.
+Status (H200, 2026-12-01, bench/README.md): 3B decodes at 1.72 ms per token through it over a
+whole generate call of 100 tokens (1.58 on the device alone, 1.13x the memory floor), against
+XLA's 2.39; 1.5B at 0.95 (0.87 on the device, 1.26x), against 1.48.
 infer.py takes it by itself where it runs (--decode_kernels auto);
 rwkv_jax.generate only when asked: a generator serves one weight layout, and batch 16 on this
 one runs XLA's products at half their speed.
