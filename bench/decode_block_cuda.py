@@ -41,10 +41,10 @@ from decode import MODELS  # noqa: E402  bench/decode.py
 # one such key in layer 1 of the 2-row run moved 12.5% of that layer's x by more than float
 # noise (2026-12-01). A rounding missed or added moves nearly all of them (97% in a CPU test).
 # A flip early in the time-mix travels further: at n_embd 3072 (the most six warps take) a few
-# phase-0 keys and values flipped (0.4% of aa and bb off, LN1's output exact) and put 54% of the
-# layer's x off by at most 2.2e-3 (H200, session 13). The norms are no longer a cause: the
+# phase-0 keys and values flipped (0.4% of aa and bb off, LN1's output matching) and put 54% of
+# the layer's x off by at most 2.2e-3 (H200, session 13). The norms are no longer a cause: the
 # reference sums them in the kernel's order, where in double it had put 50.8% of a 169M layer
-# off for 4, 6 and 8 warps (session 12); in the kernel's order that layer matches bit for bit.
+# off for 4, 6 and 8 warps (session 12); in the kernel's order none is (max error 8e-8).
 MAX_ERROR, MAX_OFF = 1e-2, 0.75
 
 

@@ -24,13 +24,14 @@ launching it (hundreds of weight arrays) costs the host about as much again.
 
 The host reads each block's tokens one block late, after queueing the next block (none past
 the last block a call can need), so the device never waits for Python; stop strings and
-streaming work on those tokens. Between calls the state stays flat on the device, one array per
-dtype (rwkv_jax.state.FlatLayout): what a call costs the host grows with the arrays it returns. A stop string
-ends its row from the next block queued on; the state a call returns has consumed every token
-of each row, the last generated one included (a row that stopped early is frozen from then
-on), so a next call continues from it with new text. Where a stop string ended a row in the
-middle of a block and the state is kept, that row's state is recomputed from the block's start
-(a copy taken before the block ran) through its last token.
+streaming work on those tokens. Between the generator's own compiled calls the state stays flat
+on the device, one array per dtype (rwkv_jax.state.FlatLayout): what a call costs the host
+grows with the arrays it returns; callers get the tree. A stop string ends its row from the
+next block queued on; the state a call returns has consumed every token of each row, the last
+generated one included (a row that stopped early is frozen from then on), so a next call
+continues from it with new text. Where a stop string ended a row in the middle of a block and
+the state is kept, that row's state is recomputed from the block's start (a copy taken before
+the block ran) through its last token.
 
 Sampling follows ChatRWKV (the `rwkv` package's PIPELINE):
   1. penalties: logits[t] -= presence_penalty * [t was generated] + frequency_penalty * count[t];
@@ -254,8 +255,8 @@ def _decode_block(model, layout, spec, rows, params, carry: _Carry, forced_tok, 
 
 
 def _start(layout, state, keys, token, pen: int) -> _Carry:
-    """A call's first carry: `state` flat, in buffers of its own (the steps donate them); every
-    row consumes `token` first and is alive; penalty counts of width `pen` (0: none)."""
+    """A call's first carry: `state` flat, copied (the steps donate it); every row consumes
+    `token` first and is alive; penalty counts of width `pen` (0: none)."""
     B = token.shape[0]
     return _Carry(_copy(layout.flatten(state)), keys, jnp.zeros((B, pen), jnp.float32),
                   jnp.zeros((B, pen), bool), token, jnp.ones(B, bool), jnp.ones(B, bool),
@@ -428,8 +429,8 @@ class Generator:
         self.decode_block = decode_block
         self.model = RWKV(config)
         # Between its compiled calls the generator keeps a state flat: one (B, n) array per
-        # dtype, where the tree is 5 arrays a layer, each of which a call hands back to the host
-        # one by one (FlatLayout says what that costs). Callers see the tree.
+        # dtype, where the tree has several arrays a layer (121 for a 24-layer RWKV-4), each of
+        # which a call hands back to the host one by one (FlatLayout says what that costs).
         self._layout = layout = FlatLayout.of(state_shapes(config, 1))
         self._piece = jax.jit(partial(_prefill_piece, self.model, layout), donate_argnums=(2,))
         self._blocks: dict[_Spec, Callable] = {}
@@ -482,7 +483,6 @@ class Generator:
 
     def reset(self, batch_size: int) -> dict:
         """A fresh state: the zero state, or the learned initial state where the model has one."""
-        # Each leaf a buffer of its own (a compiled call's outputs are), as the steps donate them.
         return self._initial(self._learned(), batch_size)
 
     def _learned(self) -> dict | None:
@@ -497,12 +497,12 @@ class Generator:
         """reset(batch_size), flat."""
         return self._initial_flat(self._learned(), batch_size)
 
-    def _placed(self, state: dict, batch_size: int) -> dict:
+    def _placed(self, state: dict, batch_size: int, what: str = "prompts") -> dict:
         """A caller's state, checked against the model and the batch, on this device."""
         leaves = self._layout.check(state)
-        if leaves[0].shape[0] != batch_size:
-            raise ValueError(f"the state holds {leaves[0].shape[0]} rows for {batch_size} "
-                             "prompts")
+        if np.shape(leaves[0])[0] != batch_size:
+            raise ValueError(f"the state holds {np.shape(leaves[0])[0]} rows for {batch_size} "
+                             f"{what}")
         if not all(isinstance(a, jax.Array) and a.sharding == self._on_device for a in leaves):
             state = self._put(state)
         return state
@@ -551,7 +551,7 @@ class Generator:
         if state is None:
             flat = self._fresh(len(tokens))
         else:  # a copy, flat (the pieces donate what they are given)
-            flat = self._flatten(self._placed(state, len(tokens)))
+            flat = self._flatten(self._placed(state, len(tokens), "rows of tokens"))
         a = 0
         for n in self._pieces(tokens.shape[1]):
             flat = self._piece(self.params, self._put(tokens[:, a : a + n]), flat)
@@ -714,7 +714,7 @@ class Generator:
         # Every row is done within its prompt plus max_new_tokens selections, and one step more
         # feeds its last token into a state kept: no block is launched past those (a launch
         # costs the host ~2 ms at 1.5B on the H200 machine, in the way of a short call's read).
-        n_blocks = -(-(n_forced + max_new_tokens + keep_state) // K)
+        n_blocks = -(-(n_forced + max_new_tokens + int(bool(keep_state))) // K)
         carry, current = launch(0, carry, allowed)
         for b in range(n_blocks):
             # Queue block b + 1, then read block b: the device runs a block ahead of this loop.
@@ -812,7 +812,9 @@ def _run_args(kwargs: dict) -> dict:
 
 
 def _copy(state: dict) -> dict:
-    # The steps donate their state; a caller's own arrays must survive the call.
+    # The steps donate their state; a caller's own arrays must survive the call. Under jit an
+    # array a function returns as it came in may be handed back as the input itself (a leaf
+    # that flattens to itself); a copy is an operation of its own, so its output never is.
     return jax.tree.map(jnp.copy, state)
 
 

@@ -88,62 +88,85 @@ def reset_rows(state: dict, fresh: dict, rows: jax.Array) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class FlatLayout:
-    """A state's arrays joined into one (B, n) array per dtype, and split back.
+    """A state's small arrays joined into one (B, n) array per dtype, and split back.
 
     For the boundary of a compiled call: each array a call returns costs the host a few
-    microseconds to hand back (about 14 on the H200 machine's host, where a 24-layer RWKV-4
+    microseconds to hand back (about 15 on the H200 machine's host, where a 24-layer RWKV-4
     state is 121 arrays: ~2 ms of every generate call, bench/README.md), while slicing and
-    joining a few megabytes on the device costs microseconds once. Rows stay rows (every
-    array's first axis is the batch), so a per-row select works on the joined arrays as on the
-    tree. Hashable: a compiled function closes over it.
+    joining a few megabytes on the device costs microseconds once. Arrays of `separate_from`
+    elements a row or more (an attention layer's key-value window) stay arrays of their own:
+    joining them would copy them at every call. Rows stay rows (every array's first axis is the
+    batch), so a per-row select works on the flat arrays as on the tree. Hashable: a compiled
+    function closes over it.
     """
 
     treedef: Any
+    paths: tuple[str, ...]  # per leaf, as jax.tree_util.keystr writes it: for messages
     shapes: tuple[tuple[int, ...], ...]  # per leaf, without the batch axis
     dtypes: tuple[Any, ...]  # per leaf
+    joined: tuple[bool, ...]  # per leaf: in its dtype's joined array, or an array of its own
 
     @staticmethod
-    def of(state) -> FlatLayout:
-        leaves, treedef = jax.tree.flatten(state)
-        return FlatLayout(treedef, tuple(tuple(a.shape[1:]) for a in leaves),
-                          tuple(jnp.dtype(a.dtype) for a in leaves))
+    def of(state, separate_from: int = 1 << 20) -> FlatLayout:
+        pairs, treedef = jax.tree_util.tree_flatten_with_path(state)
+        shapes = tuple(tuple(a.shape[1:]) for _, a in pairs)
+        return FlatLayout(treedef, tuple(jax.tree_util.keystr(k) for k, _ in pairs), shapes,
+                          tuple(jnp.dtype(a.dtype) for _, a in pairs),
+                          tuple(math.prod(shape) < separate_from for shape in shapes))
 
     @property
     def groups(self) -> tuple[Any, ...]:
         """The joined arrays' dtypes, in order of first use."""
-        return tuple(dict.fromkeys(self.dtypes))
+        return tuple(dict.fromkeys(d for d, j in zip(self.dtypes, self.joined) if j))
 
     def check(self, state) -> list:
         """The state's arrays; ValueError unless it has this layout's tree and shapes (any
         batch size, the same for every array)."""
         leaves, treedef = jax.tree.flatten(state)
         if treedef != self.treedef:
-            raise ValueError(f"the state's tree {treedef} is not this model's state tree "
-                             f"{self.treedef} (a state of another model or config?)")
-        shapes = [getattr(a, "shape", None) or np.shape(a) for a in leaves]  # (np.shape is slow)
+            given = [jax.tree_util.keystr(k)
+                     for k, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+            missing = [k for k in self.paths if k not in set(given)]
+            extra = [k for k in given if k not in set(self.paths)]
+            what = "; ".join(f"{name} {', '.join(ks[:3])}{' ...' if len(ks) > 3 else ''}"
+                             for name, ks in (("it lacks", missing), ("it has no place for", extra))
+                             if ks) or f"its tree is {treedef}"
+            raise ValueError(f"the state is not this model's: {what} (a state of another model "
+                             "or config?)")
+        # .shape where there is one: np.shape on a jax.Array takes microseconds.
+        shapes = [tuple(getattr(a, "shape", None) or np.shape(a)) for a in leaves]
         batch = shapes[0][:1]
-        if not batch or any(s[:1] != batch or s[1:] != want for s, want in zip(shapes, self.shapes)):
-            i, s = next((i, s) for i, s in enumerate(shapes)
-                        if s[:1] != batch or s[1:] != self.shapes[i])
-            raise ValueError(f"state array {i} has shape {s}; this model's is (batch, "
-                             f"{', '.join(map(str, self.shapes[i]))}) with the batch of array "
-                             f"0, {batch}")
+        bad = next((i for i, (got, want) in enumerate(zip(shapes, self.shapes))
+                    if got[:1] != batch or got[1:] != want), None) if batch else 0
+        if bad is not None:
+            rows = f"B = {batch[0]}, the rows of state{self.paths[0]}" if batch else "B its rows"
+            raise ValueError(f"state{self.paths[bad]} has shape {shapes[bad]}; this model's is "
+                             f"(B, {', '.join(map(str, self.shapes[bad]))}) with {rows}")
         return leaves
 
     def flatten(self, state) -> tuple[jax.Array, ...]:
+        """One (B, n) array per dtype of the joined arrays, then the others as they are; each
+        cast to the layout's dtype. For a state that `check` passed (its rows are read off its
+        first array)."""
         leaves = jax.tree.leaves(state)
         B = leaves[0].shape[0]
-        return tuple(
-            jnp.concatenate([jnp.asarray(a, d).reshape(B, -1)
-                             for a, dt in zip(leaves, self.dtypes) if dt == d], axis=1)
-            for d in self.groups)
+        kinds = list(zip(leaves, self.dtypes, self.joined))
+        joined = tuple(jnp.concatenate([jnp.asarray(a, d).reshape(B, -1)
+                                        for a, dt, j in kinds if j and dt == d], axis=1)
+                       for d in self.groups)
+        return joined + tuple(jnp.asarray(a, d) for a, d, j in kinds if not j)
 
     def unflatten(self, flat: Sequence[jax.Array]):
+        groups = self.groups
         B = flat[0].shape[0]
-        at = dict.fromkeys(self.groups, 0)
-        joined = dict(zip(self.groups, flat))
+        at = dict.fromkeys(groups, 0)
+        joined = dict(zip(groups, flat))
+        separate = iter(flat[len(groups):])
         leaves = []
-        for shape, d in zip(self.shapes, self.dtypes):
+        for shape, d, j in zip(self.shapes, self.dtypes, self.joined):
+            if not j:
+                leaves.append(next(separate))
+                continue
             n = math.prod(shape)
             leaves.append(joined[d][:, at[d] : at[d] + n].reshape((B, *shape)))
             at[d] += n

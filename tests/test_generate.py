@@ -4,6 +4,7 @@ sampling, streaming, scoring and sessions."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from functools import partial
 
 import chex
@@ -259,7 +260,7 @@ def test_reset_gives_the_learned_initial_state_in_buffers_of_its_own():
     chex.assert_trees_all_close(fresh, initial_state(config, params, 3))
     assert float(jnp.abs(fresh["layers"][0]["aa"]).max()) > 0  # learned, not zero
     pointers = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(fresh)]
-    assert len(set(pointers)) == len(pointers)  # each donated separately by the steps
+    assert len(set(pointers)) == len(pointers)  # arrays of their own, none shared
     assert gen.generate("ab", max_new_tokens=3).tokens == gen.generate("ab", max_new_tokens=3).tokens
 
 
@@ -282,29 +283,35 @@ def test_fresh_and_returned_states_share_the_compiled_steps(learned):
 def test_a_flat_state_is_the_state_in_one_array_per_dtype():
     """FlatLayout, which the generator keeps its states in between compiled calls: a hybrid
     state (float32 RWKV, bf16 key-value window, int32 positions) joins into one (B, n) array
-    per dtype and splits back bit for bit, and a per-row select works on the flat arrays."""
+    per dtype, its large arrays (here the window, once the bound is lowered) kept as they are,
+    and splits back bit for bit; a per-row select works on the flat arrays."""
     config = dataclasses.replace(HYBRID, dtype="bfloat16")
     state = jax.tree.map(lambda a: a + jnp.arange(a.size, dtype=a.dtype).reshape(a.shape),
                          init_state(config, 3))
-    layout = FlatLayout.of(state)
-    flat = jax.jit(layout.flatten)(state)
-    assert [(a.shape[0], a.dtype) for a in flat] == [(3, jnp.float32), (3, jnp.bfloat16),
-                                                      (3, jnp.int32)]
-    assert sum(a.size for a in flat) == sum(a.size for a in jax.tree.leaves(state))
-    chex.assert_trees_all_equal(jax.jit(layout.unflatten)(flat), state)
     rows = jnp.array([True, False, True])
     picked = jax.tree.map(lambda a: a[rows], state)
-    chex.assert_trees_all_equal(layout.unflatten([a[rows] for a in flat]), picked)
+    kv = state["layers"][1]["k"]
+    for separate_from, want in ((1 << 20, [(3, jnp.float32), (3, jnp.bfloat16), (3, jnp.int32)]),
+                                (kv[0].size, [(3, jnp.float32), (3, jnp.int32)] + [kv.shape] * 2)):
+        layout = FlatLayout.of(state, separate_from)  # the window joined, then its own arrays
+        flat = jax.jit(layout.flatten)(state)
+        assert [(a.shape if a.ndim > 2 else (a.shape[0], a.dtype)) for a in flat] == want
+        assert sum(a.size for a in flat) == sum(a.size for a in jax.tree.leaves(state))
+        chex.assert_trees_all_equal(jax.jit(layout.unflatten)(flat), state)
+        chex.assert_trees_all_equal(layout.unflatten([a[rows] for a in flat]), picked)
 
 
 def test_a_state_of_another_model_is_refused_with_the_reason():
     gen = _generator(PURE)
     wider = ModelConfig(vocab_size=V, n_layer=PURE.n_layer, n_embd=2 * PURE.n_embd)
-    with pytest.raises(ValueError, match=r"state array 0 has shape \(1, 64\); this model's is "
-                                         r"\(batch, 32\)"):
+    with pytest.raises(ValueError, match=re.escape("state['layers'][0]['aa'] has shape (1, 64); "
+                                                   "this model's is (B, 32) with B = 1")):
         gen.generate("a", state=init_state(wider, 1), max_new_tokens=2)
     deeper = ModelConfig(vocab_size=V, n_layer=PURE.n_layer + 1, n_embd=PURE.n_embd)
-    with pytest.raises(ValueError, match="not this model's state tree"):
+    with pytest.raises(ValueError, match=re.escape("the state is not this model's: it has no "
+                                                   "place for ['layers'][2]['aa']")):
         gen.feed("a", init_state(deeper, 1))
+    with pytest.raises(ValueError, match=re.escape("state['pos'] has shape (2,)")):
+        gen.feed("a", {**gen.reset(1), "pos": np.zeros(2, np.int32)})
     with pytest.raises(ValueError, match="the state holds 2 rows for 1 prompts"):
         gen.generate("a", state=gen.reset(2), max_new_tokens=2)
