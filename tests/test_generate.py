@@ -315,3 +315,19 @@ def test_a_state_of_another_model_is_refused_with_the_reason():
         gen.feed("a", {**gen.reset(1), "pos": np.zeros(2, np.int32)})
     with pytest.raises(ValueError, match="the state holds 2 rows for 1 prompts"):
         gen.generate("a", state=gen.reset(2), max_new_tokens=2)
+
+
+def test_no_block_is_launched_past_the_last_a_call_needs():
+    """A launch costs the host milliseconds on a GPU: a call of n tokens from a one-token
+    prompt launches ceil(n / K) blocks, and one more step (so perhaps a block) only when the
+    state it returns must have fed the last token."""
+    config = ModelConfig(vocab_size=V, n_layer=2, n_embd=32)
+    gen = Generator(config, init_params(config, jax.random.PRNGKey(0)), CharTokenizer(),
+                    decode_block=4)
+    block = gen._block_fn(GREEDY.spec(V))
+    launched = []
+    gen._blocks[GREEDY.spec(V)] = lambda *a: launched.append(1) or block(*a)
+    for n, keep, want in ((4, False, 1), (4, True, 2), (5, False, 2), (3, True, 1)):
+        launched.clear()
+        r = gen.generate("a", max_new_tokens=n, keep_state=keep)
+        assert (len(launched), len(r.tokens[0])) == (want, n), (n, keep)
