@@ -255,7 +255,7 @@ def greedy_block_inputs(gen, state, tokens, steps: int):
 
     B = len(tokens)
     if isinstance(state, dict):  # the tree callers see; a block carries it flat
-        state = gen._flatten(gen._placed(state, B))
+        state = gen._flat_state(None, gen._placed(state, B), B)
     yes = np.ones((B,), bool)
     carry = gen._put(_Carry(state, np.zeros((B, 2), np.uint32), np.zeros((B, 0), np.float32),
                             np.zeros((B, 0), bool), np.asarray(tokens, np.int32), yes, yes,

@@ -254,13 +254,21 @@ def _decode_block(model, layout, spec, rows, params, carry: _Carry, forced_tok, 
     return carry._replace(state=layout.flatten(carry.state)), out
 
 
-def _start(layout, state, keys, token, pen: int) -> _Carry:
-    """A call's first carry: `state` flat, copied (the steps donate it); every row consumes
-    `token` first and is alive; penalty counts of width `pen` (0: none)."""
+def _flat_state(config, layout, learned, state, batch_size: int):
+    """`state`, or where it is None the initial state of `batch_size` rows, flat and copied
+    (the steps donate what they are given)."""
+    if state is None:
+        state = initial_state(config, learned, batch_size)
+    return _copy(layout.flatten(state))
+
+
+def _start(config, layout, learned, state, keys, token, pen: int) -> _Carry:
+    """A call's first carry: the state as _flat_state makes it; every row consumes `token`
+    first and is alive; penalty counts of width `pen` (0: none)."""
     B = token.shape[0]
-    return _Carry(_copy(layout.flatten(state)), keys, jnp.zeros((B, pen), jnp.float32),
-                  jnp.zeros((B, pen), bool), token, jnp.ones(B, bool), jnp.ones(B, bool),
-                  jnp.zeros(B, jnp.int32))
+    return _Carry(_flat_state(config, layout, learned, state, B), keys,
+                  jnp.zeros((B, pen), jnp.float32), jnp.zeros((B, pen), bool), token,
+                  jnp.ones(B, bool), jnp.ones(B, bool), jnp.zeros(B, jnp.int32))
 
 
 def _feed_rows(model, layout, rows, params, flat, tokens, counts):
@@ -440,20 +448,15 @@ class Generator:
         # an argument placed differently. A caller's state is copied (the steps donate theirs).
         self._on_device = on_device = jax.sharding.SingleDeviceSharding(self._device)
         self._snapshot = jax.jit(_copy, out_shardings=on_device)
-        self._flatten = jax.jit(lambda state: _copy(layout.flatten(state)), out_shardings=on_device)
-        # A generate call's carry, made in one call (each call costs the host ~0.6 ms on the
-        # H200 machine): from a caller's state, or from the initial state.
-        self._start = jax.jit(partial(_start, layout), static_argnums=(3,),
+        self._flat_state = jax.jit(partial(_flat_state, config, layout), static_argnums=(2,),
+                                   out_shardings=on_device)
+        # A generate call's whole first carry in one call (each costs the host ~0.6 ms on the
+        # H200 machine).
+        self._start = jax.jit(partial(_start, config, layout), static_argnums=(4,),
                               out_shardings=on_device)
-        self._start_fresh = jax.jit(
-            lambda learned, *a: _start(layout, initial_state(config, learned, a[1].shape[0]), *a),
-            static_argnums=(3,), out_shardings=on_device)
         self._unflatten = jax.jit(layout.unflatten, out_shardings=on_device)
         self._initial = jax.jit(partial(initial_state, config), static_argnums=(1,),
                                 out_shardings=on_device)
-        self._initial_flat = jax.jit(
-            lambda learned, B: layout.flatten(initial_state(config, learned, B)),
-            static_argnums=(1,), out_shardings=on_device)
         self._merge = jax.jit(_keep_rows)
         self._apply = jax.jit(lambda p, x, s: self.model.apply({"params": p}, x, s))
         self._weights: jax.Array | None = None
@@ -492,10 +495,6 @@ class Generator:
         # Only what initial_state reads goes in the call.
         return {name: {"init_state": block["init_state"]}
                 for name, block in self.params.items() if "init_state" in block}
-
-    def _fresh(self, batch_size: int) -> tuple:
-        """reset(batch_size), flat."""
-        return self._initial_flat(self._learned(), batch_size)
 
     def _placed(self, state: dict, batch_size: int, what: str = "prompts") -> dict:
         """A caller's state, checked against the model and the batch, on this device."""
@@ -548,10 +547,9 @@ class Generator:
             raise ValueError("feed: every row must have the same number of tokens "
                              "(generate takes prompts of different lengths)")
         tokens = np.asarray(rows, np.int32)
-        if state is None:
-            flat = self._fresh(len(tokens))
-        else:  # a copy, flat (the pieces donate what they are given)
-            flat = self._flatten(self._placed(state, len(tokens), "rows of tokens"))
+        if state is not None:
+            state = self._placed(state, len(tokens), "rows of tokens")
+        flat = self._flat_state(self._learned(), state, len(tokens))
         a = 0
         for n in self._pieces(tokens.shape[1]):
             flat = self._piece(self.params, self._put(tokens[:, a : a + n]), flat)
@@ -654,11 +652,7 @@ class Generator:
         # What the steps donate, made on the device by one compiled call (jit moves numpy
         # arguments over in ~30 us where device_put takes ~300 for seven on a CPU); the rest as
         # kept from earlier calls.
-        first = common[:, -1].copy()
-        if state is None:
-            carry = self._start_fresh(self._learned(), keys, first, pen)
-        else:
-            carry = self._start(state, keys, first, pen)
+        carry = self._start(self._learned(), state, keys, common[:, -1].copy(), pen)
         weight = (self._count_weights(),) if spec.penalties else self._const(np.ones(1, np.float32))
         consts = (*self._const(stop_ids, np.int32(max_new_tokens), sampling.knobs()), *weight)
         no_force_dev = self._const(*no_force)
