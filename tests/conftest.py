@@ -3,6 +3,8 @@ compilation cache for the programs that tests start."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -12,6 +14,22 @@ import pytest
 # whole suite on 2 cores: 793 s -> 593 s; 443 s with README's two workers, -n 2). The programs
 # tests start get the same through the environment (_shared_environment).
 jax.config.update("jax_disable_most_optimizations", True)
+
+# The tests hold float32 results to float32 tolerances (1e-4 and tighter). On a GPU, JAX's
+# default precision for float32 matrix products is TF32's 10-bit mantissa: prefilling in one
+# piece and token by token then gave states 1e-2 apart (H200, test_generate.py). A GPU run of
+# the suite asks for float32 products; on a CPU they are float32 already.
+if jax.default_backend() == "gpu":
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def repo_pythonpath() -> str:
+    """PYTHONPATH for a program a test starts: the repository, then the caller's own entries
+    (packages installed by path, as on the GPU machine, where dropping them lost ml_collections)."""
+    return os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,6 +46,8 @@ def _shared_environment(tmp_path_factory):
                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
                 "JAX_COMPILATION_CACHE_MAX_SIZE": str(1 << 31),
                 "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    if jax.default_backend() == "gpu":  # float32 products, as this process asks for above
+        settings["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
     with pytest.MonkeyPatch.context() as mp:
         for name, value in settings.items():
             mp.setenv(name, value)

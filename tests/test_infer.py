@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_official_state_dict, random_x070_state_dict, rel_err
+from conftest import random_official_state_dict, random_x070_state_dict, rel_err, repo_pythonpath
 
 import infer
 from rwkv_jax import checkpoint as ckpt
@@ -43,7 +43,7 @@ def test_cli_generates_scores_like_the_trainer_and_exports_for_the_rwkv_package(
         [sys.executable, os.path.join(REPO, "infer.py"), "--run_dir", run.run_dir,
          "--prompt", "First", "--max_new_tokens", "12", "--decode_block", "5", "--temperature", "0",
          "--score", run.cfg.data.val_file, "--export_official", str(pth)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
+        cwd=REPO, env={**os.environ, "PYTHONPATH": repo_pythonpath()}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     # The references, computed while the command runs.
     config, params, _ = ckpt.restore_params(run.run_dir)

@@ -17,6 +17,7 @@ import chex
 import jax
 import pytest
 
+from conftest import repo_pythonpath
 from rwkv_jax import checkpoint as ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,7 @@ def _args(tmp, out, steps):
 
 
 def _launch(args, devices, env=None, process=None, port=None):
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
     if process is not None:
         args = args + [f"--config.dist.coordinator_address=127.0.0.1:{port}",

@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+from conftest import repo_pythonpath
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = textwrap.dedent(r'''
@@ -109,7 +111,7 @@ def test_same_training_on_every_mesh_and_checkpoints_move_between_meshes(tmp_pat
     # Every program here compiles once: the session's compilation cache (conftest) would only
     # add its writes.
     env = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": REPO,
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": repo_pythonpath(),
            "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", WORKER, str(tmp_path)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import perturbed
+from conftest import perturbed, repo_pythonpath
 from rwkv_jax import checkpoint as ckpt
 from rwkv_jax import trainer
 from rwkv_jax.config import ConfigError, default_config
@@ -79,7 +79,7 @@ def test_unknown_option_is_refused(tmp_path, corpus):
 
 
 def _start_cli(args, env=None):
-    env = {**os.environ, **(env or {}), "PYTHONPATH": REPO}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": repo_pythonpath()}
     return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

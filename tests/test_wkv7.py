@@ -130,7 +130,9 @@ def test_pallas_half_precision_inputs(data):
     args[1] = jnp.asarray(xs[1])  # the log decay stays float32, as the layer passes it
     y, _ = wkv7(*args, jnp.asarray(s0), impl="pallas")
     y_ref, _ = wkv7(*[a.astype(jnp.float32) for a in args], jnp.asarray(s0), impl="scan")
-    assert rel_err(y, y_ref) < 1e-5
+    # Compiled for a GPU, the kernel multiplies half-precision inputs in TF32 by design (its
+    # Config.tf32; 3.6e-4 at a 3B shape, bench/README.md); the CPU interpreter in float32.
+    assert rel_err(y, y_ref) < (1e-3 if jax.default_backend() == "gpu" else 1e-5)
     g = jax.jit(jax.grad(lambda r: jnp.sum(ops.wkv7(r, *args[1:], impl="pallas")[0])))(args[0])
     assert g.dtype == jnp.bfloat16
 
