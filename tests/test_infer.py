@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_official_state_dict, random_x070_state_dict, rel_err, repo_pythonpath
+from conftest import REPO, random_official_state_dict, random_x070_state_dict, rel_err, repo_pythonpath
 
 import infer
 from rwkv_jax import checkpoint as ckpt
@@ -29,7 +29,6 @@ torch = pytest.importorskip("torch", reason="official-checkpoint tests need torc
 os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 rwkv_model = pytest.importorskip("rwkv.model", reason="export parity needs the `rwkv` package")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture

@@ -17,10 +17,9 @@ import chex
 import jax
 import pytest
 
-from conftest import repo_pythonpath
+from conftest import REPO, repo_pythonpath
 from rwkv_jax import checkpoint as ckpt
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 60
 
 

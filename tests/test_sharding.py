@@ -10,9 +10,8 @@ import textwrap
 
 import pytest
 
-from conftest import repo_pythonpath
+from conftest import REPO, repo_pythonpath
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = textwrap.dedent(r'''
     import sys, jax, numpy as np

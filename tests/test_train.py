@@ -14,13 +14,12 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import perturbed, repo_pythonpath
+from conftest import REPO, perturbed, repo_pythonpath
 from rwkv_jax import checkpoint as ckpt
 from rwkv_jax import trainer
 from rwkv_jax.config import ConfigError, default_config
 from rwkv_jax.model import RWKV, init_params
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 60)
 
 
