@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -83,6 +84,9 @@ class Sampling:
             if not ok:
                 raise ValueError(f"sampling {field}={getattr(self, field)!r} is invalid: {valid}")
 
+        for field in ("temperature", "top_p", "presence_penalty", "frequency_penalty",
+                      "penalty_decay"):  # NaN passes every comparison below
+            need(math.isfinite(getattr(self, field)), field, "must be a finite number")
         need(self.temperature >= 0, "temperature", "must be >= 0 (0: greedy)")
         need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be an integer >= 0")
         need(0 <= self.top_p <= 1, "top_p", "must be between 0 and 1")
@@ -306,6 +310,10 @@ def inference_params(params, dtype=jnp.bfloat16):
 # ----------------------------------------------------------------------------- text per row
 
 
+# What a tokenizer raises for an id it has no text for (a dict's, a list's, or its own check).
+_NO_TEXT = (KeyError, IndexError, ValueError)
+
+
 class _TextTail:
     """One row's text as it grows: whole characters only, cut at the first stop string, and no
     text emitted that a stop string might still claim."""
@@ -320,12 +328,24 @@ class _TextTail:
         self._emitted = 0
 
     def push(self, token: int) -> tuple[str, bool]:
-        """(new text to emit, whether a stop string ended the row)."""
+        """(new text to emit, whether a stop string ended the row).
+
+        A token the tokenizer has no text for adds none: the World tokenizer's 0 (end of text)
+        and the ids past its table up to the model's vocabulary (65530-65535), which a model may
+        still sample; its KeyError would have lost the whole call."""
         if self._bytes is not None:
-            new = self._utf8.decode(self._bytes([token]))
+            try:
+                raw = self._bytes([token])
+            except _NO_TEXT:
+                return "", False
+            new = self._utf8.decode(raw)
         else:
             self._pending.append(token)
-            new = self._tokenizer.decode(self._pending)
+            try:
+                new = self._tokenizer.decode(self._pending)
+            except _NO_TEXT:
+                self._pending.pop()
+                return "", False
             if new.endswith("\ufffd") and len(self._pending) < 8:
                 return "", False  # likely a character split across tokens
             self._pending = []
@@ -558,14 +578,20 @@ class Generator:
 
     def score(self, tokens, chunk_len: int = 256, state: dict | None = None,
               compression: str = "none") -> dict:
-        """Mean next-token loss of a token stream of any length, fed through the state in chunks
-        (rwkv_jax.trainer.score_stream, the trainer's evaluation). With `compression`, the state
-        passed between chunks goes through that codec, as if stored and restored.
+        """Mean next-token loss of a text or token stream of any length, fed through the state
+        in chunks (rwkv_jax.trainer.score_stream, the trainer's evaluation). With `compression`,
+        the state passed between chunks goes through that codec, as if stored and restored.
 
         Returns loss (nats/token), tokens scored, and the state after the last chunk.
         """
         from rwkv_jax.trainer import score_stream  # noqa: PLC0415  (the trainer pulls in optax)
 
+        tokens = self._score_tokens(tokens)
+        if not (isinstance(chunk_len, (int, np.integer)) and chunk_len >= 1):
+            raise ValueError(f"chunk_len={chunk_len!r}: must be an integer >= 1 (tokens per chunk)")
+        state_codec.check_mode(compression)
+        if state is not None:
+            state = self._placed(state, 1, "row of tokens (score takes one)")
         roundtrip = self._codec("roundtrip", compression) if compression != "none" else None
         last = {}
 
@@ -576,11 +602,28 @@ class Generator:
             last["state"] = s
             return logits, s
 
-        tokens = np.asarray(tokens)
-        if len(tokens) < 2:
-            raise ValueError("scoring needs at least 2 tokens")
-        total, count = score_stream(apply_fn, self.params, tokens, chunk_len, state)
+        total, count = score_stream(apply_fn, self.params, tokens, int(chunk_len), state)
         return {"loss": total / count, "tokens": count, "state": last.get("state")}
+
+    def _score_tokens(self, tokens) -> np.ndarray:
+        """A text or one row of token ids, checked as a prompt is: vectorised, and not copied (a
+        file to score may be millions of tokens, memory-mapped)."""
+        if isinstance(tokens, str):
+            tokens = self.encode(tokens)
+        ids = np.asarray(tokens)
+        if ids.ndim != 1:
+            raise ValueError(f"scoring takes a text or one row of token ids; got an array of "
+                             f"shape {ids.shape}")
+        if ids.size < 2:
+            raise ValueError(f"scoring needs at least 2 tokens; got {ids.size}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"token ids must be integers, got {ids.dtype} values")
+        V = self.config.vocab_size
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"the tokens hold id {lo if lo < 0 else hi}, outside this model's "
+                             f"vocabulary of {V} (made with another tokenizer?)")
+        return ids
 
     def _codec(self, fn: str, mode: str) -> Callable:
         key = f"{fn}:{mode}"
@@ -593,8 +636,8 @@ class Generator:
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], *,
                  max_new_tokens: int = 100, sampling: Sampling = GREEDY,
-                 seed: int | Sequence[int] = 0, stop: Sequence[str] = (),
-                 stop_tokens: Sequence[int] = (), state: dict | None = None,
+                 seed: int | Sequence[int] = 0, stop: str | Sequence[str] = (),
+                 stop_tokens: int | Sequence[int] = (), state: dict | None = None,
                  keep_state: bool = False,
                  callback: Callable[[int, str], Any] | None = None) -> Generation:
         """Generate for one prompt or a batch (text or token ids, any mix of lengths).
@@ -620,6 +663,11 @@ class Generator:
             yield piece
 
     def _run(self, prompts, max_new_tokens, sampling, seed, stop, stop_tokens, state, keep_state):
+        # One stop string or one stop token as it is, not its characters (a str is a sequence).
+        if isinstance(stop, str):
+            stop = [stop]
+        if isinstance(stop_tokens, (int, np.integer)):
+            stop_tokens = [stop_tokens]
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         rows = [self.encode(p) for p in prompts]

@@ -255,7 +255,7 @@ class StateCodec(nn.Module):
 # ----------------------------------------------------------------------------- the API
 
 
-def _check_mode(mode: str) -> None:
+def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"state compression {mode!r} is not one of {MODES}")
 
@@ -281,7 +281,7 @@ def _codecs(state_layers, mode: str, params):
 
 def compress(state: dict, mode: str, params: dict | None = None) -> dict:
     """The state as stored: a pytree of arrays (`pos` kept as it is)."""
-    _check_mode(mode)
+    check_mode(mode)
     if mode == "none":
         return state
     codecs = _codecs(state["layers"], mode, params)
@@ -291,7 +291,7 @@ def compress(state: dict, mode: str, params: dict | None = None) -> dict:
 
 def decompress(packed: dict, mode: str, params: dict | None = None) -> dict:
     """A state any model call takes, from what `compress` stored."""
-    _check_mode(mode)
+    check_mode(mode)
     if mode == "none":
         return packed
     codecs = _codecs(packed["layers"], mode, params)

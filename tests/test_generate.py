@@ -153,6 +153,46 @@ def test_stop_strings_and_stop_tokens_end_a_row_and_its_state():
     chex.assert_trees_all_close(r.state, g.feed([p1 + base.tokens[0][: cut + 1]]), rtol=1e-4, atol=1e-4)
 
 
+def test_one_stop_string_or_stop_token_is_taken_whole():
+    g = _generator(PURE)
+    p = _prompt(5, 8)
+    base = g.generate(p, max_new_tokens=12)
+    # Two characters, the second seen before them: a str taken as its characters cuts earlier.
+    t = base.text
+    stop = next(t[j : j + 2] for j in range(1, len(t) - 1)
+                if t[j + 1] in t[:j] and t.find(t[j : j + 2]) == j)
+    assert g.generate(p, max_new_tokens=12, stop=stop).texts == \
+        g.generate(p, max_new_tokens=12, stop=[stop]).texts == [base.text[: base.text.find(stop)]]
+    tok = base.tokens[0][3]
+    assert g.generate(p, max_new_tokens=12, stop_tokens=tok).tokens == \
+        g.generate(p, max_new_tokens=12, stop_tokens=[tok]).tokens
+
+
+class _Holes(CharTokenizer):
+    """Ids without text, as the World tokenizer's 0 (end of text) and 65530-65535 are."""
+
+    def decode(self, ids):
+        if any(i % 5 == 0 for i in ids):
+            raise KeyError([i for i in ids if i % 5 == 0][0])
+        return super().decode(ids)
+
+
+class _ByteHoles(_Holes):
+    def decode_bytes(self, ids):
+        return self.decode(ids).encode()
+
+
+@pytest.mark.parametrize("tokenizer", [_Holes, _ByteHoles], ids=["text", "bytes"])
+def test_sampled_ids_without_text_add_none(tokenizer):
+    base = _generator(PURE)
+    g = Generator(PURE, base.params, tokenizer(), decode_block=3)
+    r = g.generate([_prompt(4, 1), _prompt(6, 2)], max_new_tokens=30,
+                   sampling=Sampling(temperature=5.0), seed=3)
+    for text, tokens in zip(r.texts, r.tokens):
+        assert any(t % 5 == 0 for t in tokens)  # the call met such ids and went on
+        assert text == "".join(CHARS[t] for t in tokens if t % 5)
+
+
 def test_streaming_emits_whole_characters_and_holds_back_a_possible_stop():
     tail = _TextTail(ByteTokenizer(), stops=["€!"])
     pieces = []
@@ -218,6 +258,41 @@ def test_score_streams_any_length_and_equals_the_whole_sequence_loss():
     assert out["tokens"] == 27 and abs(out["loss"] - want) < 1e-5
     lossy = g.score(tokens, chunk_len=9, compression="int8")["loss"]
     assert lossy != out["loss"] and abs(lossy - want) < 0.05 * want
+    text = "".join(CHARS[t] for t in tokens)
+    assert g.score(text, chunk_len=9)["loss"] == out["loss"]
+
+
+@pytest.mark.parametrize("args, match", [
+    (([1, 2, V],), f"id {V}, outside this model's vocabulary of {V}"),
+    (([-1, 2, 3],), "id -1, outside"),
+    (([3],), "at least 2 tokens; got 1"),
+    (([[1, 2], [3, 4]],), r"one row of token ids; got an array of shape \(2, 2\)"),
+    (([1.5, 2.0],), "must be integers"),
+    (([1, 2, 3], 0), "chunk_len=0"),
+    (([1, 2, 3], 4, None, "zip"), "'zip' is not one of"),
+])
+def test_score_refuses_bad_input_by_name(args, match):
+    with pytest.raises(ValueError, match=match):
+        _generator(PURE).score(*args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"temperature": -1.0}, "temperature=-1.0 is invalid: must be >= 0"),
+    ({"temperature": float("inf")}, "temperature=inf is invalid: must be a finite number"),
+    ({"presence_penalty": float("nan")}, "presence_penalty=nan is invalid: must be a finite"),
+    ({"top_p": 1.5}, "top_p=1.5 is invalid: must be between 0 and 1"),
+    ({"top_k": 2.5}, "top_k=2.5 is invalid: must be an integer >= 0"),
+    ({"penalty_decay": 0.0}, r"penalty_decay=0.0 is invalid: must be in \(0, 1\]"),
+])
+def test_sampling_refuses_bad_settings_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=f"sampling {match}"):
+        Sampling(**kwargs)
+
+
+def test_score_refuses_a_state_of_two_rows():
+    g = _generator(PURE)
+    with pytest.raises(ValueError, match="2 rows for 1 row of tokens"):
+        g.score([1, 2, 3], state=g.reset(2))
 
 
 def test_session_keeps_the_state_between_calls_and_compresses_it():
