@@ -386,6 +386,12 @@ class _TextTail:
 # ----------------------------------------------------------------------------- the generator
 
 
+def _one_prompt(prompts) -> bool:
+    """Whether `prompts` is one prompt (a text, or token ids) rather than a batch of them."""
+    return isinstance(prompts, str) or (len(prompts) > 0 and
+                                        isinstance(prompts[0], (int, np.integer)))
+
+
 def encode_prompt(tokenizer, prompt: str | Sequence[int], vocab_size: int) -> list[int]:
     """Token ids of a prompt (text, or ids as they are); ValueError if empty or outside the
     vocabulary. Plain Python: callers check their input with it before anything compiles."""
@@ -561,8 +567,7 @@ class Generator:
     def feed(self, tokens, state: dict | None = None) -> dict:
         """The state after feeding a text or tokens (one row, or rows of one length) in parallel
         pieces: conditioning on a text of any length, with memory set by prefill_chunk."""
-        single = isinstance(tokens, str) or (len(tokens) and isinstance(tokens[0], (int, np.integer)))
-        rows = [self.encode(r) for r in ([tokens] if single else tokens)]
+        rows = [self.encode(r) for r in ([tokens] if _one_prompt(tokens) else tokens)]
         if len({len(r) for r in rows}) != 1:
             raise ValueError("feed: every row must have the same number of tokens "
                              "(generate takes prompts of different lengths)")
@@ -659,7 +664,14 @@ class Generator:
 
     def stream(self, prompt: str | Sequence[int], **kwargs) -> Iterator[str]:
         """The text of one prompt's continuation, piece by piece as it is generated."""
-        for _, piece in self._run(prompt, **_run_args(kwargs)):
+        args = _run_args(kwargs)
+        if not _one_prompt(prompt):
+            raise ValueError("stream takes one prompt (text or token ids); for a batch, "
+                             "generate(prompts, callback=...) gets each piece with its row")
+        if args["keep_state"]:
+            raise ValueError("stream yields text only: for the state, "
+                             "generate(prompt, keep_state=True, callback=...)")
+        for _, piece in self._run(prompt, **args):
             yield piece
 
     def _run(self, prompts, max_new_tokens, sampling, seed, stop, stop_tokens, state, keep_state):
@@ -668,7 +680,7 @@ class Generator:
             stop = [stop]
         if isinstance(stop_tokens, (int, np.integer)):
             stop_tokens = [stop_tokens]
-        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+        if _one_prompt(prompts):
             prompts = [prompts]
         rows = [self.encode(p) for p in prompts]
         B = len(rows)
@@ -892,10 +904,10 @@ class Session:
         return state_codec.bytes_of(self._packed)
 
     def feed(self, text) -> None:
-        """Condition on text (one string per row) without generating."""
-        texts = [text] if isinstance(text, str) else list(text)
+        """Condition on a text or token ids (or one of them per row) without generating."""
+        rows = [text] if _one_prompt(text) else list(text)
         self._packed = self._pack(self.generator.feed(
-            [self.generator.encode(t) for t in texts], self.state))
+            [self.generator.encode(r) for r in rows], self.state))
 
     def generate(self, prompt, **kwargs) -> Generation:
         kwargs["keep_state"] = True

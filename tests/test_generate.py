@@ -145,6 +145,10 @@ def test_stop_strings_and_stop_tokens_end_a_row_and_its_state():
     p1 = prompts[0]
     pieces = list(g.stream(p1, max_new_tokens=16, stop=[stop]))
     assert "".join(pieces) == r.texts[0]
+    with pytest.raises(ValueError, match="stream takes one prompt"):
+        next(g.stream(prompts, max_new_tokens=16))
+    with pytest.raises(ValueError, match="stream yields text only"):
+        next(g.stream(p1, keep_state=True))
 
     stop_tok = base.tokens[0][4]
     cut = base.tokens[0].index(stop_tok)
@@ -303,6 +307,9 @@ def test_session_keeps_the_state_between_calls_and_compresses_it():
     r2 = chat.generate(p2, max_new_tokens=5)
     whole = g.generate(p1 + r1.tokens[0] + p2, max_new_tokens=5)
     assert r2.tokens == whole.tokens
+    fed = Session(g)
+    fed.feed(p1 + r1.tokens[0])  # token ids, one row
+    assert fed.generate(p2, max_new_tokens=5).tokens == r2.tokens
     small = Session(g, compression="int8")
     small.generate(p1, max_new_tokens=5)
     assert small.nbytes < 0.3 * chat.nbytes
