@@ -388,6 +388,8 @@ class _TextTail:
 
 def _one_prompt(prompts) -> bool:
     """Whether `prompts` is one prompt (a text, or token ids) rather than a batch of them."""
+    if hasattr(prompts, "ndim"):  # a numpy or JAX array: one row, or rows
+        return prompts.ndim == 1
     return isinstance(prompts, str) or (len(prompts) > 0 and
                                         isinstance(prompts[0], (int, np.integer)))
 
@@ -400,7 +402,12 @@ def encode_prompt(tokenizer, prompt: str | Sequence[int], vocab_size: int) -> li
             raise ValueError("a text prompt needs a tokenizer (or pass token ids)")
         ids = list(tokenizer.encode(prompt))
     else:
-        ids = [int(t) for t in prompt]
+        arr = np.asarray(prompt)
+        # int() would quietly truncate a float id.
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"a prompt is a text or a sequence of integer token ids; got "
+                             f"{arr.dtype} values of shape {arr.shape}")
+        ids = arr.tolist()
     if not ids:
         raise ValueError("the prompt is empty: give at least one token of text")
     bad = [t for t in ids if not 0 <= t < vocab_size]

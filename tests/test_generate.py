@@ -317,6 +317,11 @@ def test_session_keeps_the_state_between_calls_and_compresses_it():
         g.generate("", max_new_tokens=3)
     with pytest.raises(ValueError, match="outside this model's vocabulary"):
         g.generate([V + 3], max_new_tokens=3)
+    with pytest.raises(ValueError, match="integer token ids; got float64 values"):
+        g.generate([1.7, 2.0], max_new_tokens=3)
+    # Arrays: one row is one prompt, rows a batch.
+    assert g.generate(jnp.asarray(p1), max_new_tokens=5).tokens == r1.tokens
+    assert g.generate(np.asarray([p1, p1]), max_new_tokens=5).tokens == r1.tokens * 2
 
 
 def test_a_callers_state_survives_the_calls_that_start_from_it():
