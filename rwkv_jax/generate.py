@@ -386,6 +386,10 @@ class _TextTail:
 # ----------------------------------------------------------------------------- the generator
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
 def _one_prompt(prompts) -> bool:
     """Whether `prompts` is one prompt (a text, or token ids) rather than a batch of them."""
     if hasattr(prompts, "ndim"):  # a numpy or JAX array: one row, or rows
@@ -693,11 +697,21 @@ class Generator:
         B = len(rows)
         if not B:
             raise ValueError("no prompts")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-        seeds = [seed + i for i in range(B)] if isinstance(seed, (int, np.integer)) else list(seed)
+        # The device counts tokens in int32 and keys a PRNG from a 64-bit seed.
+        if not (_is_int(max_new_tokens) and 1 <= max_new_tokens < 2**31):
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer from 1 to "
+                             f"2**31 - 1")
+        if _is_int(seed):
+            seeds = [seed + i for i in range(B)]
+        elif isinstance(seed, (list, tuple, np.ndarray)):
+            seeds = list(seed)
+        else:
+            seeds = [seed] * B  # refused below, by name
         if len(seeds) != B:
             raise ValueError(f"{len(seeds)} seeds for {B} prompts")
+        bad = [s for s in seeds if not (_is_int(s) and -2**63 <= s < 2**63)]
+        if bad:
+            raise ValueError(f"seed {bad[0]!r}: seeds must be integers that fit in 64 bits")
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (stop_tokens do not)")
         lengths = [len(r) for r in rows]

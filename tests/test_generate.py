@@ -319,6 +319,12 @@ def test_session_keeps_the_state_between_calls_and_compresses_it():
         g.generate([V + 3], max_new_tokens=3)
     with pytest.raises(ValueError, match="integer token ids; got float64 values"):
         g.generate([1.7, 2.0], max_new_tokens=3)
+    for bad in (0, 2.5, None, 2**40):
+        with pytest.raises(ValueError, match=f"max_new_tokens={bad!r}: must be an integer"):
+            g.generate(p1, max_new_tokens=bad)
+    for seed, bad in ((2**70, 2**70), (1.5, 1.5), ([3, 2**64], 2**64)):
+        with pytest.raises(ValueError, match=f"seed {bad!r}: seeds must be integers"):
+            g.generate([p1, p1] if isinstance(seed, list) else p1, seed=seed, max_new_tokens=3)
     # Arrays: one row is one prompt, rows a batch.
     assert g.generate(jnp.asarray(p1), max_new_tokens=5).tokens == r1.tokens
     assert g.generate(np.asarray([p1, p1]), max_new_tokens=5).tokens == r1.tokens * 2
