@@ -394,8 +394,24 @@ def _one_prompt(prompts) -> bool:
     """Whether `prompts` is one prompt (a text, or token ids) rather than a batch of them."""
     if hasattr(prompts, "ndim"):  # a numpy or JAX array: one row, or rows
         return prompts.ndim == 1
-    return isinstance(prompts, str) or (len(prompts) > 0 and
-                                        isinstance(prompts[0], (int, np.integer)))
+    return isinstance(prompts, str) or (len(prompts) > 0 and _is_int(prompts[0]))
+
+
+def _token_ids(ids, vocab_size: int, what: str) -> np.ndarray:
+    """`ids` as one row of integer token ids inside the vocabulary, or a ValueError naming what
+    is wrong with them. Vectorised and not copied: a file to score may be millions of tokens,
+    memory-mapped."""
+    arr = np.asarray(ids)
+    # int() would quietly truncate a float id.
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{what} must be a text or one row of integer token ids; got "
+                         f"{arr.dtype} values of shape {arr.shape}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{what} holds token id {lo if lo < 0 else hi}, outside this "
+                             f"model's vocabulary of {vocab_size} (made with another tokenizer?)")
+    return arr
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[int], vocab_size: int) -> list[int]:
@@ -404,20 +420,10 @@ def encode_prompt(tokenizer, prompt: str | Sequence[int], vocab_size: int) -> li
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer (or pass token ids)")
-        ids = list(tokenizer.encode(prompt))
-    else:
-        arr = np.asarray(prompt)
-        # int() would quietly truncate a float id.
-        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise ValueError(f"a prompt is a text or a sequence of integer token ids; got "
-                             f"{arr.dtype} values of shape {arr.shape}")
-        ids = arr.tolist()
+        prompt = tokenizer.encode(prompt)
+    ids = _token_ids(prompt, vocab_size, "the prompt").tolist()
     if not ids:
         raise ValueError("the prompt is empty: give at least one token of text")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"the prompt holds token id {bad[0]}, outside this model's vocabulary "
-                         f"of {vocab_size} (a prompt made with another tokenizer?)")
     return ids
 
 
@@ -603,7 +609,7 @@ class Generator:
         from rwkv_jax.trainer import score_stream  # noqa: PLC0415  (the trainer pulls in optax)
 
         tokens = self._score_tokens(tokens)
-        if not (isinstance(chunk_len, (int, np.integer)) and chunk_len >= 1):
+        if not (_is_int(chunk_len) and chunk_len >= 1):
             raise ValueError(f"chunk_len={chunk_len!r}: must be an integer >= 1 (tokens per chunk)")
         state_codec.check_mode(compression)
         if state is not None:
@@ -622,23 +628,12 @@ class Generator:
         return {"loss": total / count, "tokens": count, "state": last.get("state")}
 
     def _score_tokens(self, tokens) -> np.ndarray:
-        """A text or one row of token ids, checked as a prompt is: vectorised, and not copied (a
-        file to score may be millions of tokens, memory-mapped)."""
+        """A text, or one row of token ids checked as a prompt's are."""
         if isinstance(tokens, str):
             tokens = self.encode(tokens)
-        ids = np.asarray(tokens)
-        if ids.ndim != 1:
-            raise ValueError(f"scoring takes a text or one row of token ids; got an array of "
-                             f"shape {ids.shape}")
+        ids = _token_ids(tokens, self.config.vocab_size, "the text to score")
         if ids.size < 2:
             raise ValueError(f"scoring needs at least 2 tokens; got {ids.size}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"token ids must be integers, got {ids.dtype} values")
-        V = self.config.vocab_size
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= V:
-            raise ValueError(f"the tokens hold id {lo if lo < 0 else hi}, outside this model's "
-                             f"vocabulary of {V} (made with another tokenizer?)")
         return ids
 
     def _codec(self, fn: str, mode: str) -> Callable:
@@ -689,7 +684,7 @@ class Generator:
         # One stop string or one stop token as it is, not its characters (a str is a sequence).
         if isinstance(stop, str):
             stop = [stop]
-        if isinstance(stop_tokens, (int, np.integer)):
+        if _is_int(stop_tokens):
             stop_tokens = [stop_tokens]
         if _one_prompt(prompts):
             prompts = [prompts]

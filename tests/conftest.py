@@ -19,7 +19,8 @@ jax.config.update("jax_disable_most_optimizations", True)
 # default precision for float32 matrix products is TF32's 10-bit mantissa: prefilling in one
 # piece and token by token then gave states up to 0.75% apart (H200, test_generate.py). A GPU run of
 # the suite asks for float32 products; on a CPU they are float32 already.
-if jax.default_backend() == "gpu":
+_ON_GPU = jax.default_backend() == "gpu"
+if _ON_GPU:
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
@@ -46,7 +47,7 @@ def _shared_environment(tmp_path_factory):
                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
                 "JAX_COMPILATION_CACHE_MAX_SIZE": str(1 << 31),
                 "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
-    if jax.default_backend() == "gpu":  # float32 products, as this process asks for above
+    if _ON_GPU:  # float32 products, as this process asks for above
         settings["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
     with pytest.MonkeyPatch.context() as mp:
         for name, value in settings.items():

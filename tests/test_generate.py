@@ -270,8 +270,8 @@ def test_score_streams_any_length_and_equals_the_whole_sequence_loss():
     (([1, 2, V],), f"id {V}, outside this model's vocabulary of {V}"),
     (([-1, 2, 3],), "id -1, outside"),
     (([3],), "at least 2 tokens; got 1"),
-    (([[1, 2], [3, 4]],), r"one row of token ids; got an array of shape \(2, 2\)"),
-    (([1.5, 2.0],), "must be integers"),
+    (([[1, 2], [3, 4]],), r"one row of integer token ids; got int64 values of shape \(2, 2\)"),
+    (([1.5, 2.0],), "integer token ids; got float64 values"),
     (([1, 2, 3], 0), "chunk_len=0"),
     (([1, 2, 3], 4, None, "zip"), "'zip' is not one of"),
 ])
