@@ -15,6 +15,12 @@ import pytest
 # tests start get the same through the environment (_shared_environment).
 jax.config.update("jax_disable_most_optimizations", True)
 
+# Set before JAX starts its backend: on a GPU, several processes of one suite share the card
+# (pytest-xdist's workers and the programs tests start), and each would otherwise take 75% of
+# its memory when it starts (a child train.py of the H200 run then failed to load its kernels:
+# CUDA_ERROR_OUT_OF_MEMORY). Children inherit it; a value the caller set stays.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 # The tests hold float32 results to float32 tolerances (1e-4 and tighter). On a GPU, JAX's
 # default precision for float32 matrix products is TF32's 10-bit mantissa: prefilling in one
 # piece and token by token then gave states up to 0.75% apart (H200, test_generate.py). A GPU run of
