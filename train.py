@@ -42,8 +42,11 @@ def main(argv):
     logging.getLogger("rwkv_jax").info("run %s: %s", run.run_dir, trainer.run_summary(run))
     try:
         final = trainer.train(run)
-    except trainer.MemoryPlanError as e:
+    except (trainer.MemoryPlanError, ConfigError) as e:
         print(f"{who}config error: {e}", file=sys.stderr)
+        return 2
+    except trainer.ResumeError as e:
+        print(f"{who}cannot resume: {e}", file=sys.stderr)
         return 2
     except trainer.TrainingDiverged as e:
         print(f"{who}training stopped: {e}", file=sys.stderr)

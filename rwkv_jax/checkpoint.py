@@ -329,6 +329,13 @@ class TrainCheckpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def meta(self, step: int | None = None) -> dict:
+        """The record saved beside a step's arrays (default: newest), without reading them."""
+        ocp = _ocp()
+        step = self.latest_step() if step is None else step
+        return self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+
     def save(self, step: int, train_state, meta: dict) -> None:
         ocp = _ocp()
         params, rest = _split(train_state)
@@ -379,6 +386,13 @@ def find_checkpoint_dir(path: str | os.PathLike) -> str:
     return path
 
 
+def model_config_of(meta: dict) -> ModelConfig:
+    """The ModelConfig a checkpoint's record holds (fields added since it was written take
+    their defaults); KeyError, TypeError or ValueError if it holds none that is valid."""
+    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in meta["model_config"].items()})
+
+
 def restore_params(path: str | os.PathLike, step: int | None = None,
                    shardings=None) -> tuple[ModelConfig, dict, dict]:
     """(model_config, params, meta) from a training checkpoint, without the optimizer state.
@@ -401,8 +415,7 @@ def restore_params(path: str | os.PathLike, step: int | None = None,
         raise FileNotFoundError(f"no checkpoint of step {step} in {directory!r}; steps there: {sorted(steps)}")
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in meta["model_config"].items()})
+        config = model_config_of(meta)
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         raise ValueError(f"checkpoint {directory!r} step {step} has no readable model record: {e}") from None
     import jax.numpy as jnp  # noqa: PLC0415

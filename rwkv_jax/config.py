@@ -336,6 +336,34 @@ _FIELD_PATHS = {
 }
 
 
+# ModelConfig fields that say how the model computes, not what it is: a run may resume with
+# other values (bf16 after float32, another WKV implementation, remat on). Every other field,
+# and any added later, is taken to change the model.
+_HOW_IT_COMPUTES = ("dtype", "wkv_impl", "wkv_chunk_size", "attn_impl", "remat", "remat_policy",
+                    "emb_init_scale")
+
+
+def model_differences(saved: ModelConfig, current: ModelConfig) -> list[str]:
+    """Where two configs describe different models (other parameters, or the same parameters
+    meaning something else), as "field: saved -> current" with the training config's names."""
+    out = []
+    for f in dataclasses.fields(ModelConfig):
+        name, a, b = f.name, getattr(saved, f.name), getattr(current, f.name)
+        if name in _HOW_IT_COMPUTES or a == b:
+            continue
+        if name == "layer_types" and saved.n_layer != current.n_layer:
+            continue  # said by n_layer
+        if name == "state_compression" and "learned" not in (a, b):
+            continue  # only the learned codec has parameters
+        if name == "state_rank" and saved.state_compression != "learned":
+            continue
+        if name == "layer_types":
+            out.append(f"architecture.layer_pattern: {hybrid.describe(a)} -> {hybrid.describe(b)}")
+        else:
+            out.append(f"{_FIELD_PATHS.get(name, f'model.{name}')}: {a!r} -> {b!r}")
+    return out
+
+
 def _config_field_names(message: str) -> str:
     """A ModelConfig message with its field named as the training config names it."""
     for field, path in _FIELD_PATHS.items():

@@ -31,7 +31,8 @@ from rwkv_jax import data as data_lib
 from rwkv_jax import distributed, hybrid, optim
 from rwkv_jax import sharding as shd
 from rwkv_jax import state_codec
-from rwkv_jax.config import ConfigError, ModelConfig, model_config_from, optimizer_config_from, validate
+from rwkv_jax.config import (ConfigError, ModelConfig, model_config_from, model_differences,
+                             optimizer_config_from, validate)
 from rwkv_jax.model import RWKV, count_params
 from rwkv_jax.state import init_state
 
@@ -42,6 +43,32 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, 
 
 # A testing hook: SIGKILL this process right after the given step, to prove exact resume.
 _DIE_AT_STEP_ENV = "RWKV_JAX_DIE_AT_STEP"
+
+
+class ResumeError(RuntimeError):
+    """The run directory holds checkpoints this config cannot continue from."""
+
+
+_NEW_RUN = ("Resume with the settings they were written with, or start a new run elsewhere "
+            "(another experiment_name or output_dir).")
+
+
+def _check_resumable(manager: ckpt.TrainCheckpointer, step: int, run: Run) -> None:
+    """Refuse, before anything compiles or is written, to resume from the checkpoints of
+    another model or tokenizer than the config's (orbax would fail deep inside its restore,
+    after the config.json of the run that wrote them had been replaced)."""
+    try:
+        meta = manager.meta(step)
+        saved = ckpt.model_config_of(meta)
+    except Exception:  # noqa: BLE001 - no record to compare: the restore says what it finds
+        return
+    diff = model_differences(saved, run.model_config)
+    tokenizer = meta.get("tokenizer")
+    if tokenizer is not None and tokenizer != run.tokenizer.name:
+        diff.append(f"data.tokenizer: {tokenizer!r} -> {run.tokenizer.name!r}")
+    if diff:
+        raise ResumeError(f"the checkpoints in {manager.directory} (step {step}) hold another "
+                          f"model than this config ({'; '.join(diff)}). {_NEW_RUN}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -289,10 +316,13 @@ def load_initial_weights(path: str, fresh: dict, model_config: ModelConfig | Non
     keep their fresh initialisation; a leaf of another shape is an error, and so are weights
     of another RWKV version than `model_config`'s (they share some names, not the model).
     """
-    if os.path.isfile(path):
-        source, loaded = ckpt.import_official(path)
-    else:
-        source, loaded, _ = ckpt.restore_params(path)
+    try:
+        if os.path.isfile(path):
+            source, loaded = ckpt.import_official(path)
+        else:
+            source, loaded, _ = ckpt.restore_params(path)
+    except (ValueError, FileNotFoundError, ImportError) as e:  # said by the readers in one line
+        raise ConfigError(f"train.init_from={path!r} cannot be read: {e}") from None
     if model_config is not None and source.version != model_config.version:
         raise ConfigError(f"train.init_from={path!r} holds an RWKV-{source.version} model, but "
                           f"model.version={model_config.version!r}; set "
@@ -402,9 +432,11 @@ def train(run: Run) -> dict:
     cfg = run.cfg
     main = distributed.is_main_process()  # logs, tensorboard and progress come from one process
     os.makedirs(run.run_dir, exist_ok=True)
-    if main:
-        with open(os.path.join(run.run_dir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
+    manager = ckpt.TrainCheckpointer(os.path.join(run.run_dir, "checkpoints"),
+                                     keep=cfg.checkpoint.keep)
+    resume = manager.latest_step() if cfg.checkpoint.resume else None
+    if resume is not None:
+        _check_resumable(manager, resume, run)
 
     mc = run.model_config
     model = RWKV(mc)
@@ -418,13 +450,23 @@ def train(run: Run) -> dict:
     for label, paths in optim.describe_groups(ts.params, optimizer_config_from(cfg)).items():
         log.info("optimizer group %-16s %3d tensors, e.g. %s", label, len(paths), paths[0])
 
-    manager = ckpt.TrainCheckpointer(os.path.join(run.run_dir, "checkpoints"),
-                                     keep=cfg.checkpoint.keep)
     start = 0
-    if cfg.checkpoint.resume and manager.latest_step() is not None:
-        ts, meta = manager.restore(ts)
+    if resume is not None:
+        try:
+            ts, meta = manager.restore(ts, resume)
+        except Exception as e:  # noqa: BLE001 - orbax reports a mismatch or damage in many ways
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ResumeError(f"the checkpoint in {manager.directory} (step {resume}) does not fit "
+                              f"this run's training state ({type(e).__name__}: {first}); the "
+                              f"optimizer or mesh settings may differ from the run that wrote it. "
+                              f"{_NEW_RUN}") from None
         start = int(ts.step)
         log.info("resumed from %s at step %d", manager.directory, start)
+    # Written once the run is known to go on: a run refused above keeps the config it was
+    # written with, which infer.py reads.
+    if main:
+        with open(os.path.join(run.run_dir, "config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=2))
     manager.save_model_config(mc, run.tokenizer.name)
 
     float16 = mc.dtype == "float16"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from rwkv_jax import trainer
-from rwkv_jax.config import model_config_from, validate
+from rwkv_jax.config import ModelConfig, model_config_from, model_differences, validate
 from rwkv_jax.model import RWKV, count_params
 
 SHARED_DATA = pytest.importorskip("configs.tiny").DATA
@@ -38,3 +39,20 @@ def test_3b_is_the_documented_model():
     assert cfg.train.max_seq_length == 16384 and cfg.memory.rwkv_chunk_size == 1024
     assert cfg.train.batch_size == 8
     assert trainer.model_flops_per_token(mc, 1024) > 6 * 2.5e9
+
+
+def test_model_differences_name_what_makes_another_model():
+    """What a resumed run may change (how the model computes) and what it may not."""
+    base = ModelConfig(n_layer=2, n_embd=64)
+    same = dict(dtype="bfloat16", wkv_impl="scan", remat=True, attn_impl="xla",
+                state_compression="int8")  # int8 and bf16 codecs have no parameters
+    assert model_differences(base, dataclasses.replace(base, **same)) == []
+    assert model_differences(base, dataclasses.replace(base, head_size=16, vocab_size=512)) == [
+        "model.vocab_size: 256 -> 512", "model.head_size: 64 -> 16"]
+    assert model_differences(base, dataclasses.replace(base, state_compression="learned")) == [
+        "memory.state_compression: 'none' -> 'learned'"]
+    hybrid = dataclasses.replace(base, layer_types=("rwkv", "attn"))
+    assert model_differences(base, hybrid) == [
+        "architecture.layer_pattern: 2 layers: 2 RWKV (100%), 0 attention (0%) at [] -> "
+        "2 layers: 1 RWKV (50%), 1 attention (50%) at [1]"]
+    assert model_differences(base, ModelConfig(n_layer=3, n_embd=64)) == ["model.n_layer: 2 -> 3"]

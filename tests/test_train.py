@@ -196,6 +196,17 @@ def test_sigkill_then_same_command_resumes_bit_exact(tmp_path):
     assert meta_a["step"] == meta_b["step"] == 9
     chex.assert_trees_all_equal(a, b)  # bit for bit
 
+    # The same command with another model is refused in one line, before anything compiles,
+    # and the run keeps its checkpoints and the config.json that infer.py reads.
+    config_json = (tmp_path / "b" / "tiny" / "config.json").read_text()
+    other = _run_cli(interrupted + ["--config.model.n_layer=3", "--config.train.steps=12"])
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert ("cannot resume: the checkpoints in" in other.stderr
+            and "hold another model than this config (model.n_layer: 2 -> 3)" in other.stderr)
+    assert "Traceback" not in other.stderr
+    assert (tmp_path / "b" / "tiny" / "config.json").read_text() == config_json
+    assert ckpt.TrainCheckpointer(tmp_path / "b" / "tiny" / "checkpoints").all_steps()[-1] == 9
+
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
     # One chunk a sequence: one train step to compile.
@@ -219,6 +230,15 @@ def test_state_tuning_trains_only_the_initial_state(tmp_path, corpus, tiny_run):
     run = trainer.prepare(cfg)
     before, _ = trainer.init_train_state(run, jax.random.PRNGKey(cfg.seed))
     before = jax.tree.map(np.asarray, before.params)
+    # Weights to start from that cannot be read are named as the field they came from.
+    (tmp_path / "not.pth").write_text("no torch file")
+    with cfg.unlocked():
+        cfg.train.init_from = str(tmp_path / "not.pth")
+    with pytest.raises(ConfigError, match=r"train.init_from='.*not.pth' cannot be read: .* is not "
+                                          r"a readable torch checkpoint"):
+        trainer.init_train_state(trainer.prepare(cfg), jax.random.PRNGKey(cfg.seed))
+    with cfg.unlocked():
+        cfg.train.init_from = tiny_run.run_dir
     trainer.train(run)
     _, after, _ = ckpt.restore_params(run.run_dir)
     for path, old in jax.tree_util.tree_leaves_with_path(before):
