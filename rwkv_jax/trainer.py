@@ -455,11 +455,14 @@ def train(run: Run) -> dict:
         try:
             ts, meta = manager.restore(ts, resume)
         except Exception as e:  # noqa: BLE001 - orbax reports a mismatch or damage in many ways
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise ResumeError(f"the checkpoint in {manager.directory} (step {resume}) does not fit "
-                              f"this run's training state ({type(e).__name__}: {first}); the "
-                              f"optimizer or mesh settings may differ from the run that wrote it. "
-                              f"{_NEW_RUN}") from None
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            earlier = [s for s in manager.all_steps() if s < resume]
+            raise ResumeError(
+                f"the checkpoint in {manager.directory} (step {resume}) cannot be restored into "
+                f"this run ({type(e).__name__}: {first}): it is damaged, or the run that wrote it "
+                f"had other optimizer settings. "
+                + (f"Move {os.path.join(manager.directory, str(resume))} aside to resume from step "
+                   f"{earlier[-1]}, or: " if earlier else "") + _NEW_RUN.lower()) from None
         start = int(ts.step)
         log.info("resumed from %s at step %d", manager.directory, start)
     # Written once the run is known to go on: a run refused above keeps the config it was

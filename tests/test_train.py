@@ -4,6 +4,7 @@ divergence handling, state tuning."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -206,6 +207,22 @@ def test_sigkill_then_same_command_resumes_bit_exact(tmp_path):
     assert "Traceback" not in other.stderr
     assert (tmp_path / "b" / "tiny" / "config.json").read_text() == config_json
     assert ckpt.TrainCheckpointer(tmp_path / "b" / "tiny" / "checkpoints").all_steps()[-1] == 9
+
+
+def test_resuming_from_a_damaged_checkpoint_names_it(tmp_path, tiny_run):
+    cfg = tiny_run.cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.output_dir = str(tmp_path)
+    run_dir = tmp_path / cfg.experiment_name
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    chunks = [f for f in (run_dir / "checkpoints" / "6" / "params").rglob("*")
+              if f.is_file() and f.parent.name == "d"]
+    assert chunks
+    for f in chunks:
+        f.write_bytes(b"\0" * 64)
+    with pytest.raises(trainer.ResumeError, match=r"\(step 6\) cannot be restored into this run "
+                                                  r"\(.*\): it is damaged"):
+        trainer.train(trainer.prepare(cfg))
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
