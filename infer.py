@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--penalty_decay", type=float, default=1.0)
     gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     gen.add_argument("--seed", type=int, default=0, help="sample i of the batch uses seed + i")
-    gen.add_argument("--prefill_chunk", type=int, default=1024)
+    gen.add_argument("--prefill_chunk", type=int, default=1024,
+                     help="prompt tokens per parallel prefill call (0: the whole prompt at once)")
     gen.add_argument("--decode_block", type=int, default=16,
                      help="decode steps per device call: text streams out this many tokens at a "
                           "time; larger blocks cost the host less per token")
@@ -69,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="tokens per chunk for --score (default: the run's chunk length, or 256)")
     other.add_argument("--export_official", default=None, metavar="OUT.pth",
                        help="write the weights as an official .pth (RWKV-4 or RWKV-7, as the model is)")
+    other.add_argument("--export_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                       help="the tensors' dtype in the exported .pth (default float32)")
     return p
 
 
@@ -107,25 +110,41 @@ def _quiet_failed_restore() -> None:
 
 
 def load_model(args):
-    """(model_config, params, tokenizer name, default chunk length) of the weights asked for."""
+    """(model_config, params, tokenizer name or None, default chunk length) of the weights asked
+    for."""
     from rwkv_jax import checkpoint as ckpt  # noqa: PLC0415
 
     if args.official:
+        if args.step is not None:
+            raise InputError("--step picks a checkpoint of a training run (--run_dir); "
+                             "--official reads one .pth")
         try:
             config, params = ckpt.import_official(args.official)
         except (ValueError, FileNotFoundError, ImportError) as e:
             raise InputError(_one_line(e)) from None
-        return config, params, args.tokenizer or "world", 256
+        # None: a vocabulary no tokenizer here is known for (_main says so, after the checks
+        # that need no tokenizer).
+        return config, params, args.tokenizer or _OFFICIAL_TOKENIZERS.get(config.vocab_size), 256
+    run_dir, step = args.run_dir, args.step
+    parent, name = os.path.split(os.path.abspath(run_dir))
+    if name.isdigit() and os.path.basename(parent) == "checkpoints":  # one step's directory
+        if step is not None and step != int(name):
+            raise InputError(f"--run_dir {run_dir!r} is the checkpoint of step {name}, but "
+                             f"--step {step}")
+        run_dir, step = parent, int(name)
     try:
-        directory = ckpt.find_checkpoint_dir(args.run_dir)
-        config, params, meta = ckpt.restore_params(directory, args.step)
+        directory = ckpt.find_checkpoint_dir(run_dir)
+        config, params, meta = ckpt.restore_params(directory, step)
     except (ValueError, FileNotFoundError) as e:
         _quiet_failed_restore()
         raise InputError(_one_line(e)) from None
     except Exception as e:  # noqa: BLE001 - orbax reports damaged files in many ways
         _quiet_failed_restore()
-        raise InputError(f"cannot read the checkpoint in {args.run_dir!r}: "
-                         f"{e.__class__.__name__}: {_one_line(e)}") from None
+        others = _other_steps(directory, step)
+        raise InputError(f"cannot read the checkpoint in {run_dir!r}: "
+                         f"{e.__class__.__name__}: {_one_line(e)}"
+                         + (f" (other steps there: {others}; pick one with --step)" if others
+                            else "")) from None
     run_cfg = _run_config(_run_dir_of(directory))
     tokenizer = args.tokenizer or meta.get("tokenizer", "byte")
     if tokenizer.startswith("hf:"):  # a name, not a path: the run's config holds the path
@@ -136,12 +155,31 @@ def load_model(args):
     return config, params, tokenizer, int(chunk or 256)
 
 
+# The tokenizer of an official .pth by its vocabulary: RWKV World models, and byte-level ones
+# (this project's exports of byte models).
+_OFFICIAL_TOKENIZERS = {65536: "world", 256: "byte"}
+
+
+def _other_steps(directory: str, step: int | None) -> list[int]:
+    """The steps of a checkpoint directory besides `step` (None: the newest), if it lists them."""
+    from rwkv_jax import checkpoint as ckpt  # noqa: PLC0415
+
+    try:
+        steps = sorted(ckpt.TrainCheckpointer(directory).all_steps())
+    except Exception:  # noqa: BLE001 - only a hint in a message
+        return []
+    step = steps[-1] if step is None and steps else step
+    return [s for s in steps if s != step]
+
+
 def _score_tokens(path: str, tokenizer, vocab_size: int) -> dict:
     """The file's tokens exactly as the trainer's evaluation reads them, and its byte count."""
     import numpy as np  # noqa: PLC0415
 
     from rwkv_jax import data as data_lib  # noqa: PLC0415
 
+    if os.path.isdir(path):
+        raise InputError(f"--score {path!r} is a directory; give a text file (or a token .bin)")
     if not os.path.isfile(path):
         raise InputError(f"--score {path!r}: no such file")
     try:
@@ -167,6 +205,10 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"infer: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`| head`): stop as quietly as `cat` does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that exit's flush of stdout fails no more
+        return 141  # 128 + SIGPIPE, the shell's status for a program a closed pipe ended
 
 
 def _decode_kernels(args, config, rows: int):
@@ -197,6 +239,22 @@ def _main(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name}={value}: must be >= 1")
+    if args.max_new_tokens >= 2**31:
+        raise InputError(f"--max_new_tokens={args.max_new_tokens}: must be below 2**31")
+    if args.prefill_chunk < 0:
+        raise InputError(f"--prefill_chunk={args.prefill_chunk}: must be >= 0 (0: the whole "
+                         f"prompt at once)")
+    samples = (len(args.prompt) + bool(args.prompt_file)) * args.batch_size
+    if not (-2**63 <= args.seed and args.seed + max(samples, 1) - 1 < 2**63):
+        raise InputError(f"--seed={args.seed}: samples take seeds {args.seed} to "
+                         f"{args.seed + max(samples, 1) - 1}, which must fit in 64 bits")
+    if args.export_official:
+        from rwkv_jax.checkpoint import check_export_path  # noqa: PLC0415
+
+        try:
+            check_export_path(args.export_official)
+        except (ValueError, ImportError) as e:
+            raise InputError(f"--export_official: {e}") from None
 
     if args.decode_kernels == "cuda":  # before the checkpoint is read
         from rwkv_jax.ops.cuda import decode4 as cuda_decode4  # noqa: PLC0415
@@ -212,23 +270,39 @@ def _main(args) -> int:
     if args.decode_kernels == "cuda" and not args.bf16 and config.dtype != "bfloat16":
         raise InputError(f"--decode_kernels cuda: the kernel reads bf16 weights and this model "
                          f"computes in {config.dtype}; add --bf16")
+    if tokenizer_name is None:
+        raise InputError(f"--official {args.official!r} has a vocabulary of {config.vocab_size}, "
+                         f"which is neither the World tokenizer's (65536) nor bytes' (256): name "
+                         f"its tokenizer with --tokenizer (a tokenizers .json, such as the 20B "
+                         f"tokenizer of the RWKV-4 Pile models)")
     try:
         tokenizer = data_lib.get_tokenizer(tokenizer_name)
     except (ValueError, ImportError, OSError) as e:
         raise InputError(f"tokenizer {tokenizer_name!r}: {e}") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise InputError(f"tokenizer {tokenizer_name!r} has {tokenizer.vocab_size} tokens, more "
+                         f"than this model's vocabulary of {config.vocab_size}: the model was "
+                         f"made with another tokenizer (name it with --tokenizer)")
 
     from rwkv_jax.generate import Generator, Sampling, encode_prompt  # noqa: PLC0415
 
     prompts = [_unescape(p) for p in args.prompt]
+    names = [f"--prompt {i + 1} of {len(prompts)}" if len(prompts) > 1 else "--prompt"
+             for i in range(len(prompts))]
     if args.prompt_file:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
                 prompts.append(f.read())
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"--prompt_file {args.prompt_file!r}: {e}") from None
+        names.append(f"--prompt_file {args.prompt_file!r}")
+    rows = []
+    for name, p in zip(names, prompts):
+        try:
+            rows += [encode_prompt(tokenizer, p, config.vocab_size)] * args.batch_size
+        except ValueError as e:  # UnicodeEncodeError too (undecodable bytes in the argument)
+            raise InputError(f"{name}: {e}") from None
     try:
-        rows = [encode_prompt(tokenizer, p, config.vocab_size)
-                for p in prompts for _ in range(args.batch_size)]
         sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             presence_penalty=args.presence_penalty,
                             frequency_penalty=args.frequency_penalty,
@@ -242,7 +316,7 @@ def _main(args) -> int:
         from rwkv_jax.checkpoint import export_official  # noqa: PLC0415
 
         try:
-            export_official(params, config, args.export_official)
+            export_official(params, config, args.export_official, dtype=args.export_dtype)
         except (ValueError, OSError) as e:
             raise InputError(str(e)) from None
         print(f"wrote {args.export_official}", file=sys.stderr)
@@ -278,8 +352,9 @@ def _main(args) -> int:
         tm = result.timings
         steps = max(tm["steps"], 1)
         print(f"[{tm['new_tokens']} tokens in {time.perf_counter() - t:.2f} s; prefill "
-              f"{1e3 * tm['prefill_s']:.1f} ms (compiles included), decode "
-              f"{1e3 * tm['decode_s'] / steps:.2f} ms/step]", file=sys.stderr)
+              f"{1e3 * tm['prefill_s']:.1f} ms, decode {1e3 * tm['decode_s'] / steps:.2f} "
+              f"ms/step, both with their compiles: bench/decode.py times decoding alone]",
+              file=sys.stderr)
 
     if score_file is not None:
         import math  # noqa: PLC0415

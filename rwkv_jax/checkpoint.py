@@ -140,10 +140,18 @@ def load_official_state_dict(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no official checkpoint at {path!r}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; files of torch before 1.6 are a bare pickle. Anything
+    # else would get torch's advice to retry with weights_only=False, which is wrong here.
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise ValueError(f"{path!r} is not a torch checkpoint (neither the zip archive torch.save "
+                         f"writes nor a pickle)")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise ValueError(f"{path!r} is not a readable torch checkpoint: {e}") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(f"{path!r} is not a readable torch checkpoint: {first}") from None
     if not isinstance(sd, Mapping) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path!r} is not an RWKV state dict (a mapping of names to tensors)")
     return dict(sd)
@@ -192,6 +200,7 @@ def import_official(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
 
     expected = {k for k, _, _ in _TOP}
     params: dict = {}
+    shapes = _param_shapes(config)
     for key, ours, kind in official_layout(n_layer, version):
         if key not in sd:
             name = key.split(".", 2)[-1]
@@ -201,10 +210,11 @@ def import_official(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
             raise ValueError(f"{where} is not {what}: missing {key!r}")
         expected.add(key)
         value = _from_official(sd[key], kind)
-        want = _official_shape(config, key)
-        if want is not None and value.shape != want:
-            raise ValueError(f"{where}: {key!r} has shape {tuple(sd[key].shape)}, but the rest "
-                             f"of the file makes it {want} in our layout")
+        want = _get(shapes, ours).shape
+        if value.shape != want:
+            raise ValueError(f"{where}: {key!r} has shape {tuple(sd[key].shape)}, but the model "
+                             f"the rest of the file describes ({_describe_dims(config)}) needs "
+                             f"{_official_shape(want, kind)}")
         _set(params, ours, value)
     extra = sorted(set(sd) - expected)
     if extra:
@@ -232,18 +242,33 @@ def _x070_dims(sd: Mapping, n_layer: int, where: str) -> dict:
     return out
 
 
-def _official_shape(config: ModelConfig, key: str) -> tuple | None:
-    """The shape in our layout of the RWKV-7 LoRA / r_k tensor `key` (None: not checked here)."""
-    if config.version != "7":
-        return None
-    name = key.split(".")[-1]
-    C = config.n_embd
-    if name == "r_k":
-        return (config.n_head, config.head_size)
-    if len(name) == 2 and name[0] in "wavg" and name[1] in "12" and ".att." in key:
-        d = getattr(config, f"dim_{name[0]}_lora")
-        return (C, d) if name[1] == "1" else (d, C)
-    return None
+def _param_shapes(config: ModelConfig) -> dict:
+    """The model's parameter shapes (traced, nothing allocated)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from rwkv_jax.model import RWKV  # noqa: PLC0415
+
+    return jax.eval_shape(lambda: RWKV(config).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))["params"]
+
+
+def _official_shape(ours: tuple, kind: str) -> tuple:
+    """The shape in an official file of a tensor of shape `ours` here (official_layout's kinds)."""
+    if kind == "linear":
+        return tuple(reversed(ours))
+    if kind == "mix":
+        return (1, 1) + tuple(ours)
+    return tuple(ours)
+
+
+def _describe_dims(config: ModelConfig) -> str:
+    dims = (f"RWKV-{config.version}, n_layer {config.n_layer}, n_embd {config.n_embd}, ffn "
+            f"{config.dim_ffn}, vocabulary {config.vocab_size}")
+    if config.version == "7":
+        dims += (f", head size {config.head_size}, LoRA ranks w {config.dim_w_lora} a "
+                 f"{config.dim_a_lora} v {config.dim_v_lora} g {config.dim_g_lora}")
+    return dims
 
 
 def _unused_first7(config: ModelConfig, name: str) -> np.ndarray:
@@ -271,13 +296,36 @@ def export_official(params: Mapping, config: ModelConfig, path: str | os.PathLik
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if tdtype is None:
         raise ValueError(f"export_official dtype={dtype!r}: use float32, bfloat16 or float16")
+    path = check_export_path(path)
     params = _as_numpy(params)
     sd = {name: _to_official(_get(params, ours), kind, torch, tdtype)
           for name, ours, kind in official_layout(config.n_layer, config.version)}
+    # Written beside the target under a name of this process's, then renamed: a reader never
+    # sees half a file under the real name, and a failed write leaves nothing.
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save(sd, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a short write as RuntimeError
+        raise OSError(f"writing {path!r} failed: {str(e).strip().splitlines()[0][:300]}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_export_path(path: str | os.PathLike) -> str:
+    """`path` if an official .pth can be written there (ValueError saying why not): the
+    folder exists and takes new files, the path is not a folder, and torch imports."""
+    _torch()
     path = os.fspath(path)
-    tmp = path + ".tmp"
-    torch.save(sd, tmp)
-    os.replace(tmp, path)  # never leave a half-written file under the real name
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory; name the .pth file to write")
+    if not os.path.isdir(parent):
+        raise ValueError(f"{path!r}: the directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path!r}: the directory {parent!r} is not writable")
+    return path
 
 
 def _as_numpy(tree):

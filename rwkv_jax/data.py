@@ -111,7 +111,10 @@ class HFTokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"Tokenizer file not found: {path}")
         self.path = path
-        self._tok = _HFTokenizer.from_file(str(path))
+        try:
+            self._tok = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for bad JSON
+            raise ValueError(f"{path} is not a tokenizers .json file: {e}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         # The content hash makes prepared token files go stale when the
         # tokenizer file is edited in place, not only when it is renamed.

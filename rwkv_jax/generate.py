@@ -436,6 +436,9 @@ class Generator:
         if not (isinstance(decode_block, int) and decode_block >= 1):
             raise ValueError(f"decode_block={decode_block!r}: must be an integer >= 1 (decode "
                              "steps per device call)")
+        if not (_is_int(prefill_chunk) and prefill_chunk >= 0):
+            raise ValueError(f"prefill_chunk={prefill_chunk!r}: must be an integer >= 0 (prompt "
+                             "tokens per parallel call; 0: the whole prompt at once)")
         if bf16:
             config = dataclasses.replace(config, dtype="bfloat16")
             params = inference_params(params, jnp.bfloat16)

@@ -117,6 +117,8 @@ def test_decode_block_size_changes_nothing_but_speed():
         chex.assert_trees_all_close(got.state, want.state, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="decode_block=0"):
         Generator(HYBRID, g.params, decode_block=0)
+    with pytest.raises(ValueError, match="prefill_chunk=-1: must be an integer >= 0"):
+        Generator(HYBRID, g.params, prefill_chunk=-1)
 
 
 def test_seeds_reproduce_and_differ():

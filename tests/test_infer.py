@@ -97,6 +97,11 @@ def _bad_inputs(run, tmp):
     torch.save(random_x070_state_dict(), tmp / "x070.pth")
     config, params, _ = ckpt.restore_params(run.run_dir)
     ckpt.export_official(params, config, tmp / "byte.pth")
+    sd = torch.load(tmp / "byte.pth")
+    sd["head.weight"] = torch.zeros(300, config.n_embd)  # a file at odds with itself
+    torch.save(sd, tmp / "odd_head.pth")
+    (tmp / "text.pth").write_text("not a checkpoint")
+    (tmp / "bad_tokenizer.json").write_text('{"not": "a tokenizer"}')
 
     prompt = ["--prompt", "Hello"]
     return [
@@ -113,9 +118,34 @@ def _bad_inputs(run, tmp):
         *([("cuda-kernel-on-cpu", ["--run_dir", run.run_dir, *prompt, "--decode_kernels", "cuda"],
             "--decode_kernels cuda: the CUDA decode kernel needs an NVIDIA GPU")]
           if jax.default_backend() != "gpu" else []),
-        # The world tokenizer (the default for --official) on a byte-level model.
-        ("world-on-bytes", ["--official", str(tmp / "byte.pth"), "--prompt", "Hello world"],
-         "outside this model's vocabulary of 256"),
+        ("world-on-bytes", ["--official", str(tmp / "byte.pth"), "--tokenizer", "world", *prompt],
+         "tokenizer 'world' has 65536 tokens, more than this model's vocabulary of 256"),
+        ("vocabulary-of-no-known-tokenizer", ["--official", str(tmp / "x070.pth"), *prompt],
+         "has a vocabulary of 97, which is neither the World tokenizer's (65536) nor bytes' (256): "
+         "name its tokenizer with --tokenizer"),
+        ("official-at-odds-with-itself", ["--official", str(tmp / "odd_head.pth"), *prompt],
+         f"'head.weight' has shape (300, {config.n_embd}), but the model the rest of the file "
+         f"describes (RWKV-4, n_layer {config.n_layer}"),
+        ("text-as-official", ["--official", str(tmp / "text.pth"), *prompt],
+         "is not a torch checkpoint"),
+        ("step-with-official", ["--official", str(tmp / "byte.pth"), "--step", "3", *prompt],
+         "--step picks a checkpoint of a training run"),
+        ("broken-tokenizer-file", ["--run_dir", run.run_dir, "--tokenizer",
+                                   str(tmp / "bad_tokenizer.json"), *prompt],
+         "is not a tokenizers .json file"),
+        ("second-prompt-empty", ["--run_dir", run.run_dir, *prompt, "--prompt", ""],
+         "--prompt 2 of 2: the prompt is empty"),
+        ("max-new-tokens", ["--run_dir", run.run_dir, *prompt, "--max_new_tokens", str(2**31)],
+         "--max_new_tokens=2147483648: must be below 2**31"),
+        ("seeds-past-64-bits", ["--run_dir", run.run_dir, *prompt, "--batch_size", "2", "--seed",
+                                str(2**63 - 1)], "which must fit in 64 bits"),
+        ("prefill-chunk", ["--run_dir", run.run_dir, *prompt, "--prefill_chunk", "-5"],
+         "--prefill_chunk=-5: must be >= 0"),
+        ("score-a-directory", ["--run_dir", run.run_dir, "--score", str(tmp)], "is a directory"),
+        ("export-into-no-directory", ["--run_dir", run.run_dir, "--export_official",
+                                      str(tmp / "nowhere" / "x.pth")], "does not exist"),
+        ("export-onto-a-directory", ["--run_dir", run.run_dir, "--export_official", str(tmp)],
+         "is a directory; name the .pth file to write"),
     ]
 
 
@@ -137,6 +167,15 @@ def test_bad_input_gets_one_line_and_exit_status_2_before_anything_compiles(run,
         err = capsys.readouterr().err.strip()
         assert err.startswith("infer: ") and "\n" not in err, (name, err)
         assert message in err, (name, err)
+
+
+def test_a_closed_pipe_ends_the_output_quietly(monkeypatch, capfd):
+    def reader_gone(args):
+        raise BrokenPipeError(32, "Broken pipe")  # what print raises once `| head` has exited
+
+    monkeypatch.setattr(infer, "_main", reader_gone)
+    assert infer.main(["--prompt", "x"]) == 141  # 128 + SIGPIPE, as the shell reports `cat`
+    assert capfd.readouterr().err == ""  # no traceback
 
 
 def test_decode_kernels_flag_gives_the_same_greedy_text(run, capsys):

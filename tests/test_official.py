@@ -108,8 +108,12 @@ def test_bad_files_get_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no official checkpoint"):
         import_official(tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+    with pytest.raises(ValueError, match="is not a torch checkpoint"):
         import_official(tmp_path / "junk.pth")
+    torch.save(random_official_state_dict(), tmp_path / "whole.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:5000])
+    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+        import_official(tmp_path / "cut.pth")
     sd = random_official_state_dict()
     sd["blocks.0.att.ln_x.weight"] = torch.ones(64)
     torch.save(sd, tmp_path / "v5.pth")
@@ -132,3 +136,21 @@ def test_export_refuses_what_the_format_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="no attention layers"):
         export_official(params, config, tmp_path / "x.pth")
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_a_failed_export_leaves_the_old_file_and_nothing_else(tmp_path, monkeypatch):
+    config = ModelConfig(vocab_size=50, n_layer=1, n_embd=32)
+    params = init_params(config, jax.random.PRNGKey(0))
+    out = tmp_path / "model.pth"
+    out.write_bytes(b"the export before")
+
+    def disk_full(obj, path):  # as torch.save fails when the file system fills up
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 101248")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=f"writing '{out}' failed: .*unexpected pos"):
+        export_official(params, config, out)
+    assert out.read_bytes() == b"the export before"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
