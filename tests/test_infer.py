@@ -181,10 +181,13 @@ def test_a_closed_pipe_ends_the_output_quietly(monkeypatch, capfd):
 def test_decode_kernels_flag_gives_the_same_greedy_text(run, capsys):
     """infer.py --decode_kernels: the fused Pallas kernels (interpreted here) write what XLA's
     decode step writes."""
-    argv = ["--run_dir", run.run_dir, "--prompt", "First", "--max_new_tokens", "6",
-            "--temperature", "0", "--decode_block", "4"]
+    argv = ["--prompt", "First", "--max_new_tokens", "6", "--temperature", "0", "--decode_block", "4"]
+    # The second run names the checkpoint by its step's directory (as a shell completes it),
+    # which is the run's newest: the same weights.
+    steps = ckpt.TrainCheckpointer(os.path.join(run.run_dir, "checkpoints")).all_steps()
+    step_dir = os.path.join(run.run_dir, "checkpoints", str(max(steps)))
     texts = []
-    for extra in ([], ["--decode_kernels"]):
+    for extra in (["--run_dir", run.run_dir], ["--run_dir", step_dir, "--decode_kernels"]):
         capsys.readouterr()
         assert infer.main(argv + extra) == 0
         texts.append(capsys.readouterr().out)
