@@ -206,8 +206,6 @@ def main(argv=None) -> int:
         print(f"infer: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`| head`): stop as quietly as `cat` does
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so that exit's flush of stdout fails no more
         return 141  # 128 + SIGPIPE, the shell's status for a program a closed pipe ended
 
 

@@ -4,7 +4,10 @@ A sequence of `train.max_seq_length` tokens is trained in chunks of `memory.rwkv
 each chunk is one optimizer step that takes the recurrent state the previous chunk left and
 returns the next one (no gradient flows between chunks: truncated backprop through time).
 Batches are a pure function of (seed, step), and the carried state is part of the checkpoint,
-so a run resumed from any checkpoint continues exactly as if it had never stopped.
+so a run resumed from any checkpoint continues exactly as if it had never stopped: bit for bit
+on CPUs, and on GPUs with XLA_FLAGS=--xla_gpu_deterministic_ops=true (without it, XLA's GPU
+kernels may sum in another order from run to run: a straight and a resumed tiny run differed in
+the last bit of their weights on an H200).
 """
 
 from __future__ import annotations

@@ -55,6 +55,10 @@ def _shared_environment(tmp_path_factory):
                 "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
     if _ON_GPU:  # float32 products, as this process asks for above
         settings["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+        # Programs that tests compare bit for bit (a killed and resumed run against a straight
+        # one) sum in the same order only so: without it, an H200 run differed in the last bit.
+        settings["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"),
+                                                       "--xla_gpu_deterministic_ops=true")))
     with pytest.MonkeyPatch.context() as mp:
         for name, value in settings.items():
             mp.setenv(name, value)

@@ -252,7 +252,7 @@ def test_state_tuning_trains_only_the_initial_state(tmp_path, corpus, tiny_run):
     with cfg.unlocked():
         cfg.train.init_from = str(tmp_path / "not.pth")
     with pytest.raises(ConfigError, match=r"train.init_from='.*not.pth' cannot be read: .* is not "
-                                          r"a readable torch checkpoint"):
+                                          r"a torch checkpoint"):
         trainer.init_train_state(trainer.prepare(cfg), jax.random.PRNGKey(cfg.seed))
     with cfg.unlocked():
         cfg.train.init_from = tiny_run.run_dir
