@@ -6,14 +6,43 @@ Running the same command again resumes from the run's newest checkpoint. On seve
 every process runs this same command (see README: "Several hosts").
 """
 
+import ast
 import logging
 import sys
 import traceback
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "A config file (configs/*.py).")
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, and the config file loaded with its overrides, where a file that
+    is missing or broken or an override of no field or of the wrong type is one line and exit
+    status 2 (absl printed a traceback, or its usage and exit status 1)."""
+    try:
+        rest = flags.FLAGS(argv)
+        # A file that failed to load is kept as an error that the first attribute raises.
+        _CONFIG.value.experiment_name  # noqa: B018
+        return rest
+    except (flags.Error, OSError, SyntaxError, AttributeError, KeyError, TypeError,
+            ValueError) as e:
+        text = str(e).strip()
+        if text[:1] in "'\"":  # ml_collections quotes its message ("'stepz'\nDid you mean ...")
+            try:
+                text = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                pass
+        lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+        if any("Failed loading config file" in line for line in lines):
+            lines = [f"--config: {lines[-1]}"]  # "[Errno 2] No such file or directory: 'x.py'"
+        text = " ".join(lines)
+        if isinstance(e, AttributeError) and "Did you mean" in text:
+            text = f"no option {text}"
+        print(f"config error: {type(e).__name__ + ': ' if isinstance(e, SyntaxError) else ''}"
+              f"{text[:500]}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv):
@@ -48,6 +77,10 @@ def main(argv):
     except trainer.ResumeError as e:
         print(f"{who}cannot resume: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{who}interrupted: the same command resumes from the newest checkpoint in "
+              f"{run.run_dir}/checkpoints", file=sys.stderr)
+        return 130
     except trainer.TrainingDiverged as e:
         print(f"{who}training stopped: {e}", file=sys.stderr)
         return 3
@@ -59,4 +92,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)

@@ -395,10 +395,11 @@ class TrainCheckpointer:
 
     _meta: dict = {}
 
-    def save_model_config(self, model_config: ModelConfig, tokenizer: str) -> None:
-        """What every later save records beside the arrays."""
+    def save_model_config(self, model_config: ModelConfig, tokenizer: str,
+                          run_shape: dict | None = None) -> None:
+        """What every later save records beside the arrays (run_shape: trainer.run_shape)."""
         self._meta = {"model_config": model_config.to_dict(), "tokenizer": tokenizer,
-                      "format": "rwkv_jax/1"}
+                      "format": "rwkv_jax/1", **({"run_shape": run_shape} if run_shape else {})}
 
     def restore(self, template, step: int | None = None):
         """(train_state, meta) of `step` (default: newest), shaped and sharded like `template`."""

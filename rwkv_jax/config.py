@@ -8,6 +8,7 @@ jit argument). Config files under configs/ hold an ml_collections `model` sectio
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -380,6 +381,28 @@ def optimizer_config_from(cfg):
     return opt
 
 
+def _validate_optimizer(cfg, need) -> None:
+    """AdamW's settings: what would train backwards, divide by zero or never finish warming up."""
+    o = cfg.optimizer
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+    need(finite(o.lr) and o.lr > 0, "optimizer.lr", o.lr, "must be a finite number > 0")
+    need(finite(o.lr_final) and o.lr_final >= 0, "optimizer.lr_final", o.lr_final,
+         "must be a finite number >= 0")
+    for name in ("weight_decay", "rwkv_att_weight_decay", "rwkv_ffn_weight_decay", "grad_clip",
+                 "rwkv_lr_multiplier", "time_decay_lr_mult", "time_first_lr_mult"):
+        need(finite(o[name]) and o[name] >= 0, f"optimizer.{name}", o[name],
+             "must be a finite number >= 0")
+    for name in ("b1", "b2"):
+        need(finite(o[name]) and 0 <= o[name] < 1, f"optimizer.{name}", o[name],
+             "must be in [0, 1)")
+    need(finite(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be a finite number > 0")
+    total = o.total_steps or cfg.train.steps
+    if o.schedule != "constant" and isinstance(o.warmup_steps, int) and o.warmup_steps >= total:
+        need(False, "optimizer.warmup_steps", o.warmup_steps,
+             f"must be below the schedule's {total} steps (optimizer.total_steps, 0 meaning "
+             f"train.steps) for schedule {o.schedule!r}")
+
+
 def validate(cfg) -> None:
     """Check a whole config before any data is read or compiled; raise ConfigError naming the field."""
     _check_known(cfg, default_config())
@@ -425,6 +448,14 @@ def validate(cfg) -> None:
     if cfg.data.tokenizer not in ("byte", "world") and not str(cfg.data.tokenizer).endswith(".json"):
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r} is invalid: 'byte', 'world' "
                           "or a Hugging Face tokenizer .json file")
+    need(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", cfg.seed, "must be an integer >= 0")
+    need(isinstance(cfg.logging.eval_tokens, int) and cfg.logging.eval_tokens >= 0,
+         "logging.eval_tokens", cfg.logging.eval_tokens, "must be an integer >= 0 (0: all of it)")
+    if a.pos_emb == "learned":
+        need(a.max_positions >= t.max_seq_length, "architecture.max_positions", a.max_positions,
+             f"must be >= train.max_seq_length={t.max_seq_length} (the learned position table "
+             f"needs a row for every position of a sequence)")
+    _validate_optimizer(cfg, need)
     from rwkv_jax.optim import make_schedule  # noqa: PLC0415
 
     try:

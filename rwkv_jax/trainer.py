@@ -56,6 +56,60 @@ _NEW_RUN = ("Resume with the settings they were written with, or start a new run
             "(another experiment_name or output_dir).")
 
 
+def run_shape(run: Run) -> dict:
+    """What the training state's shape and meaning depend on besides the model: the carried
+    state has a row per sequence of the batch, and a step is a chunk of a sequence."""
+    cfg = run.cfg
+    return {"train.batch_size": cfg.train.batch_size,
+            "train.max_seq_length": cfg.train.max_seq_length,
+            "memory.rwkv_chunk_size": run.chunk_len,
+            "memory.chunk_overlap": cfg.memory.chunk_overlap if cfg.memory.use_rwkv_chunking else 0,
+            "train.trainable": cfg.train.trainable}
+
+
+def _resume_step(manager: ckpt.TrainCheckpointer, run: Run) -> int | None:
+    """The step to resume from (None: a fresh run), or why this run cannot go on here."""
+    cfg = run.cfg
+    steps = manager.all_steps()
+    if not steps:
+        return None
+    if not cfg.checkpoint.resume:
+        raise ConfigError(f"checkpoint.resume=False, but {manager.directory} holds the checkpoints "
+                          f"of a run (steps {sorted(steps)}), which this one would overwrite or "
+                          f"mix with: start it elsewhere (another experiment_name or output_dir), "
+                          f"or move them away")
+    step = max(steps)
+    _check_resumable(manager, step, run)
+    if step > cfg.train.steps:
+        raise ConfigError(f"train.steps={cfg.train.steps} is below the step of the newest "
+                          f"checkpoint in {manager.directory} ({step}): raise it to go on")
+    return step
+
+
+def _lock_run_dir(run_dir: str):
+    """An exclusive lock on the run directory for this process's lifetime in it (None where the
+    file system has none): two train.py on one run would save over each other's checkpoints."""
+    import fcntl  # noqa: PLC0415
+
+    f = open(os.path.join(run_dir, ".lock"), "w")  # noqa: SIM115 - held until _unlock
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(f"another train.py is training in {run_dir} (it holds {f.name}); "
+                          f"wait for it, or start this run elsewhere (another experiment_name "
+                          f"or output_dir)") from None
+    except OSError:  # no locks on this file system: go on unguarded
+        f.close()
+        return None
+    return f
+
+
+def _unlock(lock) -> None:
+    if lock is not None:
+        lock.close()  # closing the file releases its flock
+
+
 def _check_resumable(manager: ckpt.TrainCheckpointer, step: int, run: Run) -> None:
     """Refuse, before anything compiles or is written, to resume from the checkpoints of
     another model or tokenizer than the config's (orbax would fail deep inside its restore,
@@ -72,6 +126,13 @@ def _check_resumable(manager: ckpt.TrainCheckpointer, step: int, run: Run) -> No
     if diff:
         raise ResumeError(f"the checkpoints in {manager.directory} (step {step}) hold another "
                           f"model than this config ({'; '.join(diff)}). {_NEW_RUN}")
+    shape = run_shape(run)
+    diff = [f"{k}: {v!r} -> {shape[k]!r}" for k, v in meta.get("run_shape", {}).items()
+            if k in shape and v != shape[k]]
+    if diff:
+        raise ResumeError(f"the checkpoints in {manager.directory} (step {step}) were trained on "
+                          f"other batches than this config's ({'; '.join(diff)}): the carried "
+                          f"state and the data position belong to those. {_NEW_RUN}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,12 +197,36 @@ def _token_file(text_or_bin: str, tokenizer, cache_dir: str) -> data_lib.TokenFi
 def prepare(cfg) -> Run:
     """Validate the config, tokenize the data (cached), and fix the chunking. No compiles."""
     validate(cfg)
-    tokenizer = data_lib.get_tokenizer(cfg.data.tokenizer)
+    try:  # before the data is read: the mesh needs only the config and the devices
+        mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        shd.check_batch(cfg.train.batch_size, mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        tokenizer = data_lib.get_tokenizer(cfg.data.tokenizer)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}: {e}") from None
     run_dir = os.path.join(cfg.output_dir, cfg.experiment_name)
     cache_dir = cfg.data.cache_dir or os.path.join(cfg.output_dir, "data")
-    os.makedirs(cache_dir, exist_ok=True)
-    train_tokens = _token_file(cfg.data.train_file, tokenizer, cache_dir)
-    val_tokens = _token_file(cfg.data.val_file, tokenizer, cache_dir)
+    field = "data.cache_dir" if cfg.data.cache_dir else "output_dir"
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot make the directory {cache_dir!r} ({e.strerror})") from None
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: the directory {cache_dir!r} is not writable")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"output_dir / experiment_name: the run directory {run_dir!r} is a file")
+    splits = {}
+    for split in ("train_file", "val_file"):
+        try:
+            splits[split] = _token_file(cfg.data[split], tokenizer, cache_dir)
+        except ValueError as e:
+            raise ConfigError(f"data.{split}={cfg.data[split]!r}: {e}") from None
+    train_tokens, val_tokens = splits["train_file"], splits["val_file"]
+    if cfg.logging.eval_every > 0 and val_tokens.num_tokens < 2:
+        raise ConfigError(f"data.val_file={cfg.data.val_file!r} has {val_tokens.num_tokens} "
+                          f"token(s); evaluation needs at least 2 (or logging.eval_every=0)")
     model_config = model_config_from(cfg, vocab_size=tokenizer.vocab_size)
     model_config = dataclasses.replace(
         model_config, dtype=_resolve_precision(model_config.dtype))
@@ -161,11 +246,6 @@ def prepare(cfg) -> Run:
         spans = data_lib.chunk_spans(T, L, overlap)
         masks = data_lib.chunk_loss_masks(T, L, overlap)
         handoffs = data_lib.state_handoff(T, L, overlap) + [L]
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    try:
-        mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-        shd.check_batch(cfg.train.batch_size, mesh)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return Run(cfg, model_config, tokenizer, train_tokens, val_tokens, run_dir, spans, masks,
@@ -214,9 +294,13 @@ def make_train_step(model: RWKV, optimizer, *, fresh: bool, handoff: int, float1
             ts.params, inputs, targets, mask, ts.carry, scale)
         grads = jax.tree.map(lambda g: g / scale, grads)
         grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
+        # The new weights too: finite gradients can make weights that are not (an update's
+        # norm would overflow where each of its elements does not).
+        finite_params = jax.tree.reduce(lambda acc, p: acc & jnp.isfinite(p).all(), params,
+                                        jnp.bool_(True))
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & finite_params
         # A non-finite step changes nothing (float16 overflow is routine; otherwise the host stops).
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         loss_scale, good = ts.loss_scale, ts.good_steps
@@ -435,11 +519,24 @@ def train(run: Run) -> dict:
     cfg = run.cfg
     main = distributed.is_main_process()  # logs, tensorboard and progress come from one process
     os.makedirs(run.run_dir, exist_ok=True)
+    lock = _lock_run_dir(run.run_dir) if main else None
     manager = ckpt.TrainCheckpointer(os.path.join(run.run_dir, "checkpoints"),
                                      keep=cfg.checkpoint.keep)
-    resume = manager.latest_step() if cfg.checkpoint.resume else None
-    if resume is not None:
-        _check_resumable(manager, resume, run)
+    try:
+        resume = _resume_step(manager, run)
+    except (ConfigError, ResumeError):
+        manager.close()
+        _unlock(lock)
+        raise
+    if resume is not None and resume >= cfg.train.steps:
+        log.info("%s is at step %d of train.steps=%d already: nothing to train",
+                 manager.directory, resume, cfg.train.steps)
+        meta = manager.meta(resume)
+        manager.close()
+        _unlock(lock)
+        return {k: v for k, v in meta.items() if isinstance(v, float)}
+    if cfg.checkpoint.every == 0:
+        log.warning("checkpoint.every=0: this run writes no checkpoint, not even at the end")
 
     mc = run.model_config
     model = RWKV(mc)
@@ -460,12 +557,14 @@ def train(run: Run) -> dict:
         except Exception as e:  # noqa: BLE001 - orbax reports a mismatch or damage in many ways
             first = (str(e).strip().splitlines() or [""])[0][:200]
             earlier = [s for s in manager.all_steps() if s < resume]
+            manager.close()  # else its reads still in flight print tracebacks at exit
+            _unlock(lock)
             raise ResumeError(
                 f"the checkpoint in {manager.directory} (step {resume}) cannot be restored into "
-                f"this run ({type(e).__name__}: {first}): it is damaged, or the run that wrote it "
-                f"had other optimizer settings. "
-                + (f"Move {os.path.join(manager.directory, str(resume))} aside to resume from step "
-                   f"{earlier[-1]}, or: " if earlier else "") + _NEW_RUN.lower()) from None
+                f"this run ({type(e).__name__}: {first}): its optimizer settings differ from this "
+                f"config's (optimizer.grad_clip on or off, ...), or it is damaged. "
+                + (f"If damaged, move {os.path.join(manager.directory, str(resume))} aside to "
+                   f"resume from step {earlier[-1]}. " if earlier else "") + _NEW_RUN) from None
         start = int(ts.step)
         log.info("resumed from %s at step %d", manager.directory, start)
     # Written once the run is known to go on: a run refused above keeps the config it was
@@ -473,7 +572,7 @@ def train(run: Run) -> dict:
     if main:
         with open(os.path.join(run.run_dir, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=2))
-    manager.save_model_config(mc, run.tokenizer.name)
+    manager.save_model_config(mc, run.tokenizer.name, run_shape(run))
 
     float16 = mc.dtype == "float16"
     donate = (0,) if cfg.efficiency.donate else ()
@@ -548,12 +647,13 @@ def train(run: Run) -> dict:
 
             evals = cfg.logging.eval_every > 0
             if evals and ((step + 1) % cfg.logging.eval_every == 0 or step + 1 == cfg.train.steps):
+                eval_t = time.perf_counter()
                 ev = evaluate(run, ts.params, cfg.logging.eval_tokens or None)
                 writer.scalars(step + 1, {"loss": ev["loss"], "bpb": ev["bpb"]}, "val")
                 log.info("step %d: val loss %.4f nats/token, %.4f bits/byte (%d tokens)",
                          step + 1, ev["loss"], ev["bpb"], ev["tokens"])
                 last.update(val_loss=ev["loss"], val_bpb=ev["bpb"])
-                window_t = time.perf_counter()  # evaluation is not training throughput
+                window_t += time.perf_counter() - eval_t  # evaluation is not training throughput
             saves = cfg.checkpoint.every > 0
             if saves and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps):
                 jax.block_until_ready(ts)
@@ -564,6 +664,7 @@ def train(run: Run) -> dict:
         progress.close()
         writer.close()
         manager.wait()
+        _unlock(lock)
     return last
 
 
@@ -643,8 +744,9 @@ def _check_finite(metrics, step: int, float16: bool):
         ok = bool(metrics["finite"])
     if not ok:
         raise TrainingDiverged(
-            f"step {step}: loss {float(metrics['loss'])}, gradient norm "
-            f"{float(metrics['grad_norm'])} is not finite. The update was skipped and no "
+            f"step {step}: the loss ({float(metrics['loss'])}), the gradient norm "
+            f"({float(metrics['grad_norm'])}) or the update is not finite. The update was "
+            f"skipped and no "
             "checkpoint is written past the last good one; lower optimizer.lr, raise "
             "optimizer.warmup_steps, or use efficiency.precision='float32'.")
 

@@ -61,6 +61,16 @@ def tiny_config(tmp_path, corpus, **overrides):
         ({"model.vocab_size": 100}, "model.vocab_size=100 is smaller than the largest token id 122 in data.train_file"),
         ({"efficiency.precision": "fp8"}, "efficiency.precision='fp8' is invalid"),
         ({"train.trainable": "state"}, "state tuning needs architecture.learned_init_state=True"),
+        ({"seed": -1}, "seed=-1 is invalid: must be an integer >= 0"),
+        ({"optimizer.lr": float("nan")}, "optimizer.lr=nan is invalid: must be a finite number > 0"),
+        ({"optimizer.rwkv_lr_multiplier": -1.0}, "optimizer.rwkv_lr_multiplier=-1.0 is invalid"),
+        ({"optimizer.b2": 1.0}, "optimizer.b2=1.0 is invalid: must be in"),
+        ({"optimizer.warmup_steps": 8}, "optimizer.warmup_steps=8 is invalid: must be below the "
+                                        "schedule's 8 steps"),
+        ({"logging.eval_tokens": -5}, "logging.eval_tokens=-5 is invalid"),
+        ({"architecture.pos_emb": "learned", "architecture.max_positions": 16},
+         "architecture.max_positions=16 is invalid: must be >= train.max_seq_length=32"),
+        ({"mesh.data": 3}, "mesh"),  # before the data is read
     ],
 )
 def test_invalid_config_names_the_field(tmp_path, corpus, overrides, message):
@@ -68,6 +78,20 @@ def test_invalid_config_names_the_field(tmp_path, corpus, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         trainer.prepare(cfg)
     assert not os.path.exists(os.path.join(cfg.output_dir, "t"))  # nothing started
+
+
+def test_bad_files_and_places_are_named(tmp_path, corpus):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("Fran\xe7ois".encode("latin-1") * 100)
+    (tmp_path / "afile").write_text("")
+    for overrides, message in [
+        ({"data.val_file": str(tmp_path / "empty.txt")}, "data.val_file=.* has 0 token"),
+        ({"data.train_file": str(tmp_path / "latin1.txt")}, "data.train_file=.* is not valid UTF-8"),
+        ({"output_dir": str(tmp_path / "afile")}, "output_dir: cannot make the directory"),
+        ({"data.tokenizer": str(tmp_path / "none.json")}, "data.tokenizer=.*none.json"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            trainer.prepare(tiny_config(tmp_path, corpus, **overrides))
 
 
 def test_unknown_option_is_refused(tmp_path, corpus):
@@ -99,6 +123,17 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "config error: memory.chunk_overlap=300 is invalid" in out.stderr
     assert "Traceback" not in out.stderr
+    # The config file and the overrides, read while the flags are parsed.
+    for args, message in [
+        (["--config=configs/none.py"], "config error: --config: [Errno 2] No such file"),
+        (["--config=configs/tiny.py", "--config.train.stepz=3"],
+         "config error: no option 'stepz' Did you mean \"steps\""),
+        (["--config=configs/tiny.py", "--config.train.steps=abc"],
+         "config error: flag --config.train.steps=abc: invalid literal for int()"),
+    ]:
+        out = _run_cli(args)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 _apply = jax.jit(lambda model, *a: model.apply(*a), static_argnums=0)
@@ -213,6 +248,7 @@ def test_resuming_from_a_damaged_checkpoint_names_it(tmp_path, tiny_run):
     cfg = tiny_run.cfg.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.output_dir = str(tmp_path)
+        cfg.train.steps = 9  # past the checkpoint's 6: it has to be read
     run_dir = tmp_path / cfg.experiment_name
     shutil.copytree(tiny_run.run_dir, run_dir)
     chunks = [f for f in (run_dir / "checkpoints" / "6" / "params").rglob("*")
@@ -221,8 +257,58 @@ def test_resuming_from_a_damaged_checkpoint_names_it(tmp_path, tiny_run):
     for f in chunks:
         f.write_bytes(b"\0" * 64)
     with pytest.raises(trainer.ResumeError, match=r"\(step 6\) cannot be restored into this run "
-                                                  r"\(.*\): it is damaged"):
+                                                  r"\(.*\): .* or it is damaged"):
         trainer.train(trainer.prepare(cfg))
+
+
+def test_a_run_directory_with_checkpoints_is_continued_or_refused(tmp_path, tiny_run):
+    cfg = tiny_run.cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.output_dir = str(tmp_path)
+    run_dir = tmp_path / cfg.experiment_name
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    config_json = (run_dir / "config.json").read_text()
+
+    def train(**changes):
+        c = cfg.copy_and_resolve_references()
+        for key, value in changes.items():
+            group, field = key.split(".")
+            c[group][field] = value
+        return trainer.train(trainer.prepare(c))
+
+    refusals = [
+        ({"checkpoint.resume": False}, ConfigError,
+         r"checkpoint.resume=False, but .* holds the checkpoints of a run \(steps \[6\]\)"),
+        ({"train.steps": 4}, ConfigError, "train.steps=4 is below the step of the newest checkpoint"),
+        ({"train.batch_size": 2, "train.steps": 9}, trainer.ResumeError,
+         r"were trained on other batches than this config's \(train.batch_size: 4 -> 2\)"),
+    ]
+    for changes, error, message in refusals:
+        with pytest.raises(error, match=message):
+            train(**changes)
+    lock = trainer._lock_run_dir(str(run_dir))  # as another train.py in this run holds it
+    with pytest.raises(ConfigError, match="another train.py is training in"):
+        train(**{"train.steps": 9})
+    trainer._unlock(lock)
+    # At its last step already: nothing trains, and the checkpoint's own metrics come back.
+    assert set(train(**{"train.steps": 6})) >= {"loss", "lr"}
+    assert ckpt.TrainCheckpointer(run_dir / "checkpoints").all_steps() == [6]
+    assert (run_dir / "config.json").read_text() == config_json
+
+
+def test_a_step_whose_update_is_not_finite_changes_nothing():
+    config = trainer.ModelConfig(vocab_size=16, n_layer=1, n_embd=8)
+    model = RWKV(config)
+    params = init_params(config, jax.random.PRNGKey(0))
+    blowup = optax.scale(float("inf"))  # finite gradients, infinite weights
+    ts = trainer.TrainState(step=jnp.int32(0), params=params, opt_state=blowup.init(params),
+                            carry=None, loss_scale=jnp.float32(1), good_steps=jnp.int32(0))
+    step = trainer.make_train_step(model, blowup, fresh=True, handoff=4, float16=False)
+    tokens = jnp.ones((1, 4), jnp.int32)
+    new, metrics = jax.jit(step)(ts, tokens, tokens, jnp.ones((4,), jnp.float32))
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert not bool(metrics["finite"])
+    chex.assert_trees_all_equal(new.params, params)
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
