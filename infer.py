@@ -237,15 +237,16 @@ def _main(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name}={value}: must be >= 1")
-    if args.max_new_tokens >= 2**31:
-        raise InputError(f"--max_new_tokens={args.max_new_tokens}: must be below 2**31")
     if args.prefill_chunk < 0:
         raise InputError(f"--prefill_chunk={args.prefill_chunk}: must be >= 0 (0: the whole "
                          f"prompt at once)")
-    samples = (len(args.prompt) + bool(args.prompt_file)) * args.batch_size
-    if not (-2**63 <= args.seed and args.seed + max(samples, 1) - 1 < 2**63):
-        raise InputError(f"--seed={args.seed}: samples take seeds {args.seed} to "
-                         f"{args.seed + max(samples, 1) - 1}, which must fit in 64 bits")
+    from rwkv_jax.generate import run_seeds  # noqa: PLC0415
+
+    try:  # what generate() would refuse after the model is loaded (and exported)
+        run_seeds(args.max_new_tokens, args.seed, (len(args.prompt) + bool(args.prompt_file))
+                  * args.batch_size)
+    except ValueError as e:
+        raise InputError(f"--{e}") from None
     if args.export_official:
         from rwkv_jax.checkpoint import check_export_path  # noqa: PLC0415
 

@@ -414,6 +414,27 @@ def _token_ids(ids, vocab_size: int, what: str) -> np.ndarray:
     return arr
 
 
+def run_seeds(max_new_tokens, seed, rows: int) -> list[int]:
+    """The seed of each of `rows` rows (seed + i, or one seed a row), after checking them and
+    max_new_tokens against what the device holds: it counts tokens in int32 and keys a PRNG
+    from a 64-bit seed. Plain Python, for callers to check before anything compiles."""
+    if not (_is_int(max_new_tokens) and 1 <= max_new_tokens < 2**31):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer from 1 to "
+                         f"2**31 - 1")
+    if _is_int(seed):
+        seeds = [seed + i for i in range(rows)]
+    elif isinstance(seed, (list, tuple, np.ndarray)):
+        seeds = list(seed)
+    else:
+        seeds = [seed] * rows  # refused below, by name
+    if len(seeds) != rows:
+        raise ValueError(f"{len(seeds)} seeds for {rows} prompts")
+    bad = [s for s in seeds if not (_is_int(s) and -2**63 <= s < 2**63)]
+    if bad:
+        raise ValueError(f"seed {bad[0]!r}: seeds must be integers that fit in 64 bits")
+    return seeds
+
+
 def encode_prompt(tokenizer, prompt: str | Sequence[int], vocab_size: int) -> list[int]:
     """Token ids of a prompt (text, or ids as they are); ValueError if empty or outside the
     vocabulary. Plain Python: callers check their input with it before anything compiles."""
@@ -695,21 +716,7 @@ class Generator:
         B = len(rows)
         if not B:
             raise ValueError("no prompts")
-        # The device counts tokens in int32 and keys a PRNG from a 64-bit seed.
-        if not (_is_int(max_new_tokens) and 1 <= max_new_tokens < 2**31):
-            raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer from 1 to "
-                             f"2**31 - 1")
-        if _is_int(seed):
-            seeds = [seed + i for i in range(B)]
-        elif isinstance(seed, (list, tuple, np.ndarray)):
-            seeds = list(seed)
-        else:
-            seeds = [seed] * B  # refused below, by name
-        if len(seeds) != B:
-            raise ValueError(f"{len(seeds)} seeds for {B} prompts")
-        bad = [s for s in seeds if not (_is_int(s) and -2**63 <= s < 2**63)]
-        if bad:
-            raise ValueError(f"seed {bad[0]!r}: seeds must be integers that fit in 64 bits")
+        seeds = run_seeds(max_new_tokens, seed, B)
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (stop_tokens do not)")
         lengths = [len(r) for r in rows]

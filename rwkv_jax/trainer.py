@@ -516,25 +516,27 @@ class _Writer:
 
 def train(run: Run) -> dict:
     """Train (or resume) until train.steps; returns the final metrics."""
-    cfg = run.cfg
     main = distributed.is_main_process()  # logs, tensorboard and progress come from one process
     os.makedirs(run.run_dir, exist_ok=True)
     lock = _lock_run_dir(run.run_dir) if main else None
     manager = ckpt.TrainCheckpointer(os.path.join(run.run_dir, "checkpoints"),
-                                     keep=cfg.checkpoint.keep)
+                                     keep=run.cfg.checkpoint.keep)
     try:
-        resume = _resume_step(manager, run)
-    except (ConfigError, ResumeError):
+        return _train(run, manager, main)
+    finally:
+        # Waits for saves in flight, and stops a failed restore's reads, which would print
+        # tracebacks at exit.
         manager.close()
         _unlock(lock)
-        raise
+
+
+def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool) -> dict:
+    cfg = run.cfg
+    resume = _resume_step(manager, run)
     if resume is not None and resume >= cfg.train.steps:
         log.info("%s is at step %d of train.steps=%d already: nothing to train",
                  manager.directory, resume, cfg.train.steps)
-        meta = manager.meta(resume)
-        manager.close()
-        _unlock(lock)
-        return {k: v for k, v in meta.items() if isinstance(v, float)}
+        return {k: v for k, v in manager.meta(resume).items() if isinstance(v, float)}
     if cfg.checkpoint.every == 0:
         log.warning("checkpoint.every=0: this run writes no checkpoint, not even at the end")
 
@@ -557,8 +559,6 @@ def train(run: Run) -> dict:
         except Exception as e:  # noqa: BLE001 - orbax reports a mismatch or damage in many ways
             first = (str(e).strip().splitlines() or [""])[0][:200]
             earlier = [s for s in manager.all_steps() if s < resume]
-            manager.close()  # else its reads still in flight print tracebacks at exit
-            _unlock(lock)
             raise ResumeError(
                 f"the checkpoint in {manager.directory} (step {resume}) cannot be restored into "
                 f"this run ({type(e).__name__}: {first}): its optimizer settings differ from this "
@@ -663,8 +663,6 @@ def train(run: Run) -> dict:
     finally:
         progress.close()
         writer.close()
-        manager.wait()
-        _unlock(lock)
     return last
 
 

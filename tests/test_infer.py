@@ -136,9 +136,10 @@ def _bad_inputs(run, tmp):
         ("second-prompt-empty", ["--run_dir", run.run_dir, *prompt, "--prompt", ""],
          "--prompt 2 of 2: the prompt is empty"),
         ("max-new-tokens", ["--run_dir", run.run_dir, *prompt, "--max_new_tokens", str(2**31)],
-         "--max_new_tokens=2147483648: must be below 2**31"),
+         "--max_new_tokens=2147483648: must be an integer from 1 to 2**31 - 1"),
         ("seeds-past-64-bits", ["--run_dir", run.run_dir, *prompt, "--batch_size", "2", "--seed",
-                                str(2**63 - 1)], "which must fit in 64 bits"),
+                                str(2**63 - 1)], "--seed 9223372036854775808: seeds must be "
+                                                 "integers that fit in 64 bits"),
         ("prefill-chunk", ["--run_dir", run.run_dir, *prompt, "--prefill_chunk", "-5"],
          "--prefill_chunk=-5: must be >= 0"),
         ("score-a-directory", ["--run_dir", run.run_dir, "--score", str(tmp)], "is a directory"),
