@@ -46,6 +46,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, 
 
 # A testing hook: SIGKILL this process right after the given step, to prove exact resume.
 _DIE_AT_STEP_ENV = "RWKV_JAX_DIE_AT_STEP"
+_INTERRUPT_AT_STEP_ENV = "RWKV_JAX_INTERRUPT_AT_STEP"  # tests: a real SIGINT after that step
 
 
 class ResumeError(RuntimeError):
@@ -579,10 +580,13 @@ def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool) -> dict:
     steps = {}
 
     def step_fn(chunk: int):
+        nonlocal window_t
         key = (chunk == 0, run.handoffs[chunk])
         if key not in steps:
+            t = time.perf_counter()
             fn = make_train_step(model, optimizer, fresh=key[0], handoff=key[1], float16=float16)
             steps[key] = compile_step(fn, run, layout, donate, first=not steps)
+            window_t += time.perf_counter() - t  # compiling is not training throughput
         return steps[key]
 
     n_chunks = len(run.spans)
@@ -592,6 +596,7 @@ def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool) -> dict:
     peak = device_peak_flops() if jax.default_backend() != "cpu" else None
     writer = _Writer(os.path.join(run.run_dir, "tb") if cfg.logging.tensorboard and main else None)
     die_at = int(os.environ.get(_DIE_AT_STEP_ENV, "-1"))
+    interrupt_at = int(os.environ.get(_INTERRUPT_AT_STEP_ENV, "-1"))
     progress = _progress(cfg, start, enabled=main)
 
     rows = distributed.process_rows(layout.batch, (cfg.train.batch_size, run.chunk_len))
@@ -602,7 +607,7 @@ def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool) -> dict:
     batch_key, batch = None, None
     pending = None  # the previous step's metrics, read one step late so dispatch runs ahead
     window_t, window_tokens = time.perf_counter(), 0
-    last = {}
+    last, metrics = {}, None
     try:
         for step in range(start, cfg.train.steps):
             seq_step, chunk = divmod(step, n_chunks)
@@ -624,6 +629,8 @@ def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool) -> dict:
             if step + 1 == die_at:
                 manager.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
+            if step + 1 == interrupt_at:
+                os.kill(os.getpid(), signal.SIGINT)
 
             if (step + 1) % cfg.logging.every == 0 or step + 1 == cfg.train.steps:
                 jax.block_until_ready(metrics)
@@ -660,10 +667,45 @@ def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool) -> dict:
                 _check_finite(pending, step + 1, float16)
                 manager.save(step + 1, ts, {"tokens_seen": (step + 1) * run.tokens_per_step,
                                             **{k: float(v) for k, v in last.items()}})
+    except KeyboardInterrupt:
+        _save_on_interrupt(run, manager, ts, metrics, last, start, float16)
+        raise
     finally:
         progress.close()
         writer.close()
     return last
+
+
+def _save_on_interrupt(run: Run, manager: ckpt.TrainCheckpointer, ts: TrainState, metrics,
+                       last: dict, start: int, float16: bool) -> None:
+    """Ctrl-C keeps the steps trained since the newest checkpoint, so that the same command
+    resumes from where it stopped (bit for bit, as from any checkpoint)."""
+    if run.cfg.checkpoint.every == 0:
+        return
+    if jax.process_count() > 1:
+        # A save is collective, and the other processes may not have been interrupted.
+        log.warning("interrupted: with several processes nothing is saved past the newest "
+                    "checkpoint")
+        return
+    if any(x.is_deleted() for x in jax.tree_util.tree_leaves(ts) if isinstance(x, jax.Array)):
+        # The interrupt came between a step taking its (donated) inputs and handing back
+        # its outputs: there is no whole state to save.
+        log.warning("interrupted inside a step: nothing saved past the newest checkpoint")
+        return
+    manager.wait()
+    step = int(ts.step)
+    if step <= max(start, manager.latest_step() or 0) or metrics is None:
+        return
+    try:
+        _check_finite(metrics, step, float16)
+    except TrainingDiverged as e:
+        log.warning("interrupted: step %d not saved: %s", step, e)
+        return
+    log.warning("interrupted: saving step %d (Ctrl-C again abandons the save)", step)
+    manager.save(step, ts, {"tokens_seen": step * run.tokens_per_step,
+                            **{k: float(v) for k, v in last.items()}})
+    manager.wait()
+    log.warning("saved step %d in %s", step, manager.directory)
 
 
 def compile_step(fn, run: Run, layout: Layout, donate: tuple, first: bool = False):

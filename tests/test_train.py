@@ -1,4 +1,4 @@
-"""Training: config validation, chunking with state passing, exact resume after SIGKILL,
+"""Training: config validation, chunking with state passing, exact resume after SIGKILL or Ctrl-C,
 divergence handling, state tuning."""
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def _final_params(run_dir):
     return params, meta
 
 
-def test_sigkill_then_same_command_resumes_bit_exact(tmp_path):
+def test_sigkill_or_ctrl_c_then_same_command_resumes_bit_exact(tmp_path):
     text = tmp_path / "train.txt"
     text.write_text(TEXT)
     base = ["--config=configs/tiny.py", f"--config.data.train_file={text}",
@@ -220,17 +220,26 @@ def test_sigkill_then_same_command_resumes_bit_exact(tmp_path):
     assert killed.returncode == -9, killed.stderr[-3000:]
     steps = ckpt.TrainCheckpointer(tmp_path / "b" / "tiny" / "checkpoints").all_steps()
     assert steps == [4]  # only whole checkpoints are visible
+    # Ctrl-C (a real SIGINT) saves the steps trained since the last checkpoint.
+    ctrl_c = base + [f"--config.output_dir={tmp_path / 'c'}"]
     straight = _start_cli(base + [f"--config.output_dir={tmp_path / 'a'}"])
-    resumed = _finish(_start_cli(interrupted))
-    straight = _finish(straight)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    stopped = _run_cli(ctrl_c, env={"RWKV_JAX_INTERRUPT_AT_STEP": "6"})
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "saved step 6" in stopped.stderr and "the same command resumes" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert ckpt.TrainCheckpointer(tmp_path / "c" / "tiny" / "checkpoints").all_steps() == [4, 6]
+    resumed, resumed_c = _start_cli(interrupted), _start_cli(ctrl_c)
+    straight, resumed, resumed_c = _finish(straight), _finish(resumed), _finish(resumed_c)
+    for out in straight, resumed, resumed_c:
+        assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "at step 4" in resumed.stderr
+    assert "at step 6" in resumed_c.stderr
 
     a, meta_a = _final_params(tmp_path / "a" / "tiny")
-    b, meta_b = _final_params(tmp_path / "b" / "tiny")
-    assert meta_a["step"] == meta_b["step"] == 9
-    chex.assert_trees_all_equal(a, b)  # bit for bit
+    for run in "bc":
+        b, meta_b = _final_params(tmp_path / run / "tiny")
+        assert meta_a["step"] == meta_b["step"] == 9
+        chex.assert_trees_all_equal(a, b)  # bit for bit
 
     # The same command with another model is refused in one line, before anything compiles,
     # and the run keeps its checkpoints and the config.json that infer.py reads.
