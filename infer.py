@@ -198,8 +198,34 @@ def _score_tokens(path: str, tokenizer, vocab_size: int) -> dict:
     return out
 
 
+# Flags that only one job reads, and the flag that asks for that job.
+_ONE_JOB_FLAGS = {
+    "--prompt/--prompt_file": ("batch_size", "max_new_tokens", "temperature", "top_p", "top_k",
+                               "presence_penalty", "frequency_penalty", "penalty_decay", "stop",
+                               "seed", "prefill_chunk", "decode_block", "decode_kernels"),
+    "--score": ("chunk_len",),
+    "--export_official": ("export_dtype",),
+}
+
+
+def _warn_unused(args, parser: argparse.ArgumentParser) -> None:
+    """A flag set for a job this command does not run would otherwise be dropped unseen (a
+    --temperature beside --score alone, a --run_dir beside --official)."""
+    asked = {"--prompt/--prompt_file": bool(args.prompt or args.prompt_file),
+             "--score": bool(args.score), "--export_official": bool(args.export_official)}
+    unused = [f"--{name} is ignored: it is read only with {job}"
+              for job, names in _ONE_JOB_FLAGS.items() if not asked[job]
+              for name in names if getattr(args, name) != parser.get_default(name)]
+    if args.official and args.run_dir != parser.get_default("run_dir"):
+        unused.append("--run_dir is ignored: --official names the weights")
+    for line in unused:
+        print(f"infer: {line}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _warn_unused(args, parser)
     try:
         return _main(args)
     except InputError as e:
@@ -320,6 +346,8 @@ def _main(args) -> int:
             raise InputError(str(e)) from None
         print(f"wrote {args.export_official}", file=sys.stderr)
 
+    if not (rows or score_file):
+        return 0
     # Everything is checked; from here on things compile and run.
     from rwkv_jax.ops.cuda.decode4 import Unavailable  # noqa: PLC0415
 

@@ -170,6 +170,24 @@ def test_bad_input_gets_one_line_and_exit_status_2_before_anything_compiles(run,
         assert message in err, (name, err)
 
 
+def test_flags_of_a_job_not_asked_for_are_named_and_export_alone_compiles_nothing(
+        run, tmp_path, capsys, monkeypatch):
+    import rwkv_jax.generate  # noqa: PLC0415
+
+    def no_compiling(*a, **k):
+        raise AssertionError("a Generator was built for an export")
+
+    monkeypatch.setattr(rwkv_jax.generate, "Generator", no_compiling)
+    out = tmp_path / "w.pth"
+    assert infer.main(["--run_dir", run.run_dir, "--export_official", str(out),
+                       "--temperature", "0.3", "--stop", "x", "--chunk_len", "9"]) == 0
+    err = capsys.readouterr().err
+    assert "infer: --temperature is ignored: it is read only with --prompt/--prompt_file" in err
+    assert "infer: --stop is ignored" in err
+    assert "infer: --chunk_len is ignored: it is read only with --score" in err
+    assert "--export_dtype" not in err and out.stat().st_size > 0
+
+
 def test_a_closed_pipe_ends_the_output_quietly():
     # As `infer.py ... | head -c 10`: the reader leaves while infer still writes.
     chatty = ("import sys, infer\n"
