@@ -198,13 +198,15 @@ def _score_tokens(path: str, tokenizer, vocab_size: int) -> dict:
     return out
 
 
-# Flags that only one job reads, and the flag that asks for that job.
-_ONE_JOB_FLAGS = {
-    "--prompt/--prompt_file": ("batch_size", "max_new_tokens", "temperature", "top_p", "top_k",
-                               "presence_penalty", "frequency_penalty", "penalty_decay", "stop",
-                               "seed", "prefill_chunk", "decode_block", "decode_kernels"),
-    "--score": ("chunk_len",),
-    "--export_official": ("export_dtype",),
+# Flags that some jobs only read, and the flags that ask for those jobs.
+_JOB_FLAGS = {
+    ("--prompt/--prompt_file",): ("batch_size", "max_new_tokens", "temperature", "top_p", "top_k",
+                                  "presence_penalty", "frequency_penalty", "penalty_decay",
+                                  "stop", "seed", "prefill_chunk", "decode_block",
+                                  "decode_kernels"),
+    ("--score",): ("chunk_len",),
+    ("--prompt/--prompt_file", "--score"): ("bf16",),
+    ("--export_official",): ("export_dtype",),
 }
 
 
@@ -213,8 +215,8 @@ def _warn_unused(args, parser: argparse.ArgumentParser) -> None:
     --temperature beside --score alone, a --run_dir beside --official)."""
     asked = {"--prompt/--prompt_file": bool(args.prompt or args.prompt_file),
              "--score": bool(args.score), "--export_official": bool(args.export_official)}
-    unused = [f"--{name} is ignored: it is read only with {job}"
-              for job, names in _ONE_JOB_FLAGS.items() if not asked[job]
+    unused = [f"--{name} is ignored: it is read only with {' or '.join(jobs)}"
+              for jobs, names in _JOB_FLAGS.items() if not any(asked[j] for j in jobs)
               for name in names if getattr(args, name) != parser.get_default(name)]
     if args.official and args.run_dir != parser.get_default("run_dir"):
         unused.append("--run_dir is ignored: --official names the weights")

@@ -180,11 +180,12 @@ def test_flags_of_a_job_not_asked_for_are_named_and_export_alone_compiles_nothin
     monkeypatch.setattr(rwkv_jax.generate, "Generator", no_compiling)
     out = tmp_path / "w.pth"
     assert infer.main(["--run_dir", run.run_dir, "--export_official", str(out),
-                       "--temperature", "0.3", "--stop", "x", "--chunk_len", "9"]) == 0
+                       "--temperature", "0.3", "--stop", "x", "--chunk_len", "9", "--bf16"]) == 0
     err = capsys.readouterr().err
     assert "infer: --temperature is ignored: it is read only with --prompt/--prompt_file" in err
     assert "infer: --stop is ignored" in err
     assert "infer: --chunk_len is ignored: it is read only with --score" in err
+    assert "infer: --bf16 is ignored: it is read only with --prompt/--prompt_file or --score" in err
     assert "--export_dtype" not in err and out.stat().st_size > 0
 
 
