@@ -261,16 +261,17 @@ def _main(args) -> int:
 
     if not (args.prompt or args.prompt_file or args.score or args.export_official):
         raise InputError("nothing to do: give --prompt/--prompt_file, --score or --export_official")
-    for name in ("max_new_tokens", "batch_size", "chunk_len", "decode_block"):
+    for name in ("max_new_tokens", "batch_size", "chunk_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name}={value}: must be >= 1")
     if args.prefill_chunk < 0:
         raise InputError(f"--prefill_chunk={args.prefill_chunk}: must be >= 0 (0: the whole "
                          f"prompt at once)")
-    from rwkv_jax.generate import run_seeds  # noqa: PLC0415
+    from rwkv_jax.generate import check_decode_block, run_seeds  # noqa: PLC0415
 
-    try:  # what generate() would refuse after the model is loaded (and exported)
+    try:  # what Generator and generate() would refuse after the model is loaded (and exported)
+        check_decode_block(args.decode_block)
         run_seeds(args.max_new_tokens, args.seed, (len(args.prompt) + bool(args.prompt_file))
                   * args.batch_size)
     except ValueError as e:

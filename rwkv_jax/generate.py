@@ -435,6 +435,17 @@ def run_seeds(max_new_tokens, seed, rows: int) -> list[int]:
     return seeds
 
 
+# Past a few dozen steps a block saves the host nothing measurable (bench/README.md), while its
+# forced tokens take rows x block on the device and text streams out a block at a time.
+MAX_DECODE_BLOCK = 4096
+
+
+def check_decode_block(decode_block) -> None:
+    if not (_is_int(decode_block) and 1 <= decode_block <= MAX_DECODE_BLOCK):
+        raise ValueError(f"decode_block={decode_block!r}: must be an integer from 1 to "
+                         f"{MAX_DECODE_BLOCK} (decode steps per device call)")
+
+
 def encode_prompt(tokenizer, prompt: str | Sequence[int], vocab_size: int) -> list[int]:
     """Token ids of a prompt (text, or ids as they are); ValueError if empty or outside the
     vocabulary. Plain Python: callers check their input with it before anything compiles."""
@@ -454,9 +465,7 @@ class Generator:
     def __init__(self, config: ModelConfig, params, tokenizer=None, *, prefill_chunk: int = 1024,
                  bf16: bool = False, decode_rows: int | None = None, decode_block: int = 16,
                  group_products: bool = True, decode_kernels: bool | str = False):
-        if not (isinstance(decode_block, int) and decode_block >= 1):
-            raise ValueError(f"decode_block={decode_block!r}: must be an integer >= 1 (decode "
-                             "steps per device call)")
+        check_decode_block(decode_block)
         if not (_is_int(prefill_chunk) and prefill_chunk >= 0):
             raise ValueError(f"prefill_chunk={prefill_chunk!r}: must be an integer >= 0 (prompt "
                              "tokens per parallel call; 0: the whole prompt at once)")
