@@ -249,6 +249,11 @@ def prepare(cfg) -> Run:
         handoffs = data_lib.state_handoff(T, L, overlap) + [L]
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if mem.chunk_overlap and (len(spans) == 1 or not mem.use_rwkv_chunking):
+        log.warning("memory.chunk_overlap=%d does nothing here: a sequence of train."
+                    "max_seq_length=%d is one chunk (memory.rwkv_chunk_size=%d, "
+                    "memory.use_rwkv_chunking=%s)", mem.chunk_overlap, T, mem.rwkv_chunk_size,
+                    mem.use_rwkv_chunking)
     return Run(cfg, model_config, tokenizer, train_tokens, val_tokens, run_dir, spans, masks,
                handoffs, mesh)
 

@@ -3,6 +3,7 @@ divergence handling, state tuning."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -195,6 +196,17 @@ def test_overlapping_chunks_count_each_target_once_with_exact_state(tmp_path, co
         total += float(jnp.sum(ce * mask))
     np.testing.assert_array_equal(counted, 1.0)
     np.testing.assert_allclose(total, float(jnp.sum(full)), rtol=1e-5)
+
+
+def test_an_overlap_that_does_nothing_is_named(tmp_path, corpus, caplog):
+    with caplog.at_level(logging.WARNING, logger="rwkv_jax"):
+        trainer.prepare(tiny_config(tmp_path, corpus, **{"memory.chunk_overlap": 6,
+                                                         "memory.rwkv_chunk_size": 12}))
+        assert "chunk_overlap" not in caplog.text  # three chunks: it does something
+        trainer.prepare(tiny_config(tmp_path, corpus, **{"memory.chunk_overlap": 6,
+                                                         "memory.rwkv_chunk_size": 32}))
+    assert "memory.chunk_overlap=6 does nothing here: a sequence of train.max_seq_length=32 " \
+           "is one chunk" in caplog.text
 
 
 def _final_params(run_dir):
