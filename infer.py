@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -72,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="write the weights as an official .pth (RWKV-4 or RWKV-7, as the model is)")
     other.add_argument("--export_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                        help="the tensors' dtype in the exported .pth (default float32)")
+    # argparse reads "-1e-3" as an option (its pattern for negative numbers knows "-1" and "-.5"
+    # only), so a negative penalty in exponent form needed the "=" form.
+    p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     return p
 
 

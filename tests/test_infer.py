@@ -113,6 +113,8 @@ def _bad_inputs(run, tmp):
         ("empty-prompt", ["--run_dir", run.run_dir, "--prompt", ""], "the prompt is empty"),
         ("decode-block", ["--run_dir", run.run_dir, *prompt, "--decode_block", "0"],
          "--decode_block=0: must be an integer from 1 to 4096"),
+        ("negative-exponent", ["--run_dir", run.run_dir, *prompt, "--temperature", "-1e-3"],
+         "sampling temperature=-0.001 is invalid: must be >= 0"),
         ("huge-decode-block", ["--run_dir", run.run_dir, *prompt, "--decode_block", "1000000000"],
          "--decode_block=1000000000: must be an integer from 1 to 4096"),
         ("kernels-on-rwkv7", ["--official", str(tmp / "x070.pth"), *prompt, "--decode_kernels"],
