@@ -269,13 +269,10 @@ def _main(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name}={value}: must be >= 1")
-    if args.prefill_chunk < 0:
-        raise InputError(f"--prefill_chunk={args.prefill_chunk}: must be >= 0 (0: the whole "
-                         f"prompt at once)")
-    from rwkv_jax.generate import check_decode_block, run_seeds  # noqa: PLC0415
+    from rwkv_jax.generate import check_options, run_seeds  # noqa: PLC0415
 
     try:  # what Generator and generate() would refuse after the model is loaded (and exported)
-        check_decode_block(args.decode_block)
+        check_options(args.prefill_chunk, args.decode_block)
         run_seeds(args.max_new_tokens, args.seed, (len(args.prompt) + bool(args.prompt_file))
                   * args.batch_size)
     except ValueError as e:

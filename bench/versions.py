@@ -47,14 +47,11 @@ class _StepClock(logging.Handler):
 
 
 def _params(cfg):
-    import jax  # noqa: PLC0415
-
     from rwkv_jax.config import model_config_from  # noqa: PLC0415
-    from rwkv_jax.model import count_params  # noqa: PLC0415
-    from rwkv_jax.trainer import init_params_fn  # noqa: PLC0415
+    from rwkv_jax.model import count_params, param_shapes  # noqa: PLC0415
 
     mc = model_config_from(cfg, vocab_size=256 if cfg.data.tokenizer == "byte" else None)
-    return count_params(jax.eval_shape(lambda: init_params_fn(mc)(jax.random.PRNGKey(0))))
+    return count_params(param_shapes(mc))
 
 
 def _variant(base, version, out_dir):

@@ -200,7 +200,9 @@ def import_official(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
 
     expected = {k for k, _, _ in _TOP}
     params: dict = {}
-    shapes = _param_shapes(config)
+    from rwkv_jax.model import param_shapes  # noqa: PLC0415
+
+    shapes = param_shapes(config)
     for key, ours, kind in official_layout(n_layer, version):
         if key not in sd:
             name = key.split(".", 2)[-1]
@@ -240,17 +242,6 @@ def _x070_dims(sd: Mapping, n_layer: int, where: str) -> dict:
                              "this model has one rank per LoRA")
         out[f"dim_{n}_lora"] = ranks.pop()
     return out
-
-
-def _param_shapes(config: ModelConfig) -> dict:
-    """The model's parameter shapes (traced, nothing allocated)."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    from rwkv_jax.model import RWKV  # noqa: PLC0415
-
-    return jax.eval_shape(lambda: RWKV(config).init(
-        jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))["params"]
 
 
 def _official_shape(ours: tuple, kind: str) -> tuple:
@@ -379,10 +370,7 @@ class TrainCheckpointer:
 
     def meta(self, step: int | None = None) -> dict:
         """The record saved beside a step's arrays (default: newest), without reading them."""
-        ocp = _ocp()
-        step = self.latest_step() if step is None else step
-        return self._manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
+        return _read_meta(self._manager, self.latest_step() if step is None else step)
 
     def save(self, step: int, train_state, meta: dict) -> None:
         ocp = _ocp()
@@ -435,6 +423,12 @@ def find_checkpoint_dir(path: str | os.PathLike) -> str:
     return path
 
 
+def _read_meta(manager, step: int) -> dict:
+    """The JSON record an orbax manager of ours holds beside a step's arrays."""
+    ocp = _ocp()
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def model_config_of(meta: dict) -> ModelConfig:
     """The ModelConfig a checkpoint's record holds (fields added since it was written take
     their defaults); KeyError, TypeError or ValueError if it holds none that is valid."""
@@ -450,7 +444,7 @@ def restore_params(path: str | os.PathLike, step: int | None = None,
     """
     import jax  # noqa: PLC0415
 
-    from rwkv_jax.model import RWKV  # noqa: PLC0415
+    from rwkv_jax.model import param_shapes  # noqa: PLC0415
 
     ocp = _ocp()
     directory = find_checkpoint_dir(path)
@@ -463,16 +457,13 @@ def restore_params(path: str | os.PathLike, step: int | None = None,
     elif step not in steps:
         raise FileNotFoundError(f"no checkpoint of step {step} in {directory!r}; steps there: {sorted(steps)}")
     try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = _read_meta(manager, step)
         config = model_config_of(meta)
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         raise ValueError(f"checkpoint {directory!r} step {step} has no readable model record: {e}") from None
-    import jax.numpy as jnp  # noqa: PLC0415
-
     # Restore onto this process's first device whatever topology wrote the checkpoint (orbax
     # needs target shardings once the writer's differ); pass `shardings` to place it otherwise.
-    abstract = jax.eval_shape(
-        lambda: RWKV(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    abstract = param_shapes(config)
     if shardings is None:
         here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: here, abstract)

@@ -440,10 +440,14 @@ def run_seeds(max_new_tokens, seed, rows: int) -> list[int]:
 MAX_DECODE_BLOCK = 4096
 
 
-def check_decode_block(decode_block) -> None:
+def check_options(prefill_chunk, decode_block) -> None:
+    """Generator's sizes; plain Python, for callers to check before anything loads."""
     if not (_is_int(decode_block) and 1 <= decode_block <= MAX_DECODE_BLOCK):
         raise ValueError(f"decode_block={decode_block!r}: must be an integer from 1 to "
                          f"{MAX_DECODE_BLOCK} (decode steps per device call)")
+    if not (_is_int(prefill_chunk) and prefill_chunk >= 0):
+        raise ValueError(f"prefill_chunk={prefill_chunk!r}: must be an integer >= 0 (prompt "
+                         "tokens per parallel call; 0: the whole prompt at once)")
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[int], vocab_size: int) -> list[int]:
@@ -465,10 +469,7 @@ class Generator:
     def __init__(self, config: ModelConfig, params, tokenizer=None, *, prefill_chunk: int = 1024,
                  bf16: bool = False, decode_rows: int | None = None, decode_block: int = 16,
                  group_products: bool = True, decode_kernels: bool | str = False):
-        check_decode_block(decode_block)
-        if not (_is_int(prefill_chunk) and prefill_chunk >= 0):
-            raise ValueError(f"prefill_chunk={prefill_chunk!r}: must be an integer >= 0 (prompt "
-                             "tokens per parallel call; 0: the whole prompt at once)")
+        check_options(prefill_chunk, decode_block)
         if bf16:
             config = dataclasses.replace(config, dtype="bfloat16")
             params = inference_params(params, jnp.bfloat16)

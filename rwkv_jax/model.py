@@ -138,6 +138,12 @@ def _uniform(scale: float):
     return init
 
 
+def param_shapes(config: ModelConfig) -> dict:
+    """The parameters' shapes and dtypes (traced: nothing is allocated or compiled)."""
+    return jax.eval_shape(lambda: RWKV(config).init(jax.random.PRNGKey(0),
+                                                    jnp.zeros((1, 2), jnp.int32)))["params"]
+
+
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 2) -> dict:
     """Fresh parameters (the official initialisation of the config's RWKV version)."""
     init = jax.jit(RWKV(config).init)  # one compile beats op-by-op dispatch of every init

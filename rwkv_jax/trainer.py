@@ -36,7 +36,7 @@ from rwkv_jax import sharding as shd
 from rwkv_jax import state_codec
 from rwkv_jax.config import (ConfigError, ModelConfig, model_config_from, model_differences,
                              optimizer_config_from, validate)
-from rwkv_jax.model import RWKV, count_params
+from rwkv_jax.model import RWKV, count_params, param_shapes
 from rwkv_jax.state import init_state
 
 log = logging.getLogger("rwkv_jax")
@@ -249,7 +249,7 @@ def prepare(cfg) -> Run:
         handoffs = data_lib.state_handoff(T, L, overlap) + [L]
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if mem.chunk_overlap and (len(spans) == 1 or not mem.use_rwkv_chunking):
+    if mem.chunk_overlap and len(spans) == 1:  # chunking off is one span too
         log.warning("memory.chunk_overlap=%d does nothing here: a sequence of train."
                     "max_seq_length=%d is one chunk (memory.rwkv_chunk_size=%d, "
                     "memory.use_rwkv_chunking=%s)", mem.chunk_overlap, T, mem.rwkv_chunk_size,
@@ -446,7 +446,7 @@ class Layout:
 
 def plan_layout(run: Run, optimizer) -> Layout:
     mc, mesh, B = run.model_config, run.mesh, run.cfg.train.batch_size
-    params = jax.eval_shape(lambda: init_params_fn(mc)(jax.random.PRNGKey(0)))
+    params = param_shapes(mc)
     opt = jax.eval_shape(optimizer.init, params)
     carry = jax.eval_shape(lambda: init_state(mc, B))
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
@@ -467,8 +467,7 @@ def init_params_fn(mc: ModelConfig):
 
 
 def make_optimizer(run: Run):
-    shapes = jax.eval_shape(lambda: init_params_fn(run.model_config)(jax.random.PRNGKey(0)))
-    return optim.make_optimizer(shapes, optimizer_config_from(run.cfg))
+    return optim.make_optimizer(param_shapes(run.model_config), optimizer_config_from(run.cfg))
 
 
 def init_train_state(run: Run, rng, layout: Layout | None = None) -> tuple[TrainState, Any]:
@@ -670,8 +669,7 @@ def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool) -> dict:
             if saves and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps):
                 jax.block_until_ready(ts)
                 _check_finite(pending, step + 1, float16)
-                manager.save(step + 1, ts, {"tokens_seen": (step + 1) * run.tokens_per_step,
-                                            **{k: float(v) for k, v in last.items()}})
+                _save(manager, step + 1, ts, run, last)
     except KeyboardInterrupt:
         _save_on_interrupt(run, manager, ts, metrics, last, start, float16)
         raise
@@ -679,6 +677,11 @@ def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool) -> dict:
         progress.close()
         writer.close()
     return last
+
+
+def _save(manager: ckpt.TrainCheckpointer, step: int, ts: TrainState, run: Run, last: dict):
+    manager.save(step, ts, {"tokens_seen": step * run.tokens_per_step,
+                            **{k: float(v) for k, v in last.items()}})
 
 
 def _save_on_interrupt(run: Run, manager: ckpt.TrainCheckpointer, ts: TrainState, metrics,
@@ -707,8 +710,7 @@ def _save_on_interrupt(run: Run, manager: ckpt.TrainCheckpointer, ts: TrainState
         log.warning("interrupted: step %d not saved: %s", step, e)
         return
     log.warning("interrupted: saving step %d (Ctrl-C again abandons the save)", step)
-    manager.save(step, ts, {"tokens_seen": step * run.tokens_per_step,
-                            **{k: float(v) for k, v in last.items()}})
+    _save(manager, step, ts, run, last)
     manager.wait()
     log.warning("saved step %d in %s", step, manager.directory)
 

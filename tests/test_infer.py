@@ -145,7 +145,7 @@ def _bad_inputs(run, tmp):
                                 str(2**63 - 1)], "--seed 9223372036854775808: seeds must be "
                                                  "integers that fit in 64 bits"),
         ("prefill-chunk", ["--run_dir", run.run_dir, *prompt, "--prefill_chunk", "-5"],
-         "--prefill_chunk=-5: must be >= 0"),
+         "--prefill_chunk=-5: must be an integer >= 0"),
         ("score-a-directory", ["--run_dir", run.run_dir, "--score", str(tmp)], "is a directory"),
         ("export-into-no-directory", ["--run_dir", run.run_dir, "--export_official",
                                       str(tmp / "nowhere" / "x.pth")], "does not exist"),
