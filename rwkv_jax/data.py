@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gzip
 import hashlib
 import importlib.resources
 import json
 import logging
+import lzma
 import math
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -33,6 +36,31 @@ TOKENIZER_CHOICES = '"byte", "world", or a path to a Hugging Face tokenizer .jso
 # Big enough that per-block overhead is negligible, small enough that the text,
 # its token list and the NumPy copy of it fit comfortably in memory together.
 DEFAULT_BLOCK_BYTES = 4 << 20
+
+
+# Text may come compressed: read through the decompressor, so the bundled sample (xz) and
+# users' .gz corpora need no unpacked copy. Token counts and bits per byte see the text's bytes.
+COMPRESSED_TEXT = {".xz": lzma.open, ".gz": gzip.open}
+BUNDLED_SAMPLE = "shakespeare"
+
+
+def open_text_bytes(path: str | os.PathLike):
+    """A binary file object over a text file's bytes (`.txt`, `.txt.xz`, `.txt.gz`)."""
+    opener = COMPRESSED_TEXT.get(Path(path).suffix, open)
+    return opener(path, "rb")
+
+
+def text_stem(path: str | os.PathLike) -> str:
+    """The file's name without its compression and text suffixes (train.txt.xz -> train)."""
+    name = Path(path).name
+    for suffix in (*COMPRESSED_TEXT, ".txt"):
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    return name
+
+
+def sample_path(name: str) -> str:
+    """The bundled Shakespeare sample's `name` split ("train" or "val"): package data, xz."""
+    return str(importlib.resources.files("rwkv_jax") / "samples" / BUNDLED_SAMPLE / f"{name}.txt.xz")
 
 
 # ---------------------------------------------------------------------------
@@ -225,9 +253,12 @@ def _iter_text_blocks(text_path: Path, block_bytes: int) -> Iterator[str]:
     """
     carry = b""
     offset = 0
-    with open(text_path, "rb") as f:
+    with open_text_bytes(text_path) as f:
         while True:
-            chunk = f.read(block_bytes)
+            try:
+                chunk = f.read(block_bytes)
+            except (lzma.LZMAError, gzip.BadGzipFile, zlib.error, EOFError) as e:
+                raise ValueError(f"{text_path} is not a readable compressed file ({e})") from e
             buf = carry + chunk
             if not buf:
                 return

@@ -1,4 +1,6 @@
+import gzip
 import json
+import lzma
 import math
 import os
 import threading
@@ -19,12 +21,13 @@ from rwkv_jax.data import (
     get_batch,
     get_tokenizer,
     prepare_tokens,
+    sample_path,
     sequential_batches,
     split_into_chunks,
     state_handoff,
+    text_stem,
 )
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "shakespeare"
 UNICODE_TEXT = "Hello, wörld! Ünïcode: 日本語, emoji 🚀, Ελληνικά.\nSecond line\ttabbed.\n"
 
 try:
@@ -459,23 +462,38 @@ def test_bits_per_byte():
 # --- real corpus -------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (SHAKESPEARE / "val.txt").is_file(), reason=f"{SHAKESPEARE}/val.txt not present")
-def test_shakespeare_val(tmp_path):
-    src = SHAKESPEARE / "val.txt"
-    size = src.stat().st_size
+def test_bundled_sample_reads_through_xz(tmp_path):
+    """The packaged Shakespeare sample is tokenized straight from its .xz, its unpacked bytes
+    counted (bits per byte divide by them), and cached under the name without suffixes."""
+    src = Path(sample_path("val"))
+    text = lzma.decompress(src.read_bytes())
+    assert src.name == "val.txt.xz" and len(text) == 387_263
     # Small blocks force many cuts, exercising the blockwise path on real text.
     tf = prepare_tokens(src, ByteTokenizer(), tmp_path / "val.bin", block_bytes=64 << 10)
-    assert tf.num_tokens == tf.num_bytes == size
-    assert bytes(tf.tokens[:1000].astype(np.uint8)) == src.read_bytes()[:1000]
+    assert tf.num_tokens == tf.num_bytes == len(text)
+    assert bytes(tf.tokens[:1000].astype(np.uint8)) == text[:1000]
+    assert text_stem(src) == "val" and text_stem("a/b.txt.gz") == "b" and text_stem("c.txt") == "c"
 
     inputs, targets = get_batch(tf, step=0, seed=0, batch_size=4, seq_len=256)
     assert inputs.shape == (4, 256) and inputs.max() < 256
 
     if HAVE_RWKV:
         world = prepare_tokens(src, "world", tmp_path / "val_world.bin", block_bytes=64 << 10)
-        assert world.num_bytes == size and world.num_tokens < size / 2
+        assert world.num_bytes == len(text) and world.num_tokens < len(text) / 2
         assert world.max_token_id < 65536
-        assert get_tokenizer("world").decode(world.tokens.tolist()) == src.read_text(encoding="utf-8")
+        assert get_tokenizer("world").decode(world.tokens.tolist()) == text.decode("utf-8")
+
+
+def test_gzip_text_and_damaged_compressed_text(tmp_path):
+    text = "To be, or not to be: that is the question.\n" * 50
+    gz = tmp_path / "q.txt.gz"
+    gz.write_bytes(gzip.compress(text.encode()))
+    tf = prepare_tokens(gz, ByteTokenizer(), tmp_path / "q.bin", block_bytes=100)
+    assert tf.tokens.tolist() == list(text.encode())
+    bad = tmp_path / "bad.txt.xz"
+    bad.write_bytes(lzma.compress(text.encode())[:40])  # cut short
+    with pytest.raises(ValueError, match="bad.txt.xz is not a readable compressed file"):
+        prepare_tokens(bad, ByteTokenizer(), tmp_path / "bad.bin")
 
 
 def test_blockwise_split_fuzz(tmp_path):

@@ -2,10 +2,10 @@
 trained in chunks of 1024 with the recurrent state (and the attention KV window) passed
 between chunks, bf16 compute, remat on.
 
-    python train.py --config=configs/model_3b_rwkv.py [--config.train.steps=20]
+    python train.py --config=model_3b_rwkv [--config.train.steps=20]
 """
 
-from configs import model_169m
+from rwkv_jax.configs import model_169m
 
 
 def get_config():

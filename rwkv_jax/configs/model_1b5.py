@@ -1,9 +1,9 @@
 """RWKV-4 1.5B (24 layers x 2048), pure RWKV, bf16.
 
-    python train.py --config=configs/model_1b5.py
+    python train.py --config=model_1b5
 """
 
-from configs import model_169m
+from rwkv_jax.configs import model_169m
 
 
 def get_config():

@@ -1,11 +1,10 @@
 """RWKV-4 169M (12 layers x 768, the size of RWKV-4-Pile-169M): a real GPU run.
 
-    python train.py --config=configs/model_169m.py
+    python train.py --config=model_169m
 """
 
-from configs.tiny import DATA
 from rwkv_jax.config import default_config
-import os
+from rwkv_jax.data import sample_path
 
 
 def get_config():
@@ -16,8 +15,8 @@ def get_config():
     c.model.n_embd = 768
     # data: the RWKV World tokenizer (vocabulary 65536) on the Shakespeare sample
     c.data.tokenizer = "world"
-    c.data.train_file = os.path.normpath(os.path.join(DATA, "train.txt"))
-    c.data.val_file = os.path.normpath(os.path.join(DATA, "val.txt"))
+    c.data.train_file = sample_path("train")
+    c.data.val_file = sample_path("val")
     # memory: 4096-token sequences in chunks of 1024, state passed between chunks
     c.train.max_seq_length = 4096
     c.memory.rwkv_chunk_size = 1024
