@@ -212,68 +212,136 @@ class ConfigError(ValueError):
     """A bad config value; the message names the field, the value and what would be valid."""
 
 
+# Every field a config may set: its default and what it means, in one place. default_config()
+# builds the ConfigDict from it and `train.py --help` prints it.
+SCHEMA = {
+    "": dict(
+        experiment_name=("run", "the run's directory: output_dir/experiment_name"),
+        output_dir=("runs", "where runs (and the token cache, unless data.cache_dir) live"),
+        seed=(0, "initialisation and the order of training windows"),
+    ),
+    "model": dict(
+        version=("4", '"4" (RWKV-4) or "7" (RWKV-7, x070) time-mix in every RWKV layer'),
+        vocab_size=(0, "0: the tokenizer's vocabulary size"),
+        n_layer=(4, "layers"),
+        n_embd=(128, "channels (width)"),
+        dim_ffn=(0, "channel-mix width (0: 4 x n_embd)"),
+        attn_head_size=(64, "attention layers: head size"),
+        attn_window=(1024, "attention layers: past tokens each one sees (its KV state's length)"),
+        head_size=(64, "RWKV-7: time-mix head size"),
+        dim_w_lora=(0, "RWKV-7: decay LoRA rank (0: RWKV-LM's formula)"),
+        dim_a_lora=(0, "RWKV-7: in-context learning rate LoRA rank (0: RWKV-LM's formula)"),
+        dim_v_lora=(0, "RWKV-7: value residual LoRA rank (0: RWKV-LM's formula)"),
+        dim_g_lora=(0, "RWKV-7: gate LoRA rank (0: RWKV-LM's formula)"),
+    ),
+    "architecture": dict(
+        layer_pattern=("rwkv", "which layers are RWKV or attention: rwkv | alternating | "
+                               "attention | custom | auto"),
+        rwkv_layers=((), "layer_pattern=custom: indices of the RWKV layers"),
+        attention_layers=((), "layer_pattern=custom: indices of the attention layers"),
+        pos_emb=("none", "position embeddings: none | learned | rotary (attention layers)"),
+        max_positions=(4096, "rows of the learned position table"),
+        learned_init_state=(False, "a trained initial state per RWKV layer"),
+    ),
+    "memory": dict(
+        use_rwkv_chunking=(True, "train train.max_seq_length in chunks, the state passed on"),
+        rwkv_chunk_size=(256, "tokens of a chunk"),
+        chunk_overlap=(0, "tokens each chunk repeats from the previous one (loss-masked)"),
+        state_compression=("none", "states stored between chunks: none | bf16 | int8 | learned"),
+        state_rank=(0, "learned compression: rank of the per-layer codec (0: n_embd // 4)"),
+        remat_policy=("nothing_saveable", "what remat keeps: " + " | ".join(REMAT_POLICIES)),
+        wkv_chunk_size=(64, "time steps per block of the parallel WKV kernels"),
+    ),
+    "efficiency": dict(
+        precision=("float32", "compute dtype of matrix products: float32 | bfloat16 | float16"),
+        remat=(False, "recompute each block's activations in the backward pass"),
+        donate=(True, "let XLA reuse the train state's buffers in place"),
+        wkv_impl=("auto", "WKV kernel: auto | scan | chunked | pallas (| assoc for RWKV-4)"),
+        attn_impl=("auto", "attention: auto | xla | cudnn"),
+    ),
+    "train": dict(
+        batch_size=(8, "sequences per step (global, over all devices and hosts)"),
+        max_seq_length=(256, "tokens per sequence"),
+        steps=(1000, "train until this step; the same command resumes up to it"),
+        trainable=("all", "what trains: all | state (the learned initial state alone)"),
+        init_from=("", "start from these weights: an official .pth or a run / checkpoint dir"),
+        loss_scale=(2.0**15, "float16: the initial dynamic loss scale"),
+    ),
+    "optimizer": dict(
+        lr=(6e-4, "peak learning rate"),
+        lr_final=(1e-5, "learning rate at the end of the schedule"),
+        warmup_steps=(0, "linear warm-up steps"),
+        total_steps=(0, "the schedule's horizon (0: train.steps); kept by a resumed run"),
+        schedule=("cosine", "decay after warm-up: cosine | exponential | constant"),
+        b1=(0.9, "AdamW beta1"),
+        b2=(0.99, "AdamW beta2"),
+        eps=(1e-8, "AdamW epsilon"),
+        weight_decay=(0.1, "weight decay of matrices outside RWKV layers"),
+        rwkv_att_weight_decay=(0.1, "weight decay of RWKV time-mix matrices"),
+        rwkv_ffn_weight_decay=(0.1, "weight decay of RWKV channel-mix matrices"),
+        rwkv_lr_multiplier=(1.0, "learning-rate multiplier of RWKV layers"),
+        time_decay_lr_mult=(2.0, "learning-rate multiplier of time_decay / w0"),
+        time_first_lr_mult=(3.0, "learning-rate multiplier of time_first"),
+        grad_clip=(1.0, "global gradient-norm clip (0: none)"),
+    ),
+    "data": dict(
+        tokenizer=("byte", "byte | world | a Hugging Face tokenizer .json file"),
+        train_file=("", "training text (.txt, .txt.xz, .txt.gz) or a prepared .bin token file"),
+        val_file=("", "validation text or .bin token file"),
+        cache_dir=("", "where tokenized text is cached (empty: output_dir/data)"),
+    ),
+    "checkpoint": dict(
+        every=(200, "steps between saves, and one at the end (0: never save)"),
+        keep=(3, "newest checkpoints kept"),
+        resume=(True, "continue from the run's newest checkpoint"),
+    ),
+    "logging": dict(
+        every=(10, "steps between log lines / progress updates"),
+        eval_every=(200, "steps between evaluations (0: none)"),
+        eval_tokens=(65536, "validation tokens per evaluation (0: all of them)"),
+        tensorboard=(True, "write tensorboard logs to the run's tb/"),
+        progress=(True, "show a progress bar (else a log line every logging.every steps)"),
+        verbose=(False, "log more detail (each optimizer group's tensors)"),
+    ),
+    "mesh": dict(
+        data=(-1, "devices over which the batch splits (-1: the rest)"),
+        fsdp=(1, "devices over which parameters and optimizer state shard"),
+        tensor=(1, "devices over which matrices split (tensor parallelism)"),
+    ),
+    "dist": dict(
+        coordinator_address=("", "process 0's host:port (empty: detected from SLURM / Open MPI, "
+                                 "or one process)"),
+        num_processes=(0, "processes in the run (0: detected)"),
+        process_id=(-1, "this process's index (-1: detected)"),
+        initialization_timeout=(300, "seconds to wait for every process to join"),
+        heartbeat_timeout=(100, "seconds of silence after which a process counts as dead"),
+    ),
+}
+
+
 def default_config():
-    """Every field a config may set, with its default. Unknown fields are errors."""
+    """Every field a config may set, with its default (SCHEMA). Unknown fields are errors."""
     import ml_collections  # noqa: PLC0415  (the library core does not need it)
 
-    from rwkv_jax.optim import default_optimizer_config  # noqa: PLC0415
-
     c = ml_collections.ConfigDict()
-    c.experiment_name = "run"
-    c.output_dir = "runs"  # the run lives in output_dir/experiment_name
-    c.seed = 0
-
-    c.model = ml_collections.ConfigDict(dict(
-        version="4", vocab_size=0,  # 0: the tokenizer's vocabulary size
-        n_layer=4, n_embd=128, dim_ffn=0, attn_head_size=64, attn_window=1024,
-        # version "7" only: the time-mix head size, and LoRA ranks (0: RWKV-LM's formula)
-        head_size=64, dim_w_lora=0, dim_a_lora=0, dim_v_lora=0, dim_g_lora=0,
-    ))
-    c.architecture = ml_collections.ConfigDict(dict(
-        layer_pattern="rwkv",  # rwkv | alternating | attention | custom | auto
-        rwkv_layers=(), attention_layers=(),  # for layer_pattern="custom"
-        pos_emb="none", max_positions=4096, learned_init_state=False,
-    ))
-    c.memory = ml_collections.ConfigDict(dict(
-        use_rwkv_chunking=True,  # train max_seq_length in chunks, state passed between them
-        rwkv_chunk_size=256,
-        chunk_overlap=0,  # tokens each chunk repeats from the previous one (loss-masked)
-        state_compression="none",  # none | bf16 | int8 | learned: states stored between chunks
-        state_rank=0,  # learned compression: rank of the per-layer codec (0: n_embd // 4)
-        remat_policy="nothing_saveable",
-        wkv_chunk_size=64,
-    ))
-    c.efficiency = ml_collections.ConfigDict(dict(
-        precision="float32",  # compute dtype of matrix products: float32 | bfloat16 | float16
-        remat=False, donate=True, wkv_impl="auto", attn_impl="auto",
-    ))
-    c.train = ml_collections.ConfigDict(dict(
-        batch_size=8, max_seq_length=256, steps=1000, trainable="all",
-        init_from="",  # start from these weights: an official .pth or a run / checkpoint dir
-        loss_scale=2.0**15,  # initial dynamic loss scale for float16
-    ))
-    c.optimizer = default_optimizer_config()
-    c.optimizer.total_steps = 0  # 0: train.steps
-    del c.optimizer["trainable"]  # train.trainable says what trains
-    c.data = ml_collections.ConfigDict(dict(
-        tokenizer="byte", train_file="", val_file="", cache_dir="",  # cache: output_dir/data
-    ))
-    c.checkpoint = ml_collections.ConfigDict(dict(
-        every=200,  # steps between saves, and one at the end; 0: never save (benchmarks)
-        keep=3, resume=True))
-    c.logging = ml_collections.ConfigDict(dict(
-        every=10, eval_every=200,  # 0: no evaluation
-        eval_tokens=65536,  # of the validation file per evaluation (0: all of it)
-        tensorboard=True, progress=True,
-    ))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # global sizes
-    # Several processes (hosts): empty coordinator = what jax.distributed detects (SLURM,
-    # Open MPI), or a single process when there is nothing to detect.
-    c.dist = ml_collections.ConfigDict(dict(
-        coordinator_address="", num_processes=0, process_id=-1,
-        initialization_timeout=300, heartbeat_timeout=100,  # seconds
-    ))
+    for group, fields in SCHEMA.items():
+        values = {name: default for name, (default, _) in fields.items()}
+        if group:
+            c[group] = ml_collections.ConfigDict(values)
+        else:
+            c.update(values)
     return c
+
+
+def describe_schema() -> str:
+    """The config groups and fields with their defaults and meanings, for `--help`."""
+    lines = []
+    for group, fields in SCHEMA.items():
+        lines.append(f"{group or 'top level'}:")
+        for name, (default, meaning) in fields.items():
+            key = f"  {group + '.' if group else ''}{name}={default!r}"
+            lines.append(f"{key:<42} {meaning}" if len(key) < 42 else f"{key}\n{'':<42} {meaning}")
+    return "\n".join(lines)
 
 
 def _check_known(cfg, schema, prefix: str = "") -> None:

@@ -80,6 +80,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from rwkv_jax.config import default_config
+
 TIME_DECAY_NAMES = ("time_decay", "w0")
 TIME_FIRST_NAMES = ("time_first", "time_faaaa")
 LORA_SUFFIXES = ("_w1", "_w2")
@@ -105,27 +107,13 @@ class GroupSpec(NamedTuple):
 
 
 def default_optimizer_config() -> ml_collections.ConfigDict:
-    """Defaults: RWKV-LM's AdamW betas/eps and layerwise lr multipliers."""
-    return ml_collections.ConfigDict(
-        dict(
-            lr=6e-4,
-            lr_final=1e-5,
-            warmup_steps=0,
-            total_steps=10_000,
-            schedule="cosine",
-            b1=0.9,
-            b2=0.99,
-            eps=1e-8,
-            weight_decay=0.1,
-            rwkv_att_weight_decay=0.1,
-            rwkv_ffn_weight_decay=0.1,
-            rwkv_lr_multiplier=1.0,
-            time_decay_lr_mult=2.0,
-            time_first_lr_mult=3.0,
-            grad_clip=1.0,
-            trainable="all",
-        )
-    )
+    """The config schema's optimizer group (RWKV-LM's AdamW betas/eps and layerwise lr
+    multipliers), standing alone: its own horizon and what trains."""
+    cfg = default_config().optimizer
+    with cfg.unlocked():
+        cfg.total_steps = 10_000
+        cfg.trainable = "all"
+    return cfg
 
 
 def _check_trainable(cfg: Any) -> str:

@@ -191,7 +191,7 @@ def _token_file(text_or_bin: str, tokenizer, cache_dir: str) -> data_lib.TokenFi
     if text_or_bin.endswith(".bin"):
         return data_lib.TokenFile(text_or_bin)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in tokenizer.name)
-    base = os.path.splitext(os.path.basename(text_or_bin))[0]
+    base = data_lib.text_stem(text_or_bin)
     return data_lib.prepare_tokens(text_or_bin, tokenizer, os.path.join(cache_dir, f"{base}.{safe}.bin"))
 
 
@@ -545,6 +545,7 @@ def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool) -> dict:
     if cfg.checkpoint.every == 0:
         log.warning("checkpoint.every=0: this run writes no checkpoint, not even at the end")
 
+    _resolve_horizon(manager, resume, run)
     mc = run.model_config
     model = RWKV(mc)
     optimizer = make_optimizer(run)
@@ -554,8 +555,12 @@ def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool) -> dict:
     log.info("model: %s, %.2fM parameters, compute %s; %s", f"RWKV-{mc.version}",
              count_params(ts.params) / 1e6,
              mc.dtype, hybrid.describe(mc.layer_types))
-    for label, paths in optim.describe_groups(ts.params, optimizer_config_from(cfg)).items():
-        log.info("optimizer group %-16s %3d tensors, e.g. %s", label, len(paths), paths[0])
+    groups = optim.describe_groups(ts.params, optimizer_config_from(cfg))
+    log.info("optimizer groups (tensors): %s",
+             ", ".join(f"{label} {len(paths)}" for label, paths in groups.items()))
+    if cfg.logging.verbose:
+        for label, paths in groups.items():
+            log.info("  %s: %s", label, ", ".join(paths))
 
     start = 0
     if resume is not None:
@@ -681,7 +686,45 @@ def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool) -> dict:
 
 def _save(manager: ckpt.TrainCheckpointer, step: int, ts: TrainState, run: Run, last: dict):
     manager.save(step, ts, {"tokens_seen": step * run.tokens_per_step,
+                            "total_steps": int(run.cfg.optimizer.total_steps),
                             **{k: float(v) for k, v in last.items()}})
+
+
+def _resolve_horizon(manager: ckpt.TrainCheckpointer, resume: int | None, run: Run) -> None:
+    """Fix the schedule's horizon (optimizer.total_steps) once for the run: a resumed run keeps
+    the one its checkpoint saved, so raising train.steps extends training without moving the
+    learning rate; only an explicit optimizer.total_steps changes it, and the log names the jump."""
+    cfg = run.cfg
+    asked = int(cfg.optimizer.total_steps)
+    saved = None
+    if resume is not None:
+        try:
+            saved = manager.meta(resume).get("total_steps")
+        except Exception:  # noqa: BLE001 - an unreadable record: the restore says what it finds
+            saved = None
+    if saved is None:  # a fresh run, or a checkpoint from before horizons were saved
+        horizon = asked or cfg.train.steps
+    elif not asked or asked == saved:
+        horizon = int(saved)
+        if not asked and cfg.train.steps != horizon:
+            log.info("the schedule keeps the horizon saved with this run, optimizer.total_steps="
+                     "%d (train.steps is %d); set optimizer.total_steps to change it",
+                     horizon, cfg.train.steps)
+    else:
+        horizon = asked
+        old, new = (float(optim.make_schedule(_with_horizon(cfg, h))(resume)) for h in (saved, asked))
+        log.warning("optimizer.total_steps %d -> %d: the learning rate at step %d jumps from "
+                    "%.4g to %.4g", saved, asked, resume, old, new)
+    if cfg.train.steps > horizon and cfg.optimizer.schedule != "constant":
+        log.info("train.steps=%d runs past the schedule's horizon, optimizer.total_steps=%d: "
+                 "the learning rate holds at optimizer.lr_final after it", cfg.train.steps, horizon)
+    cfg.optimizer.total_steps = horizon
+
+
+def _with_horizon(cfg, horizon: int):
+    opt = optimizer_config_from(cfg)
+    opt.total_steps = horizon
+    return opt
 
 
 def _save_on_interrupt(run: Run, manager: ckpt.TrainCheckpointer, ts: TrainState, metrics,

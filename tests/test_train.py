@@ -370,3 +370,28 @@ def test_state_tuning_trains_only_the_initial_state(tmp_path, corpus, tiny_run):
             new = new[k.key]
         changed = not np.array_equal(old, np.asarray(new))
         assert changed == ("init_state" in jax.tree_util.keystr(path)), jax.tree_util.keystr(path)
+
+
+def test_the_schedule_horizon_is_fixed_by_the_run(tmp_path, corpus, caplog):
+    """A resumed run keeps the horizon its checkpoint saved (raising train.steps moves no
+    learning rate); an explicit optimizer.total_steps changes it, and the log names the jump."""
+    def train(**changes):
+        cfg = tiny_config(tmp_path, corpus, **{"train.max_seq_length": 16, "checkpoint.every": 4,
+                                               "logging.every": 1, **changes})
+        with caplog.at_level(logging.INFO, logger="rwkv_jax"):
+            caplog.clear()
+            return trainer.train(trainer.prepare(cfg))
+
+    train(**{"train.steps": 4})  # the horizon: train.steps, 4
+    run_dir = tmp_path / "runs" / "t"
+    assert ckpt.TrainCheckpointer(run_dir / "checkpoints").meta(4)["total_steps"] == 4
+    final = train(**{"train.steps": 6})
+    assert ("the schedule keeps the horizon saved with this run, optimizer.total_steps=4 "
+            "(train.steps is 6)") in caplog.text
+    assert final["lr"] == pytest.approx(1e-5)  # cosine past its horizon: lr_final
+    assert ckpt.TrainCheckpointer(run_dir / "checkpoints").meta(6)["total_steps"] == 4
+    final = train(**{"train.steps": 8, "optimizer.total_steps": 12})
+    assert "optimizer.total_steps 4 -> 12: the learning rate at step 6 jumps from 1e-05 to " \
+           "0.001" in caplog.text
+    assert final["lr"] > 1e-3
+    assert ckpt.TrainCheckpointer(run_dir / "checkpoints").meta(8)["total_steps"] == 12
