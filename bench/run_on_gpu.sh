@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU measurements of the closing notes, in one command on the lent GPU (device tool):
-#   run(command="bash bench/run_on_gpu.sh", carry=[".whl", ".bench_data"])
-# .whl holds the wheels the GPU image lacks (ml_collections, rwkv, tensorboardX) and
-# .bench_data a copy of ../shared/data/shakespeare (shared/ does not travel).
+#   run(command="bash bench/run_on_gpu.sh", carry=[".whl"])
+# .whl holds the wheels the GPU image lacks (ml_collections, rwkv, tensorboardX); the data is
+# the sample bundled in the package.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-DATA="--config.data.train_file=.bench_data/train.txt --config.data.val_file=.bench_data/val.txt --config.output_dir=/tmp/runs"
+DATA="--config.output_dir=/tmp/runs"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 what=${1:-all}

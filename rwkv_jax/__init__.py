@@ -1,1 +1,43 @@
-"""RWKV training framework in JAX/Flax."""
+"""RWKV language models (RWKV-4, RWKV-7, hybrids with attention) in JAX/Flax.
+
+The public API, importable from the package itself (loaded on first use, so `import rwkv_jax`
+stays cheap):
+
+    from rwkv_jax import ModelConfig, RWKV, init_params, initial_state, Generator, Sampling
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> the module that defines it
+_PUBLIC = {
+    "ModelConfig": "rwkv_jax.config",
+    "default_config": "rwkv_jax.config",
+    "RWKV": "rwkv_jax.model",
+    "init_params": "rwkv_jax.model",
+    "initial_state": "rwkv_jax.model",
+    "count_params": "rwkv_jax.model",
+    "Generator": "rwkv_jax.generate",
+    "Sampling": "rwkv_jax.generate",
+    "GREEDY": "rwkv_jax.generate",
+    "get_tokenizer": "rwkv_jax.data",
+    "prepare_tokens": "rwkv_jax.data",
+    "restore_params": "rwkv_jax.checkpoint",
+    "import_official": "rwkv_jax.checkpoint",
+    "export_official": "rwkv_jax.checkpoint",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rwkv_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

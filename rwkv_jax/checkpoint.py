@@ -99,8 +99,8 @@ def official_layout(n_layer: int, version: str = "4") -> list[tuple[str, tuple, 
 def _torch():
     try:
         import torch  # noqa: PLC0415
-    except ImportError as e:  # pragma: no cover - torch is in the test requirements
-        raise ImportError("official checkpoint import/export needs torch: pip install torch") from e
+    except ImportError as e:  # pragma: no cover - torch is in the dev extra
+        raise ImportError('official .pth import/export needs torch: pip install "rwkv_jax[torch]"') from e
     return torch
 
 

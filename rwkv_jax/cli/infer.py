@@ -1,0 +1,410 @@
+"""Generate text, score a file, or export the weights, from a training run or an official .pth.
+
+`rwkv-infer` and `python infer.py` run this; for example:
+    python infer.py --prompt "ROMEO:" --max_new_tokens 200        # newest checkpoint of runs/tiny
+    python infer.py --run_dir runs/tiny --step 1000 --prompt "To be" --prompt "Once" --temperature 0
+    python infer.py --official RWKV-4-World-0.1B.pth --prompt "The capital of France is"
+    python infer.py --official RWKV-x070-World-0.1B.pth --prompt "Hi"  # RWKV-7 as well
+    python infer.py --score val.txt                                # loss, perplexity, bits/byte
+    python infer.py --export_official tiny.pth                     # for ChatRWKV / the rwkv package
+
+`\\n` and `\\t` in --prompt and --stop are newline and tab. Bad input (a missing or broken
+checkpoint, another architecture, an empty prompt, tokens outside the model's vocabulary) gets
+one line on stderr and exit status 2, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+
+class InputError(Exception):
+    """Bad input: reported in one line, exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = p.add_argument_group("weights")
+    src.add_argument("--run_dir", default="runs/tiny",
+                     help="a training run (or its checkpoints/ directory); default runs/tiny")
+    src.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    src.add_argument("--official", default=None,
+                     help="an official RWKV-4 or RWKV-7 (x070) .pth instead of a run")
+    src.add_argument("--tokenizer", default=None,
+                     help="byte | world | a tokenizers .json (default: the run's; world for --official)")
+    src.add_argument("--bf16", action="store_true", help="bfloat16 weights and matrix products")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    gen.add_argument("--prompt_file", default=None, help="a file whose text is one more prompt")
+    gen.add_argument("--num_samples", "--batch_size", dest="num_samples", type=int, default=1,
+                     help="samples drawn for each prompt (--batch_size: its old name)")
+    gen.add_argument("--max_new_tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    gen.add_argument("--top_p", type=float, default=0.85)
+    gen.add_argument("--top_k", type=int, default=0, help="0: no limit")
+    gen.add_argument("--presence_penalty", type=float, default=0.0)
+    gen.add_argument("--frequency_penalty", type=float, default=0.0)
+    gen.add_argument("--penalty_decay", type=float, default=1.0)
+    gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    gen.add_argument("--seed", type=int, default=0, help="sample i of the batch uses seed + i")
+    gen.add_argument("--prefill_chunk", type=int, default=1024,
+                     help="prompt tokens per parallel prefill call (0: the whole prompt at once)")
+    gen.add_argument("--decode_block", type=int, default=16,
+                     help="decode steps per device call: text streams out this many tokens at a "
+                          "time; larger blocks cost the host less per token")
+    gen.add_argument("--decode_kernels", nargs="?", const="pallas", default="auto",
+                     choices=("auto", "xla", "pallas", "cuda"),
+                     help="RWKV-4: how a decode step runs. 'cuda': each run of blocks as one "
+                          "CUDA kernel (rwkv_jax.ops.cuda.decode4; Hopper GPUs, nvcc, bf16 "
+                          "weights, 1-2 rows); 'xla': XLA's products; 'auto' (the default): "
+                          "'cuda' where it can run, else 'xla'; 'pallas' (the flag alone): six "
+                          "fused Pallas kernels a block, slower than XLA on an H200. "
+                          "bench/README.md has the numbers")
+    other = p.add_argument_group("scoring and export")
+    other.add_argument("--score", default=None, metavar="FILE",
+                       help="print loss, perplexity and bits per byte of a whole text file")
+    other.add_argument("--chunk_len", type=int, default=None,
+                       help="tokens per chunk for --score (default: the run's chunk length, or 256)")
+    other.add_argument("--export_official", default=None, metavar="OUT.pth",
+                       help="write the weights as an official .pth (RWKV-4 or RWKV-7, as the model is)")
+    other.add_argument("--export_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                       help="the tensors' dtype in the exported .pth (default float32)")
+    # argparse reads "-1e-3" as an option (its pattern for negative numbers knows "-1" and "-.5"
+    # only), so a negative penalty in exponent form needed the "=" form.
+    p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+    return p
+
+
+def _unescape(s: str) -> str:
+    return s.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
+
+
+def _run_dir_of(checkpoint_dir: str) -> str:
+    return os.path.dirname(checkpoint_dir) if os.path.basename(checkpoint_dir) == "checkpoints" \
+        else checkpoint_dir
+
+
+def _run_config(run_dir: str) -> dict:
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines() or [e.__class__.__name__]
+    return lines[0][:400] + (" ..." if len(lines) > 1 or len(lines[0]) > 400 else "")
+
+
+def _quiet_failed_restore() -> None:
+    """A failed orbax restore leaves reads in flight whose errors Python would print later
+    (thousands of lines) through asyncio's logger, the unraisable hook and warnings; the one
+    line this program prints says it all."""
+    import logging  # noqa: PLC0415
+    import warnings  # noqa: PLC0415
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda _: None
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
+
+
+def load_model(args):
+    """(model_config, params, tokenizer name or None, default chunk length) of the weights asked
+    for."""
+    from rwkv_jax import checkpoint as ckpt  # noqa: PLC0415
+
+    if args.official:
+        if args.step is not None:
+            raise InputError("--step picks a checkpoint of a training run (--run_dir); "
+                             "--official reads one .pth")
+        try:
+            config, params = ckpt.import_official(args.official)
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            raise InputError(_one_line(e)) from None
+        # None: a vocabulary no tokenizer here is known for (_main says so, after the checks
+        # that need no tokenizer).
+        return config, params, args.tokenizer or _OFFICIAL_TOKENIZERS.get(config.vocab_size), 256
+    run_dir, step = args.run_dir, args.step
+    parent, name = os.path.split(os.path.abspath(run_dir))
+    if name.isdigit() and os.path.basename(parent) == "checkpoints":  # one step's directory
+        if step is not None and step != int(name):
+            raise InputError(f"--run_dir {run_dir!r} is the checkpoint of step {name}, but "
+                             f"--step {step}")
+        run_dir, step = parent, int(name)
+    try:
+        directory = ckpt.find_checkpoint_dir(run_dir)
+        config, params, meta = ckpt.restore_params(directory, step)
+    except (ValueError, FileNotFoundError) as e:
+        _quiet_failed_restore()
+        raise InputError(_one_line(e)) from None
+    except Exception as e:  # noqa: BLE001 - orbax reports damaged files in many ways
+        _quiet_failed_restore()
+        others = _other_steps(directory, step)
+        raise InputError(f"cannot read the checkpoint in {run_dir!r}: "
+                         f"{e.__class__.__name__}: {_one_line(e)}"
+                         + (f" (other steps there: {others}; pick one with --step)" if others
+                            else "")) from None
+    run_cfg = _run_config(_run_dir_of(directory))
+    tokenizer = args.tokenizer or meta.get("tokenizer", "byte")
+    if tokenizer.startswith("hf:"):  # a name, not a path: the run's config holds the path
+        tokenizer = run_cfg.get("data", {}).get("tokenizer", tokenizer)
+    mem = run_cfg.get("memory", {})
+    chunk = meta.get("chunk_len") or (mem.get("rwkv_chunk_size") if mem.get("use_rwkv_chunking", True)
+                                      else run_cfg.get("train", {}).get("max_seq_length"))
+    return config, params, tokenizer, int(chunk or 256)
+
+
+# The tokenizer of an official .pth by its vocabulary: RWKV World models, and byte-level ones
+# (this project's exports of byte models).
+_OFFICIAL_TOKENIZERS = {65536: "world", 256: "byte"}
+
+
+def _other_steps(directory: str, step: int | None) -> list[int]:
+    """The steps of a checkpoint directory besides `step` (None: the newest), if it lists them."""
+    from rwkv_jax import checkpoint as ckpt  # noqa: PLC0415
+
+    try:
+        steps = sorted(ckpt.TrainCheckpointer(directory).all_steps())
+    except Exception:  # noqa: BLE001 - only a hint in a message
+        return []
+    step = steps[-1] if step is None and steps else step
+    return [s for s in steps if s != step]
+
+
+def _score_tokens(path: str, tokenizer, vocab_size: int) -> dict:
+    """The file's tokens exactly as the trainer's evaluation reads them, and its byte count."""
+    import numpy as np  # noqa: PLC0415
+
+    from rwkv_jax import data as data_lib  # noqa: PLC0415
+
+    if os.path.isdir(path):
+        raise InputError(f"--score {path!r} is a directory; give a text file (or a token .bin)")
+    if not os.path.isfile(path):
+        raise InputError(f"--score {path!r}: no such file")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tf = data_lib.TokenFile(path) if path.endswith(".bin") else \
+                data_lib.prepare_tokens(path, tokenizer, os.path.join(tmp, "score.bin"))
+            out = {"tokens": np.array(tf.tokens), "num_tokens": tf.num_tokens,
+                   "num_bytes": tf.num_bytes, "max_token_id": tf.max_token_id}
+    except (ValueError, OSError) as e:
+        raise InputError(f"--score {path!r}: {e}") from None
+    if out["num_tokens"] < 2:
+        raise InputError(f"--score {path!r} has {out['num_tokens']} token(s); scoring needs at least 2")
+    if out["max_token_id"] >= vocab_size:
+        raise InputError(f"--score {path!r} holds token id {out['max_token_id']}, outside this "
+                         f"model's vocabulary of {vocab_size}")
+    return out
+
+
+# Flags that some jobs only read, and the flags that ask for those jobs.
+_JOB_FLAGS = {
+    ("--prompt/--prompt_file",): ("num_samples", "max_new_tokens", "temperature", "top_p", "top_k",
+                                  "presence_penalty", "frequency_penalty", "penalty_decay",
+                                  "stop", "seed", "prefill_chunk", "decode_block",
+                                  "decode_kernels"),
+    ("--score",): ("chunk_len",),
+    ("--prompt/--prompt_file", "--score"): ("bf16",),
+    ("--export_official",): ("export_dtype",),
+}
+
+
+def _warn_unused(args, parser: argparse.ArgumentParser) -> None:
+    """A flag set for a job this command does not run would otherwise be dropped unseen (a
+    --temperature beside --score alone, a --run_dir beside --official)."""
+    asked = {"--prompt/--prompt_file": bool(args.prompt or args.prompt_file),
+             "--score": bool(args.score), "--export_official": bool(args.export_official)}
+    unused = [f"--{name} is ignored: it is read only with {' or '.join(jobs)}"
+              for jobs, names in _JOB_FLAGS.items() if not any(asked[j] for j in jobs)
+              for name in names if getattr(args, name) != parser.get_default(name)]
+    if args.official and args.run_dir != parser.get_default("run_dir"):
+        unused.append("--run_dir is ignored: --official names the weights")
+    for line in unused:
+        print(f"infer: {line}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _warn_unused(args, parser)
+    try:
+        return _main(args)
+    except InputError as e:
+        print(f"infer: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader went away (`| head`): stop as quietly as `cat` does
+        return 141  # 128 + SIGPIPE, the shell's status for a program a closed pipe ended
+
+
+def _decode_kernels(args, config, rows: int):
+    """The Generator's decode_kernels for --decode_kernels. 'auto' is the CUDA kernel where it
+    is the fastest and can run: RWKV-4 in bf16, one or two rows (more run XLA's products on
+    its weight layout, at half their speed), a Hopper GPU and nvcc. On an H200 it decodes 3B at
+    batch 1 in 1.63 ms a token against XLA's 2.28 (bench/README.md)."""
+    if args.decode_kernels != "auto":
+        return None if args.decode_kernels == "xla" else args.decode_kernels
+    if (config.version != "4" or not (args.bf16 or config.dtype == "bfloat16")
+            or not 1 <= rows <= 2):
+        return None
+    from rwkv_jax.ops.cuda import decode4 as cuda_decode4  # noqa: PLC0415
+
+    try:
+        cuda_decode4.check_available()
+    except cuda_decode4.Unavailable:
+        return None
+    return "cuda"
+
+
+def _main(args) -> int:
+    from rwkv_jax import data as data_lib  # noqa: PLC0415
+
+    if not (args.prompt or args.prompt_file or args.score or args.export_official):
+        raise InputError("nothing to do: give --prompt/--prompt_file, --score or --export_official")
+    for name in ("max_new_tokens", "num_samples", "chunk_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name}={value}: must be >= 1")
+    from rwkv_jax.generate import check_options, run_seeds  # noqa: PLC0415
+
+    try:  # what Generator and generate() would refuse after the model is loaded (and exported)
+        check_options(args.prefill_chunk, args.decode_block)
+        run_seeds(args.max_new_tokens, args.seed, (len(args.prompt) + bool(args.prompt_file))
+                  * args.num_samples)
+    except ValueError as e:
+        raise InputError(f"--{e}") from None
+    if args.export_official:
+        from rwkv_jax.checkpoint import check_export_path  # noqa: PLC0415
+
+        try:
+            check_export_path(args.export_official)
+        except (ValueError, ImportError) as e:
+            raise InputError(f"--export_official: {e}") from None
+
+    if args.decode_kernels == "cuda":  # before the checkpoint is read
+        from rwkv_jax.ops.cuda import decode4 as cuda_decode4  # noqa: PLC0415
+
+        try:
+            cuda_decode4.check_device()
+        except cuda_decode4.Unavailable as e:
+            raise InputError(f"--decode_kernels cuda: {e}") from None
+    config, params, tokenizer_name, chunk_len = load_model(args)
+    if args.decode_kernels in ("pallas", "cuda") and config.version != "4":
+        raise InputError(f"--decode_kernels: the decode kernels run RWKV-4 blocks; this model "
+                         f"is RWKV-{config.version} (leave the flag out)")
+    if args.decode_kernels == "cuda" and not args.bf16 and config.dtype != "bfloat16":
+        raise InputError(f"--decode_kernels cuda: the kernel reads bf16 weights and this model "
+                         f"computes in {config.dtype}; add --bf16")
+    if tokenizer_name is None:
+        raise InputError(f"--official {args.official!r} has a vocabulary of {config.vocab_size}, "
+                         f"which is neither the World tokenizer's (65536) nor bytes' (256): name "
+                         f"its tokenizer with --tokenizer (a tokenizers .json, such as the 20B "
+                         f"tokenizer of the RWKV-4 Pile models)")
+    try:
+        tokenizer = data_lib.get_tokenizer(tokenizer_name)
+    except (ValueError, ImportError, OSError) as e:
+        raise InputError(f"tokenizer {tokenizer_name!r}: {e}") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise InputError(f"tokenizer {tokenizer_name!r} has {tokenizer.vocab_size} tokens, more "
+                         f"than this model's vocabulary of {config.vocab_size}: the model was "
+                         f"made with another tokenizer (name it with --tokenizer)")
+
+    from rwkv_jax.generate import Generator, Sampling, encode_prompt  # noqa: PLC0415
+
+    prompts = [_unescape(p) for p in args.prompt]
+    names = [f"--prompt {i + 1} of {len(prompts)}" if len(prompts) > 1 else "--prompt"
+             for i in range(len(prompts))]
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts.append(f.read())
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--prompt_file {args.prompt_file!r}: {e}") from None
+        names.append(f"--prompt_file {args.prompt_file!r}")
+    rows = []
+    for name, p in zip(names, prompts):
+        try:
+            rows += [encode_prompt(tokenizer, p, config.vocab_size)] * args.num_samples
+        except ValueError as e:  # UnicodeEncodeError too (undecodable bytes in the argument)
+            raise InputError(f"{name}: {e}") from None
+    try:
+        sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty,
+                            penalty_decay=args.penalty_decay)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    score_file = _score_tokens(args.score, tokenizer, config.vocab_size) if args.score else None
+    chunk_len = args.chunk_len or chunk_len
+
+    if args.export_official:
+        from rwkv_jax.checkpoint import export_official  # noqa: PLC0415
+
+        try:
+            export_official(params, config, args.export_official, dtype=args.export_dtype)
+        except (ValueError, OSError) as e:
+            raise InputError(str(e)) from None
+        print(f"wrote {args.export_official}", file=sys.stderr)
+
+    if not (rows or score_file):
+        return 0
+    # Everything is checked; from here on things compile and run.
+    from rwkv_jax.ops.cuda.decode4 import Unavailable  # noqa: PLC0415
+
+    kernels = _decode_kernels(args, config, len(rows))
+    try:
+        generator = Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk,
+                              bf16=args.bf16, decode_block=args.decode_block,
+                              decode_kernels=kernels)
+    except Unavailable as e:  # the CUDA kernel's build, or a block it cannot take
+        if args.decode_kernels == "cuda":
+            raise InputError(f"--decode_kernels cuda: {e}") from None
+        print(f"decoding with XLA's products: {e}", file=sys.stderr)
+        generator = Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk,
+                              bf16=args.bf16, decode_block=args.decode_block)
+    if rows:
+        stops = [_unescape(s) for s in args.stop]
+        t = time.perf_counter()
+        if len(rows) == 1:
+            result = generator.generate(rows, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                        seed=args.seed, stop=stops,
+                                        callback=lambda _, piece: print(piece, end="", flush=True))
+            print()
+        else:
+            result = generator.generate(rows, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                        seed=args.seed, stop=stops)
+            for i, text in enumerate(result.texts):
+                print(f"--- sample {i} (prompt {i // args.num_samples}, seed {args.seed + i}) ---")
+                print(text)
+        tm = result.timings
+        steps = max(tm["steps"], 1)
+        print(f"[{tm['new_tokens']} tokens in {time.perf_counter() - t:.2f} s; prefill "
+              f"{1e3 * tm['prefill_s']:.1f} ms, decode {1e3 * tm['decode_s'] / steps:.2f} "
+              f"ms/step, both with their compiles: bench/decode.py times decoding alone]",
+              file=sys.stderr)
+
+    if score_file is not None:
+        import math  # noqa: PLC0415
+
+        out = generator.score(score_file["tokens"], chunk_len)
+        loss, count = out["loss"], out["tokens"]
+        bytes_scored = score_file["num_bytes"] * count / max(score_file["num_tokens"] - 1, 1)
+        bpb = data_lib.bits_per_byte(loss, count, bytes_scored)
+        print(f"score {args.score}: loss {loss:.6f} nats/token, perplexity {math.exp(loss):.4f}, "
+              f"{bpb:.4f} bits/byte over {count} tokens (chunk_len {chunk_len})")
+    return 0
+
+
+def run() -> None:
+    """The `rwkv-infer` console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
