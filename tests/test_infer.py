@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO, random_official_state_dict, random_x070_state_dict, rel_err, repo_pythonpath
 
-import infer
+from rwkv_jax.cli import infer
 from rwkv_jax import checkpoint as ckpt
 from rwkv_jax import trainer
 from rwkv_jax.data import ByteTokenizer
@@ -195,7 +195,7 @@ def test_flags_of_a_job_not_asked_for_are_named_and_export_alone_compiles_nothin
 
 def test_a_closed_pipe_ends_the_output_quietly():
     # As `infer.py ... | head -c 10`: the reader leaves while infer still writes.
-    chatty = ("import sys, infer\n"
+    chatty = ("import sys\nfrom rwkv_jax.cli import infer\n"
               "def _main(args):\n"
               "    for _ in range(100000):\n"
               "        print('x' * 100)\n"

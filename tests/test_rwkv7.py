@@ -398,7 +398,7 @@ def test_version_7_trains_with_remat_resumes_generates_and_exports(tmp_path, cap
 
     from test_train import TEXT, tiny_config
 
-    import infer
+    from rwkv_jax.cli import infer
     from rwkv_jax.data import ByteTokenizer
 
     (tmp_path / "train.txt").write_text(TEXT)
