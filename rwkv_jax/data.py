@@ -41,6 +41,7 @@ DEFAULT_BLOCK_BYTES = 4 << 20
 # Text may come compressed: read through the decompressor, so the bundled sample (xz) and
 # users' .gz corpora need no unpacked copy. Token counts and bits per byte see the text's bytes.
 COMPRESSED_TEXT = {".xz": lzma.open, ".gz": gzip.open}
+DAMAGED_ARCHIVE = (lzma.LZMAError, gzip.BadGzipFile, zlib.error, EOFError)  # what a bad one raises
 BUNDLED_SAMPLE = "shakespeare"
 
 
@@ -257,7 +258,7 @@ def _iter_text_blocks(text_path: Path, block_bytes: int) -> Iterator[str]:
         while True:
             try:
                 chunk = f.read(block_bytes)
-            except (lzma.LZMAError, gzip.BadGzipFile, zlib.error, EOFError) as e:
+            except DAMAGED_ARCHIVE as e:
                 raise ValueError(f"{text_path} is not a readable compressed file ({e})") from e
             buf = carry + chunk
             if not buf:

@@ -3,6 +3,7 @@ configs and data, --help, and config files that fail."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import shutil
@@ -58,9 +59,10 @@ def test_bundled_config_by_name_from_any_folder_trains_on_the_bundled_sample(tmp
     assert not re.search(r"^[IWE]\d{4} ", out.stderr, re.M)
     assert out.stderr.count("optimizer groups (tensors): ") == 1
     assert "optimizer group " not in out.stderr
-    gen = _run(_script("rwkv-infer") + ["--run_dir", "runs/tiny", "--prompt", "ROMEO:",
-                                        "--max_new_tokens", "4", "--num_samples", "2"],
-               cwd=tmp_path)
+    (tmp_path / "prompt.txt.gz").write_bytes(gzip.compress(b"ROMEO:"))
+    gen = _run(_script("rwkv-infer") + ["--run_dir", "runs/tiny", "--prompt_file",
+                                        "prompt.txt.gz", "--max_new_tokens", "4",
+                                        "--num_samples", "2"], cwd=tmp_path)
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert gen.stdout.count("--- sample ") == 2
 

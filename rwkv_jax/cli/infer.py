@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--bf16", action="store_true", help="bfloat16 weights and matrix products")
     gen = p.add_argument_group("generation")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
-    gen.add_argument("--prompt_file", default=None, help="a file whose text is one more prompt")
+    gen.add_argument("--prompt_file", default=None,
+                     help="a file whose text is one more prompt (.txt, .txt.xz, .txt.gz)")
     gen.add_argument("--num_samples", "--batch_size", dest="num_samples", type=int, default=1,
                      help="samples drawn for each prompt (--batch_size: its old name)")
     gen.add_argument("--max_new_tokens", type=int, default=200)
@@ -322,9 +323,9 @@ def _main(args) -> int:
              for i in range(len(prompts))]
     if args.prompt_file:
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompts.append(f.read())
-        except (OSError, UnicodeDecodeError) as e:
+            with data_lib.open_text_bytes(args.prompt_file) as f:  # .txt, .txt.xz, .txt.gz
+                prompts.append(f.read().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, *data_lib.DAMAGED_ARCHIVE) as e:
             raise InputError(f"--prompt_file {args.prompt_file!r}: {e}") from None
         names.append(f"--prompt_file {args.prompt_file!r}")
     rows = []
