@@ -1,0 +1,104 @@
+"""Faults in what runs are given (issue 30, items 3, 4, 5, 8 and --official DIR of 9): weights
+that are not finite floats, token ids outside the vocabulary, damaged token-cache metadata and
+the temporaries of killed tokenizers, several processes with no way to meet. Each is made for
+real (a crafted .pth, token file or checkpoint), run through train.py or infer.py, and must
+end in one line naming the bad thing, before anything compiles, with nothing written lost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, random_official_state_dict, repo_pythonpath
+from test_train import TEXT, _run_cli
+
+import infer
+from rwkv_jax import checkpoint as ckpt
+from rwkv_jax import data as data_lib
+from rwkv_jax import distributed, trainer
+from rwkv_jax.config import ConfigError, ModelConfig
+from rwkv_jax.model import init_params
+
+torch = pytest.importorskip("torch", reason="crafted official checkpoints need torch")
+
+# A byte-level model small enough that a train.py run is mostly starting Python and JAX.
+TINY = ModelConfig(vocab_size=256, n_layer=1, n_embd=32)
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("faults_input")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp):
+    (tmp / "train.txt").write_text(TEXT)
+    (tmp / "val.txt").write_text(TEXT[:600])
+    return tmp / "train.txt", tmp / "val.txt"
+
+
+def _train_args(out, train, val, **overrides):
+    """train.py's command line for a tiny model (1 layer of 32, batch 2 of 16 tokens)."""
+    settings = {"model.n_layer": 1, "model.n_embd": 32, "train.batch_size": 2,
+                "train.max_seq_length": 16, "memory.rwkv_chunk_size": 16, "train.steps": 2,
+                "optimizer.warmup_steps": 0, "logging.every": 1, "logging.eval_every": 2,
+                "logging.eval_tokens": 64, "logging.progress": False,
+                "logging.tensorboard": False, "checkpoint.every": 2, "output_dir": out,
+                "data.train_file": train, "data.val_file": val, **overrides}
+    return ["--config=configs/tiny.py"] + [f"--config.{k}={v}" for k, v in settings.items()]
+
+
+def _infer(*args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "infer.py"), *args], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": repo_pythonpath()},
+                          capture_output=True, text=True, timeout=240)
+
+
+def _refusal(out, prefix: str, status: int = 2) -> str:
+    """The one line a refused run ends with (after the log lines of what it did before)."""
+    assert out.returncode == status, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith(prefix), out.stderr[-3000:]
+    assert sum(prefix in line for line in lines) == 1, out.stderr[-3000:]
+    return lines[-1]
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+# ------------------------------------------------------------------ item 8: processes
+
+
+def test_several_processes_with_nothing_to_meet_at_are_refused(tmp, corpus, monkeypatch):
+    for var in ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.detected_cluster() is None
+    out_dir = tmp / "two_alone"
+    # It trained as one process without a word.
+    out = _run_cli(_train_args(out_dir, *corpus, **{"dist.num_processes": 2}))
+    line = _refusal(out, "config error: ")
+    assert out.stderr.strip() == line
+    assert line.startswith("config error: dist.num_processes=2 needs "
+                           "dist.coordinator_address=HOST:PORT")
+    assert not out_dir.exists()
+    # The defaults (one process) go on; a process id alone is refused as well.
+    from ml_collections import ConfigDict
+
+    from rwkv_jax.config import default_config
+
+    dist = ConfigDict(default_config().dist.to_dict())
+    assert distributed.initialize(dist) is False
+    dist.process_id = 1
+    with pytest.raises(ValueError, match=r"^dist.process_id=1 needs dist.coordinator_address"):
+        distributed.initialize(dist)
