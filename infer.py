@@ -122,6 +122,9 @@ def load_model(args):
         if args.step is not None:
             raise InputError("--step picks a checkpoint of a training run (--run_dir); "
                              "--official reads one .pth")
+        if os.path.isdir(args.official):
+            raise InputError(f"--official {args.official!r} is a directory; it takes an official "
+                             f"RWKV .pth file (a training run's directory goes to --run_dir)")
         try:
             config, params = ckpt.import_official(args.official)
         except (ValueError, FileNotFoundError, ImportError) as e:

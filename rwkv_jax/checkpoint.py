@@ -138,6 +138,8 @@ def load_official_state_dict(path: str | os.PathLike) -> dict:
     """torch.load with the checks that turn a wrong file into one clear message."""
     torch = _torch()
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory; an official checkpoint is one .pth file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no official checkpoint at {path!r}")
     with open(path, "rb") as f:

@@ -102,3 +102,20 @@ def test_several_processes_with_nothing_to_meet_at_are_refused(tmp, corpus, monk
     dist.process_id = 1
     with pytest.raises(ValueError, match=r"^dist.process_id=1 needs dist.coordinator_address"):
         distributed.initialize(dist)
+
+
+# ------------------------------------------------------------------ item 9: --official DIR
+
+
+def test_official_directory_is_named_as_a_directory(tmp):
+    folder = tmp / "a_folder"
+    folder.mkdir()
+    assert folder.is_dir()
+    # It said "no official checkpoint at".
+    out = _infer("--official", str(folder), "--prompt", "x")
+    line = _refusal(out, "infer: ")
+    assert out.stderr.strip() == line
+    assert line == (f"infer: --official '{folder}' is a directory; it takes an official RWKV .pth "
+                    f"file (a training run's directory goes to --run_dir)")
+    with pytest.raises(ValueError, match="is a directory; an official checkpoint is one .pth file"):
+        ckpt.import_official(folder)
