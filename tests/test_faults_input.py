@@ -77,6 +77,95 @@ def _digest(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
+# ------------------------------------------------------------------ item 3: weights
+
+
+@pytest.fixture(scope="module")
+def damaged_official(tmp):
+    """Random official RWKV-4 .pth files of the TINY model: one NaN, one -Inf, one int64
+    tensor."""
+    paths = {}
+    for kind in ("nan", "inf", "int"):
+        sd = random_official_state_dict(vocab=256, n_embd=32, n_layer=1, dim_ffn=128)
+        if kind == "nan":
+            sd["blocks.0.att.key.weight"][3, 5] = float("nan")
+        elif kind == "inf":
+            sd["head.weight"][7, 1] = float("-inf")
+        else:
+            sd["blocks.0.ffn.value.weight"] = sd["blocks.0.ffn.value.weight"].to(torch.int64)
+        paths[kind] = tmp / f"{kind}.pth"
+        torch.save(sd, paths[kind])
+    return paths
+
+
+def test_official_weights_not_finite_or_not_float_are_refused_by_name(damaged_official):
+    nan, inf, ints = damaged_official["nan"], damaged_official["inf"], damaged_official["int"]
+    # The faults are in the files as torch reads them.
+    assert torch.isnan(torch.load(nan, weights_only=True)["blocks.0.att.key.weight"][3, 5])
+    assert torch.isinf(torch.load(inf, weights_only=True)["head.weight"][7, 1])
+    assert torch.load(ints, weights_only=True)["blocks.0.ffn.value.weight"].dtype == torch.int64
+
+    for path, message in [
+        (inf, "tensor 'head.weight' holds 0 NaN and 1 infinite value(s), the first at index (7, 1)"),
+        (ints, "tensor 'blocks.0.ffn.value.weight' is int64; the weights of an RWKV checkpoint "
+               "are floating point"),
+    ]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            ckpt.import_official(path)
+
+    # infer.py generated "\0" x 8 from the NaN file, with exit status 0.
+    before = _digest(nan)
+    out = _infer("--official", str(nan), "--prompt", "First", "--max_new_tokens", "8")
+    line = _refusal(out, "infer: ")
+    assert out.stderr.strip() == line and out.stdout == ""
+    assert (f"'{nan}': tensor 'blocks.0.att.key.weight' holds 1 NaN and 0 infinite value(s), "
+            f"the first at index (3, 5)") in line
+    assert _digest(nan) == before
+
+
+def test_init_from_weights_not_finite_or_not_float_are_refused_before_compiling(
+        tmp, corpus, damaged_official, capsys):
+    ints = damaged_official["int"]
+    assert torch.load(ints, weights_only=True)["blocks.0.ffn.value.weight"].dtype == torch.int64
+    out_dir = tmp / "init_from_int"
+    # It stopped at step 1 with "lower optimizer.lr".
+    out = _run_cli(_train_args(out_dir, *corpus, **{"train.init_from": ints}))
+    line = _refusal(out, "config error: ")
+    assert (f"config error: train.init_from='{ints}' cannot be read: '{ints}': tensor "
+            f"'blocks.0.ffn.value.weight' is int64") in line
+    assert "XLA's plan for the train step" not in out.stderr  # refused before the step compiled
+    run_dir = out_dir / "tiny"
+    assert not (run_dir / "config.json").exists()
+    assert ckpt.TrainCheckpointer(run_dir / "checkpoints").all_steps() == []
+
+    # A training run's checkpoint whose params hold a NaN, as init_from and for infer.py.
+    params = init_params(TINY, jax.random.PRNGKey(0))
+    kernel = params["blocks_0"]["att"]["key"]["kernel"]
+    params["blocks_0"]["att"]["key"]["kernel"] = kernel.at[1, 2].set(jnp.nan)
+    nan_run = tmp / "nan_run"
+    manager = ckpt.TrainCheckpointer(nan_run / "checkpoints")
+    manager.save_model_config(TINY, "byte")
+    zero = jnp.zeros(())
+    state = trainer.TrainState(step=jnp.int32(4), params=params, opt_state=zero, carry=zero,
+                               loss_scale=zero, good_steps=jnp.int32(0))
+    manager.save(4, state, {})
+    manager.wait()
+    saved, _ = manager.restore(state)  # the NaN is in the checkpoint as orbax reads it back
+    manager.close()
+    assert np.isnan(np.asarray(saved.params["blocks_0"]["att"]["key"]["kernel"])).sum() == 1
+    array = "params['blocks_0']['att']['key']['kernel'] holds NaN or Inf values"
+    fresh = init_params(TINY, jax.random.PRNGKey(1))
+    with pytest.raises(ConfigError) as refused:
+        trainer.load_initial_weights(str(nan_run), fresh, TINY)
+    assert str(refused.value).startswith(f"train.init_from='{nan_run}' cannot be read: checkpoint ")
+    assert f"step 4: {array}" in str(refused.value)
+    capsys.readouterr()
+    assert infer.main(["--run_dir", str(nan_run), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("infer: checkpoint ") and array in err and "\n" not in err
+    assert ckpt.TrainCheckpointer(nan_run / "checkpoints").all_steps() == [4]
+
+
 # ------------------------------------------------------------------ item 8: processes
 
 
