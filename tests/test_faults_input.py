@@ -166,6 +166,74 @@ def test_init_from_weights_not_finite_or_not_float_are_refused_before_compiling(
     assert ckpt.TrainCheckpointer(nan_run / "checkpoints").all_steps() == [4]
 
 
+# ------------------------------------------------------------------ item 5: token cache
+
+
+def test_damaged_cache_metadata_is_rebuilt(tmp, corpus):
+    out = tmp / "meta_cache" / "val.byte.bin"
+    clean = data_lib.prepare_tokens(corpus[1], "byte", out)
+    want, meta_path = np.array(clean.tokens), data_lib._metadata_path(out)
+    good = json.loads(meta_path.read_text())
+    damages = {
+        "a key missing": {k: v for k, v in good.items() if k != "num_tokens"},
+        "a JSON list": list(good.items()),
+        "an unknown dtype": {**good, "dtype": "uint17"},
+        "a float dtype": {**good, "dtype": "float32"},
+        "a count that is text": {**good, "max_token_id": "122"},
+    }
+    for what, damaged in damages.items():
+        meta_path.write_text(json.dumps(damaged))
+        # As a file a user brings, it is named in one line (there is no text to rebuild it from).
+        with pytest.raises(ValueError, match=f"the metadata of {out}, {meta_path}, is damaged: "):
+            data_lib.TokenFile(out)
+        # As the token cache of a text file, it is stale: rebuilt.
+        tf = data_lib.prepare_tokens(corpus[1], "byte", out)
+        np.testing.assert_array_equal(np.array(tf.tokens), want, err_msg=what)
+        assert json.loads(meta_path.read_text()) == good, what
+    # A cache file cut short is stale as well.
+    with open(out, "r+b") as f:
+        f.truncate(10)
+    assert np.array_equal(np.array(data_lib.prepare_tokens(corpus[1], "byte", out).tokens), want)
+
+
+def _gone_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_damaged_cache_and_killed_tokenizers_leftovers_are_cleaned_by_the_next_run(tmp, corpus):
+    cache = tmp / "shared_cache"
+    cached = cache / "train.byte.bin"
+    tokens = np.array(data_lib.prepare_tokens(corpus[0], "byte", cached).tokens)
+    meta_path = data_lib._metadata_path(cached)
+    meta_path.write_text(json.dumps(list(json.loads(meta_path.read_text()).items())))
+    with pytest.raises(ValueError, match="holds a JSON list, not an object"):
+        data_lib.TokenFile(cached)  # it tracebacked with AttributeError: 'list' object ...
+    host = data_lib._writer_tag().rpartition("-")[0]
+    dead, alive = _gone_pid(), os.getpid()
+    leftovers = {  # name: removed?
+        f".train.byte.bin.{host}-{dead}.k1ll3d0.tmp": True,
+        f".train.byte.bin.json.{host}-{dead}.k1ll3d1.tmp": True,
+        f".train.byte.bin.{host}-{alive}.writing.tmp": False,  # a run tokenizing right now
+        f".train.byte.bin.otherhost-{dead}.remote.tmp": False,  # a pid of another machine
+        f".other.byte.bin.{host}-{dead}.notmine.tmp": False,  # another file's: its run cleans
+    }
+    for name in leftovers:
+        (cache / name).write_bytes(b"\0" * 64)
+    with pytest.raises(ProcessLookupError):
+        os.kill(dead, 0)  # the writer really is gone
+    out = _run_cli(_train_args(tmp / "after_kill", *corpus, **{"data.cache_dir": cache,
+                                                               "logging.eval_every": 0}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert isinstance(json.loads(meta_path.read_text()), dict)  # rebuilt, to the same tokens
+    np.testing.assert_array_equal(np.array(data_lib.TokenFile(cached).tokens), tokens)
+    for name, removed in leftovers.items():
+        assert (cache / name).exists() != removed, name
+    assert ckpt.TrainCheckpointer(tmp / "after_kill" / "tiny" / "checkpoints").all_steps() == [2]
+
+
 # ------------------------------------------------------------------ item 8: processes
 
 
