@@ -234,6 +234,80 @@ class TokenFile:
         return f"TokenFile({str(self.path)!r}, num_tokens={self.num_tokens}, tokenizer={self.tokenizer!r})"
 
 
+# Tokens per block of a scan (check_token_ids): 64 MiB of uint32 at a time, however big the file.
+SCAN_BLOCK_TOKENS = 1 << 24
+
+
+def _scan_ids(tokens: np.ndarray) -> tuple[int, int]:
+    """(smallest, largest) id of a non-empty token array (a memmap), read block by block."""
+    lo, hi = None, None
+    for a in range(0, len(tokens), SCAN_BLOCK_TOKENS):
+        block = tokens[a : a + SCAN_BLOCK_TOKENS]
+        b_lo, b_hi = int(block.min()), int(block.max())
+        lo = b_lo if lo is None else min(lo, b_lo)
+        hi = b_hi if hi is None else max(hi, b_hi)
+    return lo, hi
+
+
+def _first_outside(tokens: np.ndarray, vocab_size: int) -> int:
+    """The offset of the first id outside 0..vocab_size-1, read block by block."""
+    for a in range(0, len(tokens), SCAN_BLOCK_TOKENS):
+        block = tokens[a : a + SCAN_BLOCK_TOKENS]
+        bad = np.flatnonzero((block < 0) | (block >= vocab_size))
+        if bad.size:
+            return a + int(bad[0])
+    raise AssertionError("no id outside the vocabulary")  # the caller saw one
+
+
+def _scan_record(cache_dir: str | os.PathLike, real: str) -> Path:
+    return Path(cache_dir) / "token_scans" / f"{hashlib.sha256(real.encode()).hexdigest()[:24]}.json"
+
+
+def _id_range(tf: TokenFile, cache_dir: str | os.PathLike | None) -> tuple[int, int]:
+    """The smallest and largest id in `tf`, from a scan of the file, or from the record of an
+    earlier scan in `cache_dir` if the file has not changed since (same real path, size,
+    modification time and dtype)."""
+    real = os.path.realpath(tf.path)
+    st = os.stat(real)  # before the scan: a change while it runs makes the record stale
+    key = {"path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "dtype": tf.dtype.str}
+    record = _scan_record(cache_dir, real) if cache_dir else None
+    if record is not None:
+        try:
+            seen = json.loads(record.read_text())
+            if {k: seen.get(k) for k in key} == key:
+                return int(seen["min_id"]), int(seen["max_id"])
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            pass  # no record, or a damaged one: scan again
+    log.info("Checking the token ids of %s", tf.path)
+    lo, hi = _scan_ids(tf.tokens)
+    if record is not None:
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temps(record)
+            _write_json_atomic(record, {**key, "min_id": lo, "max_id": hi})
+        except OSError as e:  # only a cost: the next run scans again
+            log.warning("could not record the scan of %s in %s (%s)", tf.path, record, e)
+    return lo, hi
+
+
+def check_token_ids(tf: TokenFile, vocab_size: int,
+                    cache_dir: str | os.PathLike | None = None) -> None:
+    """ValueError naming the file, the offset and the vocabulary if `tf` holds an id outside
+    0..vocab_size-1 (such an id makes the loss NaN). The ids are read, not the metadata, which
+    a damaged or hand-made file may contradict; the scan is skipped where the file's dtype
+    cannot hold such an id (uint16 and 65536 tokens), and remembered in `cache_dir`."""
+    if tf.num_tokens == 0 or (tf.dtype.kind == "u" and np.iinfo(tf.dtype).max < vocab_size):
+        return
+    lo, hi = _id_range(tf, cache_dir)
+    if lo >= 0 and hi < vocab_size:
+        return
+    offset = _first_outside(tf.tokens, vocab_size)
+    raise ValueError(f"{tf.path} holds token id {int(tf.tokens[offset])} at token {offset} (byte "
+                     f"{offset * tf.dtype.itemsize}), outside the vocabulary of {vocab_size} (ids "
+                     f"0 to {vocab_size - 1}): the file is damaged, or was made with another "
+                     f"tokenizer")
+
+
 def _split_point(buf: bytes) -> int:
     """Where to cut `buf` so the head is whole lines (or, failing that, whole characters).
 

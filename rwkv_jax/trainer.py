@@ -236,6 +236,10 @@ def prepare(cfg) -> Run:
             raise ConfigError(
                 f"model.vocab_size={model_config.vocab_size} is smaller than the largest token id "
                 f"{tf.max_token_id} in data.{split} ({tf.path}); use at least {tf.max_token_id + 1}")
+        try:  # the ids themselves, which damage or a hand-made file may set apart from the metadata
+            data_lib.check_token_ids(tf, model_config.vocab_size, cache_dir)
+        except ValueError as e:
+            raise ConfigError(f"data.{split}={cfg.data[split]!r}: {e}") from None
     T = cfg.train.max_seq_length
     for split, tf in (("train_file", train_tokens),):
         if tf.num_tokens < T + 1:

@@ -166,6 +166,93 @@ def test_init_from_weights_not_finite_or_not_float_are_refused_before_compiling(
     assert ckpt.TrainCheckpointer(nan_run / "checkpoints").all_steps() == [4]
 
 
+# ------------------------------------------------------------------ item 4: token ids
+
+
+def _damage_id(path, offset: int, value: int) -> int:
+    """Writes `value` over the token at `offset` of a token file, in place (as damage does);
+    returns the id that was there."""
+    tokens = np.memmap(path, dtype="<u2", mode="r+")
+    was = int(tokens[offset])
+    tokens[offset] = value
+    tokens.flush()
+    del tokens
+    return was
+
+
+def test_an_id_outside_the_vocabulary_is_refused_until_the_file_is_fixed(tmp, corpus):
+    val_bin = tmp / "val_ids.bin"
+    data_lib.prepare_tokens(corpus[1], "byte", val_bin)
+    out_dir = tmp / "ids"
+    args = _train_args(out_dir, corpus[0], val_bin, **{"data.cache_dir": tmp / "ids_cache"})
+    was = _damage_id(val_bin, 100, 300)
+    assert np.fromfile(val_bin, "<u2")[100] == 300
+    assert json.loads((tmp / "val_ids.bin.json").read_text())["max_token_id"] < 256
+    # It trained, evaluated to NaN and exited 0 (or stopped with the learning-rate advice
+    # at every resume, when the id was in the training data).
+    text_before = _digest(val_bin)
+    out = _run_cli(args)
+    line = _refusal(out, "config error: ")
+    assert (f"config error: data.val_file='{val_bin}': {val_bin} holds token id 300 at token 100 "
+            f"(byte 200), outside the vocabulary of 256 (ids 0 to 255)") in line
+    assert not out_dir.exists() and _digest(val_bin) == text_before  # refused before anything
+
+    time.sleep(0.01)  # a modification time of its own on file systems of coarse clocks
+    mtime = val_bin.stat().st_mtime_ns
+    _damage_id(val_bin, 100, was)  # fixed: the changed file is read again, and the run goes on
+    assert val_bin.stat().st_mtime_ns != mtime
+    out = _run_cli(args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"Checking the token ids of {val_bin}" in out.stderr
+    assert "val loss nan" not in out.stderr and "val loss" in out.stderr
+    assert ckpt.TrainCheckpointer(out_dir / "tiny" / "checkpoints").all_steps() == [2]
+
+
+def test_ids_are_read_once_per_version_of_a_file_and_in_bounded_blocks(tmp, corpus,
+                                                                        monkeypatch):
+    scans = []
+    real_scan = data_lib._scan_ids
+    monkeypatch.setattr(data_lib, "_scan_ids", lambda t: scans.append(len(t)) or real_scan(t))
+    monkeypatch.setattr(data_lib, "SCAN_BLOCK_TOKENS", 7)  # blocks: the bad id is in the 15th
+    cache = tmp / "scan_cache"
+    tf = data_lib.prepare_tokens(corpus[1], "byte", tmp / "scan.bin")
+    assert tf.dtype == np.dtype("<u2")  # could hold an id past 255: it is read
+
+    data_lib.check_token_ids(tf, 256, cache)
+    data_lib.check_token_ids(data_lib.TokenFile(tmp / "scan.bin"), 256, cache)
+    assert scans == [tf.num_tokens]  # the second time, the record in the cache answered
+    # Where the dtype cannot hold an id past the vocabulary, nothing is read.
+    data_lib.check_token_ids(tf, 65536, cache)
+    np.frombuffer(TEXT[:600].encode(), np.uint8).tofile(tmp / "bytes.bin")
+    meta = {**tf.meta, "dtype": "uint8"}
+    (tmp / "bytes.bin.json").write_text(json.dumps(meta))
+    data_lib.check_token_ids(data_lib.TokenFile(tmp / "bytes.bin"), 256, cache)
+    assert scans == [tf.num_tokens]
+
+    time.sleep(0.01)
+    _damage_id(tmp / "scan.bin", 100, 256)  # a changed file is read again
+    with pytest.raises(ValueError, match=r"scan.bin holds token id 256 at token 100 \(byte 200\), "
+                                         r"outside the vocabulary of 256"):
+        data_lib.check_token_ids(data_lib.TokenFile(tmp / "scan.bin"), 256, cache)
+    assert scans == [tf.num_tokens] * 2
+
+
+def test_damage_in_the_token_cache_is_named(tmp, corpus):
+    from test_train import tiny_config
+
+    cfg = tiny_config(tmp / "cache_damage", tuple(map(str, corpus)))
+    run = trainer.prepare(cfg)
+    cached = run.train_tokens.path  # the trainer's token cache of train.txt
+    assert cached.parent == tmp / "cache_damage" / "runs" / "data"
+    time.sleep(0.01)
+    _damage_id(cached, 1234, 999)
+    assert np.fromfile(cached, "<u2")[1234] == 999
+    with pytest.raises(ConfigError, match=rf"data.train_file='{corpus[0]}': {cached} holds token "
+                                          rf"id 999 at token 1234 \(byte 2468\), outside the "
+                                          rf"vocabulary of 256"):
+        trainer.prepare(cfg)
+
+
 # ------------------------------------------------------------------ item 5: token cache
 
 
