@@ -16,6 +16,8 @@ import logging
 import lzma
 import math
 import os
+import re
+import socket
 import tempfile
 import zlib
 from pathlib import Path
@@ -184,6 +186,37 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
+_META_COUNTS = ("num_tokens", "vocab_size", "max_token_id", "num_bytes")
+
+
+def _read_metadata(meta_path: Path) -> dict:
+    """A token file's metadata, or ValueError saying how it is damaged (not JSON, not an
+    object, a field missing or of the wrong type, a dtype that is not an integer type)."""
+    try:
+        meta = json.loads(meta_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"holds a JSON {type(meta).__name__}, not an object")
+    missing = [k for k in (*_META_COUNTS, "tokenizer", "dtype") if k not in meta]
+    if missing:
+        raise ValueError(f"lacks {', '.join(missing)}")
+    for key in _META_COUNTS:
+        value = meta[key]
+        least = -1 if key == "max_token_id" else 0  # -1: an empty file has no largest id
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"has {key}={value!r}, not a count")
+    if not isinstance(meta["tokenizer"], str):
+        raise ValueError(f"has tokenizer={meta['tokenizer']!r}, not a name")
+    try:
+        dtype = np.dtype(meta["dtype"]) if isinstance(meta["dtype"], str) else None
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in "ui":
+        raise ValueError(f"has dtype={meta['dtype']!r}, not an integer type such as 'uint16'")
+    return meta
+
+
 class TokenFile:
     """A read-only memory map of a file written by `prepare_tokens`."""
 
@@ -198,7 +231,11 @@ class TokenFile:
             raise FileNotFoundError(
                 f"Token metadata not found: {meta_path} (re-run prepare_tokens for {self.path})"
             )
-        self.meta = json.loads(meta_path.read_text())
+        try:
+            self.meta = _read_metadata(meta_path)
+        except ValueError as e:
+            raise ValueError(f"the metadata of {self.path}, {meta_path}, is damaged: it {e}; "
+                             f"re-run prepare_tokens for it") from None
         self.num_tokens: int = self.meta["num_tokens"]
         self.vocab_size: int = self.meta["vocab_size"]
         self.max_token_id: int = self.meta["max_token_id"]
@@ -224,6 +261,80 @@ class TokenFile:
 
     def __repr__(self) -> str:
         return f"TokenFile({str(self.path)!r}, num_tokens={self.num_tokens}, tokenizer={self.tokenizer!r})"
+
+
+# Tokens per block of a scan (check_token_ids): 64 MiB of uint32 at a time, however big the file.
+SCAN_BLOCK_TOKENS = 1 << 24
+
+
+def _scan_ids(tokens: np.ndarray) -> tuple[int, int]:
+    """(smallest, largest) id of a non-empty token array (a memmap), read block by block."""
+    lo, hi = None, None
+    for a in range(0, len(tokens), SCAN_BLOCK_TOKENS):
+        block = tokens[a : a + SCAN_BLOCK_TOKENS]
+        b_lo, b_hi = int(block.min()), int(block.max())
+        lo = b_lo if lo is None else min(lo, b_lo)
+        hi = b_hi if hi is None else max(hi, b_hi)
+    return lo, hi
+
+
+def _first_outside(tokens: np.ndarray, vocab_size: int) -> int:
+    """The offset of the first id outside 0..vocab_size-1, read block by block."""
+    for a in range(0, len(tokens), SCAN_BLOCK_TOKENS):
+        block = tokens[a : a + SCAN_BLOCK_TOKENS]
+        bad = np.flatnonzero((block < 0) | (block >= vocab_size))
+        if bad.size:
+            return a + int(bad[0])
+    raise AssertionError("no id outside the vocabulary")  # the caller saw one
+
+
+def _scan_record(cache_dir: str | os.PathLike, real: str) -> Path:
+    return Path(cache_dir) / "token_scans" / f"{hashlib.sha256(real.encode()).hexdigest()[:24]}.json"
+
+
+def _id_range(tf: TokenFile, cache_dir: str | os.PathLike | None) -> tuple[int, int]:
+    """The smallest and largest id in `tf`, from a scan of the file, or from the record of an
+    earlier scan in `cache_dir` if the file has not changed since (same real path, size,
+    modification time and dtype)."""
+    real = os.path.realpath(tf.path)
+    st = os.stat(real)  # before the scan: a change while it runs makes the record stale
+    key = {"path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "dtype": tf.dtype.str}
+    record = _scan_record(cache_dir, real) if cache_dir else None
+    if record is not None:
+        try:
+            seen = json.loads(record.read_text())
+            if {k: seen.get(k) for k in key} == key:
+                return int(seen["min_id"]), int(seen["max_id"])
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            pass  # no record, or a damaged one: scan again
+    log.info("Checking the token ids of %s", tf.path)
+    lo, hi = _scan_ids(tf.tokens)
+    if record is not None:
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temps(record)
+            _write_json_atomic(record, {**key, "min_id": lo, "max_id": hi})
+        except OSError as e:  # only a cost: the next run scans again
+            log.warning("could not record the scan of %s in %s (%s)", tf.path, record, e)
+    return lo, hi
+
+
+def check_token_ids(tf: TokenFile, vocab_size: int,
+                    cache_dir: str | os.PathLike | None = None) -> None:
+    """ValueError naming the file, the offset and the vocabulary if `tf` holds an id outside
+    0..vocab_size-1 (such an id makes the loss NaN). The ids are read, not the metadata, which
+    a damaged or hand-made file may contradict; the scan is skipped where the file's dtype
+    cannot hold such an id (uint16 and 65536 tokens), and remembered in `cache_dir`."""
+    if tf.num_tokens == 0 or (tf.dtype.kind == "u" and np.iinfo(tf.dtype).max < vocab_size):
+        return
+    lo, hi = _id_range(tf, cache_dir)
+    if lo >= 0 and hi < vocab_size:
+        return
+    offset = _first_outside(tf.tokens, vocab_size)
+    raise ValueError(f"{tf.path} holds token id {int(tf.tokens[offset])} at token {offset} (byte "
+                     f"{offset * tf.dtype.itemsize}), outside the vocabulary of {vocab_size} (ids "
+                     f"0 to {vocab_size - 1}): the file is damaged, or was made with another "
+                     f"tokenizer")
 
 
 def _split_point(buf: bytes) -> int:
@@ -284,8 +395,9 @@ def _is_up_to_date(out_path: Path, source: Path, tokenizer_name: str) -> bool:
     if not (out_path.is_file() and meta_path.is_file()):
         return False
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = _read_metadata(meta_path)
+        size = out_path.stat().st_size
+    except (OSError, ValueError):  # damaged metadata: a stale cache, rebuilt
         return False
     st = source.stat()
     return (
@@ -293,14 +405,55 @@ def _is_up_to_date(out_path: Path, source: Path, tokenizer_name: str) -> bool:
         and meta.get("source_size") == st.st_size
         and meta.get("source_mtime_ns") == st.st_mtime_ns
         and meta.get("tokenizer") == tokenizer_name
+        and size == meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize
     )
 
 
+def _writer_tag() -> str:
+    """This process as temporary files name their writer: host and pid."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
 def _temp_path_beside(path: Path) -> Path:
-    # Same folder, so os.replace is an atomic rename rather than a copy.
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Same folder, so os.replace is an atomic rename rather than a copy. The name carries the
+    # writer (_writer_tag), so that a later run can tell the leftovers of a killed one.
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer_tag()}.",
+                                suffix=".tmp")
     os.close(fd)
     return Path(name)
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (another user's): not ours to judge
+        return False
+    return False
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Removes the temporaries of `path` and its metadata that writers killed mid-write left.
+    Only those of this host whose process is gone: another run may be writing right now (the
+    caller holds `path`'s lock, but a run on another host of a shared cache may not see it)."""
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+        return
+    host = _writer_tag().rpartition("-")[0]
+    pattern = re.compile(rf"\.{re.escape(path.name)}(\.json)?\.(?P<host>[A-Za-z0-9-]+)-"
+                         rf"(?P<pid>\d+)\.[^.]+\.tmp")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m and m["host"] == host and _process_gone(int(m["pid"])):
+            with contextlib.suppress(OSError):
+                os.unlink(path.parent / name)
+                log.info("removed %s, left by process %s, which is gone", path.parent / name,
+                         m["pid"])
 
 
 @contextlib.contextmanager
@@ -370,6 +523,7 @@ def prepare_tokens(
         raise FileNotFoundError(f"Text file not found: {source}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(out_path):  # the first to come writes it, the others wait, then reuse it
+        _remove_stale_temps(out_path)
         if _is_up_to_date(out_path, source, tokenizer.name):
             log.info("Reusing %s (up to date with %s)", out_path, source)
             return TokenFile(out_path)

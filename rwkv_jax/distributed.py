@@ -50,6 +50,14 @@ def initialize(dist) -> bool:
     explicit = bool(dist.coordinator_address)
     cluster = detected_cluster()
     if not explicit and cluster is None:
+        # Each process would train alone, on the whole batch, into the same run directory.
+        asked = (f"dist.num_processes={dist.num_processes}" if dist.num_processes > 1 else
+                 f"dist.process_id={dist.process_id}" if dist.process_id > 0 else None)
+        if asked:
+            raise ValueError(
+                f"{asked} needs dist.coordinator_address=HOST:PORT (process 0's host, the same "
+                f"on every process) or a cluster manager JAX detects (SLURM, Open MPI), and "
+                f"there is neither; for one process leave dist.num_processes at 0 or 1")
         return False
     if explicit and (dist.num_processes < 1 or dist.process_id < 0):
         raise ValueError(

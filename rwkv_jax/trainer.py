@@ -236,6 +236,10 @@ def prepare(cfg) -> Run:
             raise ConfigError(
                 f"model.vocab_size={model_config.vocab_size} is smaller than the largest token id "
                 f"{tf.max_token_id} in data.{split} ({tf.path}); use at least {tf.max_token_id + 1}")
+        try:  # the ids themselves, which damage or a hand-made file may set apart from the metadata
+            data_lib.check_token_ids(tf, model_config.vocab_size, cache_dir)
+        except ValueError as e:
+            raise ConfigError(f"data.{split}={cfg.data[split]!r}: {e}") from None
     T = cfg.train.max_seq_length
     for split, tf in (("train_file", train_tokens),):
         if tf.num_tokens < T + 1:
@@ -409,6 +413,12 @@ def load_initial_weights(path: str, fresh: dict, model_config: ModelConfig | Non
     keep their fresh initialisation; a leaf of another shape is an error, and so are weights
     of another RWKV version than `model_config`'s (they share some names, not the model).
     """
+    return _onto_fresh(path, read_initial_weights(path, model_config), fresh)
+
+
+def read_initial_weights(path: str, model_config: ModelConfig | None = None) -> dict:
+    """The weights of `train.init_from` by their path in the params tree, checked (readable,
+    finite, floating point, this RWKV version); ConfigError naming the field otherwise."""
     try:
         if os.path.isfile(path):
             source, loaded = ckpt.import_official(path)
@@ -420,8 +430,10 @@ def load_initial_weights(path: str, fresh: dict, model_config: ModelConfig | Non
         raise ConfigError(f"train.init_from={path!r} holds an RWKV-{source.version} model, but "
                           f"model.version={model_config.version!r}; set "
                           f"model.version={source.version!r} to start from it")
-    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
+    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
 
+
+def _onto_fresh(path: str, flat: dict, fresh: dict) -> dict:
     def take(keypath, x):
         name = jax.tree_util.keystr(keypath)
         if name not in flat:
@@ -477,9 +489,11 @@ def init_train_state(run: Run, rng, layout: Layout | None = None) -> tuple[Train
     layout = layout or plan_layout(run, optimizer)
     sh = layout.state
     if run.cfg.train.init_from:
-        params = load_initial_weights(run.cfg.train.init_from,
-                                      jax.jit(init_params_fn(run.model_config))(rng),
-                                      run.model_config)
+        # Read and checked before the fresh init compiles: weights that cannot be used are
+        # refused at once.
+        source = read_initial_weights(run.cfg.train.init_from, run.model_config)
+        params = _onto_fresh(run.cfg.train.init_from, source,
+                             jax.jit(init_params_fn(run.model_config))(rng))
         params = jax.device_put(params, sh.params)
     else:
         params = jax.jit(init_params_fn(run.model_config), out_shardings=sh.params)(rng)

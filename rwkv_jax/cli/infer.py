@@ -125,6 +125,9 @@ def load_model(args):
         if args.step is not None:
             raise InputError("--step picks a checkpoint of a training run (--run_dir); "
                              "--official reads one .pth")
+        if os.path.isdir(args.official):
+            raise InputError(f"--official {args.official!r} is a directory; it takes an official "
+                             f"RWKV .pth file (a training run's directory goes to --run_dir)")
         try:
             config, params = ckpt.import_official(args.official)
         except (ValueError, FileNotFoundError, ImportError) as e:
@@ -195,6 +198,8 @@ def _score_tokens(path: str, tokenizer, vocab_size: int) -> dict:
                 data_lib.prepare_tokens(path, tokenizer, os.path.join(tmp, "score.bin"))
             out = {"tokens": np.array(tf.tokens), "num_tokens": tf.num_tokens,
                    "num_bytes": tf.num_bytes, "max_token_id": tf.max_token_id}
+            # The ids themselves: a .bin's metadata may not tell (a damaged or hand-made file).
+            data_lib.check_token_ids(tf, vocab_size)
     except (ValueError, OSError) as e:
         raise InputError(f"--score {path!r}: {e}") from None
     if out["num_tokens"] < 2:
