@@ -17,11 +17,10 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 import warnings
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -44,9 +43,9 @@ log = logging.getLogger("rwkv_jax")
 # Dense bf16 peak of the chips we know, for MFU (FLOP/s).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5": 459e12}
 
-# A testing hook: SIGKILL this process right after the given step, to prove exact resume.
-_DIE_AT_STEP_ENV = "RWKV_JAX_DIE_AT_STEP"
-_INTERRUPT_AT_STEP_ENV = "RWKV_JAX_INTERRUPT_AT_STEP"  # tests: a real SIGINT after that step
+# Called after every step with the number of steps done and a function that waits for the
+# checkpoints being written: what a caller watches a run by (the tests send their signals so).
+StepHook = Callable[[int, Callable[[], None]], None]
 
 
 class ResumeError(RuntimeError):
@@ -533,7 +532,7 @@ class _Writer:
             self._w.close()
 
 
-def train(run: Run) -> dict:
+def train(run: Run, on_step: StepHook | None = None) -> dict:
     """Train (or resume) until train.steps; returns the final metrics."""
     main = distributed.is_main_process()  # logs, tensorboard and progress come from one process
     os.makedirs(run.run_dir, exist_ok=True)
@@ -541,7 +540,7 @@ def train(run: Run) -> dict:
     manager = ckpt.TrainCheckpointer(os.path.join(run.run_dir, "checkpoints"),
                                      keep=run.cfg.checkpoint.keep)
     try:
-        return _train(run, manager, main)
+        return _train(run, manager, main, on_step)
     finally:
         # Waits for saves in flight, and stops a failed restore's reads, which would print
         # tracebacks at exit.
@@ -549,7 +548,8 @@ def train(run: Run) -> dict:
         _unlock(lock)
 
 
-def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool) -> dict:
+def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool,
+           on_step: StepHook | None) -> dict:
     cfg = run.cfg
     resume = _resume_step(manager, run)
     if resume is not None and resume >= cfg.train.steps:
@@ -618,8 +618,6 @@ def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool) -> dict:
     flops_per_token = model_flops_per_token(mc, run.chunk_len)
     peak = device_peak_flops() if jax.default_backend() != "cpu" else None
     writer = _Writer(os.path.join(run.run_dir, "tb") if cfg.logging.tensorboard and main else None)
-    die_at = int(os.environ.get(_DIE_AT_STEP_ENV, "-1"))
-    interrupt_at = int(os.environ.get(_INTERRUPT_AT_STEP_ENV, "-1"))
     progress = _progress(cfg, start, enabled=main)
 
     rows = distributed.process_rows(layout.batch, (cfg.train.batch_size, run.chunk_len))
@@ -649,11 +647,8 @@ def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool) -> dict:
                 _check_finite(pending, step, float16)
             pending = metrics
             window_tokens += run.tokens_per_step
-            if step + 1 == die_at:
-                manager.wait()
-                os.kill(os.getpid(), signal.SIGKILL)
-            if step + 1 == interrupt_at:
-                os.kill(os.getpid(), signal.SIGINT)
+            if on_step is not None:
+                on_step(step + 1, manager.wait)
 
             if (step + 1) % cfg.logging.every == 0 or step + 1 == cfg.train.steps:
                 jax.block_until_ready(metrics)

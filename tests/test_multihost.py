@@ -43,20 +43,21 @@ def _args(tmp, out, steps):
             f"--config.output_dir={out}"]
 
 
-def _launch(args, devices, env=None, process=None, port=None):
+def _launch(args, devices, process=None, port=None, kill_at=None):
     env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     if process is not None:
         args = args + [f"--config.dist.coordinator_address=127.0.0.1:{port}",
                        "--config.dist.num_processes=2", f"--config.dist.process_id={process}"]
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env,
+    program = ["train.py"] if kill_at is None else ["tests/signal_at_step.py", str(kill_at), "KILL"]
+    return subprocess.Popen([sys.executable, *program, *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _two_processes(args, env1=None):
+def _two_processes(args, kill1_at=None):
     port = _free_port()
-    procs = [_launch(args, 2, process=i, port=port, env=env1 if i == 1 else None) for i in (0, 1)]
-    return procs
+    return [_launch(args, 2, process=i, port=port, kill_at=kill1_at if i == 1 else None)
+            for i in (0, 1)]
 
 
 def _final_loss(log: str) -> float:
@@ -74,7 +75,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multihost")
     one = _launch(_args(tmp, tmp / "one", 4), 4)
     args = _args(tmp, tmp / "two", 4)
-    killed = _two_processes(args, env1={"RWKV_JAX_DIE_AT_STEP": "3"})
+    killed = _two_processes(args, kill1_at=3)
     logs = {"killed1": killed[1].communicate(timeout=300)[0]}
     died = time.time()
     logs["killed0"] = killed[0].communicate(timeout=300)[0]

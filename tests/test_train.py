@@ -103,9 +103,13 @@ def test_unknown_option_is_refused(tmp_path, corpus):
         trainer.prepare(cfg)
 
 
-def _start_cli(args, env=None):
+def _start_cli(args, env=None, signal_at=None):
+    """train.py with `args`; signal_at=(step, "KILL" or "INT") sends that signal after the step
+    (tests/signal_at_step.py)."""
     env = {**os.environ, **(env or {}), "PYTHONPATH": repo_pythonpath()}
-    return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=REPO,
+    program = [os.path.join(REPO, "train.py")] if signal_at is None else \
+        [os.path.join(REPO, "tests", "signal_at_step.py"), str(signal_at[0]), signal_at[1]]
+    return subprocess.Popen([sys.executable, *program, *args], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -114,8 +118,8 @@ def _finish(proc, timeout=240):
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def _run_cli(args, env=None, timeout=240):
-    return _finish(_start_cli(args, env), timeout)
+def _run_cli(args, env=None, timeout=240, signal_at=None):
+    return _finish(_start_cli(args, env, signal_at), timeout)
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path):
@@ -228,14 +232,14 @@ def test_sigkill_or_ctrl_c_then_same_command_resumes_bit_exact(tmp_path):
     # The killed run goes first and compiles both train steps into the session's compilation
     # cache (conftest); then the uninterrupted run and the resumed one load them, side by side.
     interrupted = base + [f"--config.output_dir={tmp_path / 'b'}"]
-    killed = _run_cli(interrupted, env={"RWKV_JAX_DIE_AT_STEP": "6"})  # between checkpoints 4 and 8
+    killed = _run_cli(interrupted, signal_at=(6, "KILL"))  # between checkpoints 4 and 8
     assert killed.returncode == -9, killed.stderr[-3000:]
     steps = ckpt.TrainCheckpointer(tmp_path / "b" / "tiny" / "checkpoints").all_steps()
     assert steps == [4]  # only whole checkpoints are visible
     straight = _start_cli(base + [f"--config.output_dir={tmp_path / 'a'}"])
     # The same command resumes; Ctrl-C (a real SIGINT) after step 7, in the middle of a
     # sequence of two chunks, saves the steps since the last checkpoint, state passed included.
-    stopped = _run_cli(interrupted, env={"RWKV_JAX_INTERRUPT_AT_STEP": "7"})
+    stopped = _run_cli(interrupted, signal_at=(7, "INT"))
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "resumed from" in stopped.stderr and "at step 4" in stopped.stderr
     assert "saved step 7" in stopped.stderr and "the same command resumes" in stopped.stderr
