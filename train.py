@@ -50,6 +50,7 @@ def main(argv):
     import jax  # noqa: PLC0415  (after flags: jax reads XLA_FLAGS at import)
 
     from rwkv_jax import distributed, trainer  # noqa: PLC0415
+    from rwkv_jax.checkpoint import CheckpointWriteError  # noqa: PLC0415
     from rwkv_jax.config import ConfigError  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -84,6 +85,9 @@ def main(argv):
     except trainer.TrainingDiverged as e:
         print(f"{who}training stopped: {e}", file=sys.stderr)
         return 3
+    except CheckpointWriteError as e:  # the disk, not the config: 4 tells a job script so
+        print(f"{who}checkpoint error: {e}", file=sys.stderr)
+        return 4
     except Exception:  # noqa: BLE001 - say which process failed, then fail
         print(f"{who}failed:\n{traceback.format_exc()}", file=sys.stderr)
         return 1

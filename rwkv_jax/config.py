@@ -205,6 +205,7 @@ def _none_if_empty(x):
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 STATE_COMPRESSIONS = ("none", "bf16", "int8", "learned")
+ON_DAMAGE = ("refuse", "previous")  # checkpoint.on_damage
 LAYER_PATTERNS = hybrid.PRESETS + ("custom", "auto")
 
 
@@ -260,7 +261,10 @@ def default_config():
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(
         every=200,  # steps between saves, and one at the end; 0: never save (benchmarks)
-        keep=3, resume=True))
+        keep=3, resume=True,
+        # a newest checkpoint that is damaged (its checksums differ): refuse | previous (resume
+        # from the newest intact one, setting the damaged ones aside)
+        on_damage="refuse"))
     c.logging = ml_collections.ConfigDict(dict(
         every=10, eval_every=200,  # 0: no evaluation
         eval_tokens=65536,  # of the validation file per evaluation (0: all of it)
@@ -422,6 +426,8 @@ def validate(cfg) -> None:
         value = cfg[group][key]
         need(isinstance(value, int) and value >= 0, field, value, "must be an integer >= 0 (0: never)")
     need(t.trainable in ("all", "state"), "train.trainable", t.trainable, "one of ('all', 'state')")
+    need(cfg.checkpoint.on_damage in ON_DAMAGE, "checkpoint.on_damage", cfg.checkpoint.on_damage,
+         f"one of {ON_DAMAGE}")
     if t.trainable == "state":
         need(a.learned_init_state, "train.trainable", t.trainable,
              "state tuning needs architecture.learned_init_state=True (the state it trains)")
