@@ -355,8 +355,26 @@ def _as_numpy(tree):
 # step (which fixes the data position: batches are a function of (seed, step)), and a JSON
 # record with the model config, so infer.py can rebuild the model from the checkpoint alone.
 # orbax writes each step to a temporary directory and renames it when complete, so a process
-# killed mid-save never leaves a checkpoint that looks whole.
+# killed mid-save never leaves a checkpoint that looks whole. The record also holds a checksum
+# of every array, verified on restore: orbax and tensorstore check their own indexes and
+# manifests (crc32c), not the array data, where a flipped byte was restored without a word.
 # ----------------------------------------------------------------------------------------------
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (no space or inodes left, a read-only or vanished
+    directory). The checkpoints written before it are kept, its temporary is removed."""
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint's arrays differ from the checksums recorded when it was written."""
+
+
+# The checksum of an array, as recorded: two position-weighted sums of its 32-bit words
+# (_word_sums). Named so that a later format can be told apart from this one.
+CHECKSUM_FORMAT = "wsum64/1"
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
 
 
 def _ocp():
@@ -375,17 +393,225 @@ def _abstract(tree):
     return jax.tree.map(spec, tree)
 
 
-class TrainCheckpointer:
-    """Save every N steps, keep the last k, restore the newest (onto the template's shardings)."""
+def _word_sums(x):
+    """(2,) uint32: sum_i w_i * a_i and sum_i mix(w_i) * b_i (mod 2**32) over the array's
+    32-bit words w_i (narrower elements widened, 64-bit ones split), with odd weights a_i, b_i
+    that depend on the word's position. Any change to one word changes the first sum (an odd
+    weight is invertible mod 2**32); moved or several changed words go unseen only where both
+    sums come out the same (random damage: odds of about 2**-64). It guards against damage,
+    not against tampering. Integer sums are exact in any order, so the result is the same bits
+    for any sharding, device or process count, and it runs where the array lives: an
+    all-reduce of two words per array, no copy to the host."""
+    import jax.numpy as jnp  # noqa: PLC0415
+    from jax import lax  # noqa: PLC0415
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 3):
+    u32 = jnp.uint32
+    if x.dtype == jnp.bool_:
+        w = x.astype(u32)
+    elif x.dtype.itemsize == 8:
+        w = lax.bitcast_convert_type(x, u32)  # a trailing axis of 2 words
+    else:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: u32}[x.dtype.itemsize]
+        w = lax.bitcast_convert_type(x, unsigned).astype(u32)
+    # Each word's flat position from per-axis iotas: a reshape to 1-D could make XLA gather
+    # a sharded array onto one device.
+    pos, stride = jnp.zeros(w.shape, u32), 1
+    for axis in reversed(range(w.ndim)):
+        pos = pos + lax.broadcasted_iota(u32, w.shape, axis) * u32(stride % 2**32)
+        stride *= w.shape[axis]
+    m = pos * u32(0x9E3779B9) + u32(0x7F4A7C15)
+    h = (w ^ (w >> 16)) * u32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    return jnp.stack([jnp.sum(w * (m | 1), dtype=u32),
+                      jnp.sum(h * ((m ^ (m >> 15)) | 1), dtype=u32)])
+
+
+_checksum_fn = None
+
+
+def tree_checksums(tree) -> dict[str, str]:
+    """{key path: 16 hex digits} of every array in `tree` (CHECKSUM_FORMAT), computed on the
+    arrays' devices by one compiled call."""
+    import jax  # noqa: PLC0415
+
+    global _checksum_fn
+    if _checksum_fn is None:
+        _checksum_fn = jax.jit(lambda t: jax.tree.map(_word_sums, t))
+    sums = jax.device_get(_checksum_fn(tree))
+    return {jax.tree_util.keystr(path): f"{int(v[0]):08x}{int(v[1]):08x}"
+            for path, v in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def _verify(tree, meta: dict, item: str, step: int, directory: str) -> None:
+    """DamagedCheckpointError if an array of `tree` (the checkpoint's `item`) differs from the
+    checksum its record holds; a one-line warning for a checkpoint written without them."""
+    recorded = meta.get("checksums")
+    if recorded is None:
+        _warn_unverified(step, directory)
+        return
+    if meta.get("checksum_format") != CHECKSUM_FORMAT:
+        raise DamagedCheckpointError(
+            f"the checkpoint of step {step} in {directory} records checksums of format "
+            f"{meta.get('checksum_format')!r}, which this version does not know (it computes "
+            f"{CHECKSUM_FORMAT!r}): its record is damaged, or a newer rwkv_jax wrote it")
+    recorded = recorded.get(item, {})
+    actual = tree_checksums(tree)
+    bad = [k for k, v in actual.items() if recorded.get(k, v) != v]
+    missing = [k for k in actual if k not in recorded]
+    if bad or missing:
+        what = {"params": "parameter", "train": "optimizer and carried-state"}.get(item, item)
+        names = ", ".join((bad or missing)[:3]) + (" ..." if len(bad or missing) > 3 else "")
+        raise DamagedCheckpointError(
+            f"the checkpoint of step {step} in {directory} is damaged: "
+            + (f"{len(bad)} of its {len(actual)} {what} arrays "
+               f"{'differs' if len(bad) == 1 else 'differ'} from the checksums "
+               f"recorded when it was written ({names})" if bad else
+               f"its record has no checksum for {len(missing)} of its {len(actual)} {what} "
+               f"arrays ({names})"))
+
+
+_warned_unverified: set = set()
+
+
+def _warn_unverified(step: int, directory: str) -> None:
+    import logging  # noqa: PLC0415
+
+    if (directory, step) not in _warned_unverified:
+        _warned_unverified.add((directory, step))
+        logging.getLogger("rwkv_jax").warning(
+            "the checkpoint of step %d in %s was written without checksums (by rwkv_jax before "
+            "they were recorded): restored unverified", step, directory)
+
+
+def cause_line(e: BaseException) -> str:
+    """`Type: first line` of the innermost exception a failed orbax call was raised from: the
+    outer ones wrap it in a repr of tensorstore's bound methods ("See full TensorStore
+    details: <bound method pybind11_detail...")."""
+    seen = set()
+    while e.__cause__ is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__
+    text = str(e).split("See full TensorStore details")[0].strip().rstrip(".")
+    first = (text.splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+# tensorstore's codes for data that is there but wrong (a checksum or decoding failure), cut
+# short, or missing: a damaged checkpoint, where other failures may be a mismatch of the trees.
+_DAMAGE_CODES = re.compile(r"^(\w+: )?(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND):")
+
+
+def _damage(e: BaseException, step: int, directory: str) -> DamagedCheckpointError | None:
+    """The DamagedCheckpointError a failed orbax restore means, if tensorstore says so."""
+    cause = cause_line(e)
+    if _DAMAGE_CODES.match(cause):
+        return DamagedCheckpointError(f"the checkpoint of step {step} in {directory} is damaged "
+                                      f"({cause})")
+    return None
+
+
+def _write_failure(e: BaseException | None) -> str | None:
+    """The file system's reason a save failed ('No space left on device (ENOSPC)'), or None
+    when the failure is not the file system's (a bug: it keeps its traceback)."""
+    import errno  # noqa: PLC0415
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = e.errno if isinstance(e, OSError) and e.errno else None
+        if code is None and (m := _OS_ERROR_CODE.search(str(e))):
+            code = int(m.group(1) or m.group(2))  # tensorstore: "... [os_error_code='28']"
+        if code:
+            return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _in_orbax(exc: BaseException) -> bool:
+    import traceback  # noqa: PLC0415
+
+    return any("orbax" in f.filename for f in traceback.extract_tb(exc.__traceback__))
+
+
+def _add_filter(logger_name: str, keep) -> None:
+    """logging.Filter `keep(record)` on a logger, once per name of `keep`."""
+    import logging  # noqa: PLC0415
+
+    logger = logging.getLogger(logger_name)
+    if not any(getattr(f, "name", None) == keep.__name__ for f in logger.filters):
+        f = logging.Filter(keep.__name__)
+        f.filter = keep
+        logger.addFilter(f)
+
+
+def _quiet_orbax_write_errors() -> None:
+    """orbax logs a failed save's exception, traceback and all, from every thread it passes
+    through (with asyncio's reports below, 79 tracebacks for one full disk). The first failure
+    reaches TrainCheckpointer, which reports it in one line; other orbax errors are still
+    logged."""
+
+    def drop_orbax_write_errors(record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or "orbax" not in record.pathname or _write_failure(exc) is None
+
+    _add_filter("absl", drop_orbax_write_errors)  # orbax logs through absl.logging
+
+
+def _quiet_abandoned_io() -> None:
+    """A restore or save that fails on one array leaves tensorstore's other reads or writes in
+    flight, and orbax closes their event loop. asyncio then logs each that failed as well as
+    "exception was never retrieved", and each that ends later reports 'Event loop is closed' as
+    an unraisable exception: tens of tracebacks before or after the one line that says what
+    failed (the first failure, which reached the caller). Only those are dropped."""
+    import sys  # noqa: PLC0415
+
+    def drop_abandoned_orbax_io(record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and "never retrieved" in record.getMessage()
+                    and _in_orbax(exc))
+
+    _add_filter("asyncio", drop_abandoned_orbax_io)
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
+class TrainCheckpointer:
+    """Save every N steps, keep the last k, restore the newest (onto the template's shardings).
+
+    clean_temporaries: remove the temporaries of unfinished saves found in the directory (a
+    killed run's) before the first save; only for the process that owns the run directory
+    (trainer._lock_run_dir), so that no live writer's temporary is taken. In a run of several
+    processes orbax leaves it to process 0."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3,
+                 clean_temporaries: bool = False):
         ocp = _ocp()
+        _quiet_orbax_write_errors()
+        _quiet_abandoned_io()
         self.directory = os.path.abspath(os.fspath(directory))
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, cleanup_tmp_directories=clean_temporaries,
+                # The step's directories are made in save() itself, so that a directory that
+                # cannot be written fails there. Made in the background (orbax's default),
+                # the failure left the save's other threads waiting for a "directories made"
+                # signal that never came, and Python waited for them at exit: a hang.
+                async_options=ocp.AsyncOptions(create_directories_asynchronously=False)),
             item_names=("params", "train", "meta"),
         )
+        self._in_flight = None  # the step whose save may still be running in the background
+        self._failure = None  # the CheckpointWriteError once a save has failed
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -398,13 +624,20 @@ class TrainCheckpointer:
         return _read_meta(self._manager, self.latest_step() if step is None else step)
 
     def save(self, step: int, train_state, meta: dict) -> None:
+        """Start saving `step` (the writes go on in the background); CheckpointWriteError if
+        this save, or the one before still in flight, cannot be written."""
         ocp = _ocp()
         params, rest = _split(train_state)
-        self._manager.save(step, args=ocp.args.Composite(
+        checksums = {"params": tree_checksums(params), "train": tree_checksums(rest)}
+        self._guarded(lambda: self._manager.wait_until_finished())
+        self._in_flight = step
+        self._guarded(lambda: self._manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             train=ocp.args.StandardSave(rest),
-            meta=ocp.args.JsonSave({**self._meta, **meta, "step": int(step)}),
-        ))
+            meta=ocp.args.JsonSave({**self._meta, **meta, "step": int(step),
+                                    "checksum_format": CHECKSUM_FORMAT,
+                                    "checksums": checksums}),
+        )))
 
     _meta: dict = {}
 
@@ -415,22 +648,99 @@ class TrainCheckpointer:
                       "format": "rwkv_jax/1", **({"run_shape": run_shape} if run_shape else {})}
 
     def restore(self, template, step: int | None = None):
-        """(train_state, meta) of `step` (default: newest), shaped and sharded like `template`."""
+        """(train_state, meta) of `step` (default: newest), shaped and sharded like `template`;
+        DamagedCheckpointError if an array differs from its recorded checksum."""
         ocp = _ocp()
+        _quiet_abandoned_io()
         step = self.latest_step() if step is None else step
         params, rest = _split(template)
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(params)),
-            train=ocp.args.StandardRestore(_abstract(rest)),
-            meta=ocp.args.JsonRestore(),
-        ))
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(params)),
+                train=ocp.args.StandardRestore(_abstract(rest)),
+                meta=ocp.args.JsonRestore(),
+            ))
+        except Exception as e:  # noqa: BLE001 - damaged, or another tree than the template's
+            damage = _damage(e, step, self.directory)
+            if damage is None:
+                raise
+            raise damage from None
+        for item in ("params", "train"):
+            _verify(out[item], out["meta"], item, step, self.directory)
         return template.replace(params=out["params"], **out["train"]), out["meta"]
 
+    def set_aside(self, step: int) -> str:
+        """Rename a step's directory out of orbax's sight (`<step>.damaged`, kept for a look),
+        so that the run can write that step again; returns the new path."""
+        import jax  # noqa: PLC0415
+
+        src = os.path.join(self.directory, str(step))
+        dst, n = f"{src}.damaged", 1
+        while os.path.exists(dst):
+            dst, n = f"{src}.damaged{n}", n + 1
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+        if jax.process_count() > 1:  # the others list the steps once it is gone
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            multihost_utils.sync_global_devices(f"rwkv_jax set aside step {step}")
+        self._manager.reload()
+        return dst
+
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        self._guarded(lambda: self._manager.wait_until_finished())
 
     def close(self) -> None:
-        self._manager.close()
+        if self._failure is not None:  # reported once; orbax would raise it again
+            return
+        self._guarded(lambda: self._manager.close())
+
+    def _guarded(self, call) -> None:
+        """`call()`, with a failed write turned into CheckpointWriteError: one line naming the
+        step, the directory and the cause, after the step's temporary is removed."""
+        if self._failure is not None:
+            raise self._failure
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+            cause = _write_failure(e)
+            if cause is None:
+                raise
+            self._failure = self._write_error(cause)
+            raise self._failure from None
+
+    def _write_error(self, cause: str) -> CheckpointWriteError:
+        import jax  # noqa: PLC0415
+
+        step = self._in_flight
+        if jax.process_index() == 0:  # one process removes what all wrote into
+            _join_orbax_threads(timeout=30.0)
+            tmp = _ocp().path.atomicity_types.TMP_DIR_SUFFIX
+            for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
+                if name.startswith(f"{step}{tmp}"):
+                    import shutil  # noqa: PLC0415
+
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        kept = sorted(s for s in self.all_steps() if s != step)
+        return CheckpointWriteError(
+            f"cannot write the checkpoint of step {step} in {self.directory}: {cause}. "
+            + (f"The checkpoints of steps {kept} are kept: make room there (space or inodes, or make it "
+               f"writable) and the same command resumes from step {kept[-1]}." if kept else
+               "No earlier checkpoint is there: make room (space or inodes, or make it writable) and run "
+               "again."))
+
+
+def _join_orbax_threads(timeout: float) -> None:
+    """Wait (up to `timeout` s in all) for orbax's save threads that are still running after
+    one of them failed, so that none writes into the temporary once it is removed."""
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and type(t).__module__.startswith("orbax."):
+            # Thread's own join: orbax's raises the thread's exception, reported already.
+            threading.Thread.join(t, max(0.0, deadline - time.monotonic()))
 
 
 def _split(train_state):
@@ -466,12 +776,14 @@ def restore_params(path: str | os.PathLike, step: int | None = None,
     """(model_config, params, meta) from a training checkpoint, without the optimizer state.
 
     `shardings`: a tree of jax.sharding.Sharding like the params (default: one local device).
+    DamagedCheckpointError (a ValueError) if an array differs from its recorded checksum.
     """
     import jax  # noqa: PLC0415
 
     from rwkv_jax.model import param_shapes  # noqa: PLC0415
 
     ocp = _ocp()
+    _quiet_abandoned_io()
     directory = find_checkpoint_dir(path)
     manager = ocp.CheckpointManager(directory, item_names=("params", "train", "meta"))
     steps = list(manager.all_steps())
@@ -498,9 +810,11 @@ def restore_params(path: str | os.PathLike, step: int | None = None,
         params = manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract)))["params"]
     except Exception as e:  # noqa: BLE001 - orbax reports a mismatch or corruption in many ways
-        raise ValueError(f"checkpoint {directory!r} step {step} could not be restored as the model "
-                         f"it records ({e.__class__.__name__}: {str(e)[:300]})") from None
+        raise _damage(e, step, directory) or ValueError(
+            f"checkpoint {directory!r} step {step} could not be restored as the model it records "
+            f"({cause_line(e)})") from None
     manager.close()
+    _verify(params, meta, "params", step, directory)
     check_finite_params(params, f"checkpoint {directory!r} step {step}")
     return config, params, meta
 

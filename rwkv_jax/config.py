@@ -205,6 +205,7 @@ def _none_if_empty(x):
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 STATE_COMPRESSIONS = ("none", "bf16", "int8", "learned")
+ON_DAMAGE = ("refuse", "previous")  # checkpoint.on_damage
 LAYER_PATTERNS = hybrid.PRESETS + ("custom", "auto")
 
 
@@ -294,6 +295,8 @@ SCHEMA = {
         every=(200, "steps between saves, and one at the end (0: never save)"),
         keep=(3, "newest checkpoints kept"),
         resume=(True, "continue from the run's newest checkpoint"),
+        on_damage=("refuse", "a damaged newest checkpoint (checksums differ): refuse | previous "
+                             "(resume from the newest intact one, setting the damaged aside)"),
     ),
     "logging": dict(
         every=(10, "steps between log lines / progress updates"),
@@ -490,6 +493,8 @@ def validate(cfg) -> None:
         value = cfg[group][key]
         need(isinstance(value, int) and value >= 0, field, value, "must be an integer >= 0 (0: never)")
     need(t.trainable in ("all", "state"), "train.trainable", t.trainable, "one of ('all', 'state')")
+    need(cfg.checkpoint.on_damage in ON_DAMAGE, "checkpoint.on_damage", cfg.checkpoint.on_damage,
+         f"one of {ON_DAMAGE}")
     if t.trainable == "state":
         need(a.learned_init_state, "train.trainable", t.trainable,
              "state tuning needs architecture.learned_init_state=True (the state it trains)")

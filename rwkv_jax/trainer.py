@@ -135,6 +135,49 @@ def _check_resumable(manager: ckpt.TrainCheckpointer, step: int, run: Run) -> No
                           f"state and the data position belong to those. {_NEW_RUN}")
 
 
+def _restore(manager: ckpt.TrainCheckpointer, ts, resume: int, run: Run):
+    """The training state of checkpoint `resume`, or why this run cannot go on from it. With
+    checkpoint.on_damage='previous', a step that cannot be restored gives way to the newest
+    earlier one that can (the steps passed over are set aside, not deleted), said in one line."""
+    try:
+        return manager.restore(ts, resume)[0]
+    except Exception as e:  # noqa: BLE001 - orbax reports a mismatch or damage in many ways
+        failure = e
+    earlier = sorted((s for s in manager.all_steps() if s < resume), reverse=True)
+    where = os.path.join(manager.directory, str(resume))
+    if isinstance(failure, ckpt.DamagedCheckpointError):
+        why = f"{failure}."
+    else:
+        why = (f"the checkpoint in {manager.directory} (step {resume}) cannot be restored into "
+               f"this run ({ckpt.cause_line(failure)}): its optimizer settings differ from this "
+               f"config's (optimizer.grad_clip on or off, ...), or it is damaged.")
+    if run.cfg.checkpoint.on_damage == "previous":
+        passed = [resume]
+        for step in earlier:
+            try:
+                restored = manager.restore(ts, step)[0]
+            except Exception:  # noqa: BLE001 - damaged as well: try the one before
+                passed.append(step)
+                continue
+            moved = [manager.set_aside(s) for s in passed]
+            log.warning("%s Resuming from step %d, the newest intact checkpoint "
+                        "(checkpoint.on_damage='previous'); set aside: %s", why, step,
+                        ", ".join(moved))
+            return restored
+        raise ResumeError(f"{why} No earlier checkpoint there can be restored either "
+                          f"(steps {sorted(earlier)}). {_NEW_RUN}")
+    if isinstance(failure, ckpt.DamagedCheckpointError):
+        raise ResumeError(f"{why} " + (
+            f"Move {where} aside to resume from step {earlier[0]}, or set "
+            f"checkpoint.on_damage=previous to have the run do it." if earlier else
+            f"No earlier checkpoint is there to resume from: move {where} aside to start this "
+            f"run afresh, or start a new run elsewhere (another experiment_name or output_dir)."))
+    raise ResumeError(
+        f"{why} " + (f"If damaged, move {where} aside to resume from step {earlier[0]} (or set "
+                     f"checkpoint.on_damage=previous to have the run do it). " if earlier else "")
+        + _NEW_RUN)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients went NaN/inf; the last good checkpoint is kept."""
 
@@ -537,8 +580,10 @@ def train(run: Run, on_step: StepHook | None = None) -> dict:
     main = distributed.is_main_process()  # logs, tensorboard and progress come from one process
     os.makedirs(run.run_dir, exist_ok=True)
     lock = _lock_run_dir(run.run_dir) if main else None
+    # Holding the run's lock, process 0 knows that whoever left a temporary there is gone.
     manager = ckpt.TrainCheckpointer(os.path.join(run.run_dir, "checkpoints"),
-                                     keep=run.cfg.checkpoint.keep)
+                                     keep=run.cfg.checkpoint.keep,
+                                     clean_temporaries=lock is not None)
     try:
         return _train(run, manager, main, on_step)
     finally:
@@ -578,17 +623,7 @@ def _train(run: Run, manager: ckpt.TrainCheckpointer, main: bool,
 
     start = 0
     if resume is not None:
-        try:
-            ts, meta = manager.restore(ts, resume)
-        except Exception as e:  # noqa: BLE001 - orbax reports a mismatch or damage in many ways
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            earlier = [s for s in manager.all_steps() if s < resume]
-            raise ResumeError(
-                f"the checkpoint in {manager.directory} (step {resume}) cannot be restored into "
-                f"this run ({type(e).__name__}: {first}): its optimizer settings differ from this "
-                f"config's (optimizer.grad_clip on or off, ...), or it is damaged. "
-                + (f"If damaged, move {os.path.join(manager.directory, str(resume))} aside to "
-                   f"resume from step {earlier[-1]}. " if earlier else "") + _NEW_RUN) from None
+        ts = _restore(manager, ts, resume, run)
         start = int(ts.step)
         log.info("resumed from %s at step %d", manager.directory, start)
     # Written once the run is known to go on: a run refused above keeps the config it was

@@ -145,6 +145,11 @@ def load_model(args):
     try:
         directory = ckpt.find_checkpoint_dir(run_dir)
         config, params, meta = ckpt.restore_params(directory, step)
+    except ckpt.DamagedCheckpointError as e:
+        _quiet_failed_restore()
+        others = _other_steps(directory, step)
+        raise InputError(f"{e}" + (f" (other steps there: {others}; pick one with --step)"
+                                   if others else "")) from None
     except (ValueError, FileNotFoundError) as e:
         _quiet_failed_restore()
         raise InputError(_one_line(e)) from None

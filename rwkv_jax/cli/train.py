@@ -183,6 +183,7 @@ def main(argv):
     import jax  # noqa: PLC0415  (after flags: jax reads XLA_FLAGS at import)
 
     from rwkv_jax import distributed, trainer  # noqa: PLC0415
+    from rwkv_jax.checkpoint import CheckpointWriteError  # noqa: PLC0415
     from rwkv_jax.config import ConfigError  # noqa: PLC0415
 
     setup_logging()
@@ -219,6 +220,9 @@ def main(argv):
     except trainer.TrainingDiverged as e:
         print(f"{who}training stopped: {e}", file=sys.stderr)
         return 3
+    except CheckpointWriteError as e:  # the disk, not the config: 4 tells a job script so
+        print(f"{who}checkpoint error: {e}", file=sys.stderr)
+        return 4
     except Exception:  # noqa: BLE001 - a bug: keep its traceback, say which process and where
         return _crash(who, run.run_dir)
     logging.getLogger("rwkv_jax").info("done: %s", {k: round(v, 4) for k, v in final.items()})
