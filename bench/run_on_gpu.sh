@@ -21,7 +21,7 @@ if [[ $what == all || $what == steps ]]; then
   done
   for policy in ${POLICIES:-nothing_saveable}; do
     python3 bench/train_step.py --config=configs/model_3b_rwkv.py $DATA --steps=5 --warmup=2 \
-      --config.memory.remat_policy=$policy --label="3B hybrid" --table="$OUT/train_step.md" 2>&1 \
+      --config.efficiency.remat_policy=$policy --label="3B hybrid" --table="$OUT/train_step.md" 2>&1 \
       | tee -a "$OUT/bench_3b.log" | grep -E "^\||loss|memory|GiB|Error|error" | tail -16
   done
 fi

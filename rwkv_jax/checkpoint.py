@@ -307,8 +307,8 @@ def export_official(params: Mapping, config: ModelConfig, path: str | os.PathLik
                          f"this model's layers are {list(config.layer_types)}")
     if config.pos_emb != "none" or config.learned_init_state:
         raise ValueError(f"export_official: the official RWKV-{config.version} format has no "
-                         "position embeddings or learned initial state (model.pos_emb must be "
-                         "'none', model.learned_init_state False)")
+                         "position embeddings or learned initial state (architecture.pos_emb "
+                         "must be 'none', architecture.learned_init_state False)")
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if tdtype is None:
         raise ValueError(f"export_official dtype={dtype!r}: use float32, bfloat16 or float16")

@@ -1,13 +1,16 @@
-"""The model's configuration: a frozen dataclass with defaults and checks.
+"""The configuration: one schema (SCHEMA), and the ModelConfig the model takes, built from it.
 
-The model takes a `ModelConfig` (hashable, so it can be a Flax module attribute and a static
-jit argument). Config files under configs/ hold an ml_collections `model` section that
-`ModelConfig.from_dict` turns into one, naming the field of any bad value.
+A run's config is an ml_collections ConfigDict made from SCHEMA (`default_config()`), checked by
+`validate()`. The model takes a `ModelConfig` (frozen and hashable, so it can be a Flax module
+attribute and a static jit argument): its fields take their defaults from SCHEMA and name the
+config path they come from, so `model_config_from(cfg)` reads them without a list of its own and
+a bad value is reported under the path a user types (`efficiency.precision='fp8' is invalid`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -15,7 +18,9 @@ from typing import Any
 
 from rwkv_jax import hybrid
 
-DTYPES = ("float32", "bfloat16", "float16")
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")  # efficiency.precision
 POS_EMBS = ("none", "learned", "rotary")
 REMAT_POLICIES = (
     "nothing_saveable",
@@ -35,167 +40,7 @@ def official_lora_dim(field: str, n_embd: int) -> int:
     return max(32, int(round(LORA_FACTORS[field] * (n_embd**0.5) / 32) * 32))
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    version: str = "4"  # "4": RWKV-4; "7": RWKV-7 (its time-mix and channel-mix in every RWKV layer)
-    vocab_size: int = 256
-    n_layer: int = 4
-    n_embd: int = 128
-    dim_att: int = 0  # 0: n_embd (RWKV-LM's default)
-    dim_ffn: int = 0  # 0: 4 * n_embd
-    # "rwkv" / "attn" per layer; empty: all RWKV. Build it with rwkv_jax.hybrid.
-    layer_types: tuple[str, ...] = ()
-    attn_head_size: int = 64
-    attn_window: int = 1024  # past tokens an attention layer sees (its KV state's length)
-    attn_impl: str = "auto"
-    pos_emb: str = "none"
-    max_positions: int = 4096  # rows of the learned position table
-    rope_base: float = 10000.0
-    learned_init_state: bool = False
-    dtype: str = "float32"  # compute dtype of the matrix products
-    wkv_impl: str = "auto"
-    wkv_chunk_size: int = 64
-    remat: bool = False
-    remat_policy: str = "nothing_saveable"
-    layer_norm_eps: float = 1e-5  # torch's LayerNorm default, which the official weights use
-    emb_init_scale: float = 1e-4  # RWKV-LM: uniform(-lr_init, lr_init)
-    # How states stored between chunks and between calls are compressed (rwkv_jax.state_codec).
-    # "learned" adds a small per-layer codec, trained with the model, under params["state_codec"].
-    state_compression: str = "none"
-    state_rank: int = 0  # learned codec: numbers per RWKV layer state (0: n_embd // 4)
-    # RWKV-7 only: the head size of its time-mix (n_embd / head_size heads) and the ranks of
-    # its LoRA projections (decay w, in-context learning rate a, value residual v, gate g);
-    # 0: RWKV-LM's formula (official_lora_dim).
-    head_size: int = 64
-    dim_w_lora: int = 0
-    dim_a_lora: int = 0
-    dim_v_lora: int = 0
-    dim_g_lora: int = 0
-
-    def __post_init__(self):
-        if isinstance(self.version, int) and not isinstance(self.version, bool):
-            object.__setattr__(self, "version", str(self.version))
-        if not self.layer_types:
-            object.__setattr__(self, "layer_types", (hybrid.RWKV,) * self.n_layer)
-        else:
-            object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        if not self.dim_att:
-            object.__setattr__(self, "dim_att", self.n_embd)
-        if not self.dim_ffn:
-            object.__setattr__(self, "dim_ffn", 4 * self.n_embd)
-        if self.version == "7" and isinstance(self.n_embd, int) and self.n_embd >= 1:
-            for field in LORA_FACTORS:
-                if getattr(self, field) == 0:
-                    object.__setattr__(self, field, official_lora_dim(field, self.n_embd))
-        self.validate()
-
-    @property
-    def attn_heads(self) -> int:
-        return self.n_embd // self.attn_head_size
-
-    @property
-    def n_head(self) -> int:
-        """RWKV-7 time-mix heads."""
-        return self.n_embd // self.head_size
-
-    @property
-    def first_rwkv_layer(self) -> int | None:
-        """The RWKV layer whose value every later RWKV-7 layer mixes in (v_first); None if none."""
-        return self.layer_types.index(hybrid.RWKV) if hybrid.RWKV in self.layer_types else None
-
-    @property
-    def codec_rank(self) -> int:
-        return self.state_rank or max(1, self.n_embd // 4)
-
-    @property
-    def has_attention(self) -> bool:
-        return hybrid.ATTN in self.layer_types
-
-    def is_rwkv(self, layer: int) -> bool:
-        return self.layer_types[layer] == hybrid.RWKV
-
-    def validate(self) -> None:
-        def need(ok: bool, field: str, value: Any, valid: str):
-            if not ok:
-                raise ValueError(f"model.{field}={value!r} is invalid: {valid}")
-
-        need(self.version in VERSIONS, "version", self.version,
-             f"one of {VERSIONS} (RWKV-4 or RWKV-7)")
-        for field in ("vocab_size", "n_layer", "n_embd", "dim_att", "dim_ffn", "attn_window",
-                      "max_positions", "wkv_chunk_size"):
-            value = getattr(self, field)
-            need(isinstance(value, int) and value >= 1, field, value, "must be an integer >= 1")
-        need(len(self.layer_types) == self.n_layer, "layer_types", self.layer_types,
-             f"must name {self.n_layer} layers (model.n_layer)")
-        bad = [t for t in self.layer_types if t not in (hybrid.RWKV, hybrid.ATTN)]
-        need(not bad, "layer_types", self.layer_types, "each entry must be 'rwkv' or 'attn'")
-        need(self.dim_att == self.n_embd, "dim_att", self.dim_att,
-             f"must equal model.n_embd={self.n_embd} (RWKV-{self.version} keeps the residual width)")
-        if self.version == "7":
-            need(isinstance(self.head_size, int) and self.head_size >= 1
-                 and self.n_embd % self.head_size == 0, "head_size", self.head_size,
-                 f"must divide model.n_embd={self.n_embd} (RWKV-7 heads: n_embd / head_size)")
-            for field in LORA_FACTORS:
-                value = getattr(self, field)
-                need(isinstance(value, int) and value >= 1, field, value,
-                     "must be an integer >= 1 (0: RWKV-LM's formula)")
-        if self.has_attention:
-            need(self.attn_head_size >= 1 and self.n_embd % self.attn_head_size == 0,
-                 "attn_head_size", self.attn_head_size,
-                 f"must divide model.n_embd={self.n_embd}")
-            if self.pos_emb == "rotary":
-                need(self.attn_head_size % 2 == 0, "attn_head_size", self.attn_head_size,
-                     "must be even for rotary position embeddings")
-        need(self.attn_impl in ATTN_IMPLS, "attn_impl", self.attn_impl, f"one of {ATTN_IMPLS}")
-        need(self.pos_emb in POS_EMBS, "pos_emb", self.pos_emb, f"one of {POS_EMBS}")
-        need(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
-        # (ops import no config)
-        from rwkv_jax.ops.wkv4 import IMPLS as IMPLS4  # noqa: PLC0415
-        from rwkv_jax.ops.wkv7 import IMPLS as IMPLS7  # noqa: PLC0415
-
-        impls = IMPLS7 if self.version == "7" else IMPLS4
-        need(self.wkv_impl in impls, "wkv_impl", self.wkv_impl,
-             f"one of {impls} for model.version={self.version!r}")
-        need(self.remat_policy in REMAT_POLICIES, "remat_policy", self.remat_policy,
-             f"one of {REMAT_POLICIES}")
-        need(self.state_compression in STATE_COMPRESSIONS, "state_compression",
-             self.state_compression, f"one of {STATE_COMPRESSIONS}")
-        need(isinstance(self.state_rank, int) and self.state_rank >= 0, "state_rank",
-             self.state_rank, "must be an integer >= 0 (0: n_embd // 4)")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        """From a config file's `model` section; layer pattern fields resolve to layer_types.
-
-        `layer_pattern` is a preset ("alternating", "rwkv", "attention") or "custom", in which
-        case `rwkv_layers` / `attention_layers` give the indices.
-        """
-        d = dict(d)
-        pattern = d.pop("layer_pattern", None)
-        rwkv_layers = d.pop("rwkv_layers", None)
-        attention_layers = d.pop("attention_layers", None)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown model option(s) {unknown}; valid options: {sorted(names)}")
-        n_layer = d.get("n_layer", cls.n_layer)
-        if pattern == "custom" or (pattern is None and (rwkv_layers or attention_layers)):
-            d["layer_types"] = hybrid.build_layer_pattern(
-                n_layer, _none_if_empty(rwkv_layers), _none_if_empty(attention_layers)
-            )
-        elif pattern is not None:
-            d["layer_types"] = hybrid.preset_pattern(pattern, n_layer)
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _none_if_empty(x):
-    if x is None or (hasattr(x, "__len__") and len(x) == 0):
-        return None
-    return [int(i) for i in x]
-
+STATE_COMPRESSIONS = ("none", "bf16", "int8", "learned")
 
 # ----------------------------------------------------------------------------------------------
 # The training / inference config: one ml_collections ConfigDict, grouped the way users look
@@ -203,10 +48,7 @@ def _none_if_empty(x):
 # `validate()` checks the whole thing before any data is read or anything compiles.
 # ----------------------------------------------------------------------------------------------
 
-PRECISIONS = ("float32", "bfloat16", "float16")
-STATE_COMPRESSIONS = ("none", "bf16", "int8", "learned")
 ON_DAMAGE = ("refuse", "previous")  # checkpoint.on_damage
-LAYER_PATTERNS = hybrid.PRESETS + ("custom", "auto")
 
 
 class ConfigError(ValueError):
@@ -236,8 +78,8 @@ SCHEMA = {
         dim_g_lora=(0, "RWKV-7: gate LoRA rank (0: RWKV-LM's formula)"),
     ),
     "architecture": dict(
-        layer_pattern=("rwkv", "which layers are RWKV or attention: rwkv | alternating | "
-                               "attention | custom | auto"),
+        layer_pattern=("rwkv", "which layers are RWKV or attention: "
+                               + " | ".join(hybrid.PATTERNS)),
         rwkv_layers=((), "layer_pattern=custom: indices of the RWKV layers"),
         attention_layers=((), "layer_pattern=custom: indices of the attention layers"),
         pos_emb=("none", "position embeddings: none | learned | rotary (attention layers)"),
@@ -250,15 +92,16 @@ SCHEMA = {
         chunk_overlap=(0, "tokens each chunk repeats from the previous one (loss-masked)"),
         state_compression=("none", "states stored between chunks: none | bf16 | int8 | learned"),
         state_rank=(0, "learned compression: rank of the per-layer codec (0: n_embd // 4)"),
-        remat_policy=("nothing_saveable", "what remat keeps: " + " | ".join(REMAT_POLICIES)),
-        wkv_chunk_size=(64, "time steps per block of the parallel WKV kernels"),
     ),
+    # How the model computes, not what it is: a run may resume with other values.
     "efficiency": dict(
         precision=("float32", "compute dtype of matrix products: float32 | bfloat16 | float16"),
-        remat=(False, "recompute each block's activations in the backward pass"),
-        donate=(True, "let XLA reuse the train state's buffers in place"),
         wkv_impl=("auto", "WKV kernel: auto | scan | chunked | pallas (| assoc for RWKV-4)"),
+        wkv_chunk_size=(64, "time steps per block of the parallel WKV kernels"),
+        remat=(False, "recompute each block's activations in the backward pass"),
+        remat_policy=("nothing_saveable", "what remat keeps: " + " | ".join(REMAT_POLICIES)),
         attn_impl=("auto", "attention: auto | xla | cudnn"),
+        donate=(True, "let XLA reuse the train state's buffers in place"),
     ),
     "train": dict(
         batch_size=(8, "sequences per step (global, over all devices and hosts)"),
@@ -322,6 +165,192 @@ SCHEMA = {
 }
 
 
+# Fields that moved: old path -> new path. The old path still works, in a config file or as
+# --config.OLD=VALUE, sets the new field and says so in one line.
+MOVED = {
+    "memory.remat_policy": "efficiency.remat_policy",
+    "memory.wkv_chunk_size": "efficiency.wkv_chunk_size",
+}
+
+
+def schema_default(path: str):
+    """SCHEMA's default of a dotted path ("efficiency.precision", "seed")."""
+    group, _, name = path.rpartition(".")
+    return SCHEMA[group][name][0]
+
+
+def _from_schema(path: str):
+    """A ModelConfig field that a config sets at `path`, with the schema's default."""
+    return dataclasses.field(default=schema_default(path), metadata={"path": path})
+
+
+def _own(default, path: str | None = None):
+    """A ModelConfig field with a default of its own: not a config field (`path` None), or one
+    whose config value means something else (model.vocab_size=0: the tokenizer's)."""
+    return dataclasses.field(default=default, metadata={"path": path} if path else {})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # "4": RWKV-4; "7": RWKV-7 (its time-mix and channel-mix in every RWKV layer)
+    version: str = _from_schema("model.version")
+    vocab_size: int = _own(256, "model.vocab_size")
+    n_layer: int = _from_schema("model.n_layer")
+    n_embd: int = _from_schema("model.n_embd")
+    dim_att: int = _own(0)  # 0: n_embd (RWKV-LM's default)
+    dim_ffn: int = _from_schema("model.dim_ffn")  # 0: 4 * n_embd
+    # "rwkv" / "attn" per layer; empty: all RWKV. From architecture.layer_pattern and its
+    # index lists by hybrid.resolve_layer_pattern.
+    layer_types: tuple[str, ...] = _own(())
+    attn_head_size: int = _from_schema("model.attn_head_size")
+    attn_window: int = _from_schema("model.attn_window")  # past tokens an attention layer sees
+    attn_impl: str = _from_schema("efficiency.attn_impl")
+    pos_emb: str = _from_schema("architecture.pos_emb")
+    max_positions: int = _from_schema("architecture.max_positions")
+    rope_base: float = _own(10000.0)
+    learned_init_state: bool = _from_schema("architecture.learned_init_state")
+    dtype: str = _from_schema("efficiency.precision")  # compute dtype of the matrix products
+    wkv_impl: str = _from_schema("efficiency.wkv_impl")
+    wkv_chunk_size: int = _from_schema("efficiency.wkv_chunk_size")
+    remat: bool = _from_schema("efficiency.remat")
+    remat_policy: str = _from_schema("efficiency.remat_policy")
+    layer_norm_eps: float = _own(1e-5)  # torch's LayerNorm default, which the official weights use
+    emb_init_scale: float = _own(1e-4)  # RWKV-LM: uniform(-lr_init, lr_init)
+    # How states stored between chunks and between calls are compressed (rwkv_jax.state_codec).
+    # "learned" adds a small per-layer codec, trained with the model, under params["state_codec"].
+    state_compression: str = _from_schema("memory.state_compression")
+    state_rank: int = _from_schema("memory.state_rank")  # learned codec: 0 means n_embd // 4
+    # RWKV-7 only: the head size of its time-mix (n_embd / head_size heads) and the ranks of
+    # its LoRA projections (decay w, in-context learning rate a, value residual v, gate g);
+    # 0: RWKV-LM's formula (official_lora_dim).
+    head_size: int = _from_schema("model.head_size")
+    dim_w_lora: int = _from_schema("model.dim_w_lora")
+    dim_a_lora: int = _from_schema("model.dim_a_lora")
+    dim_v_lora: int = _from_schema("model.dim_v_lora")
+    dim_g_lora: int = _from_schema("model.dim_g_lora")
+
+    def __post_init__(self):
+        if isinstance(self.version, int) and not isinstance(self.version, bool):
+            object.__setattr__(self, "version", str(self.version))
+        if not self.layer_types:  # (a bad n_layer is validate's to report)
+            n = self.n_layer if isinstance(self.n_layer, int) else 0
+            object.__setattr__(self, "layer_types", (hybrid.RWKV,) * n)
+        else:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if not self.dim_att:
+            object.__setattr__(self, "dim_att", self.n_embd)
+        if not self.dim_ffn:
+            object.__setattr__(self, "dim_ffn", 4 * self.n_embd)
+        if self.version == "7" and isinstance(self.n_embd, int) and self.n_embd >= 1:
+            for field in LORA_FACTORS:
+                if getattr(self, field) == 0:
+                    object.__setattr__(self, field, official_lora_dim(field, self.n_embd))
+        self.validate()
+
+    @property
+    def attn_heads(self) -> int:
+        return self.n_embd // self.attn_head_size
+
+    @property
+    def n_head(self) -> int:
+        """RWKV-7 time-mix heads."""
+        return self.n_embd // self.head_size
+
+    @property
+    def first_rwkv_layer(self) -> int | None:
+        """The RWKV layer whose value every later RWKV-7 layer mixes in (v_first); None if none."""
+        return self.layer_types.index(hybrid.RWKV) if hybrid.RWKV in self.layer_types else None
+
+    @property
+    def codec_rank(self) -> int:
+        return self.state_rank or max(1, self.n_embd // 4)
+
+    @property
+    def has_attention(self) -> bool:
+        return hybrid.ATTN in self.layer_types
+
+    def is_rwkv(self, layer: int) -> bool:
+        return self.layer_types[layer] == hybrid.RWKV
+
+    def validate(self) -> None:
+        def need(ok: bool, field: str, value: Any, valid: str):
+            if not ok:
+                raise ConfigError(f"{config_path(field)}={value!r} is invalid: {valid}")
+
+        need(self.version in VERSIONS, "version", self.version,
+             f"one of {VERSIONS} (RWKV-4 or RWKV-7)")
+        for field in ("vocab_size", "n_layer", "n_embd", "dim_att", "dim_ffn", "attn_window",
+                      "max_positions", "wkv_chunk_size"):
+            value = getattr(self, field)
+            need(isinstance(value, int) and value >= 1, field, value, "must be an integer >= 1")
+        need(len(self.layer_types) == self.n_layer, "layer_types", self.layer_types,
+             f"must name {self.n_layer} layers (model.n_layer)")
+        bad = [t for t in self.layer_types if t not in (hybrid.RWKV, hybrid.ATTN)]
+        need(not bad, "layer_types", self.layer_types, "each entry must be 'rwkv' or 'attn'")
+        need(self.dim_att == self.n_embd, "dim_att", self.dim_att,
+             f"must equal model.n_embd={self.n_embd} (RWKV-{self.version} keeps the residual width)")
+        if self.version == "7":
+            need(isinstance(self.head_size, int) and self.head_size >= 1
+                 and self.n_embd % self.head_size == 0, "head_size", self.head_size,
+                 f"must divide model.n_embd={self.n_embd} (RWKV-7 heads: n_embd / head_size)")
+            for field in LORA_FACTORS:
+                value = getattr(self, field)
+                need(isinstance(value, int) and value >= 1, field, value,
+                     "must be an integer >= 1 (0: RWKV-LM's formula)")
+        if self.has_attention:
+            need(self.attn_head_size >= 1 and self.n_embd % self.attn_head_size == 0,
+                 "attn_head_size", self.attn_head_size,
+                 f"must divide model.n_embd={self.n_embd}")
+            if self.pos_emb == "rotary":
+                need(self.attn_head_size % 2 == 0, "attn_head_size", self.attn_head_size,
+                     "must be even for rotary position embeddings")
+        need(self.attn_impl in ATTN_IMPLS, "attn_impl", self.attn_impl, f"one of {ATTN_IMPLS}")
+        need(self.pos_emb in POS_EMBS, "pos_emb", self.pos_emb, f"one of {POS_EMBS}")
+        need(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
+        # (ops import no config)
+        from rwkv_jax.ops.wkv4 import IMPLS as IMPLS4  # noqa: PLC0415
+        from rwkv_jax.ops.wkv7 import IMPLS as IMPLS7  # noqa: PLC0415
+
+        impls = IMPLS7 if self.version == "7" else IMPLS4
+        need(self.wkv_impl in impls, "wkv_impl", self.wkv_impl,
+             f"one of {impls} for model.version={self.version!r}")
+        need(self.remat_policy in REMAT_POLICIES, "remat_policy", self.remat_policy,
+             f"one of {REMAT_POLICIES}")
+        need(self.state_compression in STATE_COMPRESSIONS, "state_compression",
+             self.state_compression, f"one of {STATE_COMPRESSIONS}")
+        need(isinstance(self.state_rank, int) and self.state_rank >= 0, "state_rank",
+             self.state_rank, "must be an integer >= 0 (0: n_embd // 4)")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """From a flat dict of fields; `layer_pattern` ("custom" with `rwkv_layers` /
+        `attention_layers`, or a preset) resolves to layer_types as the config's does."""
+        d = dict(d)
+        pattern = d.pop("layer_pattern", None)
+        rwkv_layers = d.pop("rwkv_layers", None)
+        attention_layers = d.pop("attention_layers", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model option(s) {unknown}; valid options: {sorted(names)}")
+        if pattern is not None or rwkv_layers or attention_layers:
+            d["layer_types"] = hybrid.resolve_layer_pattern(
+                pattern, d.get("n_layer", cls.n_layer), rwkv_layers, attention_layers)
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+
+def config_path(field: str) -> str:
+    """Where a config sets a ModelConfig field ("dtype" -> "efficiency.precision")."""
+    return _FIELDS[field].metadata.get("path", f"model.{field}")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+
+
 def default_config():
     """Every field a config may set, with its default (SCHEMA). Unknown fields are errors."""
     import ml_collections  # noqa: PLC0415  (the library core does not need it)
@@ -333,7 +362,26 @@ def default_config():
             c[group] = ml_collections.ConfigDict(values)
         else:
             c.update(values)
+    for old, new in MOVED.items():  # unset (None) unless a config file or flag sets it
+        group, name = old.split(".")
+        c[group][name] = ml_collections.config_dict.placeholder(type(schema_default(new)))
     return c
+
+
+def resolve_moved(cfg) -> None:
+    """Move the values set at old paths (MOVED) to their new ones, once, saying so in one line;
+    the old fields leave the config (and so its config.json)."""
+    for old, new in MOVED.items():
+        group, name = old.split(".")
+        if name not in cfg[group]:
+            continue  # resolved before, or a config made without default_config()
+        value = cfg[group][name]
+        if value is not None:
+            log.warning("config: %s is now %s", old, new)
+            new_group, new_name = new.split(".")
+            cfg[new_group][new_name] = value
+        with cfg[group].unlocked():
+            del cfg[group][name]
 
 
 def describe_schema() -> str:
@@ -344,6 +392,8 @@ def describe_schema() -> str:
         for name, (default, meaning) in fields.items():
             key = f"  {group + '.' if group else ''}{name}={default!r}"
             lines.append(f"{key:<42} {meaning}" if len(key) < 42 else f"{key}\n{'':<42} {meaning}")
+    lines.append("moved (the old path still works, with a note):")
+    lines += [f"  {old} -> {new}" for old, new in MOVED.items()]
     return "\n".join(lines)
 
 
@@ -359,60 +409,35 @@ def _check_known(cfg, schema, prefix: str = "") -> None:
 
 
 def model_config_from(cfg, vocab_size: int | None = None) -> ModelConfig:
-    """The ModelConfig a training config describes (layer pattern resolved)."""
-    m, a, mem, eff = cfg.model, cfg.architecture, cfg.memory, cfg.efficiency
+    """The ModelConfig a training config describes: every field with a config path read from
+    there, the layer pattern resolved (hybrid), the vocabulary the tokenizer's unless set."""
+    resolve_moved(cfg)
+    m, a = cfg.model, cfg.architecture
     vocab = m.vocab_size or vocab_size
     if not vocab:
         raise ConfigError("model.vocab_size=0 needs a tokenizer to take the vocabulary size from")
-    version = str(m.version)
-    if version not in VERSIONS:
-        raise ConfigError(f"model.version={m.version!r} is invalid: one of {VERSIONS} "
-                          "(RWKV-4 or RWKV-7)")
-    if a.layer_pattern not in LAYER_PATTERNS:
-        raise ConfigError(f"architecture.layer_pattern={a.layer_pattern!r} is not one of {LAYER_PATTERNS}")
+    values = {}
+    for name, f in _FIELDS.items():
+        if "path" in f.metadata:
+            group, key = f.metadata["path"].split(".")
+            values[name] = cfg[group][key]
+    values["vocab_size"] = int(vocab)
     try:
-        if a.layer_pattern == "custom":
-            types = hybrid.build_layer_pattern(
-                m.n_layer, _none_if_empty(a.rwkv_layers), _none_if_empty(a.attention_layers))
-        elif a.layer_pattern == "auto":
-            types = hybrid.optimize_for_sequence_length(
-                m.n_layer, m.n_embd, cfg.train.max_seq_length)
-        else:
-            types = hybrid.preset_pattern(a.layer_pattern, m.n_layer)
+        # A bad n_layer is ModelConfig's to report; the pattern needs a good one.
+        if isinstance(m.n_layer, int) and m.n_layer >= 1:
+            values["layer_types"] = hybrid.resolve_layer_pattern(
+                a.layer_pattern, m.n_layer, a.rwkv_layers, a.attention_layers,
+                n_embd=m.n_embd, seq_len=cfg.train.max_seq_length)
+        return ModelConfig(**values)
     except ValueError as e:
-        raise ConfigError(str(e).replace("model.rwkv_layers", "architecture.rwkv_layers")
-                          .replace("model.attention_layers", "architecture.attention_layers")) from None
-    try:
-        return ModelConfig(
-            version=version, head_size=m.head_size, dim_w_lora=m.dim_w_lora,
-            dim_a_lora=m.dim_a_lora, dim_v_lora=m.dim_v_lora, dim_g_lora=m.dim_g_lora,
-            vocab_size=int(vocab), n_layer=m.n_layer, n_embd=m.n_embd, dim_ffn=m.dim_ffn,
-            layer_types=types, attn_head_size=m.attn_head_size, attn_window=m.attn_window,
-            attn_impl=eff.attn_impl, pos_emb=a.pos_emb, max_positions=a.max_positions,
-            learned_init_state=a.learned_init_state, dtype=eff.precision, wkv_impl=eff.wkv_impl,
-            wkv_chunk_size=mem.wkv_chunk_size, remat=eff.remat, remat_policy=mem.remat_policy,
-            state_compression=mem.state_compression, state_rank=mem.state_rank,
-        )
-    except ValueError as e:
-        raise ConfigError(_config_field_names(str(e))) from None
-
-
-# ModelConfig fields that a training config sets outside its `model` section.
-_FIELD_PATHS = {
-    "attn_impl": "efficiency.attn_impl", "dtype": "efficiency.precision",
-    "wkv_impl": "efficiency.wkv_impl", "remat": "efficiency.remat",
-    "pos_emb": "architecture.pos_emb", "max_positions": "architecture.max_positions",
-    "learned_init_state": "architecture.learned_init_state",
-    "wkv_chunk_size": "memory.wkv_chunk_size", "remat_policy": "memory.remat_policy",
-    "state_compression": "memory.state_compression", "state_rank": "memory.state_rank",
-}
+        raise ConfigError(str(e)) from None
 
 
 # ModelConfig fields that say how the model computes, not what it is: a run may resume with
-# other values (bf16 after float32, another WKV implementation, remat on). Every other field,
-# and any added later, is taken to change the model.
-_HOW_IT_COMPUTES = ("dtype", "wkv_impl", "wkv_chunk_size", "attn_impl", "remat", "remat_policy",
-                    "emb_init_scale")
+# other values (bf16 after float32, another WKV implementation, remat on). The efficiency group
+# and the embedding's init scale; every other field, and any added later, changes the model.
+_HOW_IT_COMPUTES = tuple(name for name in _FIELDS
+                         if config_path(name).startswith("efficiency.")) + ("emb_init_scale",)
 
 
 def model_differences(saved: ModelConfig, current: ModelConfig) -> list[str]:
@@ -432,15 +457,8 @@ def model_differences(saved: ModelConfig, current: ModelConfig) -> list[str]:
         if name == "layer_types":
             out.append(f"architecture.layer_pattern: {hybrid.describe(a)} -> {hybrid.describe(b)}")
         else:
-            out.append(f"{_FIELD_PATHS.get(name, f'model.{name}')}: {a!r} -> {b!r}")
+            out.append(f"{config_path(name)}: {a!r} -> {b!r}")
     return out
-
-
-def _config_field_names(message: str) -> str:
-    """A ModelConfig message with its field named as the training config names it."""
-    for field, path in _FIELD_PATHS.items():
-        message = message.replace(f"model.{field}=", f"{path}=")
-    return message
 
 
 def optimizer_config_from(cfg):
@@ -476,6 +494,7 @@ def _validate_optimizer(cfg, need) -> None:
 
 def validate(cfg) -> None:
     """Check a whole config before any data is read or compiled; raise ConfigError naming the field."""
+    resolve_moved(cfg)
     _check_known(cfg, default_config())
     t, mem, a = cfg.train, cfg.memory, cfg.architecture
 
@@ -483,8 +502,8 @@ def validate(cfg) -> None:
         if not ok:
             raise ConfigError(f"{field}={value!r} is invalid: {valid}")
 
-    for field in ("train.batch_size", "train.max_seq_length", "train.steps", "model.n_layer",
-                  "model.n_embd", "checkpoint.keep", "logging.every"):
+    for field in ("train.batch_size", "train.max_seq_length", "train.steps", "checkpoint.keep",
+                  "logging.every"):
         group, key = field.split(".")
         value = cfg[group][key]
         need(isinstance(value, int) and value >= 1, field, value, "must be an integer >= 1")
@@ -498,19 +517,8 @@ def validate(cfg) -> None:
     if t.trainable == "state":
         need(a.learned_init_state, "train.trainable", t.trainable,
              "state tuning needs architecture.learned_init_state=True (the state it trains)")
-    need(cfg.efficiency.precision in PRECISIONS, "efficiency.precision", cfg.efficiency.precision,
-         f"one of {PRECISIONS}")
-    need(mem.state_compression in STATE_COMPRESSIONS, "memory.state_compression",
-         mem.state_compression, f"one of {STATE_COMPRESSIONS}")
     if mem.use_rwkv_chunking:
-        L, o, T = mem.rwkv_chunk_size, mem.chunk_overlap, t.max_seq_length
-        need(isinstance(L, int) and 1 <= L <= T, "memory.rwkv_chunk_size", L,
-             f"must be between 1 and train.max_seq_length={T}")
-        need(isinstance(o, int) and 0 <= o < L, "memory.chunk_overlap", o,
-             f"must be >= 0 and < memory.rwkv_chunk_size={L}")
-        if o == 0:
-            need(T % L == 0, "memory.rwkv_chunk_size", L,
-                 f"must divide train.max_seq_length={T} (or set memory.chunk_overlap > 0)")
+        check_chunking(t.max_seq_length, mem.rwkv_chunk_size, mem.chunk_overlap)
     if t.init_from:
         need(os.path.exists(t.init_from), "train.init_from", t.init_from,
              "no such file or directory (an official .pth, or a run or checkpoints directory)")
@@ -535,6 +543,24 @@ def validate(cfg) -> None:
         make_schedule(optimizer_config_from(cfg))
     except ValueError as e:
         raise ConfigError(f"optimizer: {e}") from None
-    # The model section (sizes, pattern, dtypes); the vocabulary is checked against the data
-    # once the tokenizer is known (rwkv_jax.trainer).
+    # The model's fields wherever they live (sizes, pattern, precision, state compression);
+    # the vocabulary is checked against the data once the tokenizer is known (rwkv_jax.trainer).
     model_config_from(cfg, vocab_size=cfg.model.vocab_size or 1 << 16)
+
+
+def check_chunking(seq_len: int, chunk_size: int, overlap: int) -> None:
+    """How a sequence splits into chunks (memory.*): the one check, which data.chunk_spans
+    makes too; ConfigError naming the field."""
+    def need(ok, field, value, valid):
+        if not ok:
+            raise ConfigError(f"{field}={value!r} is invalid: {valid}")
+
+    T, L, o = seq_len, chunk_size, overlap
+    need(isinstance(T, int) and T >= 1, "train.max_seq_length", T, "must be an integer >= 1")
+    need(isinstance(L, int) and 1 <= L <= T, "memory.rwkv_chunk_size", L,
+         f"must be between 1 and train.max_seq_length={T}")
+    need(isinstance(o, int) and 0 <= o < L, "memory.chunk_overlap", o,
+         f"must be >= 0 and < memory.rwkv_chunk_size={L}")
+    if o == 0:
+        need(T % L == 0, "memory.rwkv_chunk_size", L,
+             f"must divide train.max_seq_length={T} (or set memory.chunk_overlap > 0)")

@@ -25,6 +25,8 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from rwkv_jax.config import check_chunking
+
 try:
     import fcntl  # POSIX: token files are locked while written (_file_lock)
 except ImportError:  # Windows: no lock
@@ -664,35 +666,13 @@ def sequential_batches(
 # ---------------------------------------------------------------------------
 
 
-def _validate_chunking(seq_len: int, chunk_size: int, overlap: int) -> None:
-    if seq_len <= 0:
-        raise ValueError(f"max_seq_length must be positive, got {seq_len}.")
-    if chunk_size <= 0:
-        raise ValueError(f"rwkv_chunk_size must be positive, got {chunk_size}.")
-    if not 0 <= overlap < chunk_size:
-        raise ValueError(
-            f"chunk_overlap must satisfy 0 <= chunk_overlap < rwkv_chunk_size ({chunk_size}), "
-            f"got {overlap}."
-        )
-    if chunk_size > seq_len:
-        raise ValueError(
-            f"rwkv_chunk_size ({chunk_size}) must be <= max_seq_length ({seq_len}); "
-            f"use rwkv_chunk_size={seq_len} or less."
-        )
-    if overlap == 0 and seq_len % chunk_size:
-        raise ValueError(
-            f"With chunk_overlap=0, rwkv_chunk_size ({chunk_size}) must divide "
-            f"max_seq_length ({seq_len}); choose a divisor of {seq_len} or set chunk_overlap > 0."
-        )
-
-
 def chunk_spans(seq_len: int, chunk_size: int, overlap: int) -> list[tuple[int, int]]:
     """(start, stop) of each chunk; every chunk is exactly `chunk_size` long.
 
     With overlap, the last chunk is pulled back to end at `seq_len` so no chunk
     needs padding, which can make it overlap its predecessor by more than `overlap`.
     """
-    _validate_chunking(seq_len, chunk_size, overlap)
+    check_chunking(seq_len, chunk_size, overlap)
     stride = chunk_size - overlap
     starts = list(range(0, seq_len - chunk_size + 1, stride))
     if starts[-1] + chunk_size < seq_len:

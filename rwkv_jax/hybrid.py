@@ -2,6 +2,8 @@
 
 A pattern is a tuple of "rwkv" / "attn", one per layer. It is built from index lists, checked
 so that every layer is named exactly once, and can be chosen for a target sequence length.
+`resolve_layer_pattern` turns the config's `architecture` fields into one; it is the only
+place that does, so messages name those fields.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 RWKV = "rwkv"
 ATTN = "attn"
 PRESETS = ("alternating", "rwkv", "attention")
+PATTERNS = PRESETS + ("custom", "auto")  # architecture.layer_pattern
 
 
 def build_layer_pattern(
@@ -28,8 +31,8 @@ def build_layer_pattern(
         raise ValueError(f"model.n_layer must be >= 1, got {n_layer}")
     if rwkv_layers is None and attention_layers is None:
         return tuple(RWKV if i % 2 == 0 else ATTN for i in range(n_layer))
-    rwkv = _normalise(rwkv_layers, n_layer, "model.rwkv_layers")
-    attn = _normalise(attention_layers, n_layer, "model.attention_layers")
+    rwkv = _normalise(rwkv_layers, n_layer, "architecture.rwkv_layers")
+    attn = _normalise(attention_layers, n_layer, "architecture.attention_layers")
     if rwkv is None:
         rwkv = set(range(n_layer)) - attn
     if attn is None:
@@ -37,13 +40,13 @@ def build_layer_pattern(
     both = sorted(rwkv & attn)
     if both:
         raise ValueError(
-            f"layers {both} are in both model.rwkv_layers and model.attention_layers; "
+            f"layers {both} are in both architecture.rwkv_layers and architecture.attention_layers; "
             "each layer must be exactly one kind"
         )
     missing = sorted(set(range(n_layer)) - rwkv - attn)
     if missing:
         raise ValueError(
-            f"layers {missing} are in neither model.rwkv_layers nor model.attention_layers; "
+            f"layers {missing} are in neither architecture.rwkv_layers nor architecture.attention_layers; "
             f"together they must cover 0..{n_layer - 1}"
         )
     return tuple(RWKV if i in rwkv else ATTN for i in range(n_layer))
@@ -72,7 +75,35 @@ def preset_pattern(name: str, n_layer: int) -> tuple[str, ...]:
         return (RWKV,) * n_layer
     if name == "attention":
         return (ATTN,) * n_layer
-    raise ValueError(f"model.layer_pattern={name!r} is not one of {PRESETS} (or give index lists)")
+    raise ValueError(f"architecture.layer_pattern={name!r} is not one of {PATTERNS}")
+
+
+def resolve_layer_pattern(
+    pattern: str | None,
+    n_layer: int,
+    rwkv_layers: Sequence[int] | None = None,
+    attention_layers: Sequence[int] | None = None,
+    *,
+    n_embd: int | None = None,
+    seq_len: int | None = None,
+) -> tuple[str, ...]:
+    """The pattern the config's architecture fields describe: a preset, "custom" (the index
+    lists; also when pattern is None and a list is given), or "auto" (by n_embd and seq_len)."""
+    rwkv_layers, attention_layers = _none_if_empty(rwkv_layers), _none_if_empty(attention_layers)
+    if pattern == "custom" or (pattern is None and (rwkv_layers or attention_layers)):
+        return build_layer_pattern(n_layer, rwkv_layers, attention_layers)
+    if pattern is None:
+        return (RWKV,) * n_layer
+    if pattern == "auto":
+        return optimize_for_sequence_length(n_layer, n_embd, seq_len)
+    return preset_pattern(pattern, n_layer)
+
+
+def _none_if_empty(x):
+    # Config files hold () for "not given".
+    if x is None or (hasattr(x, "__len__") and len(x) == 0):
+        return None
+    return list(x)
 
 
 def distribution(pattern: Sequence[str]) -> dict:

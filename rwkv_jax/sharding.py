@@ -257,5 +257,5 @@ def suggestion(model_config, mesh: Mesh) -> str:
     if not model_config.remat:
         tips.append("--config.efficiency.remat=True")
     elif model_config.remat_policy != "nothing_saveable":
-        tips.append("--config.memory.remat_policy=nothing_saveable")
+        tips.append("--config.efficiency.remat_policy=nothing_saveable")
     return "; or ".join(tips)

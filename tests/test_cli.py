@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import REPO, repo_pythonpath
-from rwkv_jax.config import SCHEMA
+from rwkv_jax.config import MOVED, SCHEMA
 
 README = os.path.join(REPO, "README.md")
 
@@ -40,6 +40,9 @@ def test_help_lists_every_field_from_the_schema(tmp_path):
             assert re.search(rf"^  {re.escape(key)}={re.escape(repr(default))}\s", out.stdout,
                              re.M), key
             assert meaning in out.stdout
+    for old, new in MOVED.items():  # moved fields: listed apart, not as fields of their group
+        assert f"  {old} -> {new}" in out.stdout
+        assert not re.search(rf"^  {re.escape(old)}=", out.stdout, re.M)
 
 
 def test_bundled_config_by_name_from_any_folder_trains_on_the_bundled_sample(tmp_path):

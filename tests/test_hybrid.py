@@ -21,8 +21,8 @@ def test_one_list_implies_the_other():
     [
         ([0, 1, 2], [2, 3], r"layers \[2\] are in both"),
         ([0, 1], [3], r"layers \[2\] are in neither"),
-        ([0, 1, 2], [4], "model.attention_layers holds layer 4, past the last layer"),
-        ([0, "1"], None, "model.rwkv_layers holds '1'"),
+        ([0, 1, 2], [4], "architecture.attention_layers holds layer 4, past the last layer"),
+        ([0, "1"], None, "architecture.rwkv_layers holds '1'"),
     ],
 )
 def test_bad_index_lists(rwkv, attn, message):
@@ -54,5 +54,5 @@ def test_optimize_for_sequence_length_rule():
 
 def test_presets():
     assert hybrid.preset_pattern("rwkv", 2) == ("rwkv", "rwkv")
-    with pytest.raises(ValueError, match="model.layer_pattern='mixed'"):
+    with pytest.raises(ValueError, match="architecture.layer_pattern='mixed'"):
         hybrid.preset_pattern("mixed", 2)

@@ -179,9 +179,9 @@ def test_block_kinds_and_boundaries():
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="model.attn_head_size"):
         ModelConfig(n_embd=30, attn_head_size=8, layer_types=("rwkv", "attn"), n_layer=2)
-    with pytest.raises(ValueError, match="model.dtype"):
+    with pytest.raises(ValueError, match="efficiency.precision"):
         ModelConfig(dtype="float8")
-    with pytest.raises(ValueError, match="model.wkv_impl"):
+    with pytest.raises(ValueError, match="efficiency.wkv_impl"):
         ModelConfig(wkv_impl="cuda")
     with pytest.raises(ValueError, match="unknown model option"):
         ModelConfig.from_dict({"n_layers": 4})

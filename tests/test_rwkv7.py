@@ -348,7 +348,7 @@ def test_state_codecs_on_rwkv7_states(hybrid):
 @pytest.mark.parametrize("kw, message", [
     ({"version": "5"}, "model.version='5' is invalid: one of ('4', '7')"),
     ({"head_size": 48}, "model.head_size=48 is invalid: must divide model.n_embd=128"),
-    ({"wkv_impl": "assoc"}, "model.wkv_impl='assoc' is invalid: one of ('auto', 'scan', 'chunked', "
+    ({"wkv_impl": "assoc"}, "efficiency.wkv_impl='assoc' is invalid: one of ('auto', 'scan', 'chunked', "
                             "'pallas') for model.version='7'"),
     ({"dim_att": 64}, "model.dim_att=64 is invalid: must equal model.n_embd=128 (RWKV-7"),
     ({"dim_g_lora": -1}, "model.dim_g_lora=-1 is invalid: must be an integer >= 1"),

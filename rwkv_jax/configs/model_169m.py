@@ -20,8 +20,8 @@ def get_config():
     # memory: 4096-token sequences in chunks of 1024, state passed between chunks
     c.train.max_seq_length = 4096
     c.memory.rwkv_chunk_size = 1024
-    c.memory.wkv_chunk_size = 128
     # training efficiency
+    c.efficiency.wkv_chunk_size = 128
     c.efficiency.precision = "bfloat16"
     c.efficiency.remat = False
     c.train.batch_size = 16
