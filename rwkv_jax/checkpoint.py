@@ -567,8 +567,10 @@ def _quiet_abandoned_io() -> None:
 
     def drop_abandoned_orbax_io(record) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        # A tensorstore write's future may carry no orbax frame (it failed in C++); its file
+        # system error is the one already reported.
         return not (exc is not None and "never retrieved" in record.getMessage()
-                    and _in_orbax(exc))
+                    and (_in_orbax(exc) or _write_failure(exc) is not None))
 
     _add_filter("asyncio", drop_abandoned_orbax_io)
     previous = sys.unraisablehook
