@@ -12,9 +12,8 @@ inside; greedy) with bf16 weights on GPU; also the bare block queued back to bac
 reads, and one block of n steps (the device's own speed). Workers write their progress to workers.log in
 --out as they go.
 Batch 1 runs as one row and padded to 2 or 8 rows (Generator(decode_rows=...)); on GPU also
-through the fused Pallas decode kernels (Generator(decode_kernels=True), one row; batch 16
-falls back to XLA's products on their weight layout), and with --kernel_config B,K,W,S in
-another tiling (bench/decode_kernels.py finds one).
+through the CUDA decode kernel (Generator(decode_kernels="cuda"), one row; batch 16 falls back
+to XLA's products on its weight layout).
 Theirs: `rwkv.model.RWKV(model, strategy)` with its CUDA kernels built (RWKV_CUDA_ON=1) when
 nvcc can build them, fed the same prompt, greedy by argmax. Each side runs in its own process
 so neither holds the other's GPU memory; the CUDA extension builds in the background while the
@@ -196,12 +195,6 @@ def jax_worker(a) -> dict:
     config = ModelConfig(**dims, dtype=jnp.dtype(dtype).name)
 
     kernels = a.kernels
-    if a.kernel_config:  # a tiling from bench/decode_kernels.py instead of the default
-        from rwkv_jax.ops.pallas import decode4  # noqa: PLC0415
-
-        bn, bk, w, st = (int(v) for v in a.kernel_config.split(","))
-        decode4.DEFAULT_CONFIG = decode4.Config(block_n=bn, block_k=bk, warps=w, stages=st)
-        out["kernel_config"] = a.kernel_config
     gen = None
     if a.prefill:
         wkv = "auto"
@@ -247,7 +240,7 @@ def jax_worker(a) -> dict:
 
 def greedy_block_inputs(gen, state, tokens, steps: int):
     """The generator's compiled greedy decode block and what it takes, for timing it bare:
-    (block, carry, rest) with `carry, out = block(gen.params, carry, *rest)` running `steps`
+    (block, carry, rest) with `carry, out = block(gen.weights, carry, *rest)` running `steps`
     steps that never end a row. state: a state (copied), or a carry's flat state (taken)."""
     import numpy as np  # noqa: PLC0415
 
@@ -270,11 +263,11 @@ def time_bare_blocks(gen, block, carry, rest, n: int):
     """Queue the block n times back to back (after 3 warm-up calls): (seconds per call to
     queue it, seconds per call until the last one finished, the final carry)."""
     for _ in range(3):
-        carry, out = block(gen.params, carry, *rest)
+        carry, out = block(gen.weights, carry, *rest)
     out.block_until_ready()
     t = time.perf_counter()
     for _ in range(n):
-        carry, out = block(gen.params, carry, *rest)
+        carry, out = block(gen.weights, carry, *rest)
     queued = time.perf_counter() - t
     out.block_until_ready()
     return queued / n, (time.perf_counter() - t) / n, carry
@@ -413,12 +406,11 @@ def orchestrate(a):
         prompt_len, new_tokens, batches = 1024, 100, [16]
         # The default (XLA's products on the grouped layout; batch 1 padded to two rows:
         # 2026-11-25 on an H100, 2.98 ms against 5.19 for one row and 3.03 for 8) beside the
-        # fused Pallas decode kernels (rwkv_jax.ops.pallas.decode4, Generator(decode_kernels=
-        # True)), which need no padding.
+        # CUDA decode kernel, which needs no padding. (The fused Pallas decode kernels, slower
+        # than XLA, were removed; bench/README.md keeps their figures.)
         variants = [("XLA, grouped products", {}, ["--prefill", "--rows", "1,2"]),
-                    ("decode kernels", {}, ["--rows", "1", "--kernels", "pallas"]),
                     ("CUDA decode block", {}, ["--rows", "1", "--kernels", "cuda"])]
-        keep = {"xla": "XLA", "pallas": "decode kernels", "cuda": "CUDA"}
+        keep = {"xla": "XLA", "cuda": "CUDA"}
         wanted = [v for v in a.variants.split(",") if v] or list(keep)
         unknown = [v for v in wanted if v not in keep]
         if unknown:
@@ -457,9 +449,8 @@ def orchestrate(a):
         results[name] = {"ours": {}, "rwkv": None, "shape": MODELS[name]}
         for label, env, extra in variants:
             remaining = max(a.budget_s + 60 - (time.perf_counter() - start), 30)
-            tiling = ["--kernel_config", a.kernel_config] if a.kernel_config else []
             ours = _worker("jax", ["--pth", pth, "--batches", ",".join(map(str, batches)),
-                                   *common, *tiling, *extra], log, timeout=remaining, env=env)
+                                   *common, *extra], log, timeout=remaining, env=env)
             log(f"  ours ({label}): {json.dumps(ours)}")
             results[name]["ours"][label] = ours
             _save(a.out, results)
@@ -554,10 +545,6 @@ def format_table(results: dict, batches, prompt_len: int, new_tokens: int) -> st
         if any("ungrouped products" in r["ours"] for r in results.values()):
             lines[-1] += (" Ungrouped products: the official weight layout, one product per "
                           "matrix (Generator(group_products=False)).")
-        if any("decode kernels" in r["ours"] for r in results.values()):
-            lines[-1] += (" Decode kernels: the fused Pallas kernels (rwkv_jax.ops.pallas.decode4"
-                          ", Generator(decode_kernels=True)), one row; batch 16 is more rows than "
-                          "they take and runs XLA's products on their weight layout.")
         if any("CUDA decode block" in r["ours"] for r in results.values()):
             lines[-1] += (" CUDA decode block: a block as one CUDA kernel (rwkv_jax.ops.cuda."
                           "decode4, Generator(decode_kernels='cuda')), one row; batch 16 runs "
@@ -587,12 +574,10 @@ def main():
     p.add_argument("--batches", default="16", help="batch sizes beside batch 1")
     p.add_argument("--rows", default="1", help="batch 1 decoded with this many rows (padding)")
     p.add_argument("--prefill", action="store_true", help="also time the prefill of the prompt")
-    p.add_argument("--kernel_config", default="",
-                   help="the decode kernels' tiling block_n,block_k,warps,stages")
-    p.add_argument("--kernels", nargs="?", const="pallas", default=None, choices=("pallas", "cuda"),
-                   help="decode with the decode kernels (Generator(decode_kernels=...))")
+    p.add_argument("--kernels", default=None, choices=("cuda",),
+                   help="decode with the CUDA decode kernel (Generator(decode_kernels='cuda'))")
     p.add_argument("--variants", default="",
-                   help="--gpu: which of xla,pallas,cuda to run (default: all)")
+                   help="--gpu: which of xla,cuda to run (default: all)")
     p.add_argument("--no_rwkv", action="store_true", help="leave the rwkv package out")
     p.add_argument("--ungrouped", action="store_true",
                    help="decode with the official weight layout (Generator(group_products=False))")

@@ -48,7 +48,7 @@ def run_model(name: str, n: int, tmp: str) -> dict:
                         make_pth, time_bare_blocks)
     from rwkv_jax.config import ModelConfig  # noqa: PLC0415
     from rwkv_jax.generate import Generator  # noqa: PLC0415
-    from rwkv_jax.layers import head_rows_layout  # noqa: PLC0415
+    from rwkv_jax.decode_weights import head_rows_layout  # noqa: PLC0415
     from rwkv_jax.ops.cuda import decode4  # noqa: PLC0415
 
     L, C, V = MODELS[name]

@@ -29,6 +29,7 @@ import argparse
 import functools
 import os
 import sys
+import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -39,7 +40,6 @@ from jax import lax  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
 from decode import MODELS, copy_bandwidth  # noqa: E402  bench/decode.py
-from decode_kernels import best_of  # noqa: E402
 from rwkv_jax.generate import _loop_options  # noqa: E402
 from rwkv_jax.ops.pallas.common import compiler_params, plgpu  # noqa: E402
 
@@ -47,6 +47,20 @@ GPU = jax.default_backend() == "gpu"
 BK = 512  # columns per load; every width here is a multiple
 MAX_SPIN = 1 << 20  # a barrier gives up after this many polls rather than hang the GPU
 
+
+
+def best_of(f, *args, repeats: int = 3):
+    """(best seconds of `repeats` calls of the jitted f, seconds of the first call (compile),
+    the first call's output)."""
+    t = time.perf_counter()
+    out = jax.block_until_ready(f(*args))
+    first = time.perf_counter() - t
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        best = min(best, time.perf_counter() - t)
+    return best, first, out
 
 def block_shapes(C: int):
     return [(3 * C, C), (C, C), (5 * C, C), (C, 4 * C)]  # (N, K) = (out, in)

@@ -33,7 +33,7 @@ def main(layers=(4, 12, 24, 32), n: int = 200) -> None:
         res = gen.generate([1, 2, 3], max_new_tokens=3, keep_state=True)
         block, carry, rest = greedy_block_inputs(gen, res.state, [0], 1)
         dispatch, _, _ = time_bare_blocks(gen, block, carry, rest, n)
-        arrays = len(jax.tree.leaves((gen.params, carry, rest)))
+        arrays = len(jax.tree.leaves((gen.weights, carry, rest)))
         loop = gen.generate([1, 2, 3], max_new_tokens=100).timings
         print(f"| {L} | {arrays} | {1e6 * dispatch:.0f} | {1e6 * dispatch / arrays:.2f} "
               f"| {1e3 * loop['decode_s'] / loop['steps']:.3f} |")

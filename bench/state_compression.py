@@ -114,7 +114,7 @@ def main():
         print(f"{mode}: val loss {results[mode][0]:.6f}", flush=True)
     # For scale: no state at all, every chunk from the zero state.
     t = time.perf_counter()
-    total, count = trainer.score_stream(lambda p_, x, s: base._apply(p_, x, None), base.params,
+    total, count = trainer.score_stream(lambda p_, x, s: base._apply(p_, x, None), base.weights,
                                         tokens, L)
     results["no state (reset each chunk)"] = (total / count, time.perf_counter() - t)
 

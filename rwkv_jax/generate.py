@@ -60,9 +60,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwkv_jax import layers, state_codec
+from rwkv_jax import state_codec
 from rwkv_jax.config import ModelConfig
-from rwkv_jax.model import RWKV, initial_state
+from rwkv_jax.decode_weights import DecodeWeights, decode_forward, pack_for_decode
+from rwkv_jax.model import initial_state
 from rwkv_jax.state import FlatLayout, state_shapes
 
 # ChatRWKV counts a generated token 0 towards the frequency penalty when its text is a
@@ -200,12 +201,12 @@ def _keep_rows(live, new, old):
     return jax.tree.map(pick, new, old)
 
 
-def _prefill_piece(model, layout, params, tokens, flat):
-    _, state = model.apply({"params": params}, tokens, layout.unflatten(flat), last_only=True)
+def _prefill_piece(forward, layout, weights, tokens, flat):
+    _, state = forward(weights, tokens, layout.unflatten(flat), last_only=True)
     return layout.flatten(state)  # the logits are unused, so XLA drops the head
 
 
-def _model_step(model, rows, params, state, token):
+def _model_step(forward, rows, weights, state, token):
     """Logits (B, V) and the state after feeding one token per row."""
     B = token.shape[0]
     if B < rows:
@@ -213,13 +214,13 @@ def _model_step(model, rows, params, state, token):
         # more slowly than a small matrix product does; padding rows (discarded) cost no reads.
         grow = lambda a: jnp.concatenate([a, jnp.zeros((rows - B,) + a.shape[1:], a.dtype)])  # noqa: E731
         state, token = jax.tree.map(grow, state), grow(token)
-    logits, state = model.apply({"params": params}, token[:, None], state)
+    logits, state = forward(weights, token[:, None], state)
     if B < rows:
         logits, state = logits[:B], jax.tree.map(lambda a: a[:B], state)
     return logits[:, 0], state
 
 
-def _decode_block(model, layout, spec, rows, params, carry: _Carry, forced_tok, forced_mask,
+def _decode_block(forward, layout, spec, rows, weights, carry: _Carry, forced_tok, forced_mask,
                   allowed, stop_ids, max_new, knobs, weight):
     """Up to K = forced_tok.shape[1] decode steps; fewer once no row has a token left to feed.
 
@@ -235,7 +236,7 @@ def _decode_block(model, layout, spec, rows, params, carry: _Carry, forced_tok, 
 
     def body(loop):
         s, c, out = loop
-        logits, state = _model_step(model, rows, params, c.state, c.token)
+        logits, state = _model_step(forward, rows, weights, c.state, c.token)
         if B > 1:  # finished rows keep their state; one row runs only while it consumes
             # (and the select would make XLA copy the state around an in-place kernel)
             state = _keep_rows(c.consume, state, c.state)
@@ -275,12 +276,12 @@ def _start(config, layout, learned, state, keys, token, pen: int) -> _Carry:
                   jnp.ones(B, bool), jnp.ones(B, bool), jnp.zeros(B, jnp.int32))
 
 
-def _feed_rows(model, layout, rows, params, flat, tokens, counts):
+def _feed_rows(forward, layout, rows, weights, flat, tokens, counts):
     """The state after row i has fed tokens[i, :counts[i]] one step at a time, as decoding
     does (the replay of a row that a stop string ended in the middle of a block)."""
 
     def body(s, state):
-        _, new = _model_step(model, rows, params, state, tokens[:, s])
+        _, new = _model_step(forward, rows, weights, state, tokens[:, s])
         return _keep_rows(s < counts, new, state)
 
     state = jax.lax.fori_loop(0, tokens.shape[1], body, layout.unflatten(flat))
@@ -468,39 +469,23 @@ class Generator:
 
     def __init__(self, config: ModelConfig, params, tokenizer=None, *, prefill_chunk: int = 1024,
                  bf16: bool = False, decode_rows: int | None = None, decode_block: int = 16,
-                 group_products: bool = True, decode_kernels: bool | str = False):
+                 group_products: bool = True, decode_kernels: str | None = None):
         check_options(prefill_chunk, decode_block)
         if bf16:
             config = dataclasses.replace(config, dtype="bfloat16")
             params = inference_params(params, jnp.bfloat16)
-        # Decode kernels for RWKV-4 blocks, off by default (None):
-        # - "pallas" (or True): rwkv_jax.ops.pallas.decode4, steps of up to 4 rows as six
-        #   fused kernels per block; on an H200 a 3B block takes them 91 us against XLA's 63
-        #   (bench/README.md, decode_kernels.py). On a CPU they run in the Pallas interpreter,
-        #   which only tests should do.
-        # - "cuda": rwkv_jax.ops.cuda.decode4, a whole block of one or two rows as one CUDA
-        #   kernel (Hopper GPUs, bf16 weights; more rows take XLA's products); raises its
-        #   Unavailable, saying why, if it cannot run here.
-        if isinstance(decode_kernels, str):
-            if decode_kernels not in ("pallas", "cuda"):
-                raise ValueError(f"decode_kernels={decode_kernels!r}: must be False, True / "
-                                 f"'pallas' or 'cuda'")
-            kernels = decode_kernels
-        else:
-            kernels = "pallas" if decode_kernels else None
-        self.decode_kernels = kernels if config.version == "4" else None
-        if self.decode_kernels == "cuda":
-            params = layers.cuda_layout(config, params)
-        elif self.decode_kernels:
-            params = layers.kernel_layout(config, params)
-        elif group_products:  # fewer, larger products per decode step; the same outputs
-            params = layers.group_products(config, params)
+        # decode_kernels: None (XLA's products) or "cuda" (rwkv_jax.decode_weights, which
+        # raises cuda_decode4.Unavailable, saying why, where it cannot run; True / "pallas",
+        # removed, a ValueError); group_products=False keeps the official layout.
+        weights = pack_for_decode(config, params, decode_kernels, group_products=group_products)
+        del params  # the official matrices are not kept beside the packed ones
+        self.decode_kernels = weights.kernel
         self.config = config
         # Every array a compiled step takes is placed ("committed") on this device: jit compiles
         # again for an argument placed differently (a fresh jnp.asarray is not committed; a
         # step's outputs are), and a numpy tree would be copied over at every step.
         self._device = jax.devices()[0]
-        self.params = self._put(params)
+        self.weights: DecodeWeights = self._put(weights)
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         # Decode steps compute at least this many rows. On an H100 XLA's batch-1 step of a 3B
@@ -512,14 +497,14 @@ class Generator:
         # Steps per decode call: the host's cost per call (launching a step that takes every
         # weight array) is paid once per block, and text streams out a block at a time.
         self.decode_block = decode_block
-        self.model = RWKV(config)
+        self._forward = forward = partial(decode_forward, config)
         # Between its compiled calls the generator keeps a state flat: one (B, n) array per
         # dtype, where the tree has several arrays a layer (121 for a 24-layer RWKV-4), each of
         # which a call hands back to the host one by one (FlatLayout says what that costs).
         self._layout = layout = FlatLayout.of(state_shapes(config, 1))
-        self._piece = jax.jit(partial(_prefill_piece, self.model, layout), donate_argnums=(2,))
+        self._piece = jax.jit(partial(_prefill_piece, forward, layout), donate_argnums=(2,))
         self._blocks: dict[_Spec, Callable] = {}
-        self._feed_fn = jax.jit(partial(_feed_rows, self.model, layout, decode_rows),
+        self._feed_fn = jax.jit(partial(_feed_rows, forward, layout, decode_rows),
                                 compiler_options=_loop_options())
         # Outputs committed to this device, as the steps' are: jit compiles a function again for
         # an argument placed differently. A caller's state is copied (the steps donate theirs).
@@ -535,7 +520,7 @@ class Generator:
         self._initial = jax.jit(partial(initial_state, config), static_argnums=(1,),
                                 out_shardings=on_device)
         self._merge = jax.jit(_keep_rows)
-        self._apply = jax.jit(lambda p, x, s: self.model.apply({"params": p}, x, s))
+        self._apply = jax.jit(forward)
         self._weights: jax.Array | None = None
         self._codec_fns: dict[str, Callable] = {}
         # Inputs a call would otherwise make afresh each time, on the host or the device: a
@@ -548,11 +533,16 @@ class Generator:
         """The compiled decode block for these sampling settings (compiled on first use)."""
         if spec not in self._blocks:
             self._blocks[spec] = jax.jit(
-                partial(_decode_block, self.model, self._layout, spec, self.decode_rows),
+                partial(_decode_block, self._forward, self._layout, spec, self.decode_rows),
                 donate_argnums=(1,), compiler_options=_loop_options())
         return self._blocks[spec]
 
     # --------------------------------------------------------------- inputs and states
+
+    @property
+    def params(self) -> dict:
+        """The parameter tree the steps read (RWKV-4 matrices in the decode layout)."""
+        return self.weights.params
 
     def _put(self, tree):
         return jax.device_put(tree, self._device)
@@ -628,7 +618,7 @@ class Generator:
         flat = self._flat_state(self._learned(), state, len(tokens))
         a = 0
         for n in self._pieces(tokens.shape[1]):
-            flat = self._piece(self.params, self._put(tokens[:, a : a + n]), flat)
+            flat = self._piece(self.weights, self._put(tokens[:, a : a + n]), flat)
             a += n
         return self._unflatten(flat)
 
@@ -651,14 +641,14 @@ class Generator:
         roundtrip = self._codec("roundtrip", compression) if compression != "none" else None
         last = {}
 
-        def apply_fn(params, inputs, s):
+        def apply_fn(weights, inputs, s):
             if s is not None and roundtrip is not None:
-                s = roundtrip(s, params)
-            logits, s = self._apply(params, inputs, s)
+                s = roundtrip(s, weights.params)
+            logits, s = self._apply(weights, inputs, s)
             last["state"] = s
             return logits, s
 
-        total, count = score_stream(apply_fn, self.params, tokens, int(chunk_len), state)
+        total, count = score_stream(apply_fn, self.weights, tokens, int(chunk_len), state)
         return {"loss": total / count, "tokens": count, "state": last.get("state")}
 
     def _score_tokens(self, tokens) -> np.ndarray:
@@ -761,7 +751,7 @@ class Generator:
         a = 0
         for n in self._pieces(L0 - 1) if L0 > 1 else ():
             carry = carry._replace(
-                state=self._piece(self.params, self._put(common[:, a : a + n]), carry.state))
+                state=self._piece(self.weights, self._put(common[:, a : a + n]), carry.state))
             a += n
         if a:  # waited for only to time the prefill: a wait costs a short call ~1 ms (H200 host)
             jax.block_until_ready(carry.state)
@@ -791,7 +781,7 @@ class Generator:
             if replay:
                 snapshots[b] = self._snapshot(carry.state)
             host_forced, dev_forced = forced(b)
-            carry, out = block(self.params, carry, *dev_forced, allowed, *consts)
+            carry, out = block(self.weights, carry, *dev_forced, allowed, *consts)
             return carry, (out, host_forced)
 
         # Without a tokenizer there is no text: token ids only.
@@ -847,7 +837,7 @@ class Generator:
             if replay and cut.any():
                 tokens = np.concatenate([feed_in[:, None], selections], axis=1)
                 fixes.append((self._put(cut > 0), self._feed_fn(
-                    self.params, snapshots[b], self._put(tokens), self._put(cut))))
+                    self.weights, snapshots[b], self._put(tokens), self._put(cut))))
             snapshots.pop(b, None)
             feed_in = selections[:, -1].copy()
             if all(reasons):

@@ -21,8 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwkv_jax.config import ModelConfig
-from rwkv_jax.ops.cuda import decode4 as cuda_decode4
-from rwkv_jax.ops.pallas import decode4
 from rwkv_jax.ops.wkv4 import WKVState, wkv4
 
 # RWKV-LM v4neo zero-initialises these projections so that each block starts as the identity
@@ -73,142 +71,9 @@ def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32, name=name)
 
 
-# The decode layout: a layer's products that read the same input row side by side in one
-# matrix, {"kvr": [key | value | receptance]} in the time-mix and {"kr": [key | receptance]} in
-# the channel-mix. A decode step then reads each layer's weights in 4 products rather than 7:
-# small products read the weights more slowly than big ones (on an H100, a 2560 x 2560 one ran
-# at 2.0 TB/s, a 2560 x 12800 one at 2.7), and every product is a kernel launch. Training and
-# checkpoints keep the official names.
-_GROUPS = {"att": ("kvr", ("key", "value", "receptance")), "ffn": ("kr", ("key", "receptance"))}
-
-# Up to this many rows (batch x time), a grouped product multiplies every input by the whole
-# matrix and keeps the blocks it needs: the read of the weights is what costs, not the extra
-# multiply-adds. Longer inputs (a prefill) multiply each input by its own columns instead.
-_STACK_ROWS = 32
-
-
-def _relayout(config: ModelConfig, params: dict, layer_fn) -> dict:
-    """params with layer_fn(part, layer) -> layer applied to the att and ffn of every RWKV-4
-    block; RWKV-7 and attention blocks stay as they are."""
-    if config.version != "4":
-        return params
-    out = dict(params)
-    for i in range(config.n_layer):
-        if config.is_rwkv(i):
-            block = dict(params[f"blocks_{i}"])
-            for part in ("att", "ffn"):
-                block[part] = layer_fn(part, dict(block[part]))
-            out[f"blocks_{i}"] = block
-    return out
-
-
-def group_products(config: ModelConfig, params: dict) -> dict:
-    """Params in the decode layout (idempotent): the model gives the same outputs from either.
-    Only RWKV-4 blocks change; RWKV-7 and attention blocks stay as they are."""
-
-    def group(part, layer):
-        name, members = _GROUPS[part]
-        if name not in layer:
-            layer[name] = jnp.concatenate([layer.pop(m)["kernel"] for m in members], axis=1)
-        return layer
-
-    return _relayout(config, params, group)
-
-
-# The kernel layout: every matrix of an RWKV-4 block transposed to (out, in), so that a decode
-# kernel's program reads its output channels' weights as contiguous rows
-# (rwkv_jax.ops.pallas.decode4), and stacked where one kernel reads several:
-#   att: kvr_t (3, C, C) = [key, value, receptance], output_t (C, C)
-#   ffn: kr_t (F + C, C) = [key ; receptance], value_t (C, F)
-# A step of one token and up to decode4.MAX_ROWS rows runs as six Pallas kernels per block;
-# anything longer (a prefill, a wide batch) multiplies by the transposes through XLA.
-_KERNEL_LAYOUT = {"att": {"kvr_t": ("key", "value", "receptance"), "output_t": ("output",)},
-                  "ffn": {"kr_t": ("key", "receptance"), "value_t": ("value",)}}
-
-
-def kernel_layout(config: ModelConfig, params: dict) -> dict:
-    """Params in the kernel layout (idempotent; from the official layout): the model gives the
-    same outputs from either. Only RWKV-4 blocks change."""
-
-    def transpose(part, layer):
-        for name, members in _KERNEL_LAYOUT[part].items():
-            if name not in layer:
-                mats = [layer.pop(m)["kernel"].T for m in members]
-                layer[name] = jnp.stack(mats) if name == "kvr_t" else jnp.concatenate(mats)
-        return layer
-
-    return _relayout(config, params, transpose)
-
-
-def cuda_layout(config: ModelConfig, params: dict) -> dict:
-    """The kernel layout plus, in every RWKV-4 block, its per-channel vectors packed for the
-    CUDA decode kernel ("decode_vecs", rwkv_jax.ops.cuda.decode4), which then runs the block's
-    decode steps of one or two rows (more rows take XLA's products on the kernel layout).
-    Builds the kernel; raises cuda_decode4.Unavailable, saying why, if it cannot run here or a
-    block does not suit it."""
-    cuda_decode4.check_device()
-    out = dict(kernel_layout(config, params))
-    names = [f"blocks_{i}" for i in range(config.n_layer)
-             if config.version == "4" and config.is_rwkv(i)]
-    for name in names:
-        cuda_decode4.check_block(out[name])
-    cuda_decode4.ensure()  # built now, before anything compiles
-    for name in names:
-        out[name] = {**out[name], "decode_vecs": cuda_decode4.pack_vectors(out[name])}
-    return head_rows_layout(out)
-
-
-def head_rows_layout(params: dict) -> dict:
-    """The head as rows, {"kernel_t": (V, C)} (idempotent): the model gives the same outputs.
-    A decode step's head is a matrix-vector product, which XLA reads faster from rows than from
-    columns: on an H200, 62 us against 92 for ln_out, 1.5B's head and the argmax
-    (bench/decode_parts.py)."""
-    head = params.get("head", {})
-    if "kernel" not in head:
-        return params
-    return {**params, "head": {"kernel_t": jnp.asarray(head["kernel"]).T}}
-
-
-def cuda_takes(config: ModelConfig, p: dict, rows: int) -> bool:
-    """Whether the CUDA decode kernel runs a decode step of `rows` rows through the RWKV-4
-    block with params p: the CUDA layout (cuda_layout), rows and sizes it takes."""
-    return ("decode_vecs" in p and rows <= cuda_decode4.MAX_ROWS
-            and cuda_decode4.fits(config.n_embd, p["ffn"]["value_t"].shape[1], rows))
-
-
-def uses_decode_kernels(module: nn.Module, x) -> bool:
-    """Whether an RWKV-4 block runs this input through the decode kernels: one token, a few
-    rows, and its weights in the kernel layout."""
-    B, T = x.shape[:2]
-    return (T == 1 and B <= decode4.MAX_ROWS and module.has_variable("params", "att")
-            and "kvr_t" in module.get_variable("params", "att"))
-
-
-def transposed_products(module: nn.Module, name: str, shape, pieces):
-    """x @ W.T for each (x, W) in pieces, W a function of the (out, in) matrix `name` of the
-    kernel layout picking the rows (or stack entry) x multiplies, in the compute dtype: the
-    kernel layout's products for inputs the decode kernels do not take."""
-    dtype = jnp.dtype(module.config.dtype)
-    w = module.param(name, nn.initializers.zeros_init(), shape).astype(dtype)
-    return [x.astype(dtype) @ pick(w).T for x, pick in pieces]
-
-
-def _whole(w):
-    return w
-
-
-def grouped_products(module: nn.Module, name: str, xs, widths):
-    """x_j @ W_j for each input x_j (B, T, C) and its block W_j of columns of the grouped matrix
-    `name`, in the config's compute dtype."""
-    dtype = jnp.dtype(module.config.dtype)
-    w = module.param(name, nn.initializers.zeros_init(), (xs[0].shape[-1], sum(widths)))
-    w = w.astype(dtype)
-    bounds = np.cumsum((0,) + tuple(widths))
-    B, T = xs[0].shape[:2]
-    if B * T <= _STACK_ROWS:
-        y = jnp.concatenate(xs, axis=0).astype(dtype) @ w  # (n B, T, sum(widths))
-        return [y[j * B : (j + 1) * B, :, bounds[j] : bounds[j + 1]] for j in range(len(xs))]
-    return [x.astype(dtype) @ w[:, bounds[j] : bounds[j + 1]] for j, x in enumerate(xs)]
+def mix(x, xx, m):
+    """The token-shift mix: x where m is 1, the previous token where it is 0."""
+    return x * m + xx * (1 - m)
 
 
 class TimeMix(nn.Module):
@@ -235,26 +100,15 @@ class TimeMix(nn.Module):
         mix_r = self.param("time_mix_r", _const_init(f32(ddd ** (0.5 * r1))), (C,))
 
         xx = token_shift(x, shift)
-        xk = x * mix_k + xx * (1 - mix_k)
-        xv = x * mix_v + xx * (1 - mix_v)
-        xr = x * mix_r + xx * (1 - mix_r)
-        if self.has_variable("params", "kvr"):  # the decode layout (group_products)
-            k, v, r = grouped_products(self, "kvr", (xk, xv, xr), (cfg.dim_att,) * 3)
-        elif self.has_variable("params", "kvr_t"):  # the kernel layout (kernel_layout)
-            k, v, r = transposed_products(self, "kvr_t", (3, cfg.dim_att, C), [
-                (xk, lambda w: w[0]), (xv, lambda w: w[1]), (xr, lambda w: w[2])])
-        else:
-            k = dense(cfg, cfg.dim_att, "key", _matrix_init("att.key", C, cfg.dim_att))(xk)
-            v = dense(cfg, cfg.dim_att, "value", _matrix_init("att.value", C, cfg.dim_att))(xv)
-            r = dense(cfg, cfg.dim_att, "receptance",
-                      _matrix_init("att.receptance", C, cfg.dim_att))(xr)
+        xk, xv, xr = mix(x, xx, mix_k), mix(x, xx, mix_v), mix(x, xx, mix_r)
+        k = dense(cfg, cfg.dim_att, "key", _matrix_init("att.key", C, cfg.dim_att))(xk)
+        v = dense(cfg, cfg.dim_att, "value", _matrix_init("att.value", C, cfg.dim_att))(xv)
+        r = dense(cfg, cfg.dim_att, "receptance",
+                  _matrix_init("att.receptance", C, cfg.dim_att))(xr)
         y, wkv_state = wkv4(time_decay, time_first, k, v, wkv_state,
                             impl=cfg.wkv_impl, chunk_size=cfg.wkv_chunk_size)
         out = jax.nn.sigmoid(r.astype(jnp.float32)) * y
-        if self.has_variable("params", "output_t"):
-            (out,) = transposed_products(self, "output_t", (C, cfg.dim_att), [(out, _whole)])
-        else:
-            out = dense(cfg, C, "output", _matrix_init("att.output", cfg.dim_att, C))(out)
+        out = dense(cfg, C, "output", _matrix_init("att.output", cfg.dim_att, C))(out)
         return out, x[:, -1], wkv_state
 
 
@@ -269,26 +123,16 @@ class ChannelMix(nn.Module):
         cfg = self.config
         C, F = cfg.n_embd, cfg.dim_ffn
         _, r1 = _layer_ratios(self.layer_id, cfg.n_layer)
-        mix = np.asarray((np.arange(C, dtype=np.float64) / C) ** r1, np.float32)
-        mix_k = self.param("time_mix_k", _const_init(mix), (C,))
-        mix_r = self.param("time_mix_r", _const_init(mix), (C,))
+        init = np.asarray((np.arange(C, dtype=np.float64) / C) ** r1, np.float32)
+        mix_k = self.param("time_mix_k", _const_init(init), (C,))
+        mix_r = self.param("time_mix_r", _const_init(init), (C,))
 
         xx = token_shift(x, shift)
-        xk = x * mix_k + xx * (1 - mix_k)
-        xr = x * mix_r + xx * (1 - mix_r)
-        if self.has_variable("params", "kr"):  # the decode layout (group_products)
-            k, r = grouped_products(self, "kr", (xk, xr), (F, C))
-        elif self.has_variable("params", "kr_t"):  # the kernel layout (kernel_layout)
-            k, r = transposed_products(self, "kr_t", (F + C, C), [
-                (xk, lambda w: w[:F]), (xr, lambda w: w[F:])])
-        else:
-            k = dense(cfg, F, "key", _matrix_init("ffn.key", C, F))(xk)
-            r = dense(cfg, C, "receptance", _matrix_init("ffn.receptance", C, C))(xr)
+        xk, xr = mix(x, xx, mix_k), mix(x, xx, mix_r)
+        k = dense(cfg, F, "key", _matrix_init("ffn.key", C, F))(xk)
+        r = dense(cfg, C, "receptance", _matrix_init("ffn.receptance", C, C))(xr)
         h = jnp.square(jax.nn.relu(k))
-        if self.has_variable("params", "value_t"):
-            (kv,) = transposed_products(self, "value_t", (C, F), [(h, _whole)])
-        else:
-            kv = dense(cfg, C, "value", _matrix_init("ffn.value", F, C))(h)
+        kv = dense(cfg, C, "value", _matrix_init("ffn.value", F, C))(h)
         out = jax.nn.sigmoid(r.astype(jnp.float32)) * kv.astype(jnp.float32)
         return out, x[:, -1]
 
@@ -437,17 +281,6 @@ class RWKVBlock(nn.Module):
             from rwkv_jax.state import zero_layer_state  # noqa: PLC0415
 
             state = zero_layer_state(cfg, self.layer_id, x.shape[0])
-        step = None
-        if uses_decode_kernels(self, x):
-            p = self.variables["params"]
-            if "decode_vecs" not in p:
-                step = decode4.block_step
-            elif cuda_takes(cfg, p, x.shape[0]):
-                step = cuda_decode4.block_step
-            # else: the CUDA layout with rows the kernel does not take: XLA's products below
-        if step is not None:
-            x, new = step(self.variables["params"], x[:, 0], state, eps=cfg.layer_norm_eps)
-            return x[:, None], new
         wkv = WKVState(state["aa"], state["bb"], state["pp"])
         att, shift_att, wkv = TimeMix(cfg, self.layer_id, name="att")(
             layer_norm(cfg, "ln1")(x), state["shift_att"], wkv)

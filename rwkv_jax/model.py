@@ -17,10 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from rwkv_jax.config import ModelConfig
-from rwkv_jax.layers import (AttentionBlock, RWKVBlock, cuda_takes, dense, layer_norm,
-                             learned_layer_state)
+from rwkv_jax.layers import AttentionBlock, RWKVBlock, dense, layer_norm, learned_layer_state
 from rwkv_jax.layers7 import RWKV7Block, learned_layer_state7
-from rwkv_jax.ops.cuda import decode4 as cuda_decode4
 from rwkv_jax.state import init_state as zero_state
 from rwkv_jax.state_codec import StateCodec
 
@@ -64,14 +62,7 @@ class RWKV(nn.Module):
         # RWKV-7: the first RWKV layer's values, which every later RWKV-7 layer mixes into its
         # own. Recomputed from this call's tokens (not state); attention layers pass it by.
         v_first = None
-        i = 0
-        while i < cfg.n_layer:
-            run = _cuda_run(self, i, x, state)
-            if run:  # consecutive RWKV-4 blocks of a decode step, as one CUDA kernel
-                x, states = _cuda_layers(self, i, run, x, state["layers"][i:i + run])
-                new_layers.extend(states)
-                i += run
-                continue
+        for i in range(cfg.n_layer):
             layer_state = None if state is None else state["layers"][i]
             block = _block_class(cfg, i)(cfg, i, name=f"blocks_{i}")
             if cfg.version == "7" and cfg.is_rwkv(i):
@@ -79,19 +70,12 @@ class RWKV(nn.Module):
             else:
                 x, s = block(x, layer_state, pos)
             new_layers.append(s)
-            i += 1
 
         if last_only:
             x = x[:, -1:]
         x = layer_norm(cfg, "ln_out")(x)
-        head = self.get_variable("params", "head") if self.has_variable("params", "head") else {}
-        if "kernel_t" in head:  # the head as rows (rwkv_jax.layers.head_rows_layout)
-            # Rounded as nn.Dense rounds: inputs, weights and the product in the config's dtype.
-            dtype = jnp.dtype(cfg.dtype)
-            logits = jnp.einsum("btc,vc->btv", x.astype(dtype), head["kernel_t"].astype(dtype))
-        else:
-            gain = 0.5 * (cfg.vocab_size / cfg.n_embd) ** 0.5 if cfg.vocab_size > cfg.n_embd else 0.5
-            logits = dense(cfg, cfg.vocab_size, "head", nn.initializers.orthogonal(gain))(x)
+        gain = 0.5 * (cfg.vocab_size / cfg.n_embd) ** 0.5 if cfg.vocab_size > cfg.n_embd else 0.5
+        logits = dense(cfg, cfg.vocab_size, "head", nn.initializers.orthogonal(gain))(x)
         logits = logits.astype(jnp.float32)
         chex.assert_shape(logits, (B, x.shape[1], cfg.vocab_size))
         if cfg.state_compression == "learned" and self.is_initializing():
@@ -99,36 +83,6 @@ class RWKV(nn.Module):
             # so that they train, checkpoint and shard with the model.
             StateCodec(cfg, name="state_codec")()
         return logits, {"pos": pos + T, "layers": tuple(new_layers)}
-
-
-def _cuda_run(model: RWKV, i: int, x, state) -> int:
-    """How many blocks from block i on the CUDA decode kernel runs in one launch here (0: none):
-    a decode step (one token, one or two rows, a state) through consecutive RWKV-4 blocks in
-    the CUDA layout (rwkv_jax.layers.cuda_layout) whose sizes it takes."""
-    cfg = model.config
-    B, T = x.shape[:2]
-    if state is None or T != 1 or cfg.version != "4":
-        return 0
-    n = 0
-    while i + n < cfg.n_layer and cfg.is_rwkv(i + n):
-        name = f"blocks_{i + n}"
-        if not (model.has_variable("params", name)
-                and cuda_takes(cfg, model.get_variable("params", name), B)):
-            break
-        n += 1
-    return n
-
-
-def _cuda_layers(model: RWKV, i: int, n: int, x, states):
-    """Blocks i .. i+n-1 of a decode step through the CUDA decode kernel: x (B, 1, C)."""
-    cfg = model.config
-    blocks = [model.get_variable("params", f"blocks_{j}") for j in range(i, i + n)]
-    h = x[:, 0]
-    if i == 0:  # block 0's own ln0 (rwkv_jax.layers.RWKVBlock), outside the kernel
-        ln0 = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32, parent=None)
-        h = ln0.apply({"params": blocks[0]["ln0"]}, h)
-    h, states = cuda_decode4.layers_step(blocks, h, states, eps=cfg.layer_norm_eps)
-    return h[:, None], states
 
 
 def _uniform(scale: float):

@@ -15,8 +15,10 @@ import pytest
 
 from conftest import perturbed, seasoned_block
 from rwkv_jax.config import ModelConfig
+from rwkv_jax.decode_weights import (DecodeWeights, cuda_layout, decode_forward,
+                                     head_rows_layout, kernel_layout, pack_for_decode)
 from rwkv_jax.generate import Generator
-from rwkv_jax.layers import RWKVBlock, cuda_layout, head_rows_layout, kernel_layout
+from rwkv_jax.layers import RWKVBlock
 from rwkv_jax.model import RWKV, init_params
 from rwkv_jax.ops.cuda import decode4 as cuda_decode4
 from rwkv_jax.state import zero_layer_state
@@ -60,9 +62,21 @@ def test_asking_for_it_where_it_cannot_run_says_why():
 def test_a_decode_kernels_value_outside_the_choices_is_refused():
     config = _config()
     params = init_params(config, jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match="decode_kernels='xla': must be False, True / 'pallas' or"):
-        Generator(config, params, decode_kernels="xla")
-    assert Generator(config, params, decode_kernels=1).decode_kernels == "pallas"
+    with pytest.raises(ValueError, match="decode_kernels='triton': must be None / False / 'xla' "
+                                         "or 'cuda'"):
+        Generator(config, params, decode_kernels="triton")
+    assert Generator(config, params, decode_kernels="xla").decode_kernels is None
+
+
+@pytest.mark.parametrize("kernels", [True, 1, "pallas"])
+@pytest.mark.parametrize("version", ["4", "7"])
+def test_the_removed_pallas_kernels_say_where_they_went(kernels, version):
+    config = _config(version=version, head_size=8) if version == "7" else _config()
+    params = init_params(config, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"was removed: the fused Pallas decode kernels were "
+                                         r"slower than XLA's products \(bench/README.md\); use "
+                                         r"auto, xla or cuda"):
+        Generator(config, params, decode_kernels=kernels)
 
 
 def test_the_size_limits_are_the_kernels():
@@ -93,21 +107,23 @@ def test_sizes_it_cannot_take_are_refused_before_any_work():
         cuda_decode4.check_block(block)
 
 
-def test_rows_the_kernel_does_not_take_run_xlas_products():
-    """A block in the CUDA layout given 3 rows (the kernel takes 1 or 2) gives the model's
+def test_rows_the_kernel_does_not_take_run_xlas_products(monkeypatch):
+    """A model in the CUDA layout given 3 rows (the kernel takes 1 or 2) gives the model's
     outputs through XLA's products, not through a kernel."""
     config = _config(n_layer=1)
-    block = RWKVBlock(config, 0)
-    x = jax.random.normal(jax.random.PRNGKey(0), (3, 1, 64))
-    pos = jnp.zeros((3,), jnp.int32)
-    params = perturbed(block.init(jax.random.PRNGKey(1), x, None, pos)["params"])
-    fused = kernel_layout(config, {"blocks_0": params})["blocks_0"]
-    fused = {**fused, "decode_vecs": cuda_decode4.pack_vectors(fused)}  # as cuda_layout would
-    want, want_state = block.apply({"params": params}, x, None, pos)
-    got, got_state = block.apply({"params": fused}, x, None, pos)
+    params = perturbed(init_params(config, jax.random.PRNGKey(1)))
+    fused = DecodeWeights(_cuda_params(config, params), "cuda")
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the kernel was asked for 3 rows")
+
+    monkeypatch.setattr(cuda_decode4, "layers_step", no_kernel)
+    tokens = jnp.array([[3], [9], [27]])
+    state = RWKV(config).apply({"params": params}, jnp.array([[1, 2], [4, 5], [7, 8]]))[1]
+    want, want_state = RWKV(config).apply({"params": params}, tokens, state)
+    got, got_state = decode_forward(config, fused, tokens, state)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    for name in want_state:
-        np.testing.assert_allclose(got_state[name], want_state[name], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(got_state, want_state, rtol=1e-5, atol=1e-5)
 
 
 def _cuda_params(config, params):
@@ -150,18 +166,19 @@ def test_a_decode_step_sends_each_run_of_rwkv_blocks_to_one_launch(monkeypatch):
 
     monkeypatch.setattr(cuda_decode4, "layers_step", stand_in)
     # Traced, not run: which calls reach the kernel is decided while tracing.
-    fused = _cuda_params(config, params)
+    fused = DecodeWeights(_cuda_params(config, params), "cuda")
+    forward = jax.jit(lambda w, t, s: decode_forward(config, w, t, s))
     for rows, length in ((2, 5), (3, 1)):  # a prefill; three rows
         tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32)
         state = jax.eval_shape(lambda t: model.apply({"params": params}, t)[1], tokens)
-        jax.eval_shape(lambda t, s: model.apply({"params": fused}, t, s), tokens, state)
+        jax.eval_shape(forward, fused, tokens, state)
     assert runs == []  # a prefill and three rows run XLA's products
     with jax.default_matmul_precision("highest"):
         apply = jax.jit(model.apply)
         state = apply({"params": params}, jnp.array([[1, 4, 2], [5, 0, 9]]))[1]
         step = jnp.array([[3], [7]])
         want, want_state = apply({"params": params}, step, state)
-        got, got_state = apply({"params": fused}, step, state)
+        got, got_state = forward(fused, step, state)
     assert runs == [1, 2]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(got_state, want_state, rtol=1e-5, atol=1e-5)
@@ -219,14 +236,16 @@ def test_model_decode_steps_equal_xlas(layer_types):
                      attn_window=6, dtype="bfloat16")
     params = perturbed(init_params(config, jax.random.PRNGKey(0)))
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.ndim == 2 else a, params)
-    fused = cuda_layout(config, params)
+    fused = pack_for_decode(config, params, kernels="cuda")
+    assert "decode_vecs" in fused.params["blocks_0"] and fused.kernel == "cuda"
     apply = jax.jit(RWKV(config).apply)
+    forward = jax.jit(lambda w, t, s: decode_forward(config, w, t, s))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 6), 0, config.vocab_size)
     _, state = apply({"params": params}, tokens[:, :3])
     want_state = got_state = state
     for t in range(3, 6):
         want, want_state = apply({"params": params}, tokens[:, t:t + 1], want_state)
-        got, got_state = apply({"params": fused}, tokens[:, t:t + 1], got_state)
+        got, got_state = forward(fused, tokens[:, t:t + 1], got_state)
         scale = float(jnp.max(jnp.abs(want)))
         assert float(jnp.max(jnp.abs(got - want))) <= 3e-2 * scale, t
     for i, (g, w) in enumerate(zip(got_state["layers"], want_state["layers"])):
@@ -242,21 +261,24 @@ def test_a_run_split_over_launches_gives_the_same_bits(monkeypatch):
     config = _config(n_layer=5, dtype="bfloat16")
     params = perturbed(init_params(config, jax.random.PRNGKey(0)))
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.ndim == 2 else a, params)
-    fused = cuda_layout(config, params)
+    fused = pack_for_decode(config, params, kernels="cuda")
     tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 4), 0, config.vocab_size)
     _, state = RWKV(config).apply({"params": params}, tokens)
     step = jnp.array([[5]])
-    one = jax.jit(RWKV(config).apply)({"params": fused}, step, state)  # 5 layers, one launch
+
+    def forward():  # traced afresh each time: MAX_LAYERS is read while tracing
+        return jax.jit(lambda w, t, s: decode_forward(config, w, t, s))(fused, step, state)
+
+    one = forward()  # 5 layers, one launch
     for most in (2, 1):
         monkeypatch.setattr(cuda_decode4, "MAX_LAYERS", most)
-        chex.assert_trees_all_equal(
-            jax.jit(RWKV(config).apply)({"params": fused}, step, state), one)
+        chex.assert_trees_all_equal(forward(), one)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_the_head_as_rows_gives_the_same_logits(dtype):
     """head_rows_layout (the CUDA layout's head, which XLA reads faster in a decode step), on
-    any backend: a prefill and a decode step, bit for bit the official layout's logits."""
+    any backend: a prefill and a decode step, bit for bit the model's logits."""
     config = _config(dtype=dtype)
     params = perturbed(init_params(config, jax.random.PRNGKey(0)))
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.ndim == 2 else a, params)
@@ -264,11 +286,12 @@ def test_the_head_as_rows_gives_the_same_logits(dtype):
     assert set(rows["head"]) == {"kernel_t"} and rows["head"]["kernel_t"].shape == (61, 64)
     assert head_rows_layout(rows) is rows  # idempotent
     apply = jax.jit(RWKV(config).apply)
+    forward = jax.jit(lambda w, t, s: decode_forward(config, w, t, s))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 5), 0, config.vocab_size)
     want, state = apply({"params": params}, tokens)
-    chex.assert_trees_all_equal(apply({"params": rows}, tokens), (want, state))
+    chex.assert_trees_all_equal(forward(DecodeWeights(rows), tokens, None), (want, state))
     step = tokens[:, :1]
-    chex.assert_trees_all_equal(apply({"params": rows}, step, state),
+    chex.assert_trees_all_equal(forward(DecodeWeights(rows), step, state),
                                 apply({"params": params}, step, state))
 
 

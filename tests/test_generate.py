@@ -46,13 +46,17 @@ SAMPLED = Sampling(temperature=0.9, top_k=12, top_p=0.9, presence_penalty=0.3,
 _GENERATORS: dict = {}
 
 
+def _official(config) -> dict:
+    """The generators' weights in the official layout (what the model reads)."""
+    return perturbed(init_params(config, jax.random.PRNGKey(0)), scale=0.5)
+
+
 def _generator(config) -> Generator:
     """One per config for the whole module, so each compiled step is reused across tests.
     Blocks of 3 decode steps: the tests' prompts and stops fall across block boundaries."""
     if config not in _GENERATORS:
-        params = perturbed(init_params(config, jax.random.PRNGKey(0)), scale=0.5)
-        _GENERATORS[config] = Generator(config, params, CharTokenizer(), prefill_chunk=4,
-                                        decode_block=3)
+        _GENERATORS[config] = Generator(config, _official(config), CharTokenizer(),
+                                        prefill_chunk=4, decode_block=3)
     return _GENERATORS[config]
 
 
@@ -84,7 +88,7 @@ def test_prefill_whole_in_chunks_or_token_by_token_gives_the_same_greedy_text(co
     # Teacher forcing over the whole text picks the same tokens, and the state returned has
     # consumed every token, the last generated one included.
     whole = prompt + results[0].tokens[0]
-    logits, state = _full(config, g.params, jnp.asarray([whole]))
+    logits, state = _full(config, _official(config), jnp.asarray([whole]))
     np.testing.assert_array_equal(np.argmax(logits[0, len(prompt) - 1 : -1], -1), results[0].tokens[0])
     chex.assert_trees_all_close(results[0].state, state, rtol=1e-4, atol=1e-4)
 
@@ -111,7 +115,7 @@ def test_decode_block_size_changes_nothing_but_speed():
     want = g.generate(prompts, **kw)
     assert "stop_string" in want.stop_reasons
     for block in (1, 16):
-        other = Generator(HYBRID, g.params, CharTokenizer(), prefill_chunk=4, decode_block=block)
+        other = Generator(HYBRID, _official(HYBRID), CharTokenizer(), prefill_chunk=4, decode_block=block)
         got = other.generate(prompts, **kw)
         assert (got.tokens, got.texts, got.stop_reasons) == (want.tokens, want.texts, want.stop_reasons)
         chex.assert_trees_all_close(got.state, want.state, rtol=1e-5, atol=1e-5)
@@ -258,7 +262,7 @@ def test_top_k_top_p_and_temperature_draw_from_the_documented_distribution():
 def test_score_streams_any_length_and_equals_the_whole_sequence_loss():
     g = _generator(HYBRID)
     tokens = np.asarray(_prompt(28, 5))
-    logits, _ = _full(HYBRID, g.params, jnp.asarray(tokens[None, :-1]))
+    logits, _ = _full(HYBRID, _official(HYBRID), jnp.asarray(tokens[None, :-1]))
     want = float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits[0], tokens[1:])))
     out = g.score(tokens, chunk_len=9)
     assert out["tokens"] == 27 and abs(out["loss"] - want) < 1e-5

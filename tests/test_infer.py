@@ -117,8 +117,13 @@ def _bad_inputs(run, tmp):
          "sampling temperature=-0.001 is invalid: must be >= 0"),
         ("huge-decode-block", ["--run_dir", run.run_dir, *prompt, "--decode_block", "1000000000"],
          "--decode_block=1000000000: must be an integer from 1 to 4096"),
-        ("kernels-on-rwkv7", ["--official", str(tmp / "x070.pth"), *prompt, "--decode_kernels"],
-         "--decode_kernels: the decode kernels run RWKV-4 blocks; this model is RWKV-7"),
+        ("removed-pallas-kernels", ["--official", str(tmp / "x070.pth"), *prompt,
+                                    "--decode_kernels"],
+         "--decode_kernels pallas was removed: the fused Pallas decode kernels were slower"),
+        *([("kernels-on-rwkv7", ["--official", str(tmp / "x070.pth"), *prompt,
+                                 "--decode_kernels", "cuda"],
+            "--decode_kernels: the decode kernels run RWKV-4 blocks; this model is RWKV-7")]
+          if _cuda_device() else []),  # elsewhere the device check comes first
         *([("cuda-kernel-on-cpu", ["--run_dir", run.run_dir, *prompt, "--decode_kernels", "cuda"],
             "--decode_kernels cuda: the CUDA decode kernel needs an NVIDIA GPU")]
           if jax.default_backend() != "gpu" else []),
@@ -152,6 +157,17 @@ def _bad_inputs(run, tmp):
         ("export-onto-a-directory", ["--run_dir", run.run_dir, "--export_official", str(tmp)],
          "is a directory; name the .pth file to write"),
     ]
+
+
+def _cuda_device() -> bool:
+    """Whether a GPU the CUDA decode kernel takes is here."""
+    from rwkv_jax.ops.cuda import decode4 as cuda_decode4  # noqa: PLC0415
+
+    try:
+        cuda_decode4.check_device()
+    except cuda_decode4.Unavailable:
+        return False
+    return True
 
 
 def test_bad_input_gets_one_line_and_exit_status_2_before_anything_compiles(run, tmp_path, capsys,
@@ -209,36 +225,51 @@ def test_a_closed_pipe_ends_the_output_quietly():
     assert proc.stderr.read() == b""  # no traceback, not even at exit's flush
 
 
-def test_decode_kernels_flag_gives_the_same_greedy_text(run, capsys):
-    """infer.py --decode_kernels: the fused Pallas kernels (interpreted here) write what XLA's
-    decode step writes."""
+def test_decode_kernels_xla_and_a_step_directory_give_the_same_greedy_text(run, capsys):
+    """infer.py --decode_kernels xla writes what the default writes (on a CPU, XLA too)."""
     argv = ["--prompt", "First", "--max_new_tokens", "6", "--temperature", "0", "--decode_block", "4"]
     # The second run names the checkpoint by its step's directory (as a shell completes it),
     # which is the run's newest: the same weights.
     steps = ckpt.TrainCheckpointer(os.path.join(run.run_dir, "checkpoints")).all_steps()
     step_dir = os.path.join(run.run_dir, "checkpoints", str(max(steps)))
     texts = []
-    for extra in (["--run_dir", run.run_dir], ["--run_dir", step_dir, "--decode_kernels"]):
+    for extra in (["--run_dir", run.run_dir], ["--run_dir", step_dir, "--decode_kernels", "xla"]):
         capsys.readouterr()
         assert infer.main(argv + extra) == 0
         texts.append(capsys.readouterr().out)
     assert texts[1] == texts[0] and len(texts[0].strip()) > 0
 
 
+@pytest.mark.parametrize("flag", [["--decode_kernels"], ["--decode_kernels", "pallas"]])
+def test_the_removed_pallas_kernels_are_one_line_saying_where_they_went(tmp_path, capsys, flag):
+    """--decode_kernels pallas (and the flag alone, which meant it) exits 2 before anything is
+    read: the run directory here does not exist."""
+    assert infer.main(["--run_dir", str(tmp_path / "absent"), "--prompt", "x", *flag]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == (
+        "infer: --decode_kernels pallas was removed: the fused Pallas decode kernels were slower "
+        "than XLA's products (bench/README.md); use auto, xla or cuda\n")
+
+
 def test_decode_kernels_auto_takes_the_cuda_kernel_only_where_it_runs_and_helps(monkeypatch):
-    """--decode_kernels auto (the default): the CUDA kernel for RWKV-4 in bf16 at one or two
-    rows where it can run, XLA's products otherwise; explicit choices pass through."""
+    """--decode_kernels auto (the default) is the library's choice (choose_decode_kernels): the
+    CUDA kernel for RWKV-4 in bf16 at one or two rows where it can run, XLA's products
+    otherwise; explicit choices pass through infer."""
     from argparse import Namespace
 
     from rwkv_jax.config import ModelConfig
+    from rwkv_jax.decode_weights import choose_decode_kernels
     from rwkv_jax.ops.cuda import decode4 as cuda_decode4
 
     v4, v7 = ModelConfig(version="4"), ModelConfig(version="7")
 
     def pick(kernels="auto", bf16=True, config=v4, rows=1):
-        return infer._decode_kernels(Namespace(decode_kernels=kernels, bf16=bf16), config, rows)
+        chosen = infer._decode_kernels(Namespace(decode_kernels=kernels, bf16=bf16), config, rows)
+        if kernels == "auto":
+            assert chosen == choose_decode_kernels(config, bf16, rows)
+        return chosen
 
-    assert (pick("xla"), pick("pallas"), pick("cuda")) == (None, "pallas", "cuda")
+    assert (pick("xla"), pick("cuda")) == (None, "cuda")
 
     def absent():
         raise cuda_decode4.Unavailable("no GPU here")
@@ -249,3 +280,4 @@ def test_decode_kernels_auto_takes_the_cuda_kernel_only_where_it_runs_and_helps(
     assert pick() == "cuda" and pick(rows=2) == "cuda"
     assert pick(rows=3) is None and pick(rows=0) is None  # a batch; scoring alone
     assert pick(bf16=False) is None and pick(config=v7) is None
+    assert pick(bf16=False, config=ModelConfig(version="4", dtype="bfloat16")) == "cuda"

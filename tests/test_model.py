@@ -11,7 +11,7 @@ import pytest
 from conftest import perturbed
 from rwkv_jax import hybrid
 from rwkv_jax.config import ModelConfig
-from rwkv_jax.layers import AttentionBlock, RWKVBlock, group_products
+from rwkv_jax.layers import AttentionBlock, RWKVBlock
 from rwkv_jax.model import RWKV, init_params, initial_state
 from rwkv_jax.state import init_state
 
@@ -59,27 +59,6 @@ def test_recurrent_equals_parallel(config):
     chex.assert_trees_all_close(state, full_state, rtol=1e-4, atol=1e-4)
     chex.assert_trees_all_close(state_tok, full_state, rtol=1e-4, atol=1e-4)
     chex.assert_trees_all_equal_shapes_and_dtypes(state, init_state(config, 2))
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_layout_gives_the_same_outputs(dtype):
-    config = _config(layer_types=("rwkv", "attn", "rwkv", "rwkv"), dtype=dtype)
-    params = perturbed(init_params(config, jax.random.PRNGKey(3)))
-    grouped = group_products(config, params)
-    assert "kvr" in grouped["blocks_2"]["att"] and "key" not in grouped["blocks_2"]["ffn"]
-    assert grouped["blocks_1"] == params["blocks_1"]  # attention blocks keep their layout
-    chex.assert_trees_all_equal(group_products(config, grouped), grouped)
-    assert group_products(_config(version="7", head_size=8), params) is params
-    apply = jax.jit(RWKV(config).apply)
-    # One token (every input through the whole grouped matrix) and a prefill (each input
-    # through its own columns).
-    for T in (1, 40):
-        tokens = jax.random.randint(jax.random.PRNGKey(T), (2, T), 0, V)
-        want, want_state = apply({"params": params}, tokens)
-        got, got_state = apply({"params": grouped}, tokens)
-        tol = 1e-6 if dtype == "float32" else 2e-2
-        chex.assert_trees_all_close(got, want, rtol=tol, atol=tol)
-        chex.assert_trees_all_close(got_state, want_state, rtol=tol, atol=tol)
 
 
 def test_window_limits_what_attention_sees():

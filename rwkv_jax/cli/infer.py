@@ -64,9 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="RWKV-4: how a decode step runs. 'cuda': each run of blocks as one "
                           "CUDA kernel (rwkv_jax.ops.cuda.decode4; Hopper GPUs, nvcc, bf16 "
                           "weights, 1-2 rows); 'xla': XLA's products; 'auto' (the default): "
-                          "'cuda' where it can run, else 'xla'; 'pallas' (the flag alone): six "
-                          "fused Pallas kernels a block, slower than XLA on an H200. "
-                          "bench/README.md has the numbers")
+                          "'cuda' where it can run, else 'xla'. 'pallas' (the flag alone) was "
+                          "removed. bench/README.md has the numbers")
     other = p.add_argument_group("scoring and export")
     other.add_argument("--score", default=None, metavar="FILE",
                        help="print loss, perplexity and bits per byte of a whole text file")
@@ -244,6 +243,11 @@ def _warn_unused(args, parser: argparse.ArgumentParser) -> None:
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.decode_kernels == "pallas":  # the flag alone, or named: before anything else
+        from rwkv_jax.decode_weights import PALLAS_REMOVED  # noqa: PLC0415
+
+        print(f"infer: --decode_kernels pallas was removed: {PALLAS_REMOVED}", file=sys.stderr)
+        return 2
     _warn_unused(args, parser)
     try:
         return _main(args)
@@ -255,22 +259,12 @@ def main(argv=None) -> int:
 
 
 def _decode_kernels(args, config, rows: int):
-    """The Generator's decode_kernels for --decode_kernels. 'auto' is the CUDA kernel where it
-    is the fastest and can run: RWKV-4 in bf16, one or two rows (more run XLA's products on
-    its weight layout, at half their speed), a Hopper GPU and nvcc. On an H200 it decodes 3B at
-    batch 1 in 1.63 ms a token against XLA's 2.28 (bench/README.md)."""
+    """The Generator's decode_kernels for --decode_kernels ('auto': the library's choice)."""
     if args.decode_kernels != "auto":
         return None if args.decode_kernels == "xla" else args.decode_kernels
-    if (config.version != "4" or not (args.bf16 or config.dtype == "bfloat16")
-            or not 1 <= rows <= 2):
-        return None
-    from rwkv_jax.ops.cuda import decode4 as cuda_decode4  # noqa: PLC0415
+    from rwkv_jax.decode_weights import choose_decode_kernels  # noqa: PLC0415
 
-    try:
-        cuda_decode4.check_available()
-    except cuda_decode4.Unavailable:
-        return None
-    return "cuda"
+    return choose_decode_kernels(config, args.bf16, rows)
 
 
 def _main(args) -> int:
@@ -306,7 +300,7 @@ def _main(args) -> int:
         except cuda_decode4.Unavailable as e:
             raise InputError(f"--decode_kernels cuda: {e}") from None
     config, params, tokenizer_name, chunk_len = load_model(args)
-    if args.decode_kernels in ("pallas", "cuda") and config.version != "4":
+    if args.decode_kernels == "cuda" and config.version != "4":
         raise InputError(f"--decode_kernels: the decode kernels run RWKV-4 blocks; this model "
                          f"is RWKV-{config.version} (leave the flag out)")
     if args.decode_kernels == "cuda" and not args.bf16 and config.dtype != "bfloat16":

@@ -3,9 +3,9 @@ through the XLA FFI: the batch-1 decode step on Hopper GPUs (sm_90).
 
 decode4_block.cuh says how the kernel works and why. Here: building it (nvcc, on first use,
 into a cache keyed by the sources, the GPU's architecture and the jax version), registering it
-with XLA, the vector table it reads, `layers_step`, which rwkv_jax.model calls for each run of
-consecutive RWKV-4 blocks on a decode step, and `block_step`, the same for one block
-(rwkv_jax.layers.RWKVBlock on its own). Anything that stops it (no GPU, an older GPU, no nvcc,
+with XLA, the vector table it reads, `layers_step`, which rwkv_jax.decode_weights.decode_forward
+calls for each run of consecutive RWKV-4 blocks on a decode step, and `block_step`, the same for
+one block (as rwkv_jax.layers.RWKVBlock on its own). Anything that stops it (no GPU, an older GPU, no nvcc,
 weights that are not bf16) raises `Unavailable` with the reason, before any work.
 
 Status (H200, 2026-12-01, bench/README.md): 3B decodes at 1.72 ms per token through it over a
@@ -182,7 +182,7 @@ def fits(C: int, F: int, rows: int) -> bool:
 
 
 def check_block(block: dict) -> None:
-    """Raise Unavailable unless a kernel-layout block (rwkv_jax.layers.kernel_layout) suits the
+    """Raise Unavailable unless a kernel-layout block (rwkv_jax.decode_weights.kernel_layout) suits the
     kernel."""
     att, ffn = block["att"], block["ffn"]
     C = att["output_t"].shape[0]
@@ -243,7 +243,7 @@ def layers_step(blocks, x, states, *, eps: float):
 
 def block_step(p: dict, x, state: dict, *, eps: float):
     """One RWKV-4 block for one token per row: x (B, C) float32 (after ln0 in block 0) and the
-    layer's state -> (x, state), as rwkv_jax.ops.pallas.decode4.block_step. p: the block in the
+    layer's state -> (x, state), as rwkv_jax.layers.RWKVBlock gives them. p: the block in the
     kernel layout plus "decode_vecs" (pack_vectors)."""
     x, (state,) = layers_step([p], x, [state], eps=eps)
     return x, state
