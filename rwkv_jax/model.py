@@ -113,7 +113,7 @@ def initial_state(config: ModelConfig, params: dict | None, batch_size: int) -> 
     if not config.learned_init_state:
         return state
     if params is None:
-        raise ValueError("model.learned_init_state=True: the initial state needs the parameters")
+        raise ValueError("architecture.learned_init_state=True: the initial state needs the parameters")
     layers = list(state["layers"])
     learned = learned_layer_state7 if config.version == "7" else learned_layer_state
     for i in range(config.n_layer):
