@@ -442,6 +442,14 @@ def tree_checksums(tree) -> dict[str, str]:
             for path, v in jax.tree_util.tree_leaves_with_path(sums)}
 
 
+def tree_dtypes(tree) -> dict[str, str]:
+    """{key path: dtype name} of every array in `tree`, as tree_checksums keys them."""
+    import jax  # noqa: PLC0415
+
+    return {jax.tree_util.keystr(path): str(x.dtype)
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _verify(tree, meta: dict, item: str, step: int, directory: str) -> None:
     """DamagedCheckpointError if an array of `tree` (the checkpoint's `item`) differs from the
     checksum its record holds; a one-line warning for a checkpoint written without them."""
@@ -456,6 +464,12 @@ def _verify(tree, meta: dict, item: str, step: int, directory: str) -> None:
             f"{CHECKSUM_FORMAT!r}): its record is damaged, or a newer rwkv_jax wrote it")
     recorded = recorded.get(item, {})
     actual = tree_checksums(tree)
+    # An array restored in another dtype than it was written in (a resume in another
+    # efficiency.precision casts the carried attention window) has other words: its sum
+    # cannot be compared, which is a change of settings, not damage.
+    saved_dtypes = meta.get("checksum_dtypes", {}).get(item, {})
+    now = tree_dtypes(tree)
+    actual = {k: v for k, v in actual.items() if saved_dtypes.get(k, now[k]) == now[k]}
     bad = [k for k, v in actual.items() if recorded.get(k, v) != v]
     missing = [k for k in actual if k not in recorded]
     if bad or missing:
@@ -631,6 +645,7 @@ class TrainCheckpointer:
         ocp = _ocp()
         params, rest = _split(train_state)
         checksums = {"params": tree_checksums(params), "train": tree_checksums(rest)}
+        dtypes = {"params": tree_dtypes(params), "train": tree_dtypes(rest)}
         self._guarded(lambda: self._manager.wait_until_finished())
         self._in_flight = step
         self._guarded(lambda: self._manager.save(step, args=ocp.args.Composite(
@@ -638,7 +653,7 @@ class TrainCheckpointer:
             train=ocp.args.StandardSave(rest),
             meta=ocp.args.JsonSave({**self._meta, **meta, "step": int(step),
                                     "checksum_format": CHECKSUM_FORMAT,
-                                    "checksums": checksums}),
+                                    "checksums": checksums, "checksum_dtypes": dtypes}),
         )))
 
     _meta: dict = {}

@@ -151,12 +151,14 @@ def _restore(manager: ckpt.TrainCheckpointer, ts, resume: int, run: Run):
         why = (f"the checkpoint in {manager.directory} (step {resume}) cannot be restored into "
                f"this run ({ckpt.cause_line(failure)}): its optimizer settings differ from this "
                f"config's (optimizer.grad_clip on or off, ...), or it is damaged.")
-    if run.cfg.checkpoint.on_damage == "previous":
+    # Only damage gives way: a step that fails for another reason (another optimizer, a
+    # device out of memory) is no reason to set intact checkpoints aside.
+    if run.cfg.checkpoint.on_damage == "previous" and isinstance(failure, ckpt.DamagedCheckpointError):
         passed = [resume]
         for step in earlier:
             try:
                 restored = manager.restore(ts, step)[0]
-            except Exception:  # noqa: BLE001 - damaged as well: try the one before
+            except ckpt.DamagedCheckpointError:  # damaged as well: try the one before
                 passed.append(step)
                 continue
             moved = [manager.set_aside(s) for s in passed]
@@ -260,6 +262,12 @@ def prepare(cfg) -> Run:
         raise ConfigError(f"{field}: the directory {cache_dir!r} is not writable")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ConfigError(f"output_dir / experiment_name: the run directory {run_dir!r} is a file")
+    existing = os.path.abspath(run_dir)
+    while not os.path.exists(existing):  # where the run directory is, or will be made
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):  # access() knows read-only mounts too
+        raise ConfigError(f"output_dir / experiment_name: {existing!r} is not writable, so the "
+                          f"run directory {run_dir!r} cannot hold checkpoints")
     splits = {}
     for split in ("train_file", "val_file"):
         try:
@@ -756,9 +764,18 @@ def _resolve_horizon(manager: ckpt.TrainCheckpointer, resume: int | None, run: R
                      horizon, cfg.train.steps)
     else:
         horizon = asked
-        old, new = (float(optim.make_schedule(_with_horizon(cfg, h))(resume)) for h in (saved, asked))
-        log.warning("optimizer.total_steps %d -> %d: the learning rate at step %d jumps from "
-                    "%.4g to %.4g", saved, asked, resume, old, new)
+        try:
+            old, new = (float(optim.make_schedule(_with_horizon(cfg, h))(resume)) for h in (saved, asked))
+        except ValueError:  # the saved horizon is no schedule with today's warmup
+            log.warning("optimizer.total_steps %d -> %d from step %d", saved, asked, resume)
+        else:
+            log.warning("optimizer.total_steps %d -> %d: the learning rate at step %d jumps "
+                        "from %.4g to %.4g", saved, asked, resume, old, new)
+    opt = cfg.optimizer
+    if opt.schedule != "constant" and opt.warmup_steps >= horizon:
+        raise ConfigError(f"optimizer.warmup_steps={opt.warmup_steps} is invalid: must be below "
+                          f"the schedule's horizon of {horizon} steps, which this run keeps "
+                          f"from its checkpoints (set optimizer.total_steps to change it)")
     if cfg.train.steps > horizon and cfg.optimizer.schedule != "constant":
         log.info("train.steps=%d runs past the schedule's horizon, optimizer.total_steps=%d: "
                  "the learning rate holds at optimizer.lr_final after it", cfg.train.steps, horizon)

@@ -88,6 +88,13 @@ def test_a_config_file_that_raises_is_one_line(tmp_path, body, line, error):
     assert error in out.stderr
 
 
+def test_a_folder_named_like_a_bundled_config_does_not_hide_it(tmp_path):
+    (tmp_path / "tiny").mkdir()  # e.g. a run's output with output_dir=.
+    out = _run(_script("rwkv-train") + ["--config=tiny", "--config.train.steps=0"], cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "config error: train.steps=0 is invalid: must be an integer >= 1"
+
+
 def test_a_missing_config_names_the_bundled_ones(tmp_path):
     out = _run(_script("rwkv-train") + ["--config=tinny"], cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr

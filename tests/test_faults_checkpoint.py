@@ -153,6 +153,24 @@ def test_a_read_only_checkpoint_directory_ends_in_one_line_not_a_hang(trained, t
     assert _steps(run_dir) == ["2", "4", "6"]
 
 
+def test_a_read_only_output_dir_is_one_line_before_anything_runs(trained, tmp_path):
+    """The run directory itself cannot be made (train.py printed OSError's traceback)."""
+    data, _ = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    _mount("--bind", str(out), str(out))
+    try:
+        _mount("-o", "remount,bind,ro", str(out))
+        with pytest.raises(OSError, match="Read-only file system"):  # the fault is there
+            os.mkdir(out / "probe")
+        done, wall = _timed(_args(data, out, 2))
+    finally:
+        subprocess.run(["umount", "-l", str(out)], check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = _message(done.stderr, "config error: ")
+    assert f"output_dir / experiment_name: {str(out)!r} is not writable" in line
+
+
 def test_no_free_inodes_ends_in_one_line_not_a_hang(trained, tmp_path):
     data, _ = trained
     with _tmpfs(tmp_path / "fs", size="16m", nr_inodes=2000) as fs:

@@ -399,8 +399,27 @@ def test_the_schedule_horizon_is_fixed_by_the_run(tmp_path, corpus, caplog):
             "(train.steps is 6)") in caplog.text
     assert final["lr"] == pytest.approx(1e-5)  # cosine past its horizon: lr_final
     assert ckpt.TrainCheckpointer(run_dir / "checkpoints").meta(6)["total_steps"] == 4
+    with pytest.raises(ConfigError, match="optimizer.warmup_steps=4 is invalid: must be below "
+                                          "the schedule's horizon of 4 steps, which this run keeps"):
+        train(**{"train.steps": 8, "optimizer.warmup_steps": 4})
     final = train(**{"train.steps": 8, "optimizer.total_steps": 12})
     assert "optimizer.total_steps 4 -> 12: the learning rate at step 6 jumps from 1e-05 to " \
            "0.001" in caplog.text
     assert final["lr"] > 1e-3
     assert ckpt.TrainCheckpointer(run_dir / "checkpoints").meta(8)["total_steps"] == 12
+
+
+def test_a_resume_in_another_precision_is_not_taken_for_damage(tmp_path, corpus):
+    """The carried attention window is kept in the compute dtype: a hybrid run resumed in
+    bfloat16 restores it cast, and its float32 checksums cannot be compared (they used to
+    call the checkpoint damaged)."""
+    overrides = {"architecture.layer_pattern": "alternating", "model.attn_head_size": 16,
+                 "train.max_seq_length": 16, "checkpoint.every": 2, "optimizer.warmup_steps": 0}
+    trainer.train(trainer.prepare(tiny_config(tmp_path, corpus, **overrides, **{"train.steps": 2})))
+    final = trainer.train(trainer.prepare(tiny_config(
+        tmp_path, corpus, **overrides, **{"train.steps": 3, "efficiency.precision": "bfloat16"})))
+    assert np.isfinite(final["loss"])
+    # A real change of the words is still damage.
+    run_dir = tmp_path / "runs" / "t"
+    meta = ckpt.TrainCheckpointer(run_dir / "checkpoints").meta(3)
+    assert meta["checksum_dtypes"]["train"]["['carry']['layers'][1]['k']"] == "bfloat16"

@@ -28,7 +28,8 @@ def bundled_configs() -> list[str]:
 
 def resolve_config(value: str) -> str:
     """A config file's path: a file that exists, else a bundled config's name (`tiny`)."""
-    if os.path.exists(value) or os.sep in value or value.endswith(".py"):
+    # A folder of that name (a run's output, say) does not hide the bundled config.
+    if os.path.isfile(value) or os.sep in value or value.endswith(".py"):
         return value
     bundled = os.path.join(CONFIG_DIR, f"{value}.py")
     return bundled if os.path.isfile(bundled) else value
