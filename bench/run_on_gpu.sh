@@ -42,8 +42,6 @@ if [[ $what == all || $what == cuda ]]; then
   python3 -m pytest -q tests/test_cuda_decode.py 2>&1 | grep -E "^E |Error|passed|failed" | tail -25
   python3 bench/decode_block_cuda.py --model 3B --layers 1,32 --window 2,3 --out /tmp/dbc 2>&1 \
     | tee "$OUT/decode_block_cuda.md" | grep -A8 "^| variant"
-  python3 bench/decode_kernels.py --model 3B --layers 4 --rows 1,2 --configs --cuda --check 2>&1 \
-    | tee "$OUT/decode_kernels.md" | grep -E "against|^\||FAIL|--check"
   python3 bench/decode.py --gpu --models 3B --variants xla,cuda --no_rwkv --out "$OUT/decode" 2>&1 \
     | grep -A4 "^| model | ours"
 fi

@@ -30,7 +30,7 @@
 //   2  LN2(x2) mixed two ways; rows of [key ; receptance]: h = relu(k)^2 (bf16),
 //      gate = sigmoid(r)
 //   3  x_out = x2 + gate * (W_v h), the next layer's x
-// Roundings are the model's (rwkv_jax.layers, rwkv_jax.ops.pallas.decode4): every product is
+// Roundings are the model's (rwkv_jax.layers, rwkv_jax.decode_weights): every product is
 // rounded to bf16, everything else is float32.
 //
 // Build flags: -DRWKV_TRACE records each CTA's phase times (%globaltimer); -DRWKV_NOCOMPUTE
