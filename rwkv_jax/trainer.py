@@ -756,6 +756,10 @@ def _resolve_horizon(manager: ckpt.TrainCheckpointer, resume: int | None, run: R
             saved = None
     if saved is None:  # a fresh run, or a checkpoint from before horizons were saved
         horizon = asked or cfg.train.steps
+        if resume is not None:
+            log.info("the checkpoint of step %d records no schedule horizon (it was written "
+                     "before horizons were saved): optimizer.total_steps=%d from this config",
+                     resume, horizon)
     elif not asked or asked == saved:
         horizon = int(saved)
         if not asked and cfg.train.steps != horizon:

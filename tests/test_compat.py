@@ -83,6 +83,8 @@ def test_an_old_run_resumes_bit_for_bit(old_run, tmp_path):
                          capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "at step 4" in out.stderr
+    assert "records no schedule horizon (it was written before horizons were saved): " \
+           "optimizer.total_steps=6 from this config" in out.stderr
     _, now, _ = ckpt.restore_params(run_dir, step=6)
     _, then, _ = ckpt.restore_params(old_run / "old_run", step=6)
     chex.assert_trees_all_equal(now, then)
