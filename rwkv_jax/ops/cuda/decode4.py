@@ -8,12 +8,10 @@ calls for each run of consecutive RWKV-4 blocks on a decode step, and `block_ste
 one block (as rwkv_jax.layers.RWKVBlock on its own). Anything that stops it (no GPU, an older GPU, no nvcc,
 weights that are not bf16) raises `Unavailable` with the reason, before any work.
 
-Status (H200, 2026-12-01, bench/README.md): 3B decodes at 1.72 ms per token through it over a
-whole generate call of 100 tokens (1.58 on the device alone, 1.13x the memory floor), against
-XLA's 2.39; 1.5B at 0.95 (0.87 on the device, 1.26x), against 1.48.
-infer.py takes it by itself where it runs (--decode_kernels auto);
-rwkv_jax.generate only when asked: a generator serves one weight layout, and batch 16 on this
-one runs XLA's products at half their speed.
+It is faster than XLA's products at batch 1 and 2 (the figures, by date and card, are in
+bench/README.md). infer.py takes it by itself where it runs (--decode_kernels auto;
+rwkv_jax.decode_weights.choose_decode_kernels); rwkv_jax.generate only when asked: a generator
+serves one weight layout, and batch 16 on this one runs XLA's products at half their speed.
 
 The kernel keeps its exchange buffers and launch counters in the library's device memory, so
 its launches on one device must not overlap: JAX runs a device's computations on one stream.
