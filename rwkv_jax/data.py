@@ -634,33 +634,6 @@ def get_batch(
     return windows[:, :-1], windows[:, 1:]
 
 
-def sequential_batches(
-    token_file: TokenFile | np.ndarray,
-    batch_size: int,
-    seq_len: int,
-    *,
-    drop_last: bool = True,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Non-overlapping windows in file order, for evaluation.
-
-    Window i predicts tokens i*seq_len+1 .. (i+1)*seq_len, so every token after
-    the first is a target once. Windows past the last full one are dropped; with
-    `drop_last` (default) so is a final partial batch, keeping shapes static for jit.
-    """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    tokens, name = _tokens_and_name(token_file)
-    _check_length(tokens, name, seq_len)
-    num_windows = (len(tokens) - 1) // seq_len
-    for first in range(0, num_windows, batch_size):
-        count = min(batch_size, num_windows - first)
-        if count < batch_size and drop_last:
-            return
-        index = (first + np.arange(count))[:, None] * seq_len + np.arange(seq_len + 1)
-        windows = np.asarray(tokens[index], dtype=np.int32)
-        yield windows[:, :-1], windows[:, 1:]
-
-
 # ---------------------------------------------------------------------------
 # Chunking long sequences
 # ---------------------------------------------------------------------------
@@ -688,21 +661,6 @@ def chunk_loss_masks(seq_len: int, chunk_size: int, overlap: int) -> np.ndarray:
         already_counted = spans[i - 1][1] - spans[i][0]
         masks[i, :already_counted] = 0.0
     return masks
-
-
-def split_into_chunks(inputs, targets, chunk_size: int, overlap: int):
-    """Splits (B, T) inputs/targets into (num_chunks, B, chunk_size) plus loss masks.
-
-    Uses only indexing and transpose, so NumPy and JAX arrays both work and keep
-    their type.
-    """
-    if inputs.shape != targets.shape:
-        raise ValueError(f"inputs {inputs.shape} and targets {targets.shape} must have the same shape.")
-    spans = chunk_spans(inputs.shape[1], chunk_size, overlap)
-    index = np.array([s for s, _ in spans])[:, None] + np.arange(chunk_size)
-    chunk_inputs = inputs[:, index].transpose(1, 0, 2)
-    chunk_targets = targets[:, index].transpose(1, 0, 2)
-    return chunk_inputs, chunk_targets, chunk_loss_masks(inputs.shape[1], chunk_size, overlap)
 
 
 def state_handoff(seq_len: int, chunk_size: int, overlap: int) -> list[int]:

@@ -72,20 +72,6 @@ def state_shapes(config: ModelConfig, batch_size: int):
     return jax.eval_shape(lambda: init_state(config, batch_size))
 
 
-def state_bytes(config: ModelConfig, batch_size: int) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state_shapes(config, batch_size)))
-
-
-def reset_rows(state: dict, fresh: dict, rows: jax.Array) -> dict:
-    """Replace the rows where `rows` is True with the same rows of `fresh` (new sequences)."""
-
-    def pick(old, new):
-        mask = rows.reshape((-1,) + (1,) * (old.ndim - 1))
-        return jnp.where(mask, new, old)
-
-    return jax.tree.map(pick, state, fresh)
-
-
 @dataclasses.dataclass(frozen=True)
 class FlatLayout:
     """A state's small arrays joined into one (B, n) array per dtype, and split back.

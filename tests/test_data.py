@@ -22,8 +22,6 @@ from rwkv_jax.data import (
     get_tokenizer,
     prepare_tokens,
     sample_path,
-    sequential_batches,
-    split_into_chunks,
     state_handoff,
     text_stem,
 )
@@ -338,23 +336,6 @@ def test_get_batch_too_short_names_file_and_counts(tmp_path):
     assert inputs.shape == (2, 9)
 
 
-def test_sequential_batches_cover_file_in_order(token_array):
-    batches = list(sequential_batches(token_array, batch_size=3, seq_len=100))
-    # 999 targets -> 9 full windows -> 3 batches of 3.
-    assert len(batches) == 3
-    inputs = np.concatenate([b[0] for b in batches]).ravel()
-    targets = np.concatenate([b[1] for b in batches]).ravel()
-    assert np.array_equal(inputs, np.arange(900))
-    assert np.array_equal(targets, np.arange(1, 901))
-
-
-def test_sequential_batches_partial_last_batch(token_array):
-    batches = list(sequential_batches(token_array, batch_size=4, seq_len=100))
-    assert [b[0].shape[0] for b in batches] == [4, 4]
-    batches = list(sequential_batches(token_array, batch_size=4, seq_len=100, drop_last=False))
-    assert [b[0].shape[0] for b in batches] == [4, 4, 1]
-
-
 # --- chunking ----------------------------------------------------------------
 
 CHUNK_CASES = [
@@ -428,24 +409,6 @@ def test_state_handoff_values():
     assert state_handoff(64, 16, 0) == [16, 16, 16]
     assert state_handoff(50, 16, 4) == [12, 12, 10]
     assert state_handoff(16, 16, 0) == []
-
-
-def test_split_into_chunks(token_array):
-    inputs, targets = get_batch(token_array, step=0, seed=0, batch_size=3, seq_len=50)
-    ci, ct, masks = split_into_chunks(inputs, targets, 16, 4)
-    assert ci.shape == ct.shape == (4, 3, 16) and masks.shape == (4, 16)
-    for i, (start, stop) in enumerate(chunk_spans(50, 16, 4)):
-        assert np.array_equal(ci[i], inputs[:, start:stop])
-        assert np.array_equal(ct[i], targets[:, start:stop])
-    assert np.array_equal(ct, ci + 1)
-
-
-def test_split_into_chunks_accepts_jax_arrays(token_array):
-    jnp = pytest.importorskip("jax.numpy")
-    inputs, targets = get_batch(token_array, step=0, seed=0, batch_size=2, seq_len=32)
-    ci, ct, _ = split_into_chunks(jnp.asarray(inputs), jnp.asarray(targets), 8, 0)
-    assert ci.shape == (4, 2, 8)
-    assert np.array_equal(np.asarray(ci), split_into_chunks(inputs, targets, 8, 0)[0])
 
 
 # --- metrics -----------------------------------------------------------------
