@@ -31,7 +31,7 @@ def main():
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from rwkv_jax.layers import window_mask  # noqa: PLC0415
+    from rwkv_jax.nn.attention import window_mask  # noqa: PLC0415
 
     ap = argparse.ArgumentParser()
     for name, default in (("b", 8), ("t", 1024), ("w", 1024), ("h", 20), ("n", 128)):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwkv_jax.checkpoint import tree_checksums
+from rwkv_jax.io import tree_checksums
 
 
 def _best(fn, repeats=3) -> float:

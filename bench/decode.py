@@ -92,7 +92,7 @@ def load_params(path: str, dtype):
     import jax.numpy as jnp  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from rwkv_jax.checkpoint import official_layout  # noqa: PLC0415
+    from rwkv_jax.io import official_layout  # noqa: PLC0415
 
     sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
@@ -244,13 +244,14 @@ def greedy_block_inputs(gen, state, tokens, steps: int):
     steps that never end a row. state: a state (copied), or a carry's flat state (taken)."""
     import numpy as np  # noqa: PLC0415
 
-    from rwkv_jax.generate import GREEDY, _Carry  # noqa: PLC0415
+    from rwkv_jax.generate import GREEDY  # noqa: PLC0415
+    from rwkv_jax.generate.sampling import DecodeCarry  # noqa: PLC0415
 
     B = len(tokens)
     if isinstance(state, dict):  # the tree callers see; a block carries it flat
-        state = gen._flat_state(None, gen._placed(state, B), B)
+        state = gen.flat_state(None, gen._placed(state, B), B)
     yes = np.ones((B,), bool)
-    carry = gen._put(_Carry(state, np.zeros((B, 2), np.uint32), np.zeros((B, 0), np.float32),
+    carry = gen._put(DecodeCarry(state, np.zeros((B, 2), np.uint32), np.zeros((B, 0), np.float32),
                             np.zeros((B, 0), bool), np.asarray(tokens, np.int32), yes, yes,
                             np.zeros((B,), np.int32)))
     rest = gen._put((np.zeros((B, steps), np.int32), np.zeros((B, steps), bool), yes,
@@ -546,7 +547,7 @@ def format_table(results: dict, batches, prompt_len: int, new_tokens: int) -> st
             lines[-1] += (" Ungrouped products: the official weight layout, one product per "
                           "matrix (Generator(group_products=False)).")
         if any("CUDA decode block" in r["ours"] for r in results.values()):
-            lines[-1] += (" CUDA decode block: a block as one CUDA kernel (rwkv_jax.ops.cuda."
+            lines[-1] += (" CUDA decode block: a block as one CUDA kernel (rwkv_jax.kernels.cuda."
                           "decode4, Generator(decode_kernels='cuda')), one row; batch 16 runs "
                           "XLA's products on its weight layout.")
         if first["device"] == "cpu":

@@ -37,11 +37,8 @@ if [[ $what == all || $what == train3b ]]; then
 fi
 echo; cat "$OUT/train_step.md" 2>/dev/null
 if [[ $what == all || $what == cuda ]]; then
-  # The CUDA decode block (rwkv_jax/ops/cuda): its tests, alone against its host reference,
-  # through JAX against XLA's block, and 3B decoding end to end (~4 min on an H200).
-  python3 -m pytest -q tests/test_cuda_decode.py 2>&1 | grep -E "^E |Error|passed|failed" | tail -25
-  python3 bench/decode_block_cuda.py --model 3B --layers 1,32 --window 2,3 --out /tmp/dbc 2>&1 \
-    | tee "$OUT/decode_block_cuda.md" | grep -A8 "^| variant"
+  # The CUDA decode block: its tests, and 3B decoding end to end against XLA's products.
+  python3 -m pytest -q tests/ops/test_cuda_decode.py 2>&1 | grep -E "^E |Error|passed|failed" | tail -25
   python3 bench/decode.py --gpu --models 3B --variants xla,cuda --no_rwkv --out "$OUT/decode" 2>&1 \
     | grep -A4 "^| model | ours"
 fi

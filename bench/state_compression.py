@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def state_bytes_table(configs: dict) -> dict:
     import jax  # noqa: PLC0415
 
-    from rwkv_jax import state_codec  # noqa: PLC0415
-    from rwkv_jax.model import RWKV  # noqa: PLC0415
-    from rwkv_jax.state import init_state  # noqa: PLC0415
+    from rwkv_jax.nn import state_codec  # noqa: PLC0415
+    from rwkv_jax.nn.model import RWKV  # noqa: PLC0415
+    from rwkv_jax.nn.state import zero_state  # noqa: PLC0415
 
     out = {}
     for name, config in configs.items():
@@ -39,7 +39,7 @@ def state_bytes_table(configs: dict) -> dict:
         row = {}
         for mode in state_codec.MODES:
             packed = jax.eval_shape(
-                lambda p, m=mode, c=config: state_codec.compress(init_state(c, 1), m, p), params)
+                lambda p, m=mode, c=config: state_codec.compress(zero_state(c, 1), m, p), params)
             row[mode] = state_codec.bytes_of(packed)
         row["codec_params"] = state_codec.bytes_of(params["state_codec"]) if "state_codec" in params else 0
         out[name] = row
@@ -60,10 +60,13 @@ def main():
     import numpy as np  # noqa: PLC0415
 
     from configs import tiny  # noqa: PLC0415
-    from rwkv_jax import checkpoint as ckpt  # noqa: PLC0415
-    from rwkv_jax import hybrid, state_codec, trainer  # noqa: PLC0415
+    from rwkv_jax import io as ckpt  # noqa: PLC0415
+    from rwkv_jax import train as trainer
     from rwkv_jax.config import ModelConfig  # noqa: PLC0415
+    from rwkv_jax.config import layer_pattern as hybrid
+    from rwkv_jax.evaluation import score_stream
     from rwkv_jax.generate import Generator  # noqa: PLC0415
+    from rwkv_jax.nn import state_codec  # noqa: PLC0415
 
     configs = {
         "tiny (L4 C128)": ModelConfig(vocab_size=256, n_layer=4, n_embd=128),
@@ -114,7 +117,7 @@ def main():
         print(f"{mode}: val loss {results[mode][0]:.6f}", flush=True)
     # For scale: no state at all, every chunk from the zero state.
     t = time.perf_counter()
-    total, count = trainer.score_stream(lambda p_, x, s: base._apply(p_, x, None), base.weights,
+    total, count = score_stream(lambda p_, x, s: base._apply(p_, x, None), base.weights,
                                         tokens, L)
     results["no state (reset each chunk)"] = (total / count, time.perf_counter() - t)
 

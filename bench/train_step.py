@@ -35,14 +35,14 @@ def main(argv):
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from rwkv_jax import trainer  # noqa: PLC0415
-    from rwkv_jax.model import RWKV  # noqa: PLC0415
+    from rwkv_jax import train as trainer  # noqa: PLC0415
+    from rwkv_jax.nn.model import RWKV  # noqa: PLC0415
 
     cfg = _CONFIG.value
     run = trainer.prepare(cfg)
     mc = run.model_config
     optimizer = trainer.make_optimizer(run)
-    layout = trainer.plan_layout(run, optimizer)
+    layout = trainer.plan_shardings(run, optimizer)
     plan = trainer.check_memory(run, layout)
     ts, _ = trainer.init_train_state(run, jax.random.PRNGKey(0), layout)
     # A chunk in the middle of a sequence: the state comes in, as in long-context training.

@@ -48,7 +48,7 @@ class _StepClock(logging.Handler):
 
 def _params(cfg):
     from rwkv_jax.config import model_config_from  # noqa: PLC0415
-    from rwkv_jax.model import count_params, param_shapes  # noqa: PLC0415
+    from rwkv_jax.nn.model import count_params, param_shapes  # noqa: PLC0415
 
     mc = model_config_from(cfg, vocab_size=256 if cfg.data.tokenizer == "byte" else None)
     return count_params(param_shapes(mc))
@@ -79,7 +79,7 @@ def _match_params(cfg, target):
 
 
 def _train(cfg, steps, eval_every, eval_tokens):
-    from rwkv_jax import trainer  # noqa: PLC0415
+    from rwkv_jax import train as trainer  # noqa: PLC0415
 
     cfg.train.steps = steps
     cfg.optimizer.warmup_steps = min(cfg.optimizer.warmup_steps, steps // 10)

@@ -30,8 +30,8 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 import wkv as common  # bench/wkv.py: timing helpers and the log
+
 from rwkv_jax.ops import wkv7 as ops
 
 SHAPES7 = [(4, 4096, 40, 64), (8, 1024, 12, 64)]

@@ -4,10 +4,14 @@ compilation cache for the programs that tests start."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+
+from rwkv_jax.config import default_config
 
 # The suite's time on a CPU is mostly XLA compiling tiny programs that then run for
 # milliseconds: LLVM's optimisation passes are most of a compile and buy nothing here (the
@@ -208,8 +212,8 @@ def seasoned_block(config, rows: int, matrices=None):
     import jax
     import jax.numpy as jnp
 
-    from rwkv_jax.layers import RWKVBlock
-    from rwkv_jax.state import zero_layer_state
+    from rwkv_jax.nn.rwkv4 import RWKVBlock
+    from rwkv_jax.nn.state import zero_layer_state
 
     block = RWKVBlock(config, 1)
     pos = jnp.zeros((rows,), jnp.int32)
@@ -230,9 +234,7 @@ def seasoned_block(config, rows: int, matrices=None):
 def tiny_run(tmp_path_factory):
     """A tiny training run with the learned state codec on, shared by the inference, state
     codec and state tuning tests (one training compile for all)."""
-    from test_train import TEXT, tiny_config
-
-    from rwkv_jax import trainer
+    from rwkv_jax import train as trainer
 
     tmp = tmp_path_factory.mktemp("tiny_run")
     (tmp / "train.txt").write_text(TEXT)
@@ -266,3 +268,48 @@ def triton_modules(monkeypatch):
 
     monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
     return verified
+
+
+# ------------------------------------------------ training runs shared by the test packages
+
+# A small English text: enough tokens for a few steps of a tiny model.
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 60)
+
+
+def tiny_config(tmp_path, corpus, **overrides):
+    """A tiny RWKV-4 run config over `corpus` (train, val) writing under tmp_path/runs; overrides
+    as {"group.field": value}."""
+    c = default_config()
+    c.experiment_name = "t"
+    c.output_dir = str(tmp_path / "runs")
+    c.model.n_layer, c.model.n_embd = 2, 32
+    c.data.train_file, c.data.val_file = corpus
+    c.train.batch_size, c.train.max_seq_length, c.train.steps = 4, 32, 8
+    c.memory.rwkv_chunk_size = 16
+    c.optimizer.lr, c.optimizer.warmup_steps = 3e-3, 2
+    c.logging.every, c.logging.eval_every, c.logging.eval_tokens = 4, 1000, 256
+    c.logging.progress, c.logging.tensorboard = False, False
+    c.checkpoint.every = 3
+    for key, value in overrides.items():
+        group, field = key.split(".") if "." in key else (None, key)
+        (c[group] if group else c)[field] = value
+    return c
+
+
+def start_train(args, env=None, signal_at=None):
+    """train.py with `args`; signal_at=(step, "KILL" or "INT") sends that signal after the step
+    (tests/signal_at_step.py)."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": repo_pythonpath()}
+    program = [os.path.join(REPO, "train.py")] if signal_at is None else \
+        [os.path.join(REPO, "tests", "signal_at_step.py"), str(signal_at[0]), signal_at[1]]
+    return subprocess.Popen([sys.executable, *program, *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=240):
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run_train(args, env=None, timeout=240, signal_at=None):
+    return finish(start_train(args, env, signal_at), timeout)

@@ -2,7 +2,7 @@
 
     python tests/signal_at_step.py STEP KILL|INT [train.py's flags ...]
 
-The tests' faults come from outside the library: this wraps trainer.train with an on_step
+The tests' faults come from outside the library: this wraps rwkv_jax.train.loop.train (which the command line calls) with an on_step
 hook. Before SIGKILL it waits for the checkpoints being written, so that what survives the
 kill is decided by the step, not by the timing of the writes.
 """
@@ -11,8 +11,8 @@ import os
 import signal
 import sys
 
-from rwkv_jax import trainer
 from rwkv_jax.cli import train as cli
+from rwkv_jax.train import loop
 
 
 def _signal_at(step: int, name: str):
@@ -29,6 +29,6 @@ if __name__ == "__main__":
     # Ctrl-C's KeyboardInterrupt is what the INT case tests, however the suite was started.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     at, name = int(sys.argv.pop(1)), sys.argv.pop(1)
-    train = trainer.train
-    trainer.train = lambda run: train(run, on_step=_signal_at(at, name))
+    train = loop.train
+    loop.train = lambda run: train(run, on_step=_signal_at(at, name))
     cli.run()

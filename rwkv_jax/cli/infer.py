@@ -17,11 +17,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import re
 import sys
 import tempfile
 import time
+import warnings
+
+import numpy as np
+
+from rwkv_jax.data.text import DAMAGED_ARCHIVE, open_text_bytes
+from rwkv_jax.data.tokenizers import get_tokenizer
+from rwkv_jax.data.tokens import TokenFile, check_token_ids, prepare_tokens
+from rwkv_jax.evaluation.score import bits_per_byte
+from rwkv_jax.generate.decode_weights import PALLAS_REMOVED, choose_decode_kernels
+from rwkv_jax.generate.generator import Generator
+from rwkv_jax.generate.sampling import Sampling
+from rwkv_jax.generate.text import check_options, encode_prompt, run_seeds
+from rwkv_jax.io.checkpoint import (
+    TrainCheckpointer,
+    find_checkpoint_dir,
+    restore_params,
+)
+from rwkv_jax.io.integrity import DamagedCheckpointError
+from rwkv_jax.io.official import check_export_path, export_official, import_official
+from rwkv_jax.kernels.cuda import decode4 as cuda_decode4
+from rwkv_jax.kernels.cuda.decode4 import Unavailable
 
 
 class InputError(Exception):
@@ -62,10 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--decode_kernels", nargs="?", const="pallas", default="auto",
                      choices=("auto", "xla", "pallas", "cuda"),
                      help="RWKV-4: how a decode step runs. 'cuda': each run of blocks as one "
-                          "CUDA kernel (rwkv_jax.ops.cuda.decode4; Hopper GPUs, nvcc, bf16 "
+                          "CUDA kernel (rwkv_jax.kernels.cuda.decode4; Hopper GPUs, nvcc, bf16 "
                           "weights, 1-2 rows); 'xla': XLA's products; 'auto' (the default): "
                           "'cuda' where it can run, else 'xla'. 'pallas' (the flag alone) was "
-                          "removed. bench/README.md has the numbers")
+                          "removed. docs/performance.md has the numbers")
     other = p.add_argument_group("scoring and export")
     other.add_argument("--score", default=None, metavar="FILE",
                        help="print loss, perplexity and bits per byte of a whole text file")
@@ -107,9 +130,6 @@ def _quiet_failed_restore() -> None:
     """A failed orbax restore leaves reads in flight whose errors Python would print later
     (thousands of lines) through asyncio's logger, the unraisable hook and warnings; the one
     line this program prints says it all."""
-    import logging  # noqa: PLC0415
-    import warnings  # noqa: PLC0415
-
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda _: None
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
@@ -118,7 +138,6 @@ def _quiet_failed_restore() -> None:
 def load_model(args):
     """(model_config, params, tokenizer name or None, default chunk length) of the weights asked
     for."""
-    from rwkv_jax import checkpoint as ckpt  # noqa: PLC0415
 
     if args.official:
         if args.step is not None:
@@ -128,7 +147,7 @@ def load_model(args):
             raise InputError(f"--official {args.official!r} is a directory; it takes an official "
                              f"RWKV .pth file (a training run's directory goes to --run_dir)")
         try:
-            config, params = ckpt.import_official(args.official)
+            config, params = import_official(args.official)
         except (ValueError, FileNotFoundError, ImportError) as e:
             raise InputError(_one_line(e)) from None
         # None: a vocabulary no tokenizer here is known for (_main says so, after the checks
@@ -142,9 +161,9 @@ def load_model(args):
                              f"--step {step}")
         run_dir, step = parent, int(name)
     try:
-        directory = ckpt.find_checkpoint_dir(run_dir)
-        config, params, meta = ckpt.restore_params(directory, step)
-    except ckpt.DamagedCheckpointError as e:
+        directory = find_checkpoint_dir(run_dir)
+        config, params, meta = restore_params(directory, step)
+    except DamagedCheckpointError as e:
         _quiet_failed_restore()
         others = _other_steps(directory, step)
         raise InputError(f"{e}" + (f" (other steps there: {others}; pick one with --step)"
@@ -176,10 +195,9 @@ _OFFICIAL_TOKENIZERS = {65536: "world", 256: "byte"}
 
 def _other_steps(directory: str, step: int | None) -> list[int]:
     """The steps of a checkpoint directory besides `step` (None: the newest), if it lists them."""
-    from rwkv_jax import checkpoint as ckpt  # noqa: PLC0415
 
     try:
-        steps = sorted(ckpt.TrainCheckpointer(directory).all_steps())
+        steps = sorted(TrainCheckpointer(directory).all_steps())
     except Exception:  # noqa: BLE001 - only a hint in a message
         return []
     step = steps[-1] if step is None and steps else step
@@ -188,22 +206,18 @@ def _other_steps(directory: str, step: int | None) -> list[int]:
 
 def _score_tokens(path: str, tokenizer, vocab_size: int) -> dict:
     """The file's tokens exactly as the trainer's evaluation reads them, and its byte count."""
-    import numpy as np  # noqa: PLC0415
-
-    from rwkv_jax import data as data_lib  # noqa: PLC0415
-
     if os.path.isdir(path):
         raise InputError(f"--score {path!r} is a directory; give a text file (or a token .bin)")
     if not os.path.isfile(path):
         raise InputError(f"--score {path!r}: no such file")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            tf = data_lib.TokenFile(path) if path.endswith(".bin") else \
-                data_lib.prepare_tokens(path, tokenizer, os.path.join(tmp, "score.bin"))
+            tf = TokenFile(path) if path.endswith(".bin") else \
+                prepare_tokens(path, tokenizer, os.path.join(tmp, "score.bin"))
             out = {"tokens": np.array(tf.tokens), "num_tokens": tf.num_tokens,
                    "num_bytes": tf.num_bytes, "max_token_id": tf.max_token_id}
             # The ids themselves: a .bin's metadata may not tell (a damaged or hand-made file).
-            data_lib.check_token_ids(tf, vocab_size)
+            check_token_ids(tf, vocab_size)
     except (ValueError, OSError) as e:
         raise InputError(f"--score {path!r}: {e}") from None
     if out["num_tokens"] < 2:
@@ -244,8 +258,6 @@ def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.decode_kernels == "pallas":  # the flag alone, or named: before anything else
-        from rwkv_jax.decode_weights import PALLAS_REMOVED  # noqa: PLC0415
-
         print(f"infer: --decode_kernels pallas was removed: {PALLAS_REMOVED}", file=sys.stderr)
         return 2
     _warn_unused(args, parser)
@@ -262,22 +274,55 @@ def _decode_kernels(args, config, rows: int):
     """The Generator's decode_kernels for --decode_kernels ('auto': the library's choice)."""
     if args.decode_kernels != "auto":
         return None if args.decode_kernels == "xla" else args.decode_kernels
-    from rwkv_jax.decode_weights import choose_decode_kernels  # noqa: PLC0415
-
     return choose_decode_kernels(config, args.bf16, rows)
 
 
 def _main(args) -> int:
-    from rwkv_jax import data as data_lib  # noqa: PLC0415
+    _check_args(args)
+    config, params, tokenizer_name, chunk_len = load_model(args)
+    tokenizer = _tokenizer(args, config, tokenizer_name)
+    rows = _prompt_rows(args, tokenizer, config)
+    try:
+        sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty,
+                            penalty_decay=args.penalty_decay)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    score_file = _score_tokens(args.score, tokenizer, config.vocab_size) if args.score else None
+    chunk_len = args.chunk_len or chunk_len
 
+    if args.export_official:
+        try:
+            export_official(params, config, args.export_official, dtype=args.export_dtype)
+        except (ValueError, OSError) as e:
+            raise InputError(str(e)) from None
+        print(f"wrote {args.export_official}", file=sys.stderr)
+
+    if not (rows or score_file):
+        return 0
+    # Everything is checked; from here on things compile and run.
+    generator = _generator(args, config, params, tokenizer, len(rows))
+    if rows:
+        _generate(args, generator, rows, sampling)
+    if score_file is not None:
+        out = generator.score(score_file["tokens"], chunk_len)
+        loss, count = out["loss"], out["tokens"]
+        bytes_scored = score_file["num_bytes"] * count / max(score_file["num_tokens"] - 1, 1)
+        bpb = bits_per_byte(loss, count, bytes_scored)
+        print(f"score {args.score}: loss {loss:.6f} nats/token, perplexity {math.exp(loss):.4f}, "
+              f"{bpb:.4f} bits/byte over {count} tokens (chunk_len {chunk_len})")
+    return 0
+
+
+def _check_args(args) -> None:
+    """What the flags alone say is wrong, before any weights are read."""
     if not (args.prompt or args.prompt_file or args.score or args.export_official):
         raise InputError("nothing to do: give --prompt/--prompt_file, --score or --export_official")
     for name in ("max_new_tokens", "num_samples", "chunk_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name}={value}: must be >= 1")
-    from rwkv_jax.generate import check_options, run_seeds  # noqa: PLC0415
-
     try:  # what Generator and generate() would refuse after the model is loaded (and exported)
         check_options(args.prefill_chunk, args.decode_block)
         run_seeds(args.max_new_tokens, args.seed, (len(args.prompt) + bool(args.prompt_file))
@@ -285,21 +330,19 @@ def _main(args) -> int:
     except ValueError as e:
         raise InputError(f"--{e}") from None
     if args.export_official:
-        from rwkv_jax.checkpoint import check_export_path  # noqa: PLC0415
-
         try:
             check_export_path(args.export_official)
         except (ValueError, ImportError) as e:
             raise InputError(f"--export_official: {e}") from None
-
     if args.decode_kernels == "cuda":  # before the checkpoint is read
-        from rwkv_jax.ops.cuda import decode4 as cuda_decode4  # noqa: PLC0415
-
         try:
             cuda_decode4.check_device()
         except cuda_decode4.Unavailable as e:
             raise InputError(f"--decode_kernels cuda: {e}") from None
-    config, params, tokenizer_name, chunk_len = load_model(args)
+
+
+def _tokenizer(args, config, tokenizer_name):
+    """The model's tokenizer, and the checks that need the model's config."""
     if args.decode_kernels == "cuda" and config.version != "4":
         raise InputError(f"--decode_kernels: the decode kernels run RWKV-4 blocks; this model "
                          f"is RWKV-{config.version} (leave the flag out)")
@@ -312,24 +355,26 @@ def _main(args) -> int:
                          f"its tokenizer with --tokenizer (a tokenizers .json, such as the 20B "
                          f"tokenizer of the RWKV-4 Pile models)")
     try:
-        tokenizer = data_lib.get_tokenizer(tokenizer_name)
+        tokenizer = get_tokenizer(tokenizer_name)
     except (ValueError, ImportError, OSError) as e:
         raise InputError(f"tokenizer {tokenizer_name!r}: {e}") from None
     if tokenizer.vocab_size > config.vocab_size:
         raise InputError(f"tokenizer {tokenizer_name!r} has {tokenizer.vocab_size} tokens, more "
                          f"than this model's vocabulary of {config.vocab_size}: the model was "
                          f"made with another tokenizer (name it with --tokenizer)")
+    return tokenizer
 
-    from rwkv_jax.generate import Generator, Sampling, encode_prompt  # noqa: PLC0415
 
+def _prompt_rows(args, tokenizer, config) -> list[list[int]]:
+    """Each sample's prompt tokens (--prompt and --prompt_file, --num_samples of each)."""
     prompts = [_unescape(p) for p in args.prompt]
     names = [f"--prompt {i + 1} of {len(prompts)}" if len(prompts) > 1 else "--prompt"
              for i in range(len(prompts))]
     if args.prompt_file:
         try:
-            with data_lib.open_text_bytes(args.prompt_file) as f:  # .txt, .txt.xz, .txt.gz
+            with open_text_bytes(args.prompt_file) as f:  # .txt, .txt.xz, .txt.gz
                 prompts.append(f.read().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, *data_lib.DAMAGED_ARCHIVE) as e:
+        except (OSError, UnicodeDecodeError, *DAMAGED_ARCHIVE) as e:
             raise InputError(f"--prompt_file {args.prompt_file!r}: {e}") from None
         names.append(f"--prompt_file {args.prompt_file!r}")
     rows = []
@@ -338,72 +383,43 @@ def _main(args) -> int:
             rows += [encode_prompt(tokenizer, p, config.vocab_size)] * args.num_samples
         except ValueError as e:  # UnicodeEncodeError too (undecodable bytes in the argument)
             raise InputError(f"{name}: {e}") from None
+    return rows
+
+
+def _generator(args, config, params, tokenizer, rows: int) -> Generator:
+    kernels = _decode_kernels(args, config, rows)
     try:
-        sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            presence_penalty=args.presence_penalty,
-                            frequency_penalty=args.frequency_penalty,
-                            penalty_decay=args.penalty_decay)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    score_file = _score_tokens(args.score, tokenizer, config.vocab_size) if args.score else None
-    chunk_len = args.chunk_len or chunk_len
-
-    if args.export_official:
-        from rwkv_jax.checkpoint import export_official  # noqa: PLC0415
-
-        try:
-            export_official(params, config, args.export_official, dtype=args.export_dtype)
-        except (ValueError, OSError) as e:
-            raise InputError(str(e)) from None
-        print(f"wrote {args.export_official}", file=sys.stderr)
-
-    if not (rows or score_file):
-        return 0
-    # Everything is checked; from here on things compile and run.
-    from rwkv_jax.ops.cuda.decode4 import Unavailable  # noqa: PLC0415
-
-    kernels = _decode_kernels(args, config, len(rows))
-    try:
-        generator = Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk,
-                              bf16=args.bf16, decode_block=args.decode_block,
-                              decode_kernels=kernels)
+        return Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk,
+                         bf16=args.bf16, decode_block=args.decode_block, decode_kernels=kernels)
     except Unavailable as e:  # the CUDA kernel's build, or a block it cannot take
         if args.decode_kernels == "cuda":
             raise InputError(f"--decode_kernels cuda: {e}") from None
         print(f"decoding with XLA's products: {e}", file=sys.stderr)
-        generator = Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk,
-                              bf16=args.bf16, decode_block=args.decode_block)
-    if rows:
-        stops = [_unescape(s) for s in args.stop]
-        t = time.perf_counter()
-        if len(rows) == 1:
-            result = generator.generate(rows, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                        seed=args.seed, stop=stops,
-                                        callback=lambda _, piece: print(piece, end="", flush=True))
-            print()
-        else:
-            result = generator.generate(rows, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                        seed=args.seed, stop=stops)
-            for i, text in enumerate(result.texts):
-                print(f"--- sample {i} (prompt {i // args.num_samples}, seed {args.seed + i}) ---")
-                print(text)
-        tm = result.timings
-        steps = max(tm["steps"], 1)
-        print(f"[{tm['new_tokens']} tokens in {time.perf_counter() - t:.2f} s; prefill "
-              f"{1e3 * tm['prefill_s']:.1f} ms, decode {1e3 * tm['decode_s'] / steps:.2f} "
-              f"ms/step, both with their compiles: bench/decode.py times decoding alone]",
-              file=sys.stderr)
+        return Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk,
+                         bf16=args.bf16, decode_block=args.decode_block)
 
-    if score_file is not None:
-        import math  # noqa: PLC0415
 
-        out = generator.score(score_file["tokens"], chunk_len)
-        loss, count = out["loss"], out["tokens"]
-        bytes_scored = score_file["num_bytes"] * count / max(score_file["num_tokens"] - 1, 1)
-        bpb = data_lib.bits_per_byte(loss, count, bytes_scored)
-        print(f"score {args.score}: loss {loss:.6f} nats/token, perplexity {math.exp(loss):.4f}, "
-              f"{bpb:.4f} bits/byte over {count} tokens (chunk_len {chunk_len})")
-    return 0
+def _generate(args, generator: Generator, rows, sampling) -> None:
+    """Generates and prints: one sample as it comes, several each under a header."""
+    stops = [_unescape(s) for s in args.stop]
+    t = time.perf_counter()
+    if len(rows) == 1:
+        result = generator.generate(rows, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                    seed=args.seed, stop=stops,
+                                    callback=lambda _, piece: print(piece, end="", flush=True))
+        print()
+    else:
+        result = generator.generate(rows, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                    seed=args.seed, stop=stops)
+        for i, text in enumerate(result.texts):
+            print(f"--- sample {i} (prompt {i // args.num_samples}, seed {args.seed + i}) ---")
+            print(text)
+    tm = result.timings
+    steps = max(tm["steps"], 1)
+    print(f"[{tm['new_tokens']} tokens in {time.perf_counter() - t:.2f} s; prefill "
+          f"{1e3 * tm['prefill_s']:.1f} ms, decode {1e3 * tm['decode_s'] / steps:.2f} "
+          f"ms/step, both with their compiles: bench/decode.py times decoding alone]",
+          file=sys.stderr)
 
 
 def run() -> None:

@@ -18,6 +18,8 @@ import traceback
 from absl import app, flags
 from ml_collections import config_flags
 
+from rwkv_jax.config import ConfigError, describe_schema
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_CONFIG = "tiny"
 
@@ -52,7 +54,6 @@ Config groups and fields (default, then meaning):
 
 
 def _help_text() -> str:
-    from rwkv_jax.config import describe_schema  # noqa: PLC0415  (only for --help)
 
     return USAGE.format(bundled=", ".join(bundled_configs()), default=DEFAULT_CONFIG) + \
         describe_schema()
@@ -181,11 +182,15 @@ def _crash(who: str, run_dir: str | None) -> int:
 
 def main(argv):
     del argv
-    import jax  # noqa: PLC0415  (after flags: jax reads XLA_FLAGS at import)
+    # jax, and all that imports it, after the flags: jax reads XLA_FLAGS at import.
+    import jax  # noqa: PLC0415
 
-    from rwkv_jax import distributed, trainer  # noqa: PLC0415
-    from rwkv_jax.checkpoint import CheckpointWriteError  # noqa: PLC0415
-    from rwkv_jax.config import ConfigError  # noqa: PLC0415
+    from rwkv_jax.io.integrity import CheckpointWriteError  # noqa: PLC0415
+    from rwkv_jax.train import distributed  # noqa: PLC0415
+    from rwkv_jax.train.loop import train  # noqa: PLC0415
+    from rwkv_jax.train.memory import MemoryPlanError  # noqa: PLC0415
+    from rwkv_jax.train.run import ResumeError, prepare, run_summary  # noqa: PLC0415
+    from rwkv_jax.train.step import TrainingDiverged  # noqa: PLC0415
 
     setup_logging()
     cfg = _CONFIG.value
@@ -199,26 +204,26 @@ def main(argv):
     if multi and jax.process_index() != 0:
         logging.getLogger("rwkv_jax").setLevel(logging.WARNING)  # one process speaks
     try:
-        run = trainer.prepare(cfg)
+        run = prepare(cfg)
     except (ConfigError, FileNotFoundError) as e:
         print(f"{who}config error: {e}", file=sys.stderr)
         return 2
     except Exception:  # noqa: BLE001 - a bug: keep its traceback, say where
         return _crash(who, run_dir)
-    logging.getLogger("rwkv_jax").info("run %s: %s", run.run_dir, trainer.run_summary(run))
+    logging.getLogger("rwkv_jax").info("run %s: %s", run.run_dir, run_summary(run))
     try:
-        final = trainer.train(run)
-    except (trainer.MemoryPlanError, ConfigError) as e:
+        final = train(run)
+    except (MemoryPlanError, ConfigError) as e:
         print(f"{who}config error: {e}", file=sys.stderr)
         return 2
-    except trainer.ResumeError as e:
+    except ResumeError as e:
         print(f"{who}cannot resume: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{who}interrupted: the same command resumes from the newest checkpoint in "
               f"{run.run_dir}/checkpoints", file=sys.stderr)
         return 130
-    except trainer.TrainingDiverged as e:
+    except TrainingDiverged as e:
         print(f"{who}training stopped: {e}", file=sys.stderr)
         return 3
     except CheckpointWriteError as e:  # the disk, not the config: 4 tells a job script so

@@ -11,8 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-RWKV = "rwkv"
-ATTN = "attn"
+
+class LayerKind:
+    """What a layer is: the strings ModelConfig.layer_types and config.json hold."""
+
+    RWKV = "rwkv"
+    ATTN = "attn"
+
 PRESETS = ("alternating", "rwkv", "attention")
 PATTERNS = PRESETS + ("custom", "auto")  # architecture.layer_pattern
 
@@ -30,7 +35,7 @@ def build_layer_pattern(
     if n_layer < 1:
         raise ValueError(f"model.n_layer must be >= 1, got {n_layer}")
     if rwkv_layers is None and attention_layers is None:
-        return tuple(RWKV if i % 2 == 0 else ATTN for i in range(n_layer))
+        return tuple(LayerKind.RWKV if i % 2 == 0 else LayerKind.ATTN for i in range(n_layer))
     rwkv = _normalise(rwkv_layers, n_layer, "architecture.rwkv_layers")
     attn = _normalise(attention_layers, n_layer, "architecture.attention_layers")
     if rwkv is None:
@@ -49,7 +54,7 @@ def build_layer_pattern(
             f"layers {missing} are in neither architecture.rwkv_layers nor architecture.attention_layers; "
             f"together they must cover 0..{n_layer - 1}"
         )
-    return tuple(RWKV if i in rwkv else ATTN for i in range(n_layer))
+    return tuple(LayerKind.RWKV if i in rwkv else LayerKind.ATTN for i in range(n_layer))
 
 
 def _normalise(indices, n_layer: int, field: str) -> set[int] | None:
@@ -72,9 +77,9 @@ def preset_pattern(name: str, n_layer: int) -> tuple[str, ...]:
     if name == "alternating":
         return build_layer_pattern(n_layer)
     if name == "rwkv":
-        return (RWKV,) * n_layer
+        return (LayerKind.RWKV,) * n_layer
     if name == "attention":
-        return (ATTN,) * n_layer
+        return (LayerKind.ATTN,) * n_layer
     raise ValueError(f"architecture.layer_pattern={name!r} is not one of {PATTERNS}")
 
 
@@ -93,7 +98,7 @@ def resolve_layer_pattern(
     if pattern == "custom" or (pattern is None and (rwkv_layers or attention_layers)):
         return build_layer_pattern(n_layer, rwkv_layers, attention_layers)
     if pattern is None:
-        return (RWKV,) * n_layer
+        return (LayerKind.RWKV,) * n_layer
     if pattern == "auto":
         return optimize_for_sequence_length(n_layer, n_embd, seq_len)
     return preset_pattern(pattern, n_layer)
@@ -110,7 +115,7 @@ def distribution(pattern: Sequence[str]) -> dict:
     """Counts and percentages of each kind, with the indices of each."""
     n = len(pattern)
     out = {}
-    for kind in (RWKV, ATTN):
+    for kind in (LayerKind.RWKV, LayerKind.ATTN):
         idx = [i for i, p in enumerate(pattern) if p == kind]
         out[kind] = {"count": len(idx), "percent": 100.0 * len(idx) / n, "layers": idx}
     return out
@@ -118,7 +123,7 @@ def distribution(pattern: Sequence[str]) -> dict:
 
 def describe(pattern: Sequence[str]) -> str:
     d = distribution(pattern)
-    r, a = d[RWKV], d[ATTN]
+    r, a = d[LayerKind.RWKV], d[LayerKind.ATTN]
     return (
         f"{len(pattern)} layers: {r['count']} RWKV ({r['percent']:.0f}%), "
         f"{a['count']} attention ({a['percent']:.0f}%) at {a['layers']}"
@@ -151,7 +156,7 @@ def optimize_for_sequence_length(
     n_attn = math.floor(attention_budget * dense / ((1 - attention_budget) * per_attn))
     n_attn = max(1, min(n_attn, n_layer // 2))
     if n_layer == 1:
-        return (RWKV,)
+        return (LayerKind.RWKV,)
     stride = n_layer / n_attn
     attn = {min(n_layer - 1, round(stride * (j + 1)) - 1) for j in range(n_attn)}
-    return tuple(ATTN if i in attn and i > 0 else RWKV for i in range(n_layer))
+    return tuple(LayerKind.ATTN if i in attn and i > 0 else LayerKind.RWKV for i in range(n_layer))

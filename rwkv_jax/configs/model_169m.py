@@ -4,7 +4,7 @@
 """
 
 from rwkv_jax.config import default_config
-from rwkv_jax.data import sample_path
+from rwkv_jax.data.text import sample_path
 
 
 def get_config():

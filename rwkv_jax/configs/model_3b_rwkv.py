@@ -35,8 +35,8 @@ def get_config():
     c.efficiency.precision = "bfloat16"
     c.efficiency.wkv_chunk_size = 128
     c.efficiency.remat = True
-    # Keep matrix-product outputs, recompute the rest: 38.6% MFU at 52.7 GiB on an H100,
-    # against 28% for nothing_saveable (bench/train_step.py).
+    # Keep matrix-product outputs, recompute the rest: well above nothing_saveable's MFU and
+    # still within an H100's memory (figures in docs/performance.md; bench/train_step.py).
     c.efficiency.remat_policy = "dots_with_no_batch_dims_saveable"
     c.efficiency.donate = True
 

@@ -5,7 +5,7 @@ Trains on a 2-core CPU in about six minutes and writes a checkpoint infer.py can
 """
 
 from rwkv_jax.config import default_config
-from rwkv_jax.data import sample_path
+from rwkv_jax.data.text import sample_path
 
 
 def get_config():

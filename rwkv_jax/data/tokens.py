@@ -1,185 +1,36 @@
-"""Tokenizers, on-disk token files, deterministic batches and sequence chunking.
+"""Token files: a text tokenized once into a memory-mapped cache (`.bin` + `.bin.json`), written
+atomically under a lock, and the scan that checks its ids against a vocabulary.
 
-Everything here is plain NumPy so the data path can be tested without JAX and
-behaves identically on every host of a multi-host run.
+Plain NumPy, so the data path is tested without JAX and behaves the same on every host.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import gzip
 import hashlib
-import importlib.resources
 import json
 import logging
-import lzma
-import math
 import os
 import re
 import socket
 import tempfile
-import zlib
 from pathlib import Path
-from typing import Iterator, Protocol
 
 import numpy as np
 
-from rwkv_jax.config import check_chunking
+from rwkv_jax.data.text import DEFAULT_BLOCK_BYTES, iter_text_blocks
+from rwkv_jax.data.tokenizers import Tokenizer, get_tokenizer
 
 try:
     import fcntl  # POSIX: token files are locked while written (_file_lock)
 except ImportError:  # Windows: no lock
     fcntl = None
 
+
 log = logging.getLogger(__name__)
 
-WORLD_VOCAB_FILE = "rwkv_vocab_v20230424.txt"
-TOKENIZER_CHOICES = '"byte", "world", or a path to a Hugging Face tokenizer .json file'
 
-# Big enough that per-block overhead is negligible, small enough that the text,
-# its token list and the NumPy copy of it fit comfortably in memory together.
-DEFAULT_BLOCK_BYTES = 4 << 20
-
-
-# Text may come compressed: read through the decompressor, so the bundled sample (xz) and
-# users' .gz corpora need no unpacked copy. Token counts and bits per byte see the text's bytes.
-COMPRESSED_TEXT = {".xz": lzma.open, ".gz": gzip.open}
-DAMAGED_ARCHIVE = (lzma.LZMAError, gzip.BadGzipFile, zlib.error, EOFError)  # what a bad one raises
-BUNDLED_SAMPLE = "shakespeare"
-
-
-def open_text_bytes(path: str | os.PathLike):
-    """A binary file object over a text file's bytes (`.txt`, `.txt.xz`, `.txt.gz`)."""
-    opener = COMPRESSED_TEXT.get(Path(path).suffix, open)
-    return opener(path, "rb")
-
-
-def text_stem(path: str | os.PathLike) -> str:
-    """The file's name without its compression and text suffixes (train.txt.xz -> train)."""
-    name = Path(path).name
-    for suffix in (*COMPRESSED_TEXT, ".txt"):
-        name = name[: -len(suffix)] if name.endswith(suffix) else name
-    return name
-
-
-def sample_path(name: str) -> str:
-    """The bundled Shakespeare sample's `name` split ("train" or "val"): package data, xz."""
-    return str(importlib.resources.files("rwkv_jax") / "samples" / BUNDLED_SAMPLE / f"{name}.txt.xz")
-
-
-# ---------------------------------------------------------------------------
-# Tokenizers
-# ---------------------------------------------------------------------------
-
-
-class Tokenizer(Protocol):
-    name: str
-    vocab_size: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens; needs no vocabulary file and never fails to encode."""
-
-    name = "byte"
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        # A window cut from the middle of the data can split a multi-byte character.
-        return bytes(ids).decode("utf-8", errors="replace")
-
-    def decode_bytes(self, ids: list[int]) -> bytes:
-        return bytes(ids)
-
-
-@functools.lru_cache(maxsize=1)
-def _load_world_trie():
-    """Builds the World trie once per process; construction takes seconds."""
-    try:
-        from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
-    except ImportError as e:
-        raise ImportError(
-            "The RWKV World tokenizer needs the `rwkv` package: pip install rwkv"
-        ) from e
-    vocab = importlib.resources.files("rwkv").joinpath(WORLD_VOCAB_FILE)
-    with importlib.resources.as_file(vocab) as vocab_path:
-        return TRIE_TOKENIZER(str(vocab_path))
-
-
-class WorldTokenizer:
-    """The RWKV World tokenizer, using the vocabulary shipped with the `rwkv` package."""
-
-    name = "world"
-    vocab_size = 65536
-
-    def __init__(self) -> None:
-        self._trie = _load_world_trie()
-
-    def encode(self, text: str) -> list[int]:
-        return self._trie.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        # The package's own decode turns any bad UTF-8 into a single U+FFFD,
-        # losing the rest of the text; replace only the bad bytes instead.
-        return self._trie.decodeBytes(ids).decode("utf-8", errors="replace")
-
-    def decode_bytes(self, ids: list[int]) -> bytes:
-        return self._trie.decodeBytes(ids)
-
-
-class HFTokenizer:
-    """Any Hugging Face `tokenizers` JSON file."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        from tokenizers import Tokenizer as _HFTokenizer
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Tokenizer file not found: {path}")
-        self.path = path
-        try:
-            self._tok = _HFTokenizer.from_file(str(path))
-        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for bad JSON
-            raise ValueError(f"{path} is not a tokenizers .json file: {e}") from None
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        # The content hash makes prepared token files go stale when the
-        # tokenizer file is edited in place, not only when it is renamed.
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        self.name = f"hf:{path.name}:{digest}"
-
-    def encode(self, text: str) -> list[int]:
-        # Text is tokenized in blocks, so a post-processor's BOS/EOS would be
-        # scattered through the corpus at arbitrary block boundaries.
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
-
-
-def get_tokenizer(spec: str) -> Tokenizer:
-    """Maps a config value ("byte", "world" or a .json path) to a tokenizer."""
-    if spec == "byte":
-        return ByteTokenizer()
-    if spec == "world":
-        return WorldTokenizer()
-    if str(spec).endswith(".json"):
-        return HFTokenizer(spec)
-    raise ValueError(f"Unknown tokenizer {spec!r}; expected {TOKENIZER_CHOICES}.")
-
-
-# ---------------------------------------------------------------------------
-# Token files
-# ---------------------------------------------------------------------------
-
-
-def _metadata_path(path: str | os.PathLike) -> Path:
+def metadata_path(path: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(path)}.json")
 
 
@@ -224,7 +75,7 @@ class TokenFile:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        meta_path = _metadata_path(self.path)
+        meta_path = metadata_path(self.path)
         if not self.path.is_file():
             raise FileNotFoundError(
                 f"Token file not found: {self.path} (create it with prepare_tokens)"
@@ -339,61 +190,8 @@ def check_token_ids(tf: TokenFile, vocab_size: int,
                      f"tokenizer")
 
 
-def _split_point(buf: bytes) -> int:
-    """Where to cut `buf` so the head is whole lines (or, failing that, whole characters).
-
-    Returns 0 when `buf` is too short to cut safely and more data is needed.
-    """
-    newline = buf.rfind(b"\n")
-    if newline >= 0:
-        return newline + 1
-    # A single line longer than a block: cut before the last character's lead
-    # byte so memory stays bounded. 0b10xxxxxx marks a continuation byte.
-    for cut in range(len(buf) - 1, max(len(buf) - 4, 0), -1):
-        if buf[cut] & 0xC0 != 0x80:
-            return cut
-    # No lead byte in the last three: either the buffer is too short to tell, or
-    # it ends with a whole 4-byte character (or invalid data, which decoding reports).
-    return 0 if len(buf) < 4 else len(buf)
-
-
-def _iter_text_blocks(text_path: Path, block_bytes: int) -> Iterator[str]:
-    """Yields the file's text in pieces of about `block_bytes`, cut at line ends.
-
-    Splitting never changes the byte tokenizer's output. For subword tokenizers a
-    token cannot span a cut, so the result may differ slightly from tokenizing the
-    whole text; cutting after a newline keeps that to rare merges across lines,
-    which is an acceptable price for bounded memory.
-    """
-    carry = b""
-    offset = 0
-    with open_text_bytes(text_path) as f:
-        while True:
-            try:
-                chunk = f.read(block_bytes)
-            except DAMAGED_ARCHIVE as e:
-                raise ValueError(f"{text_path} is not a readable compressed file ({e})") from e
-            buf = carry + chunk
-            if not buf:
-                return
-            cut = len(buf) if not chunk else _split_point(buf)
-            if cut == 0:
-                carry = buf
-                continue
-            head, carry = buf[:cut], buf[cut:]
-            try:
-                yield head.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{text_path} is not valid UTF-8 (byte {offset + e.start}): {e.reason}"
-                ) from e
-            offset += len(head)
-            if not chunk and not carry:
-                return
-
-
 def _is_up_to_date(out_path: Path, source: Path, tokenizer_name: str) -> bool:
-    meta_path = _metadata_path(out_path)
+    meta_path = metadata_path(out_path)
     if not (out_path.is_file() and meta_path.is_file()):
         return False
     try:
@@ -493,7 +291,7 @@ def _tokenize_to_file(
     max_token_id = -1
     limit = np.iinfo(dtype).max
     with open(dest, "wb") as out:
-        for text in _iter_text_blocks(text_path, block_bytes):
+        for text in iter_text_blocks(text_path, block_bytes):
             ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
             if ids.size:
                 block_max = int(ids.max())
@@ -543,7 +341,7 @@ def _write_tokens(source: Path, tokenizer: Tokenizer, out_path: Path, block_byte
         counts = _tokenize_to_file(source, tokenizer, tmp, dtype, block_bytes)
         # Drop the old metadata first: an interruption after the data rename then
         # leaves no metadata (TokenFile refuses it) rather than mismatched metadata.
-        _metadata_path(out_path).unlink(missing_ok=True)
+        metadata_path(out_path).unlink(missing_ok=True)
         os.replace(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -559,123 +357,6 @@ def _write_tokens(source: Path, tokenizer: Tokenizer, out_path: Path, block_byte
         "max_token_id": counts["max_token_id"],
         "num_bytes": counts["num_bytes"],
     }
-    _write_json_atomic(_metadata_path(out_path), meta)
+    _write_json_atomic(metadata_path(out_path), meta)
     log.info("Wrote %d tokens (%d bytes of text) to %s", meta["num_tokens"], meta["num_bytes"], out_path)
     return TokenFile(out_path)
-
-
-# ---------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------
-
-
-def _tokens_and_name(source: TokenFile | np.ndarray) -> tuple[np.ndarray, str]:
-    if isinstance(source, TokenFile):
-        return source.tokens, str(source.path)
-    tokens = np.asarray(source)
-    if tokens.ndim != 1:
-        raise ValueError(f"Expected a 1-D token array, got shape {tokens.shape}.")
-    return tokens, "<token array>"
-
-
-def _check_length(tokens: np.ndarray, name: str, seq_len: int) -> None:
-    if seq_len <= 0:
-        raise ValueError(f"seq_len must be positive, got {seq_len}.")
-    if len(tokens) < seq_len + 1:
-        raise ValueError(
-            f"{name} has {len(tokens)} tokens but a sequence of seq_len={seq_len} needs "
-            f"at least {seq_len + 1} (inputs plus one target)."
-        )
-
-
-def _window_offsets(num_tokens: int, *, step: int, seed: int, batch_size: int, seq_len: int) -> np.ndarray:
-    # Seeding from (seed, step) alone makes a batch independent of history, so a
-    # resumed run replays exactly; all batch_size offsets are always drawn so any
-    # subset of rows matches the full batch.
-    rng = np.random.default_rng([seed, step])
-    return rng.integers(0, num_tokens - seq_len, size=batch_size)
-
-
-def _row_range(rows: slice | None, batch_size: int) -> tuple[int, int]:
-    if rows is None:
-        return 0, batch_size
-    start, stop, stride = rows.indices(batch_size)
-    if stride != 1:
-        raise ValueError(f"rows must be a contiguous slice, got step {stride}.")
-    return start, max(start, stop)
-
-
-def get_batch(
-    token_file_or_array: TokenFile | np.ndarray,
-    *,
-    step: int,
-    seed: int,
-    batch_size: int,
-    seq_len: int,
-    rows: slice | None = None,
-    reads: list | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random windows whose positions depend only on (seed, step, row).
-
-    Returns int32 (inputs, targets) of shape (rows, seq_len), targets shifted by
-    one token. Only the selected rows' windows are read; their (row_start,
-    row_stop) is appended to `reads` when given.
-    """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    tokens, name = _tokens_and_name(token_file_or_array)
-    _check_length(tokens, name, seq_len)
-    offsets = _window_offsets(len(tokens), step=step, seed=seed, batch_size=batch_size, seq_len=seq_len)
-    start, stop = _row_range(rows, batch_size)
-    index = offsets[start:stop, None] + np.arange(seq_len + 1)
-    windows = np.asarray(tokens[index], dtype=np.int32)
-    if reads is not None:
-        reads.append((start, stop))
-    return windows[:, :-1], windows[:, 1:]
-
-
-# ---------------------------------------------------------------------------
-# Chunking long sequences
-# ---------------------------------------------------------------------------
-
-
-def chunk_spans(seq_len: int, chunk_size: int, overlap: int) -> list[tuple[int, int]]:
-    """(start, stop) of each chunk; every chunk is exactly `chunk_size` long.
-
-    With overlap, the last chunk is pulled back to end at `seq_len` so no chunk
-    needs padding, which can make it overlap its predecessor by more than `overlap`.
-    """
-    check_chunking(seq_len, chunk_size, overlap)
-    stride = chunk_size - overlap
-    starts = list(range(0, seq_len - chunk_size + 1, stride))
-    if starts[-1] + chunk_size < seq_len:
-        starts.append(seq_len - chunk_size)
-    return [(s, s + chunk_size) for s in starts]
-
-
-def chunk_loss_masks(seq_len: int, chunk_size: int, overlap: int) -> np.ndarray:
-    """float32 (num_chunks, chunk_size): 1 where a target is counted for the first time."""
-    spans = chunk_spans(seq_len, chunk_size, overlap)
-    masks = np.ones((len(spans), chunk_size), dtype=np.float32)
-    for i in range(1, len(spans)):
-        already_counted = spans[i - 1][1] - spans[i][0]
-        masks[i, :already_counted] = 0.0
-    return masks
-
-
-def state_handoff(seq_len: int, chunk_size: int, overlap: int) -> list[int]:
-    """For each chunk but the last, the position within it whose state starts the next chunk."""
-    spans = chunk_spans(seq_len, chunk_size, overlap)
-    return [nxt[0] - cur[0] for cur, nxt in zip(spans, spans[1:])]
-
-
-# ---------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------
-
-
-def bits_per_byte(mean_loss_nats_per_token: float, num_tokens: int, num_bytes: int) -> float:
-    """Converts mean token loss to bits per UTF-8 byte, comparable across tokenizers."""
-    if num_bytes <= 0:
-        raise ValueError(f"num_bytes must be positive, got {num_bytes}.")
-    return float(mean_loss_nats_per_token) * num_tokens / (num_bytes * math.log(2))

@@ -4,7 +4,7 @@ and the forward pass that reads them.
     dw = pack_for_decode(config, params, kernels=choose_decode_kernels(config, bf16, rows))
     logits, state = decode_forward(config, dw, tokens, state)
 
-The model (rwkv_jax.model) knows the official layout only, which checkpoints hold and training
+The model (rwkv_jax.nn.model) knows the official layout only, which checkpoints hold and training
 updates. A decode step reads every weight once per token, so its speed is how its products
 read the weights; these layouts make them read faster and give the model's outputs:
 
@@ -15,7 +15,7 @@ read the weights; these layouts make them read faster and give the model's outpu
 - cuda (RWKV-4, kernels="cuda"): every matrix of a block transposed to (out, in) and stacked
   where the kernel reads several, the block's vectors packed in one table ("decode_vecs"), and
   the head as rows. Decode steps of one or two rows run each run of consecutive RWKV-4 blocks
-  as one CUDA kernel (rwkv_jax.ops.cuda.decode4); other inputs take XLA's products on the
+  as one CUDA kernel (rwkv_jax.kernels.cuda.decode4); other inputs take XLA's products on the
   transposes.
 
 Everything else (embedding, RWKV-7 and attention blocks, ln_out, the head of the other
@@ -31,15 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwkv_jax.config import ModelConfig
-from rwkv_jax.layers import (AttentionBlock, RWKVBlock, dense, layer_norm, learned_layer_state,
-                             mix, token_shift)
-from rwkv_jax.layers7 import RWKV7Block
-from rwkv_jax.ops.cuda import decode4 as cuda_decode4
+from rwkv_jax.kernels.cuda import decode4 as cuda_decode4
+from rwkv_jax.nn.attention import AttentionBlock
+from rwkv_jax.nn.common import dense, layer_norm, mix, token_shift
+from rwkv_jax.nn.rwkv4 import RWKVBlock, learned_layer_state
+from rwkv_jax.nn.rwkv7 import RWKV7Block
+from rwkv_jax.nn.state import zero_layer_state
 from rwkv_jax.ops.wkv4 import WKVState, wkv4
-from rwkv_jax.state import zero_layer_state
 
 PALLAS_REMOVED = ("the fused Pallas decode kernels were slower than XLA's products "
-                  "(bench/README.md); use auto, xla or cuda")
+                  "(docs/performance.md); use auto, xla or cuda")
 
 _GROUPS = {"att": ("kvr", ("key", "value", "receptance")), "ffn": ("kr", ("key", "receptance"))}
 
@@ -127,8 +128,8 @@ def cuda_layout(config: ModelConfig, params: dict) -> dict:
 
 def head_rows_layout(params: dict) -> dict:
     """The head as rows, {"kernel_t": (V, C)} (idempotent). A decode step's head is a
-    matrix-vector product, which XLA reads faster from rows than from columns
-    (bench/decode_parts.py)."""
+    matrix-vector product, which XLA reads faster from rows than from columns (figures in
+    docs/performance.md, "Experiments whose conclusions are recorded")."""
     head = params.get("head", {})
     if "kernel" not in head:
         return params
@@ -206,7 +207,7 @@ def _dense(cfg: ModelConfig, p: dict, x):
 
 
 def _time_mix(cfg: ModelConfig, p: dict, x, shift, wkv_state: WKVState):
-    """rwkv_jax.layers.TimeMix on a packed layout."""
+    """rwkv_jax.nn.rwkv4.TimeMix on a packed layout."""
     A = cfg.dim_att
     xx = token_shift(x, shift)
     xk, xv, xr = (mix(x, xx, p[m]) for m in ("time_mix_k", "time_mix_v", "time_mix_r"))
@@ -226,7 +227,7 @@ def _time_mix(cfg: ModelConfig, p: dict, x, shift, wkv_state: WKVState):
 
 
 def _channel_mix(cfg: ModelConfig, p: dict, x, shift):
-    """rwkv_jax.layers.ChannelMix on a packed layout."""
+    """rwkv_jax.nn.rwkv4.ChannelMix on a packed layout."""
     C, F = cfg.n_embd, cfg.dim_ffn
     xx = token_shift(x, shift)
     xk, xr = mix(x, xx, p["time_mix_k"]), mix(x, xx, p["time_mix_r"])
@@ -248,7 +249,7 @@ def _norm(cfg: ModelConfig, p: dict, x):
 
 
 def _rwkv4_block(cfg: ModelConfig, i: int, p: dict, x, state: dict):
-    """rwkv_jax.layers.RWKVBlock on a packed layout: the same operations in the same order."""
+    """rwkv_jax.nn.rwkv4.RWKVBlock on a packed layout: the same operations in the same order."""
     if i == 0:
         x = _norm(cfg, p["ln0"], x)
     wkv = WKVState(state["aa"], state["bb"], state["pp"])
@@ -303,7 +304,7 @@ def _rwkv4_state(config: ModelConfig, p: dict, i: int, B: int) -> dict:
 
 def decode_forward(config: ModelConfig, dw: DecodeWeights, tokens, state: dict | None = None,
                    last_only: bool = False):
-    """rwkv_jax.model.RWKV's forward on DecodeWeights: (logits, state), the model's outputs."""
+    """rwkv_jax.nn.model.RWKV's forward on DecodeWeights: (logits, state), the model's outputs."""
     cfg, params = config, dw.params
     B, T = tokens.shape
     pos = jnp.zeros((B,), jnp.int32) if state is None else state["pos"]
@@ -315,7 +316,7 @@ def decode_forward(config: ModelConfig, dw: DecodeWeights, tokens, state: dict |
             {"params": params["pos_emb"]}, positions)
 
     new_layers = []
-    v_first = None  # RWKV-7: the first RWKV layer's values (rwkv_jax.model.RWKV)
+    v_first = None  # RWKV-7: the first RWKV layer's values (rwkv_jax.nn.model.RWKV)
     i = 0
     while i < cfg.n_layer:
         name = f"blocks_{i}"

@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from rwkv_jax.config import ModelConfig
-from rwkv_jax.layers import AttentionBlock, RWKVBlock, dense, layer_norm, learned_layer_state
-from rwkv_jax.layers7 import RWKV7Block, learned_layer_state7
-from rwkv_jax.state import init_state as zero_state
-from rwkv_jax.state_codec import StateCodec
+from rwkv_jax.nn.attention import AttentionBlock
+from rwkv_jax.nn.common import dense, layer_norm
+from rwkv_jax.nn.rwkv4 import RWKVBlock, learned_layer_state
+from rwkv_jax.nn.rwkv7 import RWKV7Block, learned_layer_state7
+from rwkv_jax.nn.state import zero_state
+from rwkv_jax.nn.state_codec import StateCodec
 
 
 def _block_class(config: ModelConfig, layer: int):
@@ -107,7 +109,7 @@ def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 2) -> dict:
 def initial_state(config: ModelConfig, params: dict | None, batch_size: int) -> dict:
     """The state a fresh sequence starts from: learned where the config learns it, else zero.
 
-    Same tree as rwkv_jax.state.init_state, so it can be passed to any call.
+    Same tree as rwkv_jax.nn.state.zero_state, so it can be passed to any call.
     """
     state = zero_state(config, batch_size)
     if not config.learned_init_state:

@@ -24,7 +24,7 @@ Parameter names are the official ones (x_r, w0, w1, ..., r_k, receptance, key, v
 ln_x), the LoRA factors and r_k stored as the official file stores them ((C, D), (D, C),
 (H, N)), so converting weights is a rename, a transpose of the four projections, a reshape.
 
-Dtypes, as in rwkv_jax.layers: parameters float32; the matrix products (the four projections,
+Dtypes, as in rwkv_jax.nn.common: parameters float32; the matrix products (the four projections,
 the LoRA factors, the channel-mix) in the configured compute dtype; the token-shift mixes,
 norms, gates, the WKV recurrence and its state in float32.
 """
@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwkv_jax.config import ModelConfig
-from rwkv_jax.layers import _const_init, _layer_ratios, dense, layer_norm, token_shift
+from rwkv_jax.nn.common import const_init, dense, layer_norm, layer_ratios, token_shift
+from rwkv_jax.nn.state import zero_layer_state
 from rwkv_jax.ops.wkv7 import wkv7
 
 # The official inference code's exp(-0.5), as it writes it (0.6065306597... exactly would be
@@ -64,7 +65,7 @@ def _lora_init(d: int, c: int):
 
 
 def _matmul(config: ModelConfig, x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w in the compute dtype (like rwkv_jax.layers.dense)."""
+    """x @ w in the compute dtype (like rwkv_jax.nn.common.dense)."""
     cdt = jnp.dtype(config.dtype)
     return jnp.matmul(x.astype(cdt), w.astype(cdt))
 
@@ -115,7 +116,7 @@ class TimeMix7(nn.Module):
         B, T, C = x.shape
         H, N = cfg.n_head, cfg.head_size
         first = self.layer_id == cfg.first_rwkv_layer
-        r0, r1 = _layer_ratios(self.layer_id, cfg.n_layer)
+        r0, r1 = layer_ratios(self.layer_id, cfg.n_layer)
 
         # RWKV-LM's initial values (computed in float64, stored float32).
         ddd = np.arange(C, dtype=np.float64) / C
@@ -125,7 +126,7 @@ class TimeMix7(nn.Module):
         zigzag = zigzag * np.abs(zigzag)
         www = -6 + 6 * (n / max(C - 1, 1)) ** (1 + r0**0.3)
         f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
-        vec = lambda name, values: self.param(name, _const_init(f32(values)), (C,))  # noqa: E731
+        vec = lambda name, values: self.param(name, const_init(f32(values)), (C,))  # noqa: E731
 
         x_r = vec("x_r", 1 - ddd ** (0.2 * r1))
         x_w = vec("x_w", 1 - ddd ** (0.9 * r1))
@@ -197,9 +198,9 @@ class ChannelMix7(nn.Module):
     def __call__(self, x, shift):
         cfg = self.config
         C, F = cfg.n_embd, cfg.dim_ffn
-        _, r1 = _layer_ratios(self.layer_id, cfg.n_layer)
+        _, r1 = layer_ratios(self.layer_id, cfg.n_layer)
         ddd = np.arange(C, dtype=np.float64) / C
-        x_k = self.param("x_k", _const_init(np.asarray(1 - ddd ** (r1**4), np.float32)), (C,))
+        x_k = self.param("x_k", const_init(np.asarray(1 - ddd ** (r1**4), np.float32)), (C,))
         xx = token_shift(x, shift) - x
         k = dense(cfg, F, "key", _orthogonal(1.0))(x + xx * x_k)
         k = jnp.square(jax.nn.relu(k))
@@ -250,8 +251,6 @@ class RWKV7Block(nn.Module):
             learned = InitState7(cfg, name="init_state")(x.shape[0])
             state = learned if state is None else state
         if state is None:
-            from rwkv_jax.state import zero_layer_state  # noqa: PLC0415
-
             state = zero_layer_state(cfg, self.layer_id, x.shape[0])
         att, shift_att, wkv, v_first = TimeMix7(cfg, self.layer_id, name="att")(
             layer_norm(cfg, "ln1")(x), state["shift_att"], state["wkv"], v_first)

@@ -12,7 +12,7 @@ ln2). The RWKV-7 "wkv" matrix per head is in the official layout (value index, k
 recomputed from each call's own tokens and is not state.
 
 Everything RWKV is float32; the KV window is in the compute dtype. A zero state and a learned
-initial state (rwkv_jax.model) have the same tree, so either can enter any call.
+initial state (rwkv_jax.nn.model) have the same tree, so either can enter any call.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def zero_layer_state(config: ModelConfig, layer: int, batch_size: int) -> dict:
     return {"k": kv, "v": kv}
 
 
-def init_state(config: ModelConfig, batch_size: int) -> dict:
+def zero_state(config: ModelConfig, batch_size: int) -> dict:
     """The zero state: what a model has seen before its first token."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -69,7 +69,7 @@ def init_state(config: ModelConfig, batch_size: int) -> dict:
 
 def state_shapes(config: ModelConfig, batch_size: int):
     """Shapes and dtypes of the state without allocating it (for shardings, memory plans)."""
-    return jax.eval_shape(lambda: init_state(config, batch_size))
+    return jax.eval_shape(lambda: zero_state(config, batch_size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +77,9 @@ class FlatLayout:
     """A state's small arrays joined into one (B, n) array per dtype, and split back.
 
     For the boundary of a compiled call: each array a call returns costs the host a few
-    microseconds to hand back (about 15 on the H200 machine's host, where a 24-layer RWKV-4
-    state is 121 arrays: ~2 ms of every generate call, bench/README.md), while slicing and
-    joining a few megabytes on the device costs microseconds once. Arrays of `separate_from`
+    microseconds to hand back, which a state of a hundred or more arrays pays at every call
+    (figures in docs/performance.md), while slicing and joining a few megabytes on the device
+    costs microseconds once. Arrays of `separate_from`
     elements a row or more (an attention layer's key-value window) stay arrays of their own:
     joining them would copy them at every call. Rows stay rows (every array's first axis is the
     batch), so a per-row select works on the flat arrays as on the tree. Hashable: a compiled

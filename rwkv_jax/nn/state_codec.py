@@ -237,7 +237,7 @@ class _LayerCodec(nn.Module):
 class StateCodec(nn.Module):
     """Creates the learned codec's parameters: an encoder/decoder pair per RWKV layer.
 
-    The model (rwkv_jax.model.RWKV) makes these at init when the config asks for the learned
+    The model (rwkv_jax.nn.model.RWKV) makes these at init when the config asks for the learned
     codec, so they live in the one params tree (params["state_codec"]["layer_i"]["enc"|"dec"])
     and train, checkpoint and shard with the rest.
     """

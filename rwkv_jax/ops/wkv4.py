@@ -28,11 +28,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rwkv_jax.config.schema import WKV_IMPLS
+
 # exp(NEG_INF - anything finite) underflows to exactly 0, and adding a decay to it stays
 # finite in float32, so no inf - inf ever appears.
 NEG_INF = -1e38
 
-IMPLS = ("auto", "scan", "assoc", "chunked", "pallas")
+IMPLS = WKV_IMPLS["4"]
 
 
 class WKVState(NamedTuple):
@@ -185,9 +187,8 @@ def default_impl(seq_len: int) -> str:
     """The fastest correct form for this platform and length.
 
     GPU: the Pallas kernel. CPU: the plain scan, whose one pass beats the scans' extra levels
-    there (B16 T128 C128 forward+backward on 2 cores: scan 3.3 ms, chunked 5.7 ms, assoc
-    8.1 ms). Elsewhere the chunked form, parallel and of bounded memory. A one-token step
-    (decode) is a scan step everywhere.
+    there (figures in docs/performance.md). Elsewhere the chunked form, parallel and of bounded
+    memory. A one-token step (decode) is a scan step everywhere.
     """
     backend = jax.default_backend()
     if seq_len == 1 or backend == "cpu":

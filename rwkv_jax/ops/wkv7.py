@@ -42,7 +42,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "scan", "chunked", "pallas")
+from rwkv_jax.config.schema import WKV_IMPLS
+
+IMPLS = WKV_IMPLS["7"]
 
 
 def zero_state(batch_size: int, n_head: int, head_size: int, dtype=jnp.float32) -> jax.Array:
@@ -165,8 +167,8 @@ def _wkv7_chunked(r, w, k, v, a, b, state, chunk_size: int):
 def default_impl(seq_len: int, head_size: int = 64) -> str:
     """Short inputs (decode steps): the scan. GPU: the Pallas kernel when this jax has it and
     the head size is a power of two >= 16 (its tiles). Elsewhere the chunked form, whose
-    matrix products beat the scan's per-token N x N updates on CPU too (tiny RWKV-7 training
-    on 2 cores: 6.1k tokens/s chunked at L=32, 4.1k scan)."""
+    matrix products beat the scan's per-token N x N updates on CPU too (figures in
+    docs/performance.md)."""
     backend = jax.default_backend()
     if seq_len < 16:
         return "scan"

@@ -1,4 +1,5 @@
-"""Device mesh, partition rules, sharded initialisation, and the memory plan.
+"""Device mesh and partition rules: the sharding of parameters, optimizer state, batches and states
+as data (RULES: a regex on the parameter path and a spec by dimension).
 
 The mesh has three axes: `data` (pure data parallelism: parameters replicated), `fsdp` (data
 parallelism with parameters, gradients and optimizer state sharded over it, ZeRO-3 style) and
@@ -17,19 +18,21 @@ D ~ sqrt(C)) are small: only their C side is split, over fsdp.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
+
+
 BATCH = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
+
 
 # (regex on the parameter path, spec by dimension). First match wins; what matches nothing
 # (norms, time_* vectors, initial states) is replicated.
@@ -164,98 +167,10 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
         raise ValueError(f"train.batch_size={batch_size} must be a multiple of mesh data x fsdp = {n}")
 
 
-# ----------------------------------------------------------------------------- memory plan
+@dataclasses.dataclass
+class TrainShardings:
+    """Where every part of the training state lives on the mesh, known before it exists."""
 
-
-def _nbytes(tree, shardings=None) -> float:
-    """Bytes per device of a tree of shapes, given its shardings (or unsharded)."""
-    total = 0.0
-    leaves = jax.tree.leaves(tree)
-    shards = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)) \
-        if shardings is not None else [None] * len(leaves)
-    for x, s in zip(leaves, shards):
-        n = x.size * jnp.dtype(x.dtype).itemsize
-        if s is not None:
-            n /= _shard_factor(s)
-        total += n
-    return total
-
-
-def _shard_factor(s: NamedSharding) -> int:
-    f = 1
-    for entry in s.spec:
-        for axis in (entry if isinstance(entry, tuple) else (entry,)):
-            if axis is not None:
-                f *= s.mesh.shape[axis]
-    return f
-
-
-def activation_bytes(model_config, batch_per_device: int, chunk_len: int, tensor: int = 1) -> float:
-    """Activations kept for the backward pass of one chunk, per device.
-
-    With remat each block keeps its input (the residual stream, float32) and one block at a
-    time is recomputed with everything it needs. Without it every block keeps roughly its
-    k, v, r, WKV output and gate (time-mix, 5 C) and the channel-mix's key and its square
-    (2 F) plus norms, in the compute dtype or float32, and the head's logits are kept in
-    float32. These are estimates; XLA's own plan is reported beside them.
-    """
-    mc = model_config
-    B, L, C, F, V = batch_per_device, chunk_len, mc.n_embd, mc.dim_ffn, mc.vocab_size
-    cbytes = jnp.dtype(mc.dtype).itemsize
-    per_block = B * L * ((8 * C + 2 * F) * cbytes / tensor + 6 * C * 4)
-    if mc.version == "7":
-        # RWKV-7 also keeps its six mixed inputs, w, a, g, kk and the LoRA hidden layers, and
-        # the value residual, mostly in float32.
-        per_block += B * L * 12 * C * 4 / tensor
-    logits = B * L * V * 4 * 2  # logits and their gradient
-    if mc.remat:
-        return mc.n_layer * B * L * C * 4 + 2 * per_block + logits
-    return mc.n_layer * per_block + logits
-
-
-def memory_plan(params_shapes, p_shardings, opt_shapes, o_shardings, model_config,
-                batch_size: int, chunk_len: int, mesh: Mesh) -> dict:
-    """Bytes per device for parameters, optimizer state, gradients and activations."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    plan = {
-        "parameters": _nbytes(params_shapes, p_shardings),
-        "optimizer state": _nbytes(opt_shapes, o_shardings),
-        "gradients": _nbytes(params_shapes, p_shardings),
-        "activations (one chunk)": activation_bytes(model_config, batch_size // dp, chunk_len,
-                                                    mesh.shape["tensor"]),
-    }
-    plan["total"] = sum(plan.values())
-    return plan
-
-
-def device_memory() -> int | None:
-    """Usable bytes of one device, where the platform says (GPU, TPU); None on CPU."""
-    try:
-        stats = jax.devices()[0].memory_stats()
-    except Exception:  # noqa: BLE001 - not every backend has memory_stats
-        return None
-    return (stats or {}).get("bytes_limit")
-
-
-def format_plan(plan: dict, limit: int | None, xla_bytes: float | None = None) -> str:
-    gib = 1024**3
-    lines = ["memory plan per device:"]
-    for k, v in plan.items():
-        lines.append(f"  {k:<26} {v / gib:8.2f} GiB")
-    if xla_bytes is not None:
-        lines.append(f"  {'XLA compiled step':<26} {xla_bytes / gib:8.2f} GiB")
-    lines.append(f"  {'device memory':<26} " + (f"{limit / gib:8.2f} GiB" if limit else "     n/a"))
-    return "\n".join(lines)
-
-
-def suggestion(model_config, mesh: Mesh) -> str:
-    tips = []
-    if mesh.shape["data"] > 1:
-        tips.append("move data-parallel devices to fsdp (--config.mesh.fsdp=N --config.mesh.data=1) "
-                    "so parameters and optimizer state are sharded")
-    tips.append("a smaller memory.rwkv_chunk_size or train.batch_size")
-    if not model_config.remat:
-        tips.append("--config.efficiency.remat=True")
-    elif model_config.remat_policy != "nothing_saveable":
-        tips.append("--config.efficiency.remat_policy=nothing_saveable")
-    return "; or ".join(tips)
+    state: Any  # a train.step.TrainState of NamedShardings
+    shapes: Any  # a TrainState of ShapeDtypeStructs
+    batch: Any  # NamedSharding of a (B, L) batch

@@ -15,7 +15,6 @@ from rwkv_jax.data import (
     ByteTokenizer,
     HFTokenizer,
     TokenFile,
-    bits_per_byte,
     chunk_loss_masks,
     chunk_spans,
     get_batch,
@@ -24,7 +23,9 @@ from rwkv_jax.data import (
     sample_path,
     state_handoff,
     text_stem,
+    tokenizers,
 )
+from rwkv_jax.evaluation import bits_per_byte
 
 UNICODE_TEXT = "Hello, wörld! Ünïcode: 日本語, emoji 🚀, Ελληνικά.\nSecond line\ttabbed.\n"
 
@@ -97,14 +98,14 @@ def test_world_tokenizer_without_rwkv_says_how_to_install(monkeypatch):
             raise ImportError("No module named 'rwkv'")
         return real_import(name, *args, **kwargs)
 
-    data._load_world_trie.cache_clear()
+    tokenizers._load_world_trie.cache_clear()
     monkeypatch.setattr(builtins, "__import__", fake_import)
     try:
         with pytest.raises(ImportError, match="pip install rwkv"):
             data.WorldTokenizer()
     finally:
         monkeypatch.undo()
-        data._load_world_trie.cache_clear()
+        tokenizers._load_world_trie.cache_clear()
 
 
 def _train_hf_tokenizer(path):

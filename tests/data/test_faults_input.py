@@ -17,16 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, TEXT, random_official_state_dict, repo_pythonpath, run_train
 
-from conftest import REPO, random_official_state_dict, repo_pythonpath
-from test_train import TEXT, _run_cli
-
-from rwkv_jax import checkpoint as ckpt
 from rwkv_jax import data as data_lib
-from rwkv_jax import distributed, trainer
+from rwkv_jax import io as ckpt
+from rwkv_jax import train as trainer
 from rwkv_jax.cli import infer
 from rwkv_jax.config import ConfigError, ModelConfig
-from rwkv_jax.model import init_params
+from rwkv_jax.data import tokens as token_files
+from rwkv_jax.nn.model import init_params
+from rwkv_jax.train import distributed
 
 torch = pytest.importorskip("torch", reason="crafted official checkpoints need torch")
 
@@ -129,7 +129,7 @@ def test_init_from_weights_not_finite_or_not_float_are_refused_before_compiling(
     assert torch.load(ints, weights_only=True)["blocks.0.ffn.value.weight"].dtype == torch.int64
     out_dir = tmp / "init_from_int"
     # It stopped at step 1 with "lower optimizer.lr".
-    out = _run_cli(_train_args(out_dir, *corpus, **{"train.init_from": ints}))
+    out = run_train(_train_args(out_dir, *corpus, **{"train.init_from": ints}))
     line = _refusal(out, "config error: ")
     assert (f"config error: train.init_from='{ints}' cannot be read: '{ints}': tensor "
             f"'blocks.0.ffn.value.weight' is int64") in line
@@ -191,7 +191,7 @@ def test_an_id_outside_the_vocabulary_is_refused_until_the_file_is_fixed(tmp, co
     # It trained, evaluated to NaN and exited 0 (or stopped with the learning-rate advice
     # at every resume, when the id was in the training data).
     text_before = _digest(val_bin)
-    out = _run_cli(args)
+    out = run_train(args)
     line = _refusal(out, "config error: ")
     assert (f"config error: data.val_file='{val_bin}': {val_bin} holds token id 300 at token 100 "
             f"(byte 200), outside the vocabulary of 256 (ids 0 to 255)") in line
@@ -201,7 +201,7 @@ def test_an_id_outside_the_vocabulary_is_refused_until_the_file_is_fixed(tmp, co
     mtime = val_bin.stat().st_mtime_ns
     _damage_id(val_bin, 100, was)  # fixed: the changed file is read again, and the run goes on
     assert val_bin.stat().st_mtime_ns != mtime
-    out = _run_cli(args)
+    out = run_train(args)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"Checking the token ids of {val_bin}" in out.stderr
     assert "val loss nan" not in out.stderr and "val loss" in out.stderr
@@ -211,9 +211,9 @@ def test_an_id_outside_the_vocabulary_is_refused_until_the_file_is_fixed(tmp, co
 def test_ids_are_read_once_per_version_of_a_file_and_in_bounded_blocks(tmp, corpus,
                                                                         monkeypatch):
     scans = []
-    real_scan = data_lib._scan_ids
-    monkeypatch.setattr(data_lib, "_scan_ids", lambda t: scans.append(len(t)) or real_scan(t))
-    monkeypatch.setattr(data_lib, "SCAN_BLOCK_TOKENS", 7)  # blocks: the bad id is in the 15th
+    real_scan = token_files._scan_ids
+    monkeypatch.setattr(token_files, "_scan_ids", lambda t: scans.append(len(t)) or real_scan(t))
+    monkeypatch.setattr(token_files, "SCAN_BLOCK_TOKENS", 7)  # blocks: the bad id is in the 15th
     cache = tmp / "scan_cache"
     tf = data_lib.prepare_tokens(corpus[1], "byte", tmp / "scan.bin")
     assert tf.dtype == np.dtype("<u2")  # could hold an id past 255: it is read
@@ -238,7 +238,7 @@ def test_ids_are_read_once_per_version_of_a_file_and_in_bounded_blocks(tmp, corp
 
 
 def test_damage_in_the_token_cache_is_named(tmp, corpus):
-    from test_train import tiny_config
+    from conftest import tiny_config
 
     cfg = tiny_config(tmp / "cache_damage", tuple(map(str, corpus)))
     run = trainer.prepare(cfg)
@@ -259,7 +259,7 @@ def test_damage_in_the_token_cache_is_named(tmp, corpus):
 def test_damaged_cache_metadata_is_rebuilt(tmp, corpus):
     out = tmp / "meta_cache" / "val.byte.bin"
     clean = data_lib.prepare_tokens(corpus[1], "byte", out)
-    want, meta_path = np.array(clean.tokens), data_lib._metadata_path(out)
+    want, meta_path = np.array(clean.tokens), token_files.metadata_path(out)
     good = json.loads(meta_path.read_text())
     damages = {
         "a key missing": {k: v for k, v in good.items() if k != "num_tokens"},
@@ -293,11 +293,11 @@ def test_damaged_cache_and_killed_tokenizers_leftovers_are_cleaned_by_the_next_r
     cache = tmp / "shared_cache"
     cached = cache / "train.byte.bin"
     tokens = np.array(data_lib.prepare_tokens(corpus[0], "byte", cached).tokens)
-    meta_path = data_lib._metadata_path(cached)
+    meta_path = token_files.metadata_path(cached)
     meta_path.write_text(json.dumps(list(json.loads(meta_path.read_text()).items())))
     with pytest.raises(ValueError, match="holds a JSON list, not an object"):
         data_lib.TokenFile(cached)  # it tracebacked with AttributeError: 'list' object ...
-    host = data_lib._writer_tag().rpartition("-")[0]
+    host = token_files._writer_tag().rpartition("-")[0]
     dead, alive = _gone_pid(), os.getpid()
     leftovers = {  # name: removed?
         f".train.byte.bin.{host}-{dead}.k1ll3d0.tmp": True,
@@ -310,7 +310,7 @@ def test_damaged_cache_and_killed_tokenizers_leftovers_are_cleaned_by_the_next_r
         (cache / name).write_bytes(b"\0" * 64)
     with pytest.raises(ProcessLookupError):
         os.kill(dead, 0)  # the writer really is gone
-    out = _run_cli(_train_args(tmp / "after_kill", *corpus, **{"data.cache_dir": cache,
+    out = run_train(_train_args(tmp / "after_kill", *corpus, **{"data.cache_dir": cache,
                                                                "logging.eval_every": 0}))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
@@ -330,7 +330,7 @@ def test_several_processes_with_nothing_to_meet_at_are_refused(tmp, corpus, monk
     assert distributed.detected_cluster() is None
     out_dir = tmp / "two_alone"
     # It trained as one process without a word.
-    out = _run_cli(_train_args(out_dir, *corpus, **{"dist.num_processes": 2}))
+    out = run_train(_train_args(out_dir, *corpus, **{"dist.num_processes": 2}))
     line = _refusal(out, "config error: ")
     assert out.stderr.strip() == line
     assert line.startswith("config error: dist.num_processes=2 needs "

@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, repo_pythonpath
+
 from rwkv_jax.config import MOVED, SCHEMA
 
 README = os.path.join(REPO, "README.md")
@@ -107,13 +107,13 @@ def test_an_unexpected_failure_leaves_its_traceback_in_crash_log(tmp_path, monke
     whole traceback."""
     from absl import flags
 
-    from rwkv_jax import trainer
     from rwkv_jax.cli import train as cli
+    from rwkv_jax.train import loop
 
     def broken(run):
         raise RuntimeError("a bug in the loop")
 
-    monkeypatch.setattr(trainer, "train", broken)
+    monkeypatch.setattr(loop, "train", broken)
     monkeypatch.setattr(cli, "setup_logging", lambda: None)  # keep pytest's log handlers
     argv = ["rwkv-train", "--config=tiny", f"--config.output_dir={tmp_path}",
             "--config.train.max_seq_length=16", "--config.memory.rwkv_chunk_size=16"]

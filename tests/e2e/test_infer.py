@@ -16,14 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import (
+    REPO,
+    random_official_state_dict,
+    random_x070_state_dict,
+    rel_err,
+    repo_pythonpath,
+)
 
-from conftest import REPO, random_official_state_dict, random_x070_state_dict, rel_err, repo_pythonpath
-
+from rwkv_jax import io as ckpt
 from rwkv_jax.cli import infer
-from rwkv_jax import checkpoint as ckpt
-from rwkv_jax import trainer
 from rwkv_jax.data import ByteTokenizer
-from rwkv_jax.model import RWKV
+from rwkv_jax.evaluation import evaluate
+from rwkv_jax.nn.model import RWKV
 
 torch = pytest.importorskip("torch", reason="official-checkpoint tests need torch")
 os.environ.setdefault("RWKV_JIT_ON", "0")
@@ -46,7 +51,7 @@ def test_cli_generates_scores_like_the_trainer_and_exports_for_the_rwkv_package(
         stderr=subprocess.PIPE, text=True)
     # The references, computed while the command runs.
     config, params, _ = ckpt.restore_params(run.run_dir)
-    want_loss = trainer.evaluate(run, params)["loss"]
+    want_loss = evaluate(run.model_config, params, run.val_tokens, run.chunk_len)["loss"]
     apply = jax.jit(RWKV(config).apply)
     apply({"params": params}, jnp.zeros((1, 17), jnp.int32))
     stdout, stderr = cli.communicate(timeout=240)
@@ -161,7 +166,7 @@ def _bad_inputs(run, tmp):
 
 def _cuda_device() -> bool:
     """Whether a GPU the CUDA decode kernel takes is here."""
-    from rwkv_jax.ops.cuda import decode4 as cuda_decode4  # noqa: PLC0415
+    from rwkv_jax.kernels.cuda import decode4 as cuda_decode4  # noqa: PLC0415
 
     try:
         cuda_decode4.check_device()
@@ -172,12 +177,10 @@ def _cuda_device() -> bool:
 
 def test_bad_input_gets_one_line_and_exit_status_2_before_anything_compiles(run, tmp_path, capsys,
                                                                            monkeypatch):
-    import rwkv_jax.generate  # noqa: PLC0415
-
     def no_compiling(*a, **k):
         raise AssertionError("a Generator was built (things compile) before the input was checked")
 
-    monkeypatch.setattr(rwkv_jax.generate, "Generator", no_compiling)
+    monkeypatch.setattr(infer, "Generator", no_compiling)  # the name infer builds with
     # infer silences what a failed orbax restore prints later; undo that after this test.
     monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
     monkeypatch.setattr(logging.getLogger("asyncio"), "level", logging.getLogger("asyncio").level)
@@ -192,12 +195,10 @@ def test_bad_input_gets_one_line_and_exit_status_2_before_anything_compiles(run,
 
 def test_flags_of_a_job_not_asked_for_are_named_and_export_alone_compiles_nothing(
         run, tmp_path, capsys, monkeypatch):
-    import rwkv_jax.generate  # noqa: PLC0415
-
     def no_compiling(*a, **k):
         raise AssertionError("a Generator was built for an export")
 
-    monkeypatch.setattr(rwkv_jax.generate, "Generator", no_compiling)
+    monkeypatch.setattr(infer, "Generator", no_compiling)  # the name infer builds with
     out = tmp_path / "w.pth"
     assert infer.main(["--run_dir", run.run_dir, "--export_official", str(out),
                        "--temperature", "0.3", "--stop", "x", "--chunk_len", "9", "--bf16"]) == 0
@@ -248,7 +249,7 @@ def test_the_removed_pallas_kernels_are_one_line_saying_where_they_went(tmp_path
     out = capsys.readouterr()
     assert out.out == "" and out.err == (
         "infer: --decode_kernels pallas was removed: the fused Pallas decode kernels were slower "
-        "than XLA's products (bench/README.md); use auto, xla or cuda\n")
+        "than XLA's products (docs/performance.md); use auto, xla or cuda\n")
 
 
 def test_decode_kernels_auto_takes_the_cuda_kernel_only_where_it_runs_and_helps(monkeypatch):
@@ -258,8 +259,8 @@ def test_decode_kernels_auto_takes_the_cuda_kernel_only_where_it_runs_and_helps(
     from argparse import Namespace
 
     from rwkv_jax.config import ModelConfig
-    from rwkv_jax.decode_weights import choose_decode_kernels
-    from rwkv_jax.ops.cuda import decode4 as cuda_decode4
+    from rwkv_jax.generate.decode_weights import choose_decode_kernels
+    from rwkv_jax.kernels.cuda import decode4 as cuda_decode4
 
     v4, v7 = ModelConfig(version="4"), ModelConfig(version="7")
 

@@ -1,4 +1,4 @@
-"""Decode weights (rwkv_jax.decode_weights): pack_for_decode's layouts read by decode_forward
+"""Decode weights (rwkv_jax.generate.decode_weights): pack_for_decode's layouts read by decode_forward
 give the model's outputs (model.apply on the official layout), one token or a prefill, pure
 RWKV-4, hybrid and RWKV-7; and the layouts themselves."""
 
@@ -7,12 +7,17 @@ from __future__ import annotations
 import chex
 import jax
 import pytest
-
 from conftest import perturbed
+
 from rwkv_jax.config import ModelConfig
-from rwkv_jax.decode_weights import (DecodeWeights, decode_forward, group_products, kernel_layout,
-                                     pack_for_decode)
-from rwkv_jax.model import RWKV, init_params
+from rwkv_jax.generate.decode_weights import (
+    DecodeWeights,
+    decode_forward,
+    group_products,
+    kernel_layout,
+    pack_for_decode,
+)
+from rwkv_jax.nn.model import RWKV, init_params
 
 V = 61
 CONFIGS = {

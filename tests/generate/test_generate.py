@@ -13,14 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from conftest import perturbed
+
 from rwkv_jax.config import ModelConfig
 from rwkv_jax.data import ByteTokenizer
-from rwkv_jax.generate import (GREEDY, Generator, Sampling, Session, _advance, _Carry, _draw,
-                               _TextTail)
-from rwkv_jax.model import RWKV, init_params, initial_state
-from rwkv_jax.state import FlatLayout, init_state
+from rwkv_jax.generate import GREEDY, Generator, Sampling, Session
+from rwkv_jax.generate.sampling import DecodeCarry, advance, draw
+from rwkv_jax.generate.text import TextTail
+from rwkv_jax.nn.model import RWKV, init_params, initial_state
+from rwkv_jax.nn.state import FlatLayout, zero_state
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\n"
 V = len(CHARS)
@@ -204,7 +205,7 @@ def test_sampled_ids_without_text_add_none(tokenizer):
 
 
 def test_streaming_emits_whole_characters_and_holds_back_a_possible_stop():
-    tail = _TextTail(ByteTokenizer(), stops=["€!"])
+    tail = TextTail(ByteTokenizer(), stops=["€!"])
     pieces = []
     for b in "héllo €€!x".encode():
         piece, hit = tail.push(b)
@@ -215,7 +216,7 @@ def test_streaming_emits_whole_characters_and_holds_back_a_possible_stop():
     assert pieces[1] == "" and pieces[2] == "é"  # the first byte of é waits for the second
     assert not any("\ufffd" in p for p in pieces)
     assert pieces[-2] == "€"  # the first € goes out only once the second cannot start "€!"
-    tail = _TextTail(ByteTokenizer(), stops=[])
+    tail = TextTail(ByteTokenizer(), stops=[])
     assert tail.push(0xE2)[0] == "" and tail.finish() == "\ufffd"  # a cut-off character
 
 
@@ -224,17 +225,17 @@ def test_penalties_follow_chatrwkv():
     spec, knobs = s.spec(5), jnp.asarray(s.knobs())
     weight = jnp.asarray([1.0, 1.0, 0.0, 1.0, 1.0])  # token 2 is a "space": never counted
     logits = jnp.asarray([[0.0, 0.2, 0.1, 0.0, 0.0]])
-    carry = _Carry(None, jnp.zeros((1, 2), jnp.uint32), jnp.zeros((1, 5)), jnp.zeros((1, 5), bool))
+    carry = DecodeCarry(None, jnp.zeros((1, 2), jnp.uint32), jnp.zeros((1, 5)), jnp.zeros((1, 5), bool))
     free = (jnp.zeros((1,), jnp.int32), jnp.zeros((1,), bool))
     picked = []
     for _ in range(3):
-        tok, carry = _advance(spec, logits, carry, *free, knobs, weight)
+        tok, carry = advance(spec, logits, carry, *free, knobs, weight)
         picked.append(int(tok[0]))
     # 1 first; then 1 costs 0.5 + 0.25 and 2 wins; then 1 costs 0.5 + 0.25*0.5, 2 costs 0.5: 0.
     assert picked == [1, 2, 0]
     np.testing.assert_allclose(carry.counts[0], [1.0, 0.25, 0.0, 0.0, 0.0])
     np.testing.assert_array_equal(carry.seen[0], [True, True, True, False, False])
-    tok, after = _advance(spec, logits, carry, jnp.asarray([4]), jnp.asarray([True]), knobs, weight)
+    tok, after = advance(spec, logits, carry, jnp.asarray([4]), jnp.asarray([True]), knobs, weight)
     assert int(tok[0]) == 4  # a forced prompt token is fed and never counted
     chex.assert_trees_all_equal(after.counts, carry.counts)
 
@@ -254,7 +255,7 @@ def test_top_k_top_p_and_temperature_draw_from_the_documented_distribution():
         (Sampling(temperature=1.0, top_p=0.8), [0.4, 0.3, 0.15, 0, 0]),  # cumulative 0.85 >= 0.8
         (Sampling(temperature=0.5, top_k=2), [0.16, 0.09, 0, 0, 0]),  # p^(1/T) over the top 2
     ]:
-        tok, _ = jax.jit(partial(_draw, s.spec(5)))(keys, logits, jnp.asarray(s.knobs()))
+        tok, _ = jax.jit(partial(draw, s.spec(5)))(keys, logits, jnp.asarray(s.knobs()))
         freq = np.bincount(np.asarray(tok), minlength=5) / B
         np.testing.assert_allclose(freq, np.asarray(want) / np.sum(want), atol=0.03)
 
@@ -386,7 +387,7 @@ def test_a_flat_state_is_the_state_in_one_array_per_dtype():
     and splits back bit for bit; a per-row select works on the flat arrays."""
     config = dataclasses.replace(HYBRID, dtype="bfloat16")
     state = jax.tree.map(lambda a: a + jnp.arange(a.size, dtype=a.dtype).reshape(a.shape),
-                         init_state(config, 3))
+                         zero_state(config, 3))
     rows = jnp.array([True, False, True])
     picked = jax.tree.map(lambda a: a[rows], state)
     kv = state["layers"][1]["k"]
@@ -405,11 +406,11 @@ def test_a_state_of_another_model_is_refused_with_the_reason():
     wider = ModelConfig(vocab_size=V, n_layer=PURE.n_layer, n_embd=2 * PURE.n_embd)
     with pytest.raises(ValueError, match=re.escape("state['layers'][0]['aa'] has shape (1, 64); "
                                                    "this model's is (B, 32) with B = 1")):
-        gen.generate("a", state=init_state(wider, 1), max_new_tokens=2)
+        gen.generate("a", state=zero_state(wider, 1), max_new_tokens=2)
     deeper = ModelConfig(vocab_size=V, n_layer=PURE.n_layer + 1, n_embd=PURE.n_embd)
     with pytest.raises(ValueError, match=re.escape("the state is not this model's: it has no "
                                                    "place for ['layers'][2]['aa']")):
-        gen.feed("a", init_state(deeper, 1))
+        gen.feed("a", zero_state(deeper, 1))
     with pytest.raises(ValueError, match=re.escape("state['pos'] has shape (2,)")):
         gen.feed("a", {**gen.reset(1), "pos": np.zeros(2, np.int32)})
     with pytest.raises(ValueError, match="the state holds 2 rows for 1 prompts"):

@@ -17,14 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO, repo_pythonpath
-from rwkv_jax import checkpoint as ckpt
+
+from rwkv_jax import io as ckpt
 from rwkv_jax.config import ModelConfig
 from rwkv_jax.data import sample_path
-from rwkv_jax.model import RWKV, param_shapes
+from rwkv_jax.nn.model import RWKV, param_shapes
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FIXTURES = os.path.join(REPO, "tests", "fixtures")
 
 
 def test_parameter_paths_and_shapes_are_those_checkpoints_hold():

@@ -21,11 +21,10 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, TEXT, finish, repo_pythonpath, run_train, start_train
 
-from conftest import REPO, repo_pythonpath
-from test_train import TEXT, _finish, _run_cli, _start_cli
-from rwkv_jax import checkpoint as ckpt
-from rwkv_jax import trainer
+from rwkv_jax import io as ckpt
+from rwkv_jax import train as trainer
 
 TMP = ".orbax-checkpoint-tmp"  # orbax's suffix for a step it has not finished writing
 
@@ -52,7 +51,7 @@ def trained(tmp_path_factory):
     (data / "train.txt").write_text(TEXT)
     (data / "val.txt").write_text(TEXT[:600])
     out = tmp_path_factory.mktemp("faults_run")
-    done = _run_cli(_args(data, out, 4))
+    done = run_train(_args(data, out, 4))
     assert done.returncode == 0, done.stderr[-3000:]
     return data, out / "tiny"
 
@@ -119,9 +118,9 @@ def _bytes_used(path) -> int:
 def _timed(args, timeout=60):
     """The run and its wall time; a run that hangs is killed and fails the test."""
     t = time.perf_counter()
-    proc = _start_cli(args)
+    proc = start_train(args)
     try:
-        done = _finish(proc, timeout=timeout)
+        done = finish(proc, timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
@@ -148,7 +147,7 @@ def test_a_read_only_checkpoint_directory_ends_in_one_line_not_a_hang(trained, t
     assert (f"cannot write the checkpoint of step 6 in {checkpoints}: Read-only file system "
             f"(EROFS). The checkpoints of steps [2, 4] are kept") in line
     assert _digest(checkpoints) == before
-    again = _run_cli(_args(data, tmp_path, 6))
+    again = run_train(_args(data, tmp_path, 6))
     assert again.returncode == 0 and "at step 4" in again.stderr, again.stderr[-3000:]
     assert _steps(run_dir) == ["2", "4", "6"]
 
@@ -192,7 +191,7 @@ def test_no_free_inodes_ends_in_one_line_not_a_hang(trained, tmp_path):
         assert _steps(run_dir) == ["2", "4"]  # the temporary removed
         assert _digest(os.path.join(run_dir, "checkpoints")) == before
         _mount("-o", "remount,nr_inodes=2000", fs)
-        again = _run_cli(_args(data, fs, 6))
+        again = run_train(_args(data, fs, 6))
         assert again.returncode == 0 and "at step 4" in again.stderr, again.stderr[-3000:]
         assert _steps(run_dir) == ["2", "4", "6"]
 
@@ -225,16 +224,16 @@ def test_a_full_disk_mid_write_is_one_line_and_temporaries_go_with_their_writer(
         leftover = os.path.join(checkpoints, f"6{TMP}")
         shutil.copytree(os.path.join(checkpoints, "4", "params"),
                         os.path.join(leftover, f"params{TMP}"))
-        lock = trainer._lock_run_dir(run_dir)
+        lock = trainer.lock_run_dir(run_dir)
         try:
-            busy = _run_cli(_args(data, fs, 6))
+            busy = run_train(_args(data, fs, 6))
         finally:
-            trainer._unlock(lock)
+            trainer.unlock_run_dir(lock)
         assert busy.returncode == 2, busy.stderr[-3000:]
         assert "another train.py is training in" in _message(busy.stderr, "config error: ")
         assert os.path.isdir(leftover)
         # Its writer gone, the next run removes it and writes step 6 whole.
-        again = _run_cli(_args(data, fs, 6))
+        again = run_train(_args(data, fs, 6))
         assert again.returncode == 0 and "at step 4" in again.stderr, again.stderr[-3000:]
         assert _steps(run_dir) == ["2", "4", "6"]
 
@@ -281,7 +280,7 @@ def test_a_flipped_byte_is_refused_by_name_or_skipped_when_told(trained, tmp_pat
     checkpoints = os.path.join(run_dir, "checkpoints")
     before = _digest(checkpoints)
 
-    refused = _run_cli(_args(data, tmp_path, 6))
+    refused = run_train(_args(data, tmp_path, 6))
     assert refused.returncode == 2, refused.stderr[-3000:]
     line = _message(refused.stderr, "cannot resume: ")
     assert (f"the checkpoint of step 4 in {checkpoints} is damaged: {len(differ)} of its" in line
@@ -297,7 +296,7 @@ def test_a_flipped_byte_is_refused_by_name_or_skipped_when_told(trained, tmp_pat
     assert seen.stderr.startswith(f"infer: the checkpoint of step 4 in {checkpoints} is damaged")
     assert "(other steps there: [2]; pick one with --step)" in seen.stderr
 
-    told = _run_cli(_args(data, tmp_path, 6, "--config.checkpoint.on_damage=previous"))
+    told = run_train(_args(data, tmp_path, 6, "--config.checkpoint.on_damage=previous"))
     assert told.returncode == 0, told.stderr[-3000:]
     warned = [line for line in told.stderr.splitlines() if "is damaged" in line]
     assert len(warned) == 1 and "Traceback" not in told.stderr, told.stderr[-3000:]
@@ -319,7 +318,7 @@ def test_checkpoints_without_checksums_resume_with_a_warning(trained, tmp_path):
     del meta["checksums"], meta["checksum_format"]  # as written before checksums were recorded
     with open(meta_file, "w") as f:
         json.dump(meta, f)
-    done = _run_cli(_args(data, tmp_path, 6))
+    done = run_train(_args(data, tmp_path, 6))
     assert done.returncode == 0 and "at step 4" in done.stderr, done.stderr[-3000:]
     warned = [line for line in done.stderr.splitlines() if "without checksums" in line]
     assert len(warned) == 1, done.stderr[-3000:]

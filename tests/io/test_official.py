@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import random_official_state_dict, rel_err
-from rwkv_jax.checkpoint import export_official, import_official
+
 from rwkv_jax.config import ModelConfig
-from rwkv_jax.model import RWKV, init_params
+from rwkv_jax.io import export_official, import_official
+from rwkv_jax.nn.model import RWKV, init_params
 
 torch = pytest.importorskip("torch", reason="official-checkpoint tests need torch (pip install torch==2.13.0)")
 os.environ.setdefault("RWKV_JIT_ON", "0")  # the package scripts its modules otherwise: slow to start

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rwkv_jax import hybrid
+from rwkv_jax.config import layer_pattern as hybrid
 
 
 def test_default_alternates_even_rwkv_odd_attention():

@@ -7,13 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import perturbed
-from rwkv_jax import hybrid
+
 from rwkv_jax.config import ModelConfig
-from rwkv_jax.layers import AttentionBlock, RWKVBlock
-from rwkv_jax.model import RWKV, init_params, initial_state
-from rwkv_jax.state import init_state
+from rwkv_jax.config import layer_pattern as hybrid
+from rwkv_jax.nn.attention import AttentionBlock
+from rwkv_jax.nn.model import RWKV, init_params, initial_state
+from rwkv_jax.nn.rwkv4 import RWKVBlock
+from rwkv_jax.nn.state import zero_state
 
 V = 61
 
@@ -42,7 +43,7 @@ def _run_modes(config, T=24, B=2, seed=0):
         pieces.append(logits)
     chunked = jnp.concatenate(pieces, axis=1)
 
-    steps, state_tok = [], init_state(config, B)
+    steps, state_tok = [], zero_state(config, B)
     for t in range(T):
         logits, state_tok = apply({"params": params}, tokens[:, t : t + 1], state_tok)
         steps.append(logits)
@@ -58,7 +59,7 @@ def test_recurrent_equals_parallel(config):
     # The state itself, attention KV windows included, ends the same whichever way it was fed.
     chex.assert_trees_all_close(state, full_state, rtol=1e-4, atol=1e-4)
     chex.assert_trees_all_close(state_tok, full_state, rtol=1e-4, atol=1e-4)
-    chex.assert_trees_all_equal_shapes_and_dtypes(state, init_state(config, 2))
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, zero_state(config, 2))
 
 
 def test_window_limits_what_attention_sees():
@@ -92,17 +93,17 @@ def test_learned_initial_state_same_tree_and_zero_init_equals_zero_state():
     assert "init_state" not in params["blocks_1"]  # attention layers start from an empty window
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, V)
     learned = initial_state(config, params, 2)
-    chex.assert_trees_all_equal_shapes_and_dtypes(learned, init_state(config, 2))
+    chex.assert_trees_all_equal_shapes_and_dtypes(learned, zero_state(config, 2))
     model = RWKV(config)
     model.apply = jax.jit(model.apply)
     a, _ = model.apply({"params": params}, tokens)  # None: the learned state
-    b, _ = model.apply({"params": params}, tokens, init_state(config, 2))  # the zero state
+    b, _ = model.apply({"params": params}, tokens, zero_state(config, 2))  # the zero state
     chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-5)
     # A trained (non-zero) initial state is what state=None starts from, and it matters.
     params = perturbed(params)
     a, _ = model.apply({"params": params}, tokens)
     c, _ = model.apply({"params": params}, tokens, initial_state(config, params, 2))
-    d, _ = model.apply({"params": params}, tokens, init_state(config, 2))
+    d, _ = model.apply({"params": params}, tokens, zero_state(config, 2))
     chex.assert_trees_all_close(a, c, rtol=1e-5, atol=1e-5)
     assert not np.allclose(a, d)
 
@@ -152,7 +153,7 @@ def test_block_kinds_and_boundaries():
     with pytest.raises(AssertionError):
         RWKV(HYBRID).apply({"params": params}, jnp.zeros((2,), jnp.int32))  # tokens must be (B, T)
     with pytest.raises(AssertionError):
-        RWKV(HYBRID).apply({"params": params}, jnp.zeros((2, 3), jnp.int32), init_state(HYBRID, 3))
+        RWKV(HYBRID).apply({"params": params}, jnp.zeros((2, 3), jnp.int32), zero_state(HYBRID, 3))
 
 
 def test_config_errors_name_the_field():

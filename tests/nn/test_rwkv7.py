@@ -15,16 +15,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, random_official_state_dict, random_x070_state_dict, rel_err
 
-from conftest import random_official_state_dict, random_x070_state_dict, rel_err
-from rwkv_jax import checkpoint as ckpt
-from rwkv_jax import state_codec, trainer
-from rwkv_jax.config import ConfigError, ModelConfig, model_config_from, official_lora_dim
-from rwkv_jax.model import RWKV, init_params, initial_state
-from rwkv_jax.state import init_state
+from rwkv_jax import io as ckpt
+from rwkv_jax import train as trainer
+from rwkv_jax.config import (
+    ConfigError,
+    ModelConfig,
+    model_config_from,
+    official_lora_dim,
+)
+from rwkv_jax.nn import state_codec
+from rwkv_jax.nn.model import RWKV, init_params, initial_state
+from rwkv_jax.nn.state import zero_state
 
 torch = pytest.importorskip("torch", reason="official-checkpoint tests need torch")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 61
 
 # The official model exists only when RWKV_V7_ON=1 is set before `rwkv.model` is first
@@ -205,7 +210,7 @@ _roundtrip = jax.jit(state_codec.roundtrip, static_argnums=1)
 def hybrid():
     """Trained-looking (moved) hybrid params and the model's output on TOKENS."""
     params = _moved(init_params(HYBRID, jax.random.PRNGKey(0)))
-    logits, state = _apply(HYBRID, params, TOKENS, init_state(HYBRID, B))
+    logits, state = _apply(HYBRID, params, TOKENS, zero_state(HYBRID, B))
     return params, logits, state
 
 
@@ -218,23 +223,23 @@ def test_recurrent_equals_parallel_and_wkv_forms_agree(hybrid):
     params, full, full_state = hybrid
     chunked = _config(**{**HYBRID.to_dict(), "wkv_impl": "chunked", "wkv_chunk_size": 4})
     for cfg in (HYBRID, chunked):  # in pieces of 8 (the chunked form: two chunks each)
-        pieces, state = [], init_state(cfg, B)
+        pieces, state = [], zero_state(cfg, B)
         for a in range(0, T, 8):
             logits, state = _apply(cfg, params, TOKENS[:, a : a + 8], state)
             pieces.append(logits)
         chex.assert_trees_all_close(jnp.concatenate(pieces, 1), full, rtol=1e-5, atol=1e-5)
         chex.assert_trees_all_close(state, full_state, rtol=1e-4, atol=1e-4)
-    c_full, c_state = _apply(chunked, params, TOKENS, init_state(chunked, B))  # six chunks
+    c_full, c_state = _apply(chunked, params, TOKENS, zero_state(chunked, B))  # six chunks
     chex.assert_trees_all_close(c_full, full, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(c_state, full_state, rtol=1e-4, atol=1e-4)
 
-    steps, state = [], init_state(HYBRID, B)
+    steps, state = [], zero_state(HYBRID, B)
     for t in range(T):
         logits, state = _apply(HYBRID, params, TOKENS[:, t : t + 1], state)
         steps.append(logits)
     chex.assert_trees_all_close(jnp.concatenate(steps, 1), full, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(state, full_state, rtol=1e-4, atol=1e-4)
-    chex.assert_trees_all_equal_shapes_and_dtypes(state, init_state(HYBRID, B))
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, zero_state(HYBRID, B))
     assert state["layers"][1]["wkv"].shape == (B, 4, 8, 8) and "k" in state["layers"][2]
 
 
@@ -253,11 +258,11 @@ def test_v_first_comes_from_the_first_rwkv_layer_and_remat_and_dtypes(hybrid):
     assert np.any(g["blocks_3"]["init_state"]["wkv"])
 
     remat = _config(**{**HYBRID.to_dict(), "remat": True, "remat_policy": "dots_saveable"})
-    out, state = _apply(remat, params, TOKENS, init_state(remat, B))
+    out, state = _apply(remat, params, TOKENS, zero_state(remat, B))
     chex.assert_trees_all_close(out, full, rtol=1e-6, atol=1e-6)
 
     bf16 = _config(**{**HYBRID.to_dict(), "dtype": "bfloat16"})
-    low, state = _apply(bf16, params, TOKENS, init_state(bf16, B))
+    low, state = _apply(bf16, params, TOKENS, zero_state(bf16, B))
     assert low.dtype == jnp.float32 and state["layers"][1]["wkv"].dtype == jnp.float32
     assert float(jnp.abs(low - full).max()) < 0.1 * float(jnp.abs(full).max())
 
@@ -270,7 +275,7 @@ def test_learned_initial_state(hybrid):
     zero_init = {k: {**v, "init_state": jax.tree.map(jnp.zeros_like, v["init_state"])}
                  if "init_state" in v else v for k, v in trained.items()}
     a, _ = _apply(HYBRID, zero_init, TOKENS, None)  # None: the learned state, here all zero
-    b, _ = _apply(HYBRID, zero_init, TOKENS, init_state(HYBRID, B))  # the zero state
+    b, _ = _apply(HYBRID, zero_init, TOKENS, zero_state(HYBRID, B))  # the zero state
     chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-5)
     a, _ = _apply(HYBRID, trained, TOKENS, None)
     c, _ = _apply(HYBRID, trained, TOKENS, initial_state(HYBRID, trained, B))
@@ -318,7 +323,7 @@ def test_state_codecs_on_rwkv7_states(hybrid):
         for key in ("shift_att", "wkv", "shift_ffn"):
             assert rel_err(back["layers"][3][key], state["layers"][3][key]) < tol, (mode, key)
         assert rel_err(_apply(HYBRID, params, nxt, back)[0], want) < logits_tol
-        zero = init_state(HYBRID, 2)
+        zero = zero_state(HYBRID, 2)
         chex.assert_trees_all_equal(_roundtrip(zero, mode), zero)
     assert size["bf16"] < 0.55 * size["none"] and size["int8"] < 0.35 * size["none"], size
 
@@ -396,7 +401,7 @@ def test_training_config_version_7_and_its_errors(tmp_path):
 def test_version_7_trains_with_remat_resumes_generates_and_exports(tmp_path, caplog, capsys):
     import logging
 
-    from test_train import TEXT, tiny_config
+    from conftest import TEXT, tiny_config
 
     from rwkv_jax.cli import infer
     from rwkv_jax.data import ByteTokenizer

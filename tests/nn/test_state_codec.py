@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import perturbed, rel_err
-from rwkv_jax import state_codec
+
 from rwkv_jax.config import ModelConfig
-from rwkv_jax.model import RWKV, init_params
-from rwkv_jax.state import init_state
+from rwkv_jax.nn import state_codec
+from rwkv_jax.nn.model import RWKV, init_params
+from rwkv_jax.nn.state import zero_state
 
 V = 61
 HYBRID = ModelConfig(vocab_size=V, n_layer=3, n_embd=32, layer_types=("rwkv", "attn", "rwkv"),
@@ -27,7 +27,7 @@ def fed():
     """A hybrid model and the state after 20 tokens (KV window full, WKV sums far from zero)."""
     params = perturbed(init_params(HYBRID, jax.random.PRNGKey(0)))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 20), 0, V)
-    _, state = _apply(HYBRID, params, tokens, init_state(HYBRID, 2))
+    _, state = _apply(HYBRID, params, tokens, zero_state(HYBRID, 2))
     nxt = jax.random.randint(jax.random.PRNGKey(2), (2, 3), 0, V)
     want, _ = _apply(HYBRID, params, nxt, state)
     return params, state, nxt, want
@@ -58,7 +58,7 @@ def test_none_is_the_identity_and_empty_states_are_exact(fed):
     _, state, _, _ = fed
     assert state_codec.compress(state, "none") is state
     chex.assert_trees_all_equal(_roundtrip(state, "none", None), state)
-    zero = init_state(HYBRID, 2)
+    zero = zero_state(HYBRID, 2)
     for mode in ("bf16", "int8"):
         chex.assert_trees_all_equal(_roundtrip(zero, mode, None), zero)
 
@@ -68,7 +68,7 @@ def test_sizes_shrink_as_documented(fed):
     size = {m: state_codec.bytes_of(state_codec.compress(state, m)) for m in ("none", "bf16", "int8")}
     assert size["bf16"] < 0.55 * size["none"] and size["int8"] < 0.3 * size["none"], size
     # The same numbers from shapes alone (what the benchmark uses for a 3B model).
-    shapes = jax.eval_shape(lambda: state_codec.compress(init_state(HYBRID, 2), "int8"))
+    shapes = jax.eval_shape(lambda: state_codec.compress(zero_state(HYBRID, 2), "int8"))
     assert state_codec.bytes_of(shapes) == size["int8"]
     with pytest.raises(ValueError, match="not one of"):
         state_codec.compress(state, "fp4")
@@ -93,7 +93,7 @@ def test_learned_codec_parameters_shapes_and_errors(fed):
 
 def test_learned_codec_trains_with_the_model(tiny_run):
     """The trainer passes each carried state through the codec, so the LM loss trains it."""
-    from rwkv_jax import checkpoint as ckpt  # noqa: PLC0415
+    from rwkv_jax import io as ckpt  # noqa: PLC0415
 
     config, params, _ = ckpt.restore_params(tiny_run.run_dir)
     assert config.state_compression == "learned" and config.codec_rank == 4

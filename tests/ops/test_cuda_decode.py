@@ -1,4 +1,4 @@
-"""The CUDA decode block (rwkv_jax.ops.cuda.decode4). Here, on a CPU: the vector table it
+"""The CUDA decode block (rwkv_jax.kernels.cuda.decode4). Here, on a CPU: the vector table it
 reads is the kernel's, and asking for it where it cannot run fails at once with the reason.
 On a Hopper GPU with nvcc (skipped elsewhere): a bf16 block step through it equals XLA's."""
 
@@ -12,16 +12,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import perturbed, seasoned_block
+
 from rwkv_jax.config import ModelConfig
-from rwkv_jax.decode_weights import (DecodeWeights, cuda_layout, decode_forward,
-                                     head_rows_layout, kernel_layout, pack_for_decode)
 from rwkv_jax.generate import Generator
-from rwkv_jax.layers import RWKVBlock
-from rwkv_jax.model import RWKV, init_params
-from rwkv_jax.ops.cuda import decode4 as cuda_decode4
-from rwkv_jax.state import zero_layer_state
+from rwkv_jax.generate.decode_weights import (
+    DecodeWeights,
+    cuda_layout,
+    decode_forward,
+    head_rows_layout,
+    kernel_layout,
+    pack_for_decode,
+)
+from rwkv_jax.kernels.cuda import decode4 as cuda_decode4
+from rwkv_jax.nn.model import RWKV, init_params
+from rwkv_jax.nn.rwkv4 import RWKVBlock
+from rwkv_jax.nn.state import zero_layer_state
 
 
 def _config(**kw):
@@ -74,7 +80,7 @@ def test_the_removed_pallas_kernels_say_where_they_went(kernels, version):
     config = _config(version=version, head_size=8) if version == "7" else _config()
     params = init_params(config, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=r"was removed: the fused Pallas decode kernels were "
-                                         r"slower than XLA's products \(bench/README.md\); use "
+                                         r"slower than XLA's products \(docs/performance.md\); use "
                                          r"auto, xla or cuda"):
         Generator(config, params, decode_kernels=kernels)
 

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import rel_err, wkv4_reference, wkv_inputs
+
 from rwkv_jax.ops import wkv4 as ops
 from rwkv_jax.ops.pallas import wkv4 as pk
 
@@ -68,7 +68,7 @@ def test_pieces_with_state_equal_one_call(rng):
 
 
 def _loss(impl):
-    """tests/test_wkv4.py's loss: outputs and the state's meaning, so pp cancels."""
+    """tests/ops/test_wkv4.py's loss: outputs and the state's meaning, so pp cancels."""
 
     def f(td, tf, k, v, aa, bb, pp, gy):
         y, (a2, b2, p2) = ops.wkv4(td, tf, k, v, (aa, bb, pp), impl=impl, chunk_size=4)

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err, wkv4_reference, wkv_inputs
 from jax.test_util import check_grads
 
-from conftest import rel_err, wkv4_reference, wkv_inputs
 from rwkv_jax.ops import wkv4 as ops
 from rwkv_jax.ops.wkv4 import NEG_INF, zero_state
 

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import rel_err
+
 from rwkv_jax.ops import wkv7 as ops
 from rwkv_jax.ops.pallas import wkv7 as pk
 

@@ -11,14 +11,20 @@ import os
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import REPO
 
-from rwkv_jax import trainer
-from rwkv_jax.checkpoint import model_config_of
-from rwkv_jax.config import (ConfigError, ModelConfig, default_config, model_config_from,
-                             model_differences, validate)
-from rwkv_jax.model import RWKV, count_params
+from rwkv_jax import train as trainer
+from rwkv_jax.config import (
+    ConfigError,
+    ModelConfig,
+    default_config,
+    model_config_from,
+    model_differences,
+    validate,
+)
+from rwkv_jax.io import model_config_of
+from rwkv_jax.nn.model import RWKV, count_params
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("name, billions", [("tiny", 0.001), ("model_169m", 0.169),
                                             ("model_1b5", 1.5), ("model_3b_rwkv", 3.0)])

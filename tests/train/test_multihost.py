@@ -5,7 +5,6 @@ checkpoints that move between process counts, and a killed process that stops th
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 import socket
@@ -14,11 +13,10 @@ import sys
 import time
 
 import chex
-import jax
 import pytest
-
 from conftest import REPO, repo_pythonpath
-from rwkv_jax import checkpoint as ckpt
+
+from rwkv_jax import io as ckpt
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 60
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from rwkv_jax import optim
+from rwkv_jax.train import optim
 
 C, F, V, P = 8, 16, 11, 5
 
@@ -358,7 +358,7 @@ def test_rwkv7_groups_follow_rwkv_lm():
     """RWKV-LM's RWKV-7 configure_optimizers: att.w0 at 2x lr without decay; weight decay only
     on 2D `.weight` matrices (our kernels), so LoRA factors, r_k and vectors get none."""
     from rwkv_jax.config import ModelConfig
-    from rwkv_jax.model import RWKV
+    from rwkv_jax.nn.model import RWKV
 
     cfg = ModelConfig(version="7", vocab_size=V, n_layer=2, n_embd=32, head_size=8,
                       learned_init_state=True)

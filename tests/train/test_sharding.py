@@ -9,16 +9,16 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import REPO, repo_pythonpath
-
 
 WORKER = textwrap.dedent(r'''
     import sys, jax, numpy as np
     sys.path.insert(0, "tests")
     assert jax.device_count() == 8, jax.devices()
-    from test_train import tiny_config, TEXT
-    from rwkv_jax import trainer, checkpoint as ckpt, sharding as shd
+    from conftest import tiny_config, TEXT
+    from rwkv_jax import io as ckpt
+    from rwkv_jax import train as trainer
+    from rwkv_jax.train import sharding as shd
     import pathlib
     tmp = pathlib.Path(sys.argv[1])
     (tmp / "t.txt").write_text(TEXT)
@@ -52,7 +52,7 @@ WORKER = textwrap.dedent(r'''
 
     # A checkpoint written on one mesh restores onto another, values intact, new shardings.
     src, dst = runs["8x1x1"], runs["2x2x2"]
-    layout = trainer.plan_layout(dst, trainer.make_optimizer(dst))
+    layout = trainer.plan_shardings(dst, trainer.make_optimizer(dst))
     template = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             layout.shapes, layout.state)  # where the state would live on dst
     restored, meta = ckpt.TrainCheckpointer(src.run_dir + "/checkpoints").restore(template)
@@ -71,7 +71,7 @@ WORKER = textwrap.dedent(r'''
     # rules, as on one device.
     import jax.numpy as jnp
     from rwkv_jax.config import ModelConfig
-    from rwkv_jax.model import RWKV, init_params
+    from rwkv_jax.nn.model import RWKV, init_params
     P = jax.sharding.PartitionSpec
     mc = ModelConfig(version="7", vocab_size=64, n_layer=3, n_embd=32, head_size=8,
                      attn_head_size=8, layer_types=("attn", "rwkv", "rwkv"))
@@ -120,7 +120,7 @@ def test_same_training_on_every_mesh_and_checkpoints_move_between_meshes(tmp_pat
 def test_mesh_errors():
     import jax
 
-    from rwkv_jax import sharding as shd
+    from rwkv_jax.train import sharding as shd
 
     with pytest.raises(ValueError, match="multiply to the device count"):
         shd.make_mesh(2, 2, 2)
@@ -135,11 +135,11 @@ def test_mesh_errors():
 
 def test_partition_rules():
     import jax
-
-    from rwkv_jax import sharding as shd
-    from rwkv_jax.config import ModelConfig
-    from rwkv_jax.model import RWKV
     import jax.numpy as jnp
+
+    from rwkv_jax.config import ModelConfig
+    from rwkv_jax.nn.model import RWKV
+    from rwkv_jax.train import sharding as shd
 
     mesh = shd.make_mesh(-1, 1, 1)
     cfg = ModelConfig(vocab_size=64, n_layer=2, n_embd=32, attn_head_size=8, layer_types=("rwkv", "attn"))

@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 import chex
 import jax
@@ -15,14 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import (
+    TEXT,
+    finish,
+    perturbed,
+    run_train,
+    start_train,
+    tiny_config,
+)
 
-from conftest import REPO, perturbed, repo_pythonpath
-from rwkv_jax import checkpoint as ckpt
-from rwkv_jax import trainer
-from rwkv_jax.config import ConfigError, default_config
-from rwkv_jax.model import RWKV, init_params
-
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 60)
+from rwkv_jax import io as ckpt
+from rwkv_jax import train as trainer
+from rwkv_jax.config import ConfigError, ModelConfig
+from rwkv_jax.nn.model import RWKV, init_params
 
 
 @pytest.fixture
@@ -31,24 +34,6 @@ def corpus(tmp_path):
     train.write_text(TEXT)
     val.write_text(TEXT[:1500])
     return str(train), str(val)
-
-
-def tiny_config(tmp_path, corpus, **overrides):
-    c = default_config()
-    c.experiment_name = "t"
-    c.output_dir = str(tmp_path / "runs")
-    c.model.n_layer, c.model.n_embd = 2, 32
-    c.data.train_file, c.data.val_file = corpus
-    c.train.batch_size, c.train.max_seq_length, c.train.steps = 4, 32, 8
-    c.memory.rwkv_chunk_size = 16
-    c.optimizer.lr, c.optimizer.warmup_steps = 3e-3, 2
-    c.logging.every, c.logging.eval_every, c.logging.eval_tokens = 4, 1000, 256
-    c.logging.progress, c.logging.tensorboard = False, False
-    c.checkpoint.every = 3
-    for key, value in overrides.items():
-        group, field = key.split(".") if "." in key else (None, key)
-        (c[group] if group else c)[field] = value
-    return c
 
 
 @pytest.mark.parametrize(
@@ -105,27 +90,8 @@ def test_unknown_option_is_refused(tmp_path, corpus):
         trainer.prepare(cfg)
 
 
-def _start_cli(args, env=None, signal_at=None):
-    """train.py with `args`; signal_at=(step, "KILL" or "INT") sends that signal after the step
-    (tests/signal_at_step.py)."""
-    env = {**os.environ, **(env or {}), "PYTHONPATH": repo_pythonpath()}
-    program = [os.path.join(REPO, "train.py")] if signal_at is None else \
-        [os.path.join(REPO, "tests", "signal_at_step.py"), str(signal_at[0]), signal_at[1]]
-    return subprocess.Popen([sys.executable, *program, *args], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _finish(proc, timeout=240):
-    stdout, stderr = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def _run_cli(args, env=None, timeout=240, signal_at=None):
-    return _finish(_start_cli(args, env, signal_at), timeout)
-
-
 def test_cli_reports_config_errors_without_traceback(tmp_path):
-    out = _run_cli(["--config=configs/tiny.py", "--config.memory.chunk_overlap=300",
+    out = run_train(["--config=configs/tiny.py", "--config.memory.chunk_overlap=300",
                     f"--config.output_dir={tmp_path}"])
     assert out.returncode == 2, out.stderr[-2000:]
     assert "config error: memory.chunk_overlap=300 is invalid" in out.stderr
@@ -138,7 +104,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
         (["--config=configs/tiny.py", "--config.train.steps=abc"],
          "config error: flag --config.train.steps=abc: invalid literal for int()"),
     ]:
-        out = _run_cli(args)
+        out = run_train(args)
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr[-2000:])
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
@@ -234,21 +200,21 @@ def test_sigkill_or_ctrl_c_then_same_command_resumes_bit_exact(tmp_path):
     # The killed run goes first and compiles both train steps into the session's compilation
     # cache (conftest); then the uninterrupted run and the resumed one load them, side by side.
     interrupted = base + [f"--config.output_dir={tmp_path / 'b'}"]
-    killed = _run_cli(interrupted, signal_at=(6, "KILL"))  # between checkpoints 4 and 8
+    killed = run_train(interrupted, signal_at=(6, "KILL"))  # between checkpoints 4 and 8
     assert killed.returncode == -9, killed.stderr[-3000:]
     steps = ckpt.TrainCheckpointer(tmp_path / "b" / "tiny" / "checkpoints").all_steps()
     assert steps == [4]  # only whole checkpoints are visible
-    straight = _start_cli(base + [f"--config.output_dir={tmp_path / 'a'}"])
+    straight = start_train(base + [f"--config.output_dir={tmp_path / 'a'}"])
     # The same command resumes; Ctrl-C (a real SIGINT) after step 7, in the middle of a
     # sequence of two chunks, saves the steps since the last checkpoint, state passed included.
-    stopped = _run_cli(interrupted, signal_at=(7, "INT"))
+    stopped = run_train(interrupted, signal_at=(7, "INT"))
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "resumed from" in stopped.stderr and "at step 4" in stopped.stderr
     assert "saved step 7" in stopped.stderr and "the same command resumes" in stopped.stderr
     assert "Traceback" not in stopped.stderr
     assert ckpt.TrainCheckpointer(tmp_path / "b" / "tiny" / "checkpoints").all_steps() == [4, 7]
-    resumed = _run_cli(interrupted)
-    straight = _finish(straight)
+    resumed = run_train(interrupted)
+    straight = finish(straight)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at step 7" in resumed.stderr
@@ -261,7 +227,7 @@ def test_sigkill_or_ctrl_c_then_same_command_resumes_bit_exact(tmp_path):
     # The same command with another model is refused in one line, before anything compiles,
     # and the run keeps its checkpoints and the config.json that infer.py reads.
     config_json = (tmp_path / "b" / "tiny" / "config.json").read_text()
-    other = _run_cli(interrupted + ["--config.model.n_layer=3", "--config.train.steps=12"])
+    other = run_train(interrupted + ["--config.model.n_layer=3", "--config.train.steps=12"])
     assert other.returncode == 2, other.stderr[-3000:]
     assert ("cannot resume: the checkpoints in" in other.stderr
             and "hold another model than this config (model.n_layer: 2 -> 3)" in other.stderr)
@@ -283,7 +249,7 @@ def test_resuming_from_a_damaged_checkpoint_names_it(tmp_path, tiny_run):
     for f in chunks:
         f.write_bytes(b"\0" * 64)
     # tensorstore's reading error names the damage (the checksums catch what it reads fine:
-    # tests/test_faults_checkpoint.py); with no earlier step, the way on is to move it aside.
+    # tests/io/test_faults_checkpoint.py); with no earlier step, the way on is to move it aside.
     with pytest.raises(trainer.ResumeError, match=r"the checkpoint of step 6 in .* is damaged "
                                                   r"\(ValueError: .*\)\. No earlier checkpoint is "
                                                   r"there to resume from: move .*6 aside"):
@@ -315,10 +281,10 @@ def test_a_run_directory_with_checkpoints_is_continued_or_refused(tmp_path, tiny
     for changes, error, message in refusals:
         with pytest.raises(error, match=message):
             train(**changes)
-    lock = trainer._lock_run_dir(str(run_dir))  # as another train.py in this run holds it
+    lock = trainer.lock_run_dir(str(run_dir))  # as another train.py in this run holds it
     with pytest.raises(ConfigError, match="another train.py is training in"):
         train(**{"train.steps": 9})
-    trainer._unlock(lock)
+    trainer.unlock_run_dir(lock)
     # At its last step already: nothing trains, and the checkpoint's own metrics come back.
     assert set(train(**{"train.steps": 6})) >= {"loss", "lr"}
     assert ckpt.TrainCheckpointer(run_dir / "checkpoints").all_steps() == [6]
@@ -326,7 +292,7 @@ def test_a_run_directory_with_checkpoints_is_continued_or_refused(tmp_path, tiny
 
 
 def test_a_step_whose_update_is_not_finite_changes_nothing():
-    config = trainer.ModelConfig(vocab_size=16, n_layer=1, n_embd=8)
+    config = ModelConfig(vocab_size=16, n_layer=1, n_embd=8)
     model = RWKV(config)
     params = init_params(config, jax.random.PRNGKey(0))
     blowup = optax.scale(float("inf"))  # finite gradients, infinite weights

@@ -1,5 +1,4 @@
-// The bulk copy engine and mbarriers in inline PTX (sm_90), shared by decode_block.cu and
-// stream.cu: a producer thread arms a stage's barrier with the bytes it expects and starts a
+// The bulk copy engine and mbarriers in inline PTX (sm_90), for the decode kernel: a producer thread arms a stage's barrier with the bytes it expects and starts a
 // bulk copy into shared memory that completes on it; consumers wait on its phase parity.
 #pragma once
 

@@ -3,14 +3,14 @@ through the XLA FFI: the batch-1 decode step on Hopper GPUs (sm_90).
 
 decode4_block.cuh says how the kernel works and why. Here: building it (nvcc, on first use,
 into a cache keyed by the sources, the GPU's architecture and the jax version), registering it
-with XLA, the vector table it reads, `layers_step`, which rwkv_jax.decode_weights.decode_forward
+with XLA, the vector table it reads, `layers_step`, which rwkv_jax.generate.decode_weights.decode_forward
 calls for each run of consecutive RWKV-4 blocks on a decode step, and `block_step`, the same for
-one block (as rwkv_jax.layers.RWKVBlock on its own). Anything that stops it (no GPU, an older GPU, no nvcc,
+one block (as rwkv_jax.nn.rwkv4.RWKVBlock on its own). Anything that stops it (no GPU, an older GPU, no nvcc,
 weights that are not bf16) raises `Unavailable` with the reason, before any work.
 
-It is faster than XLA's products at batch 1 and 2 (the figures, by date and card, are in
+It is faster than XLA's products at batch 1 and 2 (figures in docs/performance.md and
 bench/README.md). infer.py takes it by itself where it runs (--decode_kernels auto;
-rwkv_jax.decode_weights.choose_decode_kernels); rwkv_jax.generate only when asked: a generator
+rwkv_jax.generate.decode_weights.choose_decode_kernels); rwkv_jax.generate only when asked: a generator
 serves one weight layout, and batch 16 on this one runs XLA's products at half their speed.
 
 The kernel keeps its exchange buffers and launch counters in the library's device memory, so
@@ -87,7 +87,7 @@ def check_device() -> str:
     if major != 9:
         # Bulk copies into shared memory need 9.0; later GPUs differ in shared memory (those of
         # compute capability 12 have 99 KB a block, too little for the ring), and the kernel is
-        # built and measured for Hopper alone.
+        # built and tuned for Hopper alone.
         raise Unavailable(f"the CUDA decode kernel runs on Hopper GPUs (compute capability "
                           f"9.x); {dev.device_kind} has {cc}")
     return f"{major}{minor}"
@@ -180,7 +180,7 @@ def fits(C: int, F: int, rows: int) -> bool:
 
 
 def check_block(block: dict) -> None:
-    """Raise Unavailable unless a kernel-layout block (rwkv_jax.decode_weights.kernel_layout) suits the
+    """Raise Unavailable unless a kernel-layout block (rwkv_jax.generate.decode_weights.kernel_layout) suits the
     kernel."""
     att, ffn = block["att"], block["ffn"]
     C = att["output_t"].shape[0]
@@ -241,7 +241,7 @@ def layers_step(blocks, x, states, *, eps: float):
 
 def block_step(p: dict, x, state: dict, *, eps: float):
     """One RWKV-4 block for one token per row: x (B, C) float32 (after ln0 in block 0) and the
-    layer's state -> (x, state), as rwkv_jax.layers.RWKVBlock gives them. p: the block in the
+    layer's state -> (x, state), as rwkv_jax.nn.rwkv4.RWKVBlock gives them. p: the block in the
     kernel layout plus "decode_vecs" (pack_vectors)."""
     x, (state,) = layers_step([p], x, [state], eps=eps)
     return x, state

@@ -1,12 +1,13 @@
 #pragma once
 // A run of RWKV-4 blocks for one token (batch 1-2) as ONE cooperative CUDA kernel (sm_90:
-// Hopper): the batch-1 decode step on NVIDIA GPUs. decode4_ffi.cu wraps it for XLA (rwkv_jax.ops.cuda.
-// decode4 builds and calls it); bench/cuda/decode_block.cu checks it against a host reference
-// and times it alone (bench/decode_block_cuda.py, whose tables bench/README.md quotes).
+// Hopper): the batch-1 decode step on NVIDIA GPUs. decode4_ffi.cu wraps it for XLA
+// (rwkv_jax.kernels.cuda.decode4 builds and calls it); tests/ops/test_cuda_decode.py checks it
+// against the model. The experiments behind its design are in docs/performance.md
+// ("Experiments whose conclusions are recorded").
 //
-// Why try: at batch 1 a decode step only streams weights, and no matrix-vector kernel that
-// XLA, cuBLAS or Triton (Pallas) produce reads faster than ~3 TB/s on an H200, where plain
-// loads or the bulk copy engine stream 4.5 (bench/README.md; stream.cu beside this).
+// Why try: at batch 1 a decode step only streams weights, and the matrix-vector kernels that
+// XLA, cuBLAS or Triton (Pallas) produce read well below the rate at which plain loads or the
+// bulk copy engine stream (figures in docs/performance.md).
 //
 // Design: one CTA per SM streams its contiguous, equal share of every matrix through a ring of
 // shared-memory stages with the bulk copy engine (cp.async.bulk, completing on an mbarrier):
@@ -30,8 +31,8 @@
 //   2  LN2(x2) mixed two ways; rows of [key ; receptance]: h = relu(k)^2 (bf16),
 //      gate = sigmoid(r)
 //   3  x_out = x2 + gate * (W_v h), the next layer's x
-// Roundings are the model's (rwkv_jax.layers, rwkv_jax.decode_weights): every product is
-// rounded to bf16, everything else is float32.
+// Roundings are the model's (rwkv_jax.nn.rwkv4, rwkv_jax.generate.decode_weights): every
+// product is rounded to bf16, everything else is float32.
 //
 // Build flags: -DRWKV_TRACE records each CTA's phase times (%globaltimer); -DRWKV_NOCOMPUTE
 // skips the products (the streaming and synchronisation alone); -DRWKV_CONSUMERS=n sets the
@@ -39,7 +40,7 @@
 // rows), -DRWKV_NARROW_STAGE_ROWS=n the rows of one for n_embd up to -DRWKV_NARROW_C=n (3 up
 // to 768), -DRWKV_MAX_DEPTH=n the ring (12 stages); -DRWKV_MMA=1 does the products on the
 // tensor cores; -DRWKV_POLL_NS=n sleeps n ns between rounds of polls. The last two are
-// experiments that measured no faster (bench/README.md).
+// experiments that were no faster (docs/performance.md).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -67,10 +68,9 @@ using bf16 = __nv_bfloat16;
 #endif
 // Consumer warps; one more warp produces. A warp owns every kConsumers-th slot of the ring,
 // whose depth need not be a multiple of it (a warp that owns a slot more takes more stages).
-// Six: a 1.5B block took 32.3 us at 32 layers a launch against 34.9 with five, 35.7 with four
-// and 38.5 with eight (session 12). Five had beaten eight (54.4) and ten (53.6) at 3B (44.9),
-// both of which spilled registers in the products; six spill no more than five (bench/README.md;
-// the harness's --consumers). The norms take C <= 16 * 32 * kConsumers: 3072 with six.
+// Six: the fastest at 1.5B, against four, five and eight; eight and ten spill registers in the
+// products, where six spill no more than five (figures in docs/performance.md). The norms take
+// C <= 16 * 32 * kConsumers: 3072 with six.
 constexpr int kConsumers = RWKV_CONSUMERS;
 constexpr int kConsumerThreads = 32 * kConsumers;
 constexpr int kThreads = kConsumerThreads + 32;
@@ -86,16 +86,12 @@ __constant__ int kFirstSegment[4] = {0, 3, 4, 6};
 #ifndef RWKV_MAX_STAGE_ROWS
 #define RWKV_MAX_STAGE_ROWS 4
 #endif
-// Four rows is the best measured for 3B and 1.5B (us a block at 32 layers a launch, H200,
-// 2026-12-01, the harness's --define): 3B 45.5 against 61.6 with 2 rows and 50.0 with 3; 1.5B
-// 34.9 against 47.7, 38.1, and 42.7 with 5. Smaller stages put fewer bytes in flight at the
-// same window; larger ones leave warps idle at a phase's end. 169M, whose time is the
-// exchanges', took 17.3 against 16.9 with 2, 15.7 with 3, and 21.2 with 8.
+// Four rows is the fastest for 3B and 1.5B (figures in docs/performance.md). Smaller stages put
+// fewer bytes in flight at the same window; larger ones leave warps idle at a phase's end.
 constexpr int kMaxStageRows = RWKV_MAX_STAGE_ROWS;
 // Narrow models take fewer rows a stage: a CTA's share of a phase is then only a few rows a
-// consumer warp, and its time is the exchanges', not the stream's. 169M (n_embd 768) took 16.2
-// us a block with 3 against 17.7 with 4 and 17.4 with 2; n_embd 1024 took 19.3 with 3 against
-// 18.4 with 4, and 1.5B (2048) is best with 4 (bench/README.md; the harness's --define).
+// consumer warp, and its time is the exchanges', not the stream's. Three rows suit n_embd 768
+// (169M); from 1024 up four are faster again (figures in docs/performance.md).
 #ifndef RWKV_NARROW_C
 #define RWKV_NARROW_C 768
 #endif
@@ -112,10 +108,8 @@ __host__ __device__ inline int stage_rows(int C, int K) {
 }
 // The ring's depth, at most: as many stages as fit in shared memory beside the inputs, up to
 // this. A deeper ring hides more of an exchange's latency in principle (the producer streams on
-// while the consumers wait), but measured no better: 1.5B's 16 KB stages fit 13, which took
-// 35.1 and 35.7 us a block against 34.3 and 34.9 with 10 (two runs); 169M, 12 against 10,
-// 17.0 against 17.4 (bench/README.md; --define RWKV_MAX_DEPTH=16). A 3B block's 20 KB stages
-// fit 10 either way.
+// while the consumers wait), but was no faster for 1.5B or 169M (-DRWKV_MAX_DEPTH=16; figures
+// in docs/performance.md). A 3B block's 20 KB stages fit 10 either way.
 #ifndef RWKV_MAX_DEPTH
 #define RWKV_MAX_DEPTH (2 * RWKV_CONSUMERS)
 #endif
@@ -153,15 +147,15 @@ struct Args {
   int slot_bytes;  // bytes per stage slot (a multiple of 128)
   // At most this many stages in flight (0, or more than the ring's depth, which launch() caps
   // it to: as many as the ring has free slots). Loads in flight queue at the memory
-  // controllers, and every other access waits behind them (Little's law: 21 MB in flight at
-  // 4.6 TB/s is ~4.6 us); HBM stays saturated with far fewer.
+  // controllers, and every other access waits behind them (Little's law: the time a load
+  // waits is the bytes in flight over the bandwidth); HBM stays saturated with far fewer.
   int window;
   Layer layer[kMaxLayers];
 };
 static_assert(sizeof(Args) <= 4096, "kernel parameters are limited to 4 KB");
 
-// The stages in flight that decode4_ffi.cu asks for: the fastest on an H200 (2: 57.6 us a 3B
-// block, 3: 59.1, no cap: 64.3; bench/README.md).
+// The stages in flight that decode4_ffi.cu asks for: the fastest of 2, 3 and no cap (figures in
+// docs/performance.md).
 constexpr int kWindow = 2;
 
 // A contiguous run of rows of one matrix that this CTA streams, in stages of `rps` rows.
@@ -242,11 +236,10 @@ __device__ __forceinline__ bool ready4(uint4 v, uint32_t epoch) {
 #ifndef RWKV_POLL_NS
 #define RWKV_POLL_NS 0
 #endif
-// Called between two rounds of polls. RWKV_POLL_NS > 0 (the harness's --define) sleeps that
-// long between rounds: the experiment on whether the polls' own traffic (up to B * F * 4 bytes
-// a CTA a round) slows the exchanges or the weight stream. It does not: sleeping only added
-// latency (us a block, H200, one run: 1.5B 35.1 polling flat out, 35.2 / 35.7 / 36.3 with
-// 100 / 300 / 1000 ns; 169M 17.9, then 18.4 / 18.8 / 19.3).
+// Called between two rounds of polls. RWKV_POLL_NS > 0 (a build flag) sleeps that long
+// between rounds: the experiment on whether the polls' own traffic (up to B * F * 4 bytes a CTA
+// a round) slows the exchanges or the weight stream. It does not: sleeping only added latency
+// (figures in docs/performance.md).
 __device__ __forceinline__ void too_long(int spins, const char* what) {
   if (RWKV_POLL_NS > 0 && spins > 0) __nanosleep(RWKV_POLL_NS);
   if (spins > (1 << 24)) {  // a word never written is a bug: an error, not a hang
@@ -383,17 +376,15 @@ __device__ __forceinline__ void stage_dot(float (&acc)[R][B], const uint4* w, co
 #endif
 #if RWKV_MMA
 // The same products on the tensor cores (mma.sync m16n8k16, bf16 in, float32 accumulate),
-// built with -DRWKV_MMA=1 (the harness's --define). A matrix-vector product has one column, so
+// built with -DRWKV_MMA=1. A matrix-vector product has one column, so
 // it is cast as a matrix product whose diagonal is the answer: for a span of 128 elements at
 // j, A's rows m and 8 + m hold two weight rows' elements j + 8m .. +8 and j + 64 + 8m .. +8,
 // and B's column n holds x at the same places, so that D[m][m] and D[8 + m][m] are those 16
 // elements' dot products; the other entries are never read. Each operand is one ldmatrix (A: 4
 // matrices of 128 contiguous bytes, B: 2; no bank conflicts), so a span of two rows costs 3
 // instructions and one mma where the CUDA cores take ~17 a lane.
-// Not the default: it measured no faster (us a block at 32 layers a launch, H200, two runs: 3B
-// 44.5 / 47.2 against 45.1 / 45.5, 1.5B 34.8 / 35.1 against 35.3 / 34.9, 169M 19.6 / 19.0
-// against 18.3 / 17.4; bench/README.md), so the products' instruction count is not what holds
-// a block up.
+// Not the default: it was no faster (figures in docs/performance.md), so the products'
+// instruction count is not what holds a block up.
 __device__ __forceinline__ void ldmatrix4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -618,7 +609,7 @@ __device__ void norm_mix(const NormInputs<B, M>& in, const float* x, const unsig
 
 // ----------------------------------------------------------------------------- kernel
 
-#ifdef RWKV_TRACE  // timestamps of the phases, for the standalone harness
+#ifdef RWKV_TRACE  // timestamps of the phases, for timing the kernel alone
 __device__ unsigned long long g_trace[1024][14];
 __device__ __forceinline__ void trace(int i, int thread) {
   if (threadIdx.x == thread && blockIdx.x < 1024) {
@@ -739,7 +730,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(const __grid_constan
       const uint4* w = reinterpret_cast<const uint4*>(ring + (size_t)slot * a.slot_bytes);
       const uint4* x = reinterpret_cast<const uint4*>(xs) + sg.input;
       const int nvec = sg.K / 8;
-#ifndef RWKV_NOCOMPUTE  // the harness's streaming-only mode
+#ifndef RWKV_NOCOMPUTE  // the streaming-only build, for experiments
       stage_rows<B, kMaxStageRows>(n, w, x, nvec, lane, r, epilogue);
 #else  // the epilogues still run, on zeros: the exchanges are part of what is timed
       (void)w, (void)x, (void)nvec;
@@ -755,7 +746,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(const __grid_constan
   const int nwkv = (c1 - c0) * B;  // this CTA's (channel, row) pairs
   for (int t = threadIdx.x; t < nwkv; t += kConsumerThreads)  // x of this CTA's channels
     copy_async(x_own + t, a.x + (t % B) * C + c0 + t / B);
-  // The timeline (the harness's trace build) of the second layer, where a launch has one: the
+  // The timeline (the RWKV_TRACE build) of the second layer, where a launch has one: the
   // steady state, which the first layer's start does not show.
   const int traced = L > 1 ? 1 : 0;
 
@@ -841,7 +832,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_kernel(const __grid_constan
     // Phase 2: h = relu(W_k xk)^2, gate = sigmoid(W_r xr) from LN2(x2).
     {
       // Loaded here: held in registers from the start, they made the products spill; loaded
-      // before phase 1, they delayed g's polls (59.1 against 57.6 us a block). Their loads and
+      // before phase 1, they delayed g's polls (docs/performance.md). Their loads and
       // x2's polls go out together.
       NormInputs<B, 2> in2;
       load_norm_inputs<B, 2>(in2, ly.vecs, LN2_SCALE, {FMIX_K, FMIX_R}, ly.shift_ffn, C);
@@ -975,7 +966,7 @@ std::string launch(cudaStream_t stream, Args a) {
   if (!p.error.empty()) return p.error;
   if (a.layers < 1 || a.layers > kMaxLayers)
     return "layers must be 1.." + std::to_string(kMaxLayers) + ", got " + std::to_string(a.layers);
-  // The harness sweeps shallower rings; the smem reserved stays the plan's.
+  // A caller may ask for a shallower ring (experiments); the smem reserved stays the plan's.
   a.depth = a.depth >= kConsumers && a.depth < p.depth ? a.depth : p.depth;
   if (a.window > a.depth) a.window = 0;  // a wait on a stage the ring no longer holds: no cap
   a.slot_bytes = p.slot_bytes;

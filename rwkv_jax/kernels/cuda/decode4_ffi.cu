@@ -1,4 +1,4 @@
-// The CUDA decode kernel (decode4_block.cuh) as an XLA FFI handler: rwkv_jax.ops.cuda.decode4
+// The CUDA decode kernel (decode4_block.cuh) as an XLA FFI handler: rwkv_jax.kernels.cuda.decode4
 // builds this file into a shared library with nvcc on first use and registers the handler with
 // jax.ffi. Command-buffer compatible, so XLA records it into the decode loop's CUDA graph.
 //

@@ -62,7 +62,6 @@ from rwkv_jax.ops.pallas.common import sds as _sds
 from rwkv_jax.ops.pallas.common import store as _store
 from rwkv_jax.ops.wkv4 import NEG_INF, WKVState
 
-
 # --------------------------------------------------------------------------- configuration
 
 
@@ -70,8 +69,8 @@ from rwkv_jax.ops.wkv4 import NEG_INF, WKVState
 class Config:
     """Tiling. All sizes are powers of two (Triton tensors must be)."""
 
-    # Defaults from bench/wkv.py --sweep on an H100 (bench/README.md). The kernels sit at
-    # 80-90% of copy bandwidth and most tilings land within a few percent of each other.
+    # Defaults from bench/wkv.py --sweep (figures in bench/README.md). The kernels run near
+    # copy bandwidth, so most tilings land within a few percent of each other.
     chunk: int = 0  # tokens per chunk, the unit of parallelism over T; 0: chosen per shape
     unroll: int = 16  # forward (F3) steps per loop iteration; the next ones are prefetched
     sub: int = 16  # backward steps kept in registers between B3's forward and reverse sweeps

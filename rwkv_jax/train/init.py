@@ -1,0 +1,162 @@
+"""A run's starting point: fresh or initial weights (init_from), the optimizer, the shardings of
+the train state, and the compiled step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rwkv_jax.config import (
+    ConfigError,
+    ModelConfig,
+    optimizer_config_from,
+)
+from rwkv_jax.io.checkpoint import restore_params
+from rwkv_jax.io.official import import_official
+from rwkv_jax.nn.model import RWKV, param_shapes
+from rwkv_jax.nn.state import zero_state
+from rwkv_jax.train import optim
+from rwkv_jax.train import sharding as shd
+from rwkv_jax.train.memory import (
+    MemoryPlanError,
+    device_memory,
+    suggestion,
+    xla_step_bytes,
+)
+from rwkv_jax.train.run import Run
+from rwkv_jax.train.sharding import TrainShardings
+from rwkv_jax.train.step import TrainState
+
+log = logging.getLogger("rwkv_jax")
+
+
+def load_initial_weights(path: str, fresh: dict, model_config: ModelConfig | None = None) -> dict:
+    """Weights to start from (`train.init_from`), onto the fresh init's tree.
+
+    Leaves the source lacks (a learned initial state or codec a pretrained model never had)
+    keep their fresh initialisation; a leaf of another shape is an error, and so are weights
+    of another RWKV version than `model_config`'s (they share some names, not the model).
+    """
+    return _onto_fresh(path, read_initial_weights(path, model_config), fresh)
+
+
+def read_initial_weights(path: str, model_config: ModelConfig | None = None) -> dict:
+    """The weights of `train.init_from` by their path in the params tree, checked (readable,
+    finite, floating point, this RWKV version); ConfigError naming the field otherwise."""
+    try:
+        if os.path.isfile(path):
+            source, loaded = import_official(path)
+        else:
+            source, loaded, _ = restore_params(path)
+    except (ValueError, FileNotFoundError, ImportError) as e:  # said by the readers in one line
+        raise ConfigError(f"train.init_from={path!r} cannot be read: {e}") from None
+    if model_config is not None and source.version != model_config.version:
+        raise ConfigError(f"train.init_from={path!r} holds an RWKV-{source.version} model, but "
+                          f"model.version={model_config.version!r}; set "
+                          f"model.version={source.version!r} to start from it")
+    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
+
+
+def _onto_fresh(path: str, flat: dict, fresh: dict) -> dict:
+    def take(keypath, x):
+        name = jax.tree_util.keystr(keypath)
+        if name not in flat:
+            return x
+        y = jnp.asarray(flat[name], x.dtype)
+        if y.shape != x.shape:
+            raise ConfigError(f"train.init_from={path!r}: {name} has shape {y.shape}, but this "
+                              f"config's model wants {x.shape}")
+        return y
+
+    return jax.tree_util.tree_map_with_path(take, fresh)
+
+
+
+
+def plan_shardings(run: Run, optimizer) -> TrainShardings:
+    mc, mesh, B = run.model_config, run.mesh, run.cfg.train.batch_size
+    params = param_shapes(mc)
+    opt = jax.eval_shape(optimizer.init, params)
+    carry = jax.eval_shape(lambda: zero_state(mc, B))
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt,
+                        carry=carry, loss_scale=scalar, good_steps=jax.ShapeDtypeStruct((), jnp.int32))
+    p_sh = shd.param_shardings(params, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = TrainState(step=replicated, params=p_sh,
+                       opt_state=shd.opt_state_shardings(opt, params, p_sh, mesh),
+                       carry=shd.state_shardings(carry, mesh), loss_scale=replicated,
+                       good_steps=replicated)
+    return TrainShardings(state=state, shapes=shapes, batch=shd.batch_sharding(mesh, 2))
+
+
+def init_params_fn(mc: ModelConfig):
+    model = RWKV(mc)
+    return lambda rng: model.init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
+
+
+def make_optimizer(run: Run):
+    return optim.make_optimizer(param_shapes(run.model_config), optimizer_config_from(run.cfg))
+
+
+def init_train_state(run: Run, rng, layout: TrainShardings | None = None) -> tuple[TrainState, Any]:
+    """A fresh training state, created directly in its shards: no device or host ever holds
+    the whole of the parameters or the optimizer state (unless weights come from init_from)."""
+    optimizer = make_optimizer(run)
+    layout = layout or plan_shardings(run, optimizer)
+    sh = layout.state
+    if run.cfg.train.init_from:
+        # Read and checked before the fresh init compiles: weights that cannot be used are
+        # refused at once.
+        source = read_initial_weights(run.cfg.train.init_from, run.model_config)
+        params = _onto_fresh(run.cfg.train.init_from, source,
+                             jax.jit(init_params_fn(run.model_config))(rng))
+        params = jax.device_put(params, sh.params)
+    else:
+        params = jax.jit(init_params_fn(run.model_config), out_shardings=sh.params)(rng)
+    opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(params)
+    mc, B = run.model_config, run.cfg.train.batch_size
+    scale = run.cfg.train.loss_scale if mc.dtype == "float16" else 1.0
+    make_rest = jax.jit(
+        lambda: (zero_state(mc, B), jnp.int32(0), jnp.float32(scale), jnp.int32(0)),
+        out_shardings=(sh.carry, sh.step, sh.loss_scale, sh.good_steps))
+    carry, step, loss_scale, good = make_rest()
+    ts = TrainState(step=step, params=params, opt_state=opt_state, carry=carry,
+                    loss_scale=loss_scale, good_steps=good)
+    return ts, optimizer
+
+
+def compile_step(fn, run: Run, layout: TrainShardings, donate: tuple, first: bool = False):
+    """Compile a train step ahead of time; the first one's XLA memory figure joins the plan."""
+    B, L = run.cfg.train.batch_size, run.chunk_len
+    batch = jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=layout.batch)
+    mask = jax.ShapeDtypeStruct((L,), jnp.float32)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         layout.shapes, layout.state)
+    jitted = jax.jit(fn, donate_argnums=donate,
+                     in_shardings=(layout.state, layout.batch, layout.batch, None),
+                     out_shardings=(layout.state, None))
+    compiled = jitted.lower(state, batch, batch, mask).compile()
+    if first:
+        xla = xla_step_bytes(compiled)
+        limit = device_memory()
+        if xla is not None:
+            log.info("XLA's plan for the train step: %.2f GiB per device%s", xla / 2**30,
+                     f" of {limit / 2**30:.2f} GiB" if limit else "")
+            if limit and xla > limit:
+                raise MemoryPlanError(
+                    f"XLA's compiled train step needs {xla / 2**30:.1f} GiB per device, more than "
+                    f"the {limit / 2**30:.1f} GiB there is. Try: "
+                    f"{suggestion(run.model_config, run.mesh)}")
+    return compiled
+
+
+def global_batch(local_rows: np.ndarray, sharding, global_shape) -> jax.Array:
+    """The global batch array from this process's rows (all rows when there is one process)."""
+    return jax.make_array_from_process_local_data(sharding, local_rows, global_shape)

@@ -1,0 +1,107 @@
+"""The jitted training step: one chunk of every row, the loss masked to the chunk's own tokens,
+the recurrent state carried out (no gradient flows between chunks: truncated backprop through
+time), dynamic loss scaling under float16.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rwkv_jax.nn import state_codec
+from rwkv_jax.nn.model import RWKV
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients went NaN/inf; the last good checkpoint is kept."""
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array  # optimizer updates done
+    params: Any
+    opt_state: Any
+    carry: Any  # the recurrent state handed to the next chunk
+    loss_scale: jax.Array  # dynamic loss scale (float16 only; 1 otherwise)
+    good_steps: jax.Array  # finite steps since the loss scale last changed
+
+
+def _masked_ce(logits, targets, mask):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    mask = jnp.broadcast_to(mask, ce.shape)
+    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), jnp.sum(mask)
+
+
+def chunk_forward(model: RWKV, params, inputs, state, handoff: int):
+    """Logits of one chunk and the state at `handoff` (the next chunk's start).
+
+    With overlapping chunks the next chunk starts inside this one, so the chunk runs as two
+    calls split there; the state between them is the one to hand on.
+    """
+    L = inputs.shape[1]
+    if handoff >= L:
+        return model.apply({"params": params}, inputs, state)
+    head, mid = model.apply({"params": params}, inputs[:, :handoff], state)
+    tail, _ = model.apply({"params": params}, inputs[:, handoff:], mid)
+    return jnp.concatenate([head, tail], axis=1), mid
+
+
+def make_train_step(model: RWKV, optimizer, *, fresh: bool, handoff: int, float16: bool):
+    """One optimizer update on one chunk. `fresh`: the chunk starts a sequence (state=None,
+    i.e. the zero or learned initial state, so gradients reach a learned one)."""
+
+    def loss_fn(params, inputs, targets, mask, carry, scale):
+        if not fresh:
+            # The chunk starts from the state as memory.state_compression stores it; with the
+            # learned codec this round trip is what trains it.
+            carry = state_codec.roundtrip(carry, model.config.state_compression, params)
+        logits, new_carry = chunk_forward(model, params, inputs, None if fresh else carry, handoff)
+        loss, count = _masked_ce(logits, targets, mask)
+        return loss * scale, (loss, count, new_carry)
+
+    def step(ts: TrainState, inputs, targets, mask):
+        scale = ts.loss_scale if float16 else jnp.float32(1.0)
+        grads, (loss, count, carry) = jax.grad(loss_fn, has_aux=True)(
+            ts.params, inputs, targets, mask, ts.carry, scale)
+        grads = jax.tree.map(lambda g: g / scale, grads)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+        params = optax.apply_updates(ts.params, updates)
+        # The new weights too: finite gradients can make weights that are not (an update's
+        # norm would overflow where each of its elements does not).
+        finite_params = jax.tree.reduce(lambda acc, p: acc & jnp.isfinite(p).all(), params,
+                                        jnp.bool_(True))
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & finite_params
+        # A non-finite step changes nothing (float16 overflow is routine; otherwise the host stops).
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        loss_scale, good = ts.loss_scale, ts.good_steps
+        if float16:
+            grow = ok & (good + 1 >= 2000)
+            loss_scale = jnp.where(ok, jnp.where(grow, loss_scale * 2, loss_scale), loss_scale / 2)
+            good = jnp.where(ok & ~grow, good + 1, 0)
+        new = TrainState(
+            step=ts.step + 1, params=keep(params, ts.params), opt_state=keep(opt_state, ts.opt_state),
+            carry=carry, loss_scale=loss_scale, good_steps=good)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": ok, "tokens": count,
+                   "loss_scale": loss_scale}
+        return new, metrics
+
+    return step
+
+
+def check_finite(metrics, step: int, float16: bool):
+    if float16:
+        ok = bool(np.isfinite(float(metrics["loss"])))
+    else:
+        ok = bool(metrics["finite"])
+    if not ok:
+        raise TrainingDiverged(
+            f"step {step}: the loss ({float(metrics['loss'])}), the gradient norm "
+            f"({float(metrics['grad_norm'])}) or the update is not finite. The update was "
+            f"skipped and no "
+            "checkpoint is written past the last good one; lower optimizer.lr, raise "
+            "optimizer.warmup_steps, or use efficiency.precision='float32'.")
