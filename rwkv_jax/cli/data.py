@@ -109,6 +109,14 @@ def _chunks(path: str, lines: Iterator[tuple[int, bytes]]):
         yield path, chunk
 
 
+def _context():
+    # Fork hands the workers the tokenizer the parent already built, but is unsafe in a process
+    # that has imported JAX (its threads); the command line never does, a caller may have.
+    if "jax" in sys.modules or "fork" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    return multiprocessing.get_context("fork")
+
+
 def _documents(args, stats: dict) -> Iterator[np.ndarray]:
     if args.shuffle is None:
         lines = itertools.chain.from_iterable(_lines_in_order(args.input) for _ in range(args.repeat))
@@ -119,8 +127,7 @@ def _documents(args, stats: dict) -> Iterator[np.ndarray]:
         results = map(_encode_chunk, tasks)
         pool = None
     else:
-        # Fork (where there is one) hands the workers the tokenizer the parent already built.
-        pool = multiprocessing.Pool(args.workers, _init_worker, (args.tokenizer,))
+        pool = _context().Pool(args.workers, _init_worker, (args.tokenizer,))
         results = pool.imap(_encode_chunk, tasks)  # imap keeps the input's order
     try:
         for docs in results:
