@@ -1,0 +1,189 @@
+"""Data preparation from the command line (`rwkv-data SUBCOMMAND`, `python -m rwkv_jax.data`).
+
+    rwkv-data prepare IN.jsonl OUT_PREFIX [--tokenizer world] [--shuffle SEED --repeat N]
+                      [--ctx N] [--workers K]
+
+`prepare` turns a jsonl of {"text": ...} lines into RWKV-LM's binidx as RWKV-LM's make_data.py
+does: each line stripped, blank lines skipped, the text (unstripped) tokenized, checked to decode
+back to itself, and ended with token 0. Without --shuffle the output is make_data.py's byte for
+byte with its shuffle left out; --shuffle SEED --repeat N writes N passes, each in the order of
+numpy's default_rng([SEED, pass]). The corpus is streamed, never held in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing
+import re
+import sys
+from array import array
+from collections.abc import Iterator
+
+import numpy as np
+
+from rwkv_jax.data.binidx import write_binidx
+from rwkv_jax.data.rwkv_lm import magic_prime
+from rwkv_jax.data.tokenizers import TOKENIZER_CHOICES, get_tokenizer
+
+CHUNK_LINES = 256  # lines per task sent to a worker
+_NEWLINE = re.compile(r"\r\n|\r|\n")  # make_data reads in text mode: universal newlines
+
+_worker_tokenizer = None  # each worker process's tokenizer (set by _init_worker)
+
+
+def _init_worker(spec: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = get_tokenizer(spec)
+
+
+def _encode_text(text: str, where: str, tokenizer) -> np.ndarray:
+    try:
+        ids = tokenizer.encode(text)
+        same = tokenizer.decode(ids) == text
+    except UnicodeError as e:  # a lone surrogate ("\ud800") has no UTF-8
+        raise ValueError(f"{where}: its text cannot be encoded as UTF-8 ({e.reason})") from None
+    if not same:
+        raise ValueError(f"{where}: its text does not decode back to itself after tokenizing "
+                         f"(make_data.py stops there too)")
+    ids.append(0)  # end of document, as make_data.py writes it
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _encode_chunk(task: tuple[str, list[tuple[int, bytes]]]) -> list[np.ndarray]:
+    """The documents of a chunk of raw lines, in order; ValueError naming file:line if bad."""
+    path, lines = task
+    docs = []
+    for lineno, raw in lines:
+        where = f"{path}:{lineno}"
+        try:
+            decoded = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not UTF-8 (byte {e.start} of the line)") from None
+        for piece in _NEWLINE.split(decoded):
+            line = piece.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e.msg}, column {e.colno}); each line must "
+                                 f'be an object with a "text" string') from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f'{where}: has no "text" string; each line must be an object '
+                                 f'with a "text" string')
+            docs.append(_encode_text(record["text"], where, _worker_tokenizer))
+    return docs
+
+
+def _lines_in_order(path: str) -> Iterator[tuple[int, bytes]]:
+    with open(path, "rb") as f:
+        yield from enumerate(f, start=1)
+
+
+def _line_index(path: str) -> tuple[array, array]:
+    """Byte offsets and line numbers of the non-blank lines: 16 bytes a line, not the text."""
+    starts, numbers = array("q"), array("q")
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():
+                starts.append(offset)
+                numbers.append(lineno)
+            offset += len(raw)
+    return starts, numbers
+
+
+def _lines_shuffled(path: str, seed: int, repeat: int) -> Iterator[tuple[int, bytes]]:
+    starts, numbers = _line_index(path)
+    with open(path, "rb") as f:
+        for p in range(repeat):
+            for i in np.random.default_rng([seed, p]).permutation(len(starts)):
+                f.seek(starts[i])
+                yield numbers[i], f.readline()
+
+
+def _chunks(path: str, lines: Iterator[tuple[int, bytes]]):
+    while chunk := list(itertools.islice(lines, CHUNK_LINES)):
+        yield path, chunk
+
+
+def _context():
+    # Fork hands the workers the tokenizer the parent already built, but is unsafe in a process
+    # that has imported JAX (its threads); the command line never does, a caller may have.
+    if "jax" in sys.modules or "fork" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    return multiprocessing.get_context("fork")
+
+
+def _documents(args, stats: dict) -> Iterator[np.ndarray]:
+    if args.shuffle is None:
+        lines = itertools.chain.from_iterable(_lines_in_order(args.input) for _ in range(args.repeat))
+    else:
+        lines = _lines_shuffled(args.input, args.shuffle, args.repeat)
+    tasks = _chunks(args.input, lines)
+    if args.workers == 1:
+        results = map(_encode_chunk, tasks)
+        pool = None
+    else:
+        pool = _context().Pool(args.workers, _init_worker, (args.tokenizer,))
+        results = pool.imap(_encode_chunk, tasks)  # imap keeps the input's order
+    try:
+        for docs in results:
+            for doc in docs:
+                stats["documents"] += 1
+                stats["tokens"] += len(doc)
+                yield doc
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def prepare(args) -> int:
+    """`rwkv-data prepare`: a jsonl to an RWKV-LM binidx."""
+    if args.repeat < 1 or args.workers < 1 or (args.ctx is not None and args.ctx < 1):
+        print("rwkv-data prepare: --repeat, --workers and --ctx must be positive", file=sys.stderr)
+        return 2
+    try:
+        _init_worker(args.tokenizer)
+        tokenizer = _worker_tokenizer
+        dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
+        stats = {"documents": 0, "tokens": 0}
+        write_binidx(args.out_prefix, _documents(args, stats), dtype=dtype)
+    except (ValueError, OSError) as e:
+        print(f"rwkv-data prepare: {e}", file=sys.stderr)
+        return 2
+    print(f"Wrote {args.out_prefix}.bin and .idx: {stats['documents']} documents, "
+          f"{stats['tokens']} {np.dtype(dtype).name} tokens")
+    if args.ctx is not None:
+        try:
+            print(f"data.magic_prime = {magic_prime(stats['tokens'], args.ctx)} (for ctx {args.ctx})")
+        except ValueError as e:
+            print(f"No magic prime: {e}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rwkv-data", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("prepare", help="a jsonl of {\"text\": ...} lines to an RWKV-LM binidx")
+    p.add_argument("input", metavar="IN.jsonl")
+    p.add_argument("out_prefix", metavar="OUT_PREFIX", help="writes OUT_PREFIX.bin and OUT_PREFIX.idx")
+    p.add_argument("--tokenizer", default="world", help=f"{TOKENIZER_CHOICES} (default world)")
+    p.add_argument("--shuffle", type=int, metavar="SEED", help="shuffle each pass's lines")
+    p.add_argument("--repeat", type=int, default=1, metavar="N", help="passes over the data")
+    p.add_argument("--ctx", type=int, metavar="N", help="print the magic prime for this ctx")
+    p.add_argument("--workers", type=int, default=1, metavar="K", help="tokenizing processes")
+    p.set_defaults(func=prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.func(args)
+
+
+def run() -> None:
+    """The `rwkv-data` console script."""
+    sys.exit(main())
