@@ -2,12 +2,16 @@
 
     rwkv-data prepare IN.jsonl OUT_PREFIX [--tokenizer world] [--shuffle SEED --repeat N]
                       [--ctx N] [--workers K]
+    rwkv-data show --config=NAME_OR_FILE [--config.GROUP.FIELD=VALUE ...] [--steps N] [--decode]
 
 `prepare` turns a jsonl of {"text": ...} lines into RWKV-LM's binidx as RWKV-LM's make_data.py
 does: each line stripped, blank lines skipped, the text (unstripped) tokenized, checked to decode
 back to itself, and ended with token 0. Without --shuffle the output is make_data.py's byte for
 byte with its shuffle left out; --shuffle SEED --repeat N writes N passes, each in the order of
 numpy's default_rng([SEED, pass]). The corpus is streamed, never held in memory.
+
+`show` prints what the model sees: each row of the first steps' batches from the trainer's own
+batch code (train.run.prepare), as JSON lines.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from rwkv_jax.config import ConfigError
 from rwkv_jax.data.binidx import write_binidx
 from rwkv_jax.data.rwkv_lm import magic_prime
 from rwkv_jax.data.tokenizers import TOKENIZER_CHOICES, get_tokenizer
+from rwkv_jax.train.run import prepare as prepare_run
 
 CHUNK_LINES = 256  # lines per task sent to a worker
 _NEWLINE = re.compile(r"\r\n|\r|\n")  # make_data reads in text mode: universal newlines
@@ -164,6 +170,43 @@ def prepare(args) -> int:
     return 0
 
 
+def show(args) -> int:
+    """Each row of the first steps' batches as one JSON line, from the trainer's own batch code
+    (train.run.prepare and its Batches): what the model sees."""
+    from rwkv_jax.cli.train import load_config  # noqa: PLC0415  (defines train.py's flags)
+
+    cfg = load_config(args.config_args)
+    try:
+        run = prepare_run(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"rwkv-data show: config error: {e}", file=sys.stderr)
+        return 2
+    B = cfg.train.batch_size
+    for step in range(args.steps):
+        x, y, mask = run.batches(step)
+        for row in range(B):
+            tokens = [int(t) for t in x[row]] + [int(y[row, -1])]
+            line = {"step": step, "row": row, "tokens": tokens}
+            if mask is not None:
+                line["loss_mask"] = [int(m) for m in mask[row]]
+            if args.decode:
+                line["text"] = _decode(run.tokenizer, tokens)
+            print(json.dumps(line, ensure_ascii=False))
+    return 0
+
+
+def _decode(tokenizer, tokens: list[int]) -> str:
+    """A row's text, token 0 (end of document, which has no text) shown as <|0|>."""
+    parts, part = [], []
+    for t in tokens:
+        if t == 0:
+            parts.append(part)
+            part = []
+        else:
+            part.append(t)
+    return "<|0|>".join(tokenizer.decode(p) for p in parts + [part])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rwkv-data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -176,11 +219,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, metavar="N", help="print the magic prime for this ctx")
     p.add_argument("--workers", type=int, default=1, metavar="K", help="tokenizing processes")
     p.set_defaults(func=prepare)
+    p = commands.add_parser("show", help="the first steps' batches as the trainer builds them",
+                            description="Each row of the first --steps batches, one JSON line: "
+                            "{step, row, tokens[, loss_mask][, text]}; config flags as train.py's.")
+    p.add_argument("--steps", type=int, default=1, metavar="N", help="steps to show (default 1)")
+    p.add_argument("--decode", action="store_true",
+                   help="add each row's text (token 0, end of document, as <|0|>)")
+    p.set_defaults(func=show)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `show` takes train.py's config flags (--config=..., --config.GROUP.FIELD=...) as they are.
+    config_args = [a for a in argv if a.startswith("--config")]
+    args = _parser().parse_args([a for a in argv if not a.startswith("--config")])
+    args.config_args = config_args
+    if args.command == "show" and args.steps < 1:
+        print(f"rwkv-data show: --steps={args.steps}: must be >= 1", file=sys.stderr)
+        return 2
     return args.func(args)
 
 

@@ -111,6 +111,21 @@ def _parse_flags(argv):
         sys.exit(2)
 
 
+def load_config(argv: list[str]):
+    """The run config of `argv` (`--config=NAME_OR_FILE --config.GROUP.FIELD=VALUE ...`), as
+    train.py reads it: for the other command lines that act on a run's config (rwkv-data show).
+    A bad config is one line and exit status 2."""
+    saved, sys.argv = sys.argv, ["rwkv", *argv]  # ml_collections reads overrides from sys.argv
+    try:
+        flags.FLAGS.unparse_flags()
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+            delattr(flags.FLAGS, name)  # an earlier call's overrides, defined per parse
+        _parse_flags(sys.argv)
+        return _CONFIG.value
+    finally:
+        sys.argv = saved
+
+
 def _describe_config_error(e: BaseException, path: str) -> str:
     frame = _config_file_frame(e, path)
     if frame is not None:  # the config file itself raised (at import or in get_config)

@@ -50,6 +50,7 @@ STATE_COMPRESSIONS = ("none", "bf16", "int8", "learned")
 
 
 ON_DAMAGE = ("refuse", "previous")  # checkpoint.on_damage
+SAMPLERS = ("random", "rwkv_lm")  # data.sampler
 
 
 class ConfigError(ValueError):
@@ -131,8 +132,15 @@ SCHEMA = {
     ),
     "data": dict(
         tokenizer=("byte", "byte | world | a Hugging Face tokenizer .json file"),
-        train_file=("", "training text (.txt, .txt.xz, .txt.gz) or a prepared .bin token file"),
-        val_file=("", "validation text or .bin token file"),
+        train_file=("", "training data: text (.txt, .txt.xz, .txt.gz), jsonl (text, prompt/"
+                        "response or chat messages), a binidx prefix (RWKV-LM's .bin + .idx), a "
+                        "token cache .bin; or a mixture 'path:weight,path:weight,...'"),
+        val_file=("", "validation data: text, jsonl, binidx or token cache .bin"),
+        sampler=("random", "random: windows (documents for jsonl) drawn from (seed, step) | "
+                           "rwkv_lm: RWKV-LM's pretraining sample order over one token stream"),
+        magic_prime=(0, "rwkv_lm sampler: RWKV-LM's magic_prime (0: the largest valid one)"),
+        rwkv_lm_world_size=(1, "rwkv_lm sampler: the GPU count of the RWKV-LM run whose sample "
+                               "order this run reproduces (any process count here)"),
         cache_dir=("", "where tokenized text is cached (empty: output_dir/data)"),
     ),
     "checkpoint": dict(

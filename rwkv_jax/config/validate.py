@@ -10,6 +10,7 @@ import os
 from rwkv_jax.config.model import model_config_from
 from rwkv_jax.config.schema import (
     ON_DAMAGE,
+    SAMPLERS,
     ConfigError,
     check_known,
     default_config,
@@ -78,10 +79,7 @@ def validate(cfg) -> None:
     if t.init_from:
         need(os.path.exists(t.init_from), "train.init_from", t.init_from,
              "no such file or directory (an official .pth, or a run or checkpoints directory)")
-    for split in ("train_file", "val_file"):
-        path = cfg.data[split]
-        need(bool(path), f"data.{split}", path, "a text file (or a prepared .bin token file) is required")
-        need(os.path.isfile(path), f"data.{split}", path, "no such file")
+    _validate_data(cfg, need)
     if cfg.data.tokenizer not in ("byte", "world") and not str(cfg.data.tokenizer).endswith(".json"):
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r} is invalid: 'byte', 'world' "
                           "or a Hugging Face tokenizer .json file")
@@ -114,3 +112,44 @@ def check_chunking(seq_len: int, chunk_size: int, overlap: int) -> None:
     if o == 0:
         need(T % L == 0, "memory.rwkv_chunk_size", L,
              f"must divide train.max_seq_length={T} (or set memory.chunk_overlap > 0)")
+
+
+def data_entries(spec: str) -> list[tuple[str, float]]:
+    """data.train_file as (path, weight) entries: one path, or a mixture "path:weight,...". A
+    path's last ":" starts a weight only where a number follows it."""
+    entries = []
+    for item in str(spec).split(","):
+        item = item.strip()
+        path, _, weight = item.rpartition(":")
+        try:
+            entries.append((path, float(weight)) if path else (item, 1.0))
+        except ValueError:
+            entries.append((item, 1.0))
+    return entries
+
+
+def _exists(path: str) -> bool:
+    """A file, or a binidx prefix (PREFIX.idx and PREFIX.bin)."""
+    return os.path.isfile(path) or (os.path.isfile(path + ".idx") and os.path.isfile(path + ".bin"))
+
+
+def _validate_data(cfg, need) -> None:
+    d = cfg.data
+    for split in ("train_file", "val_file"):
+        spec = d[split]
+        need(bool(spec), f"data.{split}", spec, "a text, jsonl, binidx or token .bin file is required")
+        entries = data_entries(spec)
+        need(split == "train_file" or len(entries) == 1, f"data.{split}", spec,
+             "one file (a mixture of weighted files is for data.train_file)")
+        for path, weight in entries:
+            need(weight > 0 and math.isfinite(weight), f"data.{split}", spec,
+                 f"the weight of {path!r} must be a number > 0")
+            need(_exists(path), f"data.{split}", spec, f"no such file: {path!r}")
+    need(d.sampler in SAMPLERS, "data.sampler", d.sampler, f"one of {SAMPLERS}")
+    need(isinstance(d.magic_prime, int) and d.magic_prime >= 0, "data.magic_prime",
+         d.magic_prime, "an integer >= 0 (0: the largest valid one)")
+    need(isinstance(d.rwkv_lm_world_size, int) and d.rwkv_lm_world_size >= 1,
+         "data.rwkv_lm_world_size", d.rwkv_lm_world_size, "an integer >= 1")
+    if d.sampler == "rwkv_lm":
+        need(len(data_entries(d.train_file)) == 1, "data.sampler", d.sampler,
+             "rwkv_lm reads one token stream: give data.train_file one file, not a mixture")

@@ -30,7 +30,7 @@ def _check_length(tokens: np.ndarray, name: str, seq_len: int) -> None:
         )
 
 
-def _window_offsets(num_tokens: int, *, step: int, seed: int, batch_size: int, seq_len: int) -> np.ndarray:
+def window_offsets(num_tokens: int, *, step: int, seed: int, batch_size: int, seq_len: int) -> np.ndarray:
     # Seeding from (seed, step) alone makes a batch independent of history, so a
     # resumed run replays exactly; all batch_size offsets are always drawn so any
     # subset of rows matches the full batch.
@@ -38,7 +38,7 @@ def _window_offsets(num_tokens: int, *, step: int, seed: int, batch_size: int, s
     return rng.integers(0, num_tokens - seq_len, size=batch_size)
 
 
-def _row_range(rows: slice | None, batch_size: int) -> tuple[int, int]:
+def row_range(rows: slice | None, batch_size: int) -> tuple[int, int]:
     if rows is None:
         return 0, batch_size
     start, stop, stride = rows.indices(batch_size)
@@ -67,8 +67,8 @@ def get_batch(
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     tokens, name = _tokens_and_name(token_file_or_array)
     _check_length(tokens, name, seq_len)
-    offsets = _window_offsets(len(tokens), step=step, seed=seed, batch_size=batch_size, seq_len=seq_len)
-    start, stop = _row_range(rows, batch_size)
+    offsets = window_offsets(len(tokens), step=step, seed=seed, batch_size=batch_size, seq_len=seq_len)
+    start, stop = row_range(rows, batch_size)
     index = offsets[start:stop, None] + np.arange(seq_len + 1)
     windows = np.asarray(tokens[index], dtype=np.int32)
     if reads is not None:

@@ -18,17 +18,23 @@ import json
 import logging
 import os
 import re
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
-from rwkv_jax.data.batches import _row_range
+from rwkv_jax.data.batches import row_range
 from rwkv_jax.data.text import DAMAGED_ARCHIVE, open_text_bytes
 from rwkv_jax.data.tokenizers import Tokenizer, get_tokenizer
-from rwkv_jax.data.tokens import (_file_lock, _read_metadata, _remove_stale_temps,
-                                  _temp_path_beside, _token_dtype, _write_json_atomic,
-                                  metadata_path)
+from rwkv_jax.data.tokens import (
+    _file_lock,
+    _read_metadata,
+    _remove_stale_temps,
+    _temp_path_beside,
+    _token_dtype,
+    _write_json_atomic,
+    metadata_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +406,7 @@ def document_batch(docs: DocumentFile, *, step: int, seed: int, batch_size: int,
         raise ValueError(f"{docs.path} holds no documents; a batch needs at least one")
     rng = np.random.default_rng([seed, step])
     picks = rng.integers(0, docs.num_docs, size=batch_size)
-    start, stop = _row_range(rows, batch_size)
+    start, stop = row_range(rows, batch_size)
     n = stop - start
     x = np.zeros((n, seq_len), dtype=np.int32)
     y = np.zeros((n, seq_len), dtype=np.int32)

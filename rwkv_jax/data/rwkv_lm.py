@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from rwkv_jax.data.batches import _row_range
+from rwkv_jax.data.batches import row_range
 
 MINI_EPOCH = 40320  # samples per RWKV-LM "epoch" (train.py asserts epoch_steps * real_bsz == 40320)
 
@@ -71,7 +71,7 @@ def sample_offset(p: int, ctx: int, epoch: int, idx: int, world_size: int, rank:
     return ((factor * ii * ii * ii) % p) * ctx  # python ints: exact
 
 
-def _check_batch(batch_size: int, world_size: int) -> int:
+def check_rwkv_lm_batch(batch_size: int, world_size: int) -> int:
     if world_size <= 0 or batch_size <= 0 or batch_size % world_size:
         raise ValueError(f"train.batch_size={batch_size} must be a positive multiple of "
                          f"data.rwkv_lm_world_size={world_size} (RWKV-LM's micro_bsz per rank)")
@@ -87,10 +87,10 @@ def rwkv_lm_batch(tokens, *, step: int, batch_size: int, ctx: int, prime: int,
     `world_size` ranks reads them. Global row j is rank j // micro's k = j % micro'th sample of
     its DataLoader batch t = step % (40320 // batch_size), in mini-epoch step // (40320 // B)."""
     tokens = getattr(tokens, "tokens", tokens)  # a BinIdx or TokenFile, or a 1-D array
-    micro = _check_batch(batch_size, world_size)
+    micro = check_rwkv_lm_batch(batch_size, world_size)
     check_magic_prime(prime, len(tokens), ctx)
     epoch, t = divmod(step, MINI_EPOCH // batch_size)
-    start, stop = _row_range(rows, batch_size)
+    start, stop = row_range(rows, batch_size)
     out = np.empty((stop - start, ctx + 1), dtype=np.int32)
     for r, j in enumerate(range(start, stop)):
         rank, k = divmod(j, micro)

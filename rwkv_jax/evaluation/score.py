@@ -37,16 +37,20 @@ def score_stream(apply_fn, params, tokens: np.ndarray, chunk_len: int, state=Non
 
 def evaluate(config: ModelConfig, params, token_file, chunk_len: int,
              max_tokens: int | None = None) -> dict:
-    """Loss (nats per token) and bits per byte of a token file (data.TokenFile: its tokens,
-    num_tokens and num_bytes), or of its first max_tokens tokens."""
+    """Loss (nats per token) and bits per byte of a token source (its tokens, num_tokens and
+    num_bytes: a data.TokenFile), or of its first max_tokens tokens; bpb is None for a source
+    that does not know its text's bytes (binidx, jsonl)."""
     apply_fn = jitted_apply(RWKV(config))
     tokens = np.asarray(token_file.tokens)
     if max_tokens:
         tokens = tokens[: max_tokens + 1]
     total, count = score_stream(apply_fn, params, tokens, chunk_len)
     loss = total / max(count, 1)
+    num_bytes = getattr(token_file, "num_bytes", None)
+    if not num_bytes:
+        return {"loss": loss, "bpb": None, "tokens": count}
     # Bytes per token of this file, for bits per byte of the part scored.
-    bytes_scored = token_file.num_bytes * count / max(token_file.num_tokens - 1, 1)
+    bytes_scored = num_bytes * count / max(token_file.num_tokens - 1, 1)
     return {"loss": loss, "bpb": bits_per_byte(loss, count, bytes_scored), "tokens": count}
 
 

@@ -3,12 +3,8 @@ prefill and decode blocks (decode_loop.py), sampling (sampling.py), prompts and 
 and Sessions that keep a state between calls (session.py)."""
 
 from rwkv_jax.generate.decode_loop import inference_params
-from rwkv_jax.generate.decode_weights import (
-                                              DecodeWeights,
-                                              choose_decode_kernels,
-                                              decode_forward,
-                                              pack_for_decode,
-)
+from rwkv_jax.generate.decode_weights import (DecodeWeights, choose_decode_kernels, decode_forward,
+                                              pack_for_decode)
 from rwkv_jax.generate.generator import Generation, Generator
 from rwkv_jax.generate.sampling import GREEDY, Sampling
 from rwkv_jax.generate.session import Session

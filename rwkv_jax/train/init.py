@@ -136,11 +136,15 @@ def compile_step(fn, run: Run, layout: TrainShardings, donate: tuple, first: boo
     """Compile a train step ahead of time; the first one's XLA memory figure joins the plan."""
     B, L = run.cfg.train.batch_size, run.chunk_len
     batch = jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=layout.batch)
-    mask = jax.ShapeDtypeStruct((L,), jnp.float32)
+    # Per-row loss masks where the data has them (jsonl), else one per chunk position.
+    masked = run.batches is not None and run.batches.masked
+    mask = jax.ShapeDtypeStruct((B, L) if masked else (L,), jnp.float32,
+                                sharding=layout.batch if masked else None)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          layout.shapes, layout.state)
     jitted = jax.jit(fn, donate_argnums=donate,
-                     in_shardings=(layout.state, layout.batch, layout.batch, None),
+                     in_shardings=(layout.state, layout.batch, layout.batch,
+                                   layout.batch if masked else None),
                      out_shardings=(layout.state, None))
     compiled = jitted.lower(state, batch, batch, mask).compile()
     if first:

@@ -22,7 +22,7 @@ from rwkv_jax.config import (
     optimizer_config_from,
 )
 from rwkv_jax.config.layer_pattern import describe
-from rwkv_jax.data.batches import get_batch
+from rwkv_jax.data.sources import Prefetcher
 from rwkv_jax.evaluation.score import evaluate
 from rwkv_jax.io.checkpoint import TrainCheckpointer
 from rwkv_jax.nn.model import RWKV, count_params
@@ -109,20 +109,22 @@ def _train(run: Run, manager: TrainCheckpointer, main: bool,
     batch_key, batch = None, None
     pending = None  # the previous step's metrics, read one step late so dispatch runs ahead
     metrics = None
+    # This process's rows only; the global batch is the same for any process count.
+    prefetch = Prefetcher(lambda s: run.batches(s, rows),
+                          range(start // n_chunks, -(-cfg.train.steps // n_chunks)))
+    t_loop = time.perf_counter()
     try:
         for step in range(start, cfg.train.steps):
             seq_step, chunk = divmod(step, n_chunks)
             if batch_key != seq_step:
-                # This process's rows only; the global batch is the same for any process count.
-                batch = get_batch(run.train_tokens, step=seq_step, seed=cfg.seed,
-                                  batch_size=cfg.train.batch_size,
-                                  seq_len=cfg.train.max_seq_length, rows=rows)
-                batch_key = seq_step
+                batch, batch_key = prefetch.get(seq_step), seq_step
             a, b = run.spans[chunk]
             shape = (cfg.train.batch_size, b - a)
-            ts, metrics = steps(chunk)(ts, global_batch(batch[0][:, a:b], layout.batch, shape),
-                                       global_batch(batch[1][:, a:b], layout.batch, shape),
-                                       masks[chunk])
+            x, y, row_mask = batch
+            mask = masks[chunk] if row_mask is None else global_batch(
+                row_mask[:, a:b] * run.masks[chunk], layout.batch, shape)
+            ts, metrics = steps(chunk)(ts, global_batch(x[:, a:b], layout.batch, shape),
+                                       global_batch(y[:, a:b], layout.batch, shape), mask)
             if pending is not None:
                 check_finite(pending, step, float16)
             pending = metrics
@@ -143,7 +145,11 @@ def _train(run: Run, manager: TrainCheckpointer, main: bool,
         _save_on_interrupt(run, manager, ts, metrics, report.last, start, float16)
         raise
     finally:
+        prefetch.close()
         report.close()
+    elapsed = time.perf_counter() - t_loop
+    log.info("data: the loop waited %.2f s for batches, %.2f%% of its %.1f s", prefetch.waited,
+             100 * prefetch.waited / max(elapsed, 1e-9), elapsed)
     return report.last
 
 
@@ -245,10 +251,11 @@ class _Report:
         run = self.run
         ev = evaluate(run.model_config, params, run.val_tokens, run.chunk_len,
                       run.cfg.logging.eval_tokens or None)
-        self.writer.scalars(done, {"loss": ev["loss"], "bpb": ev["bpb"]}, "val")
-        log.info("step %d: val loss %.4f nats/token, %.4f bits/byte (%d tokens)",
-                 done, ev["loss"], ev["bpb"], ev["tokens"])
-        self.last.update(val_loss=ev["loss"], val_bpb=ev["bpb"])
+        bpb = ev["bpb"]  # None where the source does not know its bytes
+        self.writer.scalars(done, {"loss": ev["loss"], **({"bpb": bpb} if bpb else {})}, "val")
+        log.info("step %d: val loss %.4f nats/token%s (%d tokens)", done, ev["loss"],
+                 f", {bpb:.4f} bits/byte" if bpb else "", ev["tokens"])
+        self.last.update(val_loss=ev["loss"], **({"val_bpb": bpb} if bpb else {}))
         self.window_t += time.perf_counter() - t  # evaluation is not training throughput
 
     def close(self) -> None:

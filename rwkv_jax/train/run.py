@@ -25,9 +25,10 @@ from rwkv_jax.config import (
 )
 from rwkv_jax.config.layer_pattern import describe
 from rwkv_jax.data.batches import chunk_loss_masks, chunk_spans, state_handoff
-from rwkv_jax.data.text import text_stem
+from rwkv_jax.data.jsonl import DocumentFile
+from rwkv_jax.data.sources import Batches, open_source, open_sources
 from rwkv_jax.data.tokenizers import get_tokenizer
-from rwkv_jax.data.tokens import TokenFile, check_token_ids, prepare_tokens
+from rwkv_jax.data.tokens import check_token_ids
 from rwkv_jax.io.checkpoint import TrainCheckpointer, model_config_of
 from rwkv_jax.io.integrity import DamagedCheckpointError, cause_line
 from rwkv_jax.train import optim
@@ -175,13 +176,14 @@ class Run:
     cfg: Any
     model_config: ModelConfig
     tokenizer: Any
-    train_tokens: TokenFile
-    val_tokens: TokenFile
+    train_tokens: Any  # the (first) training source: TokenFile, BinIdx or DocumentFile
+    val_tokens: Any  # the validation source, scored as one stream
     run_dir: str
     spans: list  # (start, stop) of each chunk within a sequence
     masks: np.ndarray  # (num_chunks, chunk) loss masks (overlap counted once)
     handoffs: list  # per chunk: the position whose state the next chunk starts from
     mesh: Any = None  # jax.sharding.Mesh over every device
+    batches: Any = None  # data.sources.Batches: (step, rows) -> (inputs, targets, mask | None)
 
     @property
     def chunk_len(self) -> int:
@@ -204,14 +206,6 @@ def _resolve_precision(precision: str) -> str:
                       f"({e}); training in float32 instead", stacklevel=2)
         return "float32"
     return precision
-
-
-def _token_file(text_or_bin: str, tokenizer, cache_dir: str) -> TokenFile:
-    if text_or_bin.endswith(".bin"):
-        return TokenFile(text_or_bin)
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in tokenizer.name)
-    base = text_stem(text_or_bin)
-    return prepare_tokens(text_or_bin, tokenizer, os.path.join(cache_dir, f"{base}.{safe}.bin"))
 
 
 def prepare(cfg) -> Run:
@@ -247,34 +241,25 @@ def prepare(cfg) -> Run:
     if not os.access(existing, os.W_OK | os.X_OK):  # access() knows read-only mounts too
         raise ConfigError(f"output_dir / experiment_name: {existing!r} is not writable, so the "
                           f"run directory {run_dir!r} cannot hold checkpoints")
-    splits = {}
-    for split in ("train_file", "val_file"):
-        try:
-            splits[split] = _token_file(cfg.data[split], tokenizer, cache_dir)
-        except ValueError as e:
-            raise ConfigError(f"data.{split}={cfg.data[split]!r}: {e}") from None
-    train_tokens, val_tokens = splits["train_file"], splits["val_file"]
+    try:
+        train_sources = open_sources(cfg.data.train_file, tokenizer, cache_dir)
+    except ValueError as e:
+        raise ConfigError(f"data.train_file={cfg.data.train_file!r}: {e}") from None
+    try:
+        val_tokens = open_source(cfg.data.val_file, tokenizer, cache_dir)
+    except ValueError as e:
+        raise ConfigError(f"data.val_file={cfg.data.val_file!r}: {e}") from None
     if cfg.logging.eval_every > 0 and val_tokens.num_tokens < 2:
         raise ConfigError(f"data.val_file={cfg.data.val_file!r} has {val_tokens.num_tokens} "
                           f"token(s); evaluation needs at least 2 (or logging.eval_every=0)")
     model_config = model_config_from(cfg, vocab_size=tokenizer.vocab_size)
     model_config = dataclasses.replace(
         model_config, dtype=_resolve_precision(model_config.dtype))
-    for split, tf in (("train_file", train_tokens), ("val_file", val_tokens)):
-        if tf.max_token_id >= model_config.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={model_config.vocab_size} is smaller than the largest token id "
-                f"{tf.max_token_id} in data.{split} ({tf.path}); use at least {tf.max_token_id + 1}")
-        try:  # the ids themselves, which damage or a hand-made file may set apart from the metadata
-            check_token_ids(tf, model_config.vocab_size, cache_dir)
-        except ValueError as e:
-            raise ConfigError(f"data.{split}={cfg.data[split]!r}: {e}") from None
-    T = cfg.train.max_seq_length
-    for split, tf in (("train_file", train_tokens),):
-        if tf.num_tokens < T + 1:
-            raise ConfigError(f"data.{split} has {tf.num_tokens} tokens, fewer than "
-                              f"train.max_seq_length + 1 = {T + 1}")
-    mem = cfg.memory
+    sources = [("train_file", s) for s, _ in train_sources] + [("val_file", val_tokens)]
+    for split, tf in sources:
+        _check_ids(cfg, split, tf, model_config.vocab_size, cache_dir)
+    batches = _batches(cfg, train_sources)
+    T, mem = cfg.train.max_seq_length, cfg.memory
     L, overlap = (mem.rwkv_chunk_size, mem.chunk_overlap) if mem.use_rwkv_chunking else (T, 0)
     try:
         spans = chunk_spans(T, L, overlap)
@@ -287,8 +272,48 @@ def prepare(cfg) -> Run:
                     "max_seq_length=%d is one chunk (memory.rwkv_chunk_size=%d, "
                     "memory.use_rwkv_chunking=%s)", mem.chunk_overlap, T, mem.rwkv_chunk_size,
                     mem.use_rwkv_chunking)
-    return Run(cfg, model_config, tokenizer, train_tokens, val_tokens, run_dir, spans, masks,
-               handoffs, mesh)
+    return Run(cfg, model_config, tokenizer, train_sources[0][0], val_tokens, run_dir, spans,
+               masks, handoffs, mesh, batches)
+
+
+def _check_ids(cfg, split: str, tf, vocab_size: int, cache_dir: str) -> None:
+    """A source's ids against the model's vocabulary: from a token cache's metadata where it
+    has one, and by a (cached) scan of the ids themselves."""
+    largest = getattr(tf, "max_token_id", None)
+    if largest is not None and largest >= vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={vocab_size} is smaller than the largest token id {largest} in "
+            f"data.{split} ({tf.path}); use at least {largest + 1}")
+    try:  # the ids themselves, which damage or a hand-made file may set apart from the metadata
+        check_token_ids(tf, vocab_size, cache_dir)
+    except ValueError as e:
+        raise ConfigError(f"data.{split}={cfg.data[split]!r}: {e}") from None
+
+
+def _batches(cfg, train_sources) -> Batches:
+    """The training batches, their sampler checked against the data before anything compiles."""
+    d, T = cfg.data, cfg.train.max_seq_length
+    for source, _ in train_sources:
+        if isinstance(source, DocumentFile):
+            if source.num_docs < 1:
+                raise ConfigError(f"data.train_file: {source.path} holds no documents")
+        elif source.num_tokens < T + 1:
+            raise ConfigError(f"data.train_file has {source.num_tokens} tokens, fewer than "
+                              f"train.max_seq_length + 1 = {T + 1}")
+    try:
+        batches = Batches(train_sources, sampler=d.sampler, seed=cfg.seed,
+                          batch_size=cfg.train.batch_size, seq_len=T, prime=d.magic_prime,
+                          world_size=d.rwkv_lm_world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if batches.prime and not d.magic_prime:
+        log.info("data.sampler='rwkv_lm': data.magic_prime=%d (the largest valid for %d tokens "
+                 "at ctx %d)", batches.prime, len(batches.sources[0][0].tokens), T)
+    long, docs = batches.long_documents()
+    if long:
+        log.info("data.train_file: %d of %d documents are longer than train.max_seq_length + 1 "
+                 "= %d tokens; rows take their first %d", long, docs, T + 1, T + 1)
+    return batches
 
 
 def resolve_horizon(manager: TrainCheckpointer, resume: int | None, run: Run) -> None:

@@ -30,7 +30,7 @@ class TrainState(flax.struct.PyTreeNode):
     good_steps: jax.Array  # finite steps since the loss scale last changed
 
 
-def _masked_ce(logits, targets, mask):
+def masked_ce(logits, targets, mask):
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     mask = jnp.broadcast_to(mask, ce.shape)
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), jnp.sum(mask)
@@ -60,7 +60,7 @@ def make_train_step(model: RWKV, optimizer, *, fresh: bool, handoff: int, float1
             # learned codec this round trip is what trains it.
             carry = state_codec.roundtrip(carry, model.config.state_compression, params)
         logits, new_carry = chunk_forward(model, params, inputs, None if fresh else carry, handoff)
-        loss, count = _masked_ce(logits, targets, mask)
+        loss, count = masked_ce(logits, targets, mask)
         return loss * scale, (loss, count, new_carry)
 
     def step(ts: TrainState, inputs, targets, mask):

@@ -11,8 +11,14 @@ import pytest
 
 from rwkv_jax.cli.data import main as data_main
 from rwkv_jax.data.binidx import BinIdx, binidx_prefix, write_binidx
-from rwkv_jax.data.rwkv_lm import (MINI_EPOCH, check_magic_prime, is_prime, magic_prime,
-                                   rwkv_lm_batch, sample_offset)
+from rwkv_jax.data.rwkv_lm import (
+    MINI_EPOCH,
+    check_magic_prime,
+    is_prime,
+    magic_prime,
+    rwkv_lm_batch,
+    sample_offset,
+)
 from rwkv_jax.data.tokenizers import get_tokenizer
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "rwkv_lm"

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from rwkv_jax.data import jsonl
-from rwkv_jax.data.jsonl import (DocumentFile, count_long, document_batch, prepare_jsonl,
-                                 record_segments, render_chat, tokenize_record)
+from rwkv_jax.data.jsonl import (
+    DocumentFile,
+    count_long,
+    document_batch,
+    prepare_jsonl,
+    record_segments,
+    render_chat,
+    tokenize_record,
+)
 from rwkv_jax.data.tokenizers import get_tokenizer
 
 try:
