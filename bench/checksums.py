@@ -1,4 +1,4 @@
-"""What the checkpoint checksums cost: rwkv_jax.checkpoint.tree_checksums over float32 arrays
+"""What the checkpoint checksums cost: rwkv_jax.io.integrity.tree_checksums over float32 arrays
 of the 3B model's matrix shapes, on the default device, against hashing a host copy of the
 same bytes (sha256, zlib's crc32), the alternative that needs the arrays on one host.
 

@@ -115,8 +115,9 @@ def check_chunking(seq_len: int, chunk_size: int, overlap: int) -> None:
 
 
 def data_entries(spec: str) -> list[tuple[str, float]]:
-    """data.train_file as (path, weight) entries: one path, or a mixture "path:weight,...". A
-    path's last ":" starts a weight only where a number follows it."""
+    """data.train_file as (path, weight) entries: one path, or a mixture "path:weight,...". An
+    entry's last ":" followed by a number always starts its weight (so a file whose name ends
+    in ":NUMBER" needs one written after it: "name:1:1"); paths cannot hold commas."""
     entries = []
     for item in str(spec).split(","):
         item = item.strip()

@@ -73,7 +73,10 @@ class Batches:
         self.masked = any(isinstance(s, DocumentFile) for s, _ in sources)
         self.prime = 0
         if sampler == "rwkv_lm":
-            (source, _), = sources
+            if len(sources) != 1:
+                raise ValueError("data.sampler='rwkv_lm' reads one token stream: give "
+                                 "data.train_file one file, not a mixture")
+            source = sources[0][0]
             if isinstance(source, DocumentFile):
                 raise ValueError("data.sampler='rwkv_lm' reads a token stream (text, binidx or a "
                                  "token .bin); jsonl documents take data.sampler='random'")
@@ -110,47 +113,54 @@ class Batches:
         start, stop = row_range(rows, B)
         weights = np.asarray([w for _, w in self.sources], np.float64)
         pick = np.random.default_rng([self.seed, step, _MIXTURE_STREAM]).choice(
-            len(self.sources), size=B, p=weights / weights.sum())
-        parts = [None] * (stop - start)
+            len(self.sources), size=B, p=weights / weights.sum())[start:stop]
+        x = np.zeros((stop - start, self.seq_len), np.int32)
+        y, m = np.zeros_like(x), np.ones(x.shape, np.float32)
         for k, (source, _) in enumerate(self.sources):
-            for j in np.flatnonzero(pick[start:stop] == k):
-                # Each entry draws its rows as if it were the only one (its own seed stream).
-                row = start + int(j)
-                x, y, m = self._one(source, step, slice(row, row + 1), seed=self.seed + 7919 * k)
-                parts[j] = (x, y, np.ones(x.shape, np.float32) if m is None else m)
-        x, y, m = (np.concatenate(p) for p in zip(*parts))
+            chosen = np.flatnonzero(pick == k)
+            if chosen.size:
+                # The entry's own batch over these rows, from a seed of its own, and the rows
+                # that picked it: one read per entry.
+                seq = np.random.SeedSequence([self.seed, _MIXTURE_STREAM, k])
+                seed = int(seq.generate_state(1)[0])
+                xs, ys, ms = self._one(source, step, slice(start, stop), seed=seed)
+                x[chosen], y[chosen] = xs[chosen], ys[chosen]
+                if ms is not None:
+                    m[chosen] = ms[chosen]
         return x, y, (m if self.masked else None)
 
 
 class Prefetcher:
-    """Batches made on a background thread one step ahead of the loop, so reading and
-    tokenizing overlap the device's step; `waited` is the time the loop spent waiting."""
+    """Batches made on a background thread a step ahead of the loop (one waiting, one being
+    made), so reading and tokenizing overlap the device's step; `waited` is the time the loop
+    spent waiting for them. Keys must be asked for in the order `keys` gives them."""
 
-    def __init__(self, make, steps):
-        self._make, self._steps = make, iter(steps)
-        self._queue: queue.Queue = queue.Queue(maxsize=2)
+    def __init__(self, make, keys):
+        self._make, self._keys = make, iter(keys)
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
         self.waited = 0.0
-        self._closed = False
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rwkv-batches", daemon=True)
         self._thread.start()
 
     def _run(self):
         try:
-            for key in self._steps:
-                if self._closed:
+            for key in self._keys:
+                batch = self._make(key)
+                if not self._put((key, batch, None)):
                     return
-                self._queue.put((key, self._make(key), None))
+            self._put((None, None, LookupError("no batch past the last key")))
         except BaseException as e:  # noqa: BLE001 - handed to the loop, which raises it
-            self._queue.put((None, None, e))
+            self._put((None, None, e))
 
-    def close(self) -> None:
-        """Stops the thread (a loop that ends early leaves it waiting to put a batch)."""
-        self._closed = True
-        try:
-            while True:
-                self._queue.get_nowait()
-        except queue.Empty:
-            pass
+    def _put(self, item) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def get(self, key):
         t = time.perf_counter()
@@ -161,6 +171,11 @@ class Prefetcher:
         if got != key:
             raise RuntimeError(f"batch for {key} expected, {got} came (a bug)")
         return batch
+
+    def close(self) -> None:
+        """Stops the thread and waits for it (a batch being made is finished first)."""
+        self._closed.set()
+        self._thread.join()
 
 
 __all__ = ["Batches", "Prefetcher", "open_source", "open_sources", "stream_of"]

@@ -252,10 +252,11 @@ class _Report:
         ev = evaluate(run.model_config, params, run.val_tokens, run.chunk_len,
                       run.cfg.logging.eval_tokens or None)
         bpb = ev["bpb"]  # None where the source does not know its bytes
-        self.writer.scalars(done, {"loss": ev["loss"], **({"bpb": bpb} if bpb else {})}, "val")
+        known = bpb is not None
+        self.writer.scalars(done, {"loss": ev["loss"], **({"bpb": bpb} if known else {})}, "val")
         log.info("step %d: val loss %.4f nats/token%s (%d tokens)", done, ev["loss"],
-                 f", {bpb:.4f} bits/byte" if bpb else "", ev["tokens"])
-        self.last.update(val_loss=ev["loss"], **({"val_bpb": bpb} if bpb else {}))
+                 f", {bpb:.4f} bits/byte" if known else "", ev["tokens"])
+        self.last.update(val_loss=ev["loss"], **({"val_bpb": bpb} if known else {}))
         self.window_t += time.perf_counter() - t  # evaluation is not training throughput
 
     def close(self) -> None:

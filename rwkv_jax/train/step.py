@@ -76,8 +76,14 @@ def make_train_step(model: RWKV, optimizer, *, fresh: bool, handoff: int, float1
         finite_params = jax.tree.reduce(lambda acc, p: acc & jnp.isfinite(p).all(), params,
                                         jnp.bool_(True))
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & finite_params
-        # A non-finite step changes nothing (float16 overflow is routine; otherwise the host stops).
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        # A non-finite step changes nothing (float16 overflow is routine; otherwise the host stops),
+        # and neither does one with no target to learn from (a chunk of jsonl prompts alone):
+        # AdamW's momentum and weight decay would move the weights on no data.
+        update = ok & (count > 0)
+
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(update, a, b), new, old)
+
         loss_scale, good = ts.loss_scale, ts.good_steps
         if float16:
             grow = ok & (good + 1 >= 2000)

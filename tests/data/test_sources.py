@@ -167,3 +167,29 @@ def test_a_mixture_names_its_bad_entry(tmp_path):
     cfg = tiny_config(tmp_path, (f"{bad}:1", str(tmp_path / "train.txt")))
     with pytest.raises(ConfigError, match=r"bad.jsonl:1: .*robot"):
         trainer.prepare(cfg)
+
+
+def test_the_prefetcher_hands_over_in_order_raises_what_failed_and_stops():
+    from rwkv_jax.data.sources import Prefetcher
+
+    made = []
+    pf = Prefetcher(lambda k: made.append(k) or k * 10, range(3))
+    assert [pf.get(k) for k in range(3)] == [0, 10, 20]
+    with pytest.raises(LookupError, match="no batch past the last key"):
+        pf.get(3)  # asking past the end is an error, not a hang
+    pf.close()
+
+    def broken(k):
+        if k == 1:
+            raise OSError("disk gone")
+        return k
+
+    pf = Prefetcher(broken, range(5))
+    assert pf.get(0) == 0
+    with pytest.raises(OSError, match="disk gone"):
+        pf.get(1)
+    pf.close()
+    pf = Prefetcher(lambda k: k, range(10**9))  # a loop that stops early: close() returns
+    assert pf.get(0) == 0
+    pf.close()
+    assert not pf._thread.is_alive()
