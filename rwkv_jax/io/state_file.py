@@ -2,8 +2,8 @@
 
 RWKV-7: the community's state file, as RWKV-PEFT's state tuning writes it and ChatRWKV and
 RWKV-Runner read it (ai00's reader, in web-rwkv, was not checked): one
-`blocks.N.att.time_state` of shape (H, N, N) per layer, float32, each head's matrix with rows indexed by value channel and columns by key channel.
-That is the `rwkv` package's x070 state (state[3N+1]: `vk = v.view(H,N,1) @ k.view(H,1,N)`,
+`blocks.N.att.time_state` of shape (H, N, N) per layer, float32, each head's matrix with rows
+indexed by value channel and columns by key channel. That is the `rwkv` package's x070 state (state[3N+1]: `vk = v.view(H,N,1) @ k.view(H,1,N)`,
 output `state @ r`) and our "wkv" state (rwkv_jax.ops.wkv7), so nothing is transposed.
 RWKV-Runner loads a version-7 file untransposed and transposes only RWKV-6 files (RWKV-6
 kept its state key x value); ChatRWKV's API_DEMO_CHAT.py transposes, a remnant of its RWKV-6
