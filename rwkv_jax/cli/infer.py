@@ -7,6 +7,8 @@
     python infer.py --official RWKV-x070-World-0.1B.pth --prompt "Hi"  # RWKV-7 as well
     python infer.py --score val.txt                                # loss, perplexity, bits/byte
     python infer.py --export_official tiny.pth                     # for ChatRWKV / the rwkv package
+    python infer.py --run_dir runs/st --export_state st.pth        # a tuned state, as RWKV-PEFT's
+    python infer.py --official RWKV-x070-World-0.1B.pth --state st.pth --prompt "Q:"
 
 `\\n` and `\\t` in --prompt and --stop are newline and tab. Bad input (a missing or broken
 checkpoint, another architecture, an empty prompt, tokens outside the model's vocabulary) gets
@@ -43,6 +45,7 @@ from rwkv_jax.io.checkpoint import (
 )
 from rwkv_jax.io.integrity import DamagedCheckpointError
 from rwkv_jax.io.official import check_export_path, export_official, import_official
+from rwkv_jax.io.state_file import export_state, load_state, state_tree
 from rwkv_jax.kernels.cuda import decode4 as cuda_decode4
 from rwkv_jax.kernels.cuda.decode4 import Unavailable
 
@@ -76,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--frequency_penalty", type=float, default=0.0)
     gen.add_argument("--penalty_decay", type=float, default=1.0)
     gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    gen.add_argument("--state", default=None, metavar="FILE",
+                     help="start generating (and --score) from the initial state in this state "
+                          "file (written by --export_state or RWKV-PEFT's state tuning)")
     gen.add_argument("--seed", type=int, default=0, help="sample i of the batch uses seed + i")
     gen.add_argument("--prefill_chunk", type=int, default=1024,
                      help="prompt tokens per parallel prefill call (0: the whole prompt at once)")
@@ -98,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="write the weights as an official .pth (RWKV-4 or RWKV-7, as the model is)")
     other.add_argument("--export_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                        help="the tensors' dtype in the exported .pth (default float32)")
+    other.add_argument("--export_state", default=None, metavar="OUT.pth",
+                       help="write the run's learned initial state as a state file (RWKV-7: the "
+                            "community's time_state file; docs/inference.md)")
+    other.add_argument("--export_state_shift", default=None, choices=("drop", "keep"),
+                       help="RWKV-7 learned token-shift states, which the community file cannot "
+                            "hold: drop them, or keep them under our own keys (RWKV-Runner then "
+                            "refuses the file)")
     # argparse reads "-1e-3" as an option (its pattern for negative numbers knows "-1" and "-.5"
     # only), so a negative penalty in exponent form needed the "=" form.
     p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -235,8 +248,9 @@ _JOB_FLAGS = {
                                   "stop", "seed", "prefill_chunk", "decode_block",
                                   "decode_kernels"),
     ("--score",): ("chunk_len",),
-    ("--prompt/--prompt_file", "--score"): ("bf16",),
+    ("--prompt/--prompt_file", "--score"): ("bf16", "state"),
     ("--export_official",): ("export_dtype",),
+    ("--export_state",): ("export_state_shift",),
 }
 
 
@@ -244,7 +258,8 @@ def _warn_unused(args, parser: argparse.ArgumentParser) -> None:
     """A flag set for a job this command does not run would otherwise be dropped unseen (a
     --temperature beside --score alone, a --run_dir beside --official)."""
     asked = {"--prompt/--prompt_file": bool(args.prompt or args.prompt_file),
-             "--score": bool(args.score), "--export_official": bool(args.export_official)}
+             "--score": bool(args.score), "--export_official": bool(args.export_official),
+             "--export_state": bool(args.export_state)}
     unused = [f"--{name} is ignored: it is read only with {' or '.join(jobs)}"
               for jobs, names in _JOB_FLAGS.items() if not any(asked[j] for j in jobs)
               for name in names if getattr(args, name) != parser.get_default(name)]
@@ -292,21 +307,18 @@ def _main(args) -> int:
     score_file = _score_tokens(args.score, tokenizer, config.vocab_size) if args.score else None
     chunk_len = args.chunk_len or chunk_len
 
-    if args.export_official:
-        try:
-            export_official(params, config, args.export_official, dtype=args.export_dtype)
-        except (ValueError, OSError) as e:
-            raise InputError(str(e)) from None
-        print(f"wrote {args.export_official}", file=sys.stderr)
-
+    start = _start_state(args, config)
+    _export(args, config, params)
     if not (rows or score_file):
         return 0
     # Everything is checked; from here on things compile and run.
     generator = _generator(args, config, params, tokenizer, len(rows))
     if rows:
-        _generate(args, generator, rows, sampling)
+        _generate(args, generator, rows, sampling,
+                  None if start is None else state_tree(config, start, len(rows)))
     if score_file is not None:
-        out = generator.score(score_file["tokens"], chunk_len)
+        out = generator.score(score_file["tokens"], chunk_len,
+                              state=None if start is None else state_tree(config, start, 1))
         loss, count = out["loss"], out["tokens"]
         bytes_scored = score_file["num_bytes"] * count / max(score_file["num_tokens"] - 1, 1)
         bpb = bits_per_byte(loss, count, bytes_scored)
@@ -315,10 +327,39 @@ def _main(args) -> int:
     return 0
 
 
+def _export(args, config, params) -> None:
+    """--export_official and --export_state."""
+    for path, write in (
+            (args.export_official,
+             lambda: export_official(params, config, args.export_official, dtype=args.export_dtype)),
+            (args.export_state,
+             lambda: export_state(params, config, args.export_state, shift=args.export_state_shift))):
+        if not path:
+            continue
+        try:
+            write()
+        except (ValueError, OSError) as e:
+            hint = " (--export_state_shift drop or keep)" if "shift 'drop'" in str(e) else ""
+            raise InputError(f"{_one_line(e)}{hint}") from None
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def _start_state(args, config):
+    """--state: the initial state values of the file (rwkv_jax.io.state_file), or None."""
+    if not args.state:
+        return None
+    try:
+        return load_state(args.state, config)
+    except (ValueError, OSError, ImportError) as e:
+        raise InputError(f"--state: {_one_line(e)}") from None
+
+
 def _check_args(args) -> None:
     """What the flags alone say is wrong, before any weights are read."""
-    if not (args.prompt or args.prompt_file or args.score or args.export_official):
-        raise InputError("nothing to do: give --prompt/--prompt_file, --score or --export_official")
+    if not (args.prompt or args.prompt_file or args.score or args.export_official
+            or args.export_state):
+        raise InputError("nothing to do: give --prompt/--prompt_file, --score, --export_official "
+                         "or --export_state")
     for name in ("max_new_tokens", "num_samples", "chunk_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -329,11 +370,13 @@ def _check_args(args) -> None:
                   * args.num_samples)
     except ValueError as e:
         raise InputError(f"--{e}") from None
-    if args.export_official:
+    for flag, path in (("--export_official", args.export_official),
+                       ("--export_state", args.export_state)):
         try:
-            check_export_path(args.export_official)
+            if path:
+                check_export_path(path)
         except (ValueError, ImportError) as e:
-            raise InputError(f"--export_official: {e}") from None
+            raise InputError(f"{flag}: {e}") from None
     if args.decode_kernels == "cuda":  # before the checkpoint is read
         try:
             cuda_decode4.check_device()
@@ -399,18 +442,18 @@ def _generator(args, config, params, tokenizer, rows: int) -> Generator:
                          bf16=args.bf16, decode_block=args.decode_block)
 
 
-def _generate(args, generator: Generator, rows, sampling) -> None:
+def _generate(args, generator: Generator, rows, sampling, state=None) -> None:
     """Generates and prints: one sample as it comes, several each under a header."""
     stops = [_unescape(s) for s in args.stop]
     t = time.perf_counter()
     if len(rows) == 1:
         result = generator.generate(rows, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                    seed=args.seed, stop=stops,
+                                    seed=args.seed, stop=stops, state=state,
                                     callback=lambda _, piece: print(piece, end="", flush=True))
         print()
     else:
         result = generator.generate(rows, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                    seed=args.seed, stop=stops)
+                                    seed=args.seed, stop=stops, state=state)
         for i, text in enumerate(result.texts):
             print(f"--- sample {i} (prompt {i // args.num_samples}, seed {args.seed + i}) ---")
             print(text)
