@@ -111,6 +111,9 @@ SCHEMA = {
         steps=(1000, "train until this step; the same command resumes up to it"),
         trainable=("all", "what trains: all | state (the learned initial state alone)"),
         init_from=("", "start from these weights: an official .pth or a run / checkpoint dir"),
+        init_state_from=("", "start the learned initial state from this state file (infer.py "
+                             "--export_state, or a community time_state .pth); needs "
+                             "architecture.learned_init_state"),
         loss_scale=(2.0**15, "float16: the initial dynamic loss scale"),
     ),
     "optimizer": dict(

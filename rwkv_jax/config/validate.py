@@ -76,6 +76,11 @@ def validate(cfg) -> None:
              "state tuning needs architecture.learned_init_state=True (the state it trains)")
     if mem.use_rwkv_chunking:
         check_chunking(t.max_seq_length, mem.rwkv_chunk_size, mem.chunk_overlap)
+    if t.init_state_from:
+        need(os.path.isfile(t.init_state_from), "train.init_state_from", t.init_state_from,
+             "no such file (a state file: infer.py --export_state, or a time_state .pth)")
+        need(a.learned_init_state, "train.init_state_from", t.init_state_from,
+             "a starting state is for a learned one: set architecture.learned_init_state=True")
     if t.init_from:
         need(os.path.exists(t.init_from), "train.init_from", t.init_from,
              "no such file or directory (an official .pth, or a run or checkpoints directory)")

@@ -391,6 +391,25 @@ def count_long(docs: DocumentFile, seq_len: int) -> int:
     return int(np.count_nonzero(np.diff(docs.starts) > seq_len + 1))
 
 
+def count_untrained(docs: DocumentFile, seq_len: int) -> int:
+    """How many documents have no trained target within the first seq_len + 1 tokens a row
+    takes (a prompt longer than the row, or no assistant turn): rows that teach nothing."""
+    starts = np.asarray(docs.starts, np.int64)
+    first = starts[:-1] + 1  # targets are tokens 1.. of a document
+    last = np.minimum(starts[1:], starts[:-1] + seq_len + 1)
+    has = last > first
+    if not has.any():
+        return len(first)
+    # The mask summed over [first, last) of each document in one pass: reduceat over the
+    # increasing edges f0, l0, f1, l1, ... sums every gap too, which [::2] drops; an edge at the
+    # mask's end is left out, its segment then running to the end.
+    edges = np.stack([first[has], last[has]], axis=1).ravel()
+    if edges[-1] == docs.num_tokens:
+        edges = edges[:-1]
+    sums = np.add.reduceat(docs.loss_mask, edges, dtype=np.int64)[::2]
+    return int(np.count_nonzero(~has) + np.count_nonzero(sums == 0))
+
+
 def document_batch(docs: DocumentFile, *, step: int, seed: int, batch_size: int, seq_len: int,
                    rows: slice | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One document per row: (x int32, y int32, mask float32), each (rows, seq_len).

@@ -22,7 +22,8 @@ import numpy as np
 from rwkv_jax.config import data_entries
 from rwkv_jax.data.batches import get_batch, row_range
 from rwkv_jax.data.binidx import BinIdx, binidx_prefix
-from rwkv_jax.data.jsonl import DocumentFile, count_long, document_batch, prepare_jsonl
+from rwkv_jax.data.jsonl import (DocumentFile, count_long, count_untrained, document_batch,
+                                  prepare_jsonl)
 from rwkv_jax.data.rwkv_lm import (check_magic_prime, check_rwkv_lm_batch, magic_prime,
                                    rwkv_lm_batch)
 from rwkv_jax.data.text import text_stem
@@ -85,10 +86,13 @@ class Batches:
             self.prime = prime or magic_prime(n, seq_len)
             check_magic_prime(self.prime, n, seq_len)
 
-    def long_documents(self) -> tuple[int, int]:
-        """(documents longer than a row, documents) over the jsonl sources."""
+    def long_documents(self) -> tuple[int, int, int]:
+        """(documents longer than a row, documents with no trained target within a row,
+        documents) over the jsonl sources."""
         docs = [s for s, _ in self.sources if isinstance(s, DocumentFile)]
-        return sum(count_long(d, self.seq_len) for d in docs), sum(d.num_docs for d in docs)
+        return (sum(count_long(d, self.seq_len) for d in docs),
+                sum(count_untrained(d, self.seq_len) for d in docs),
+                sum(d.num_docs for d in docs))
 
     def __call__(self, step: int, rows: slice | None = None):
         if len(self.sources) == 1:

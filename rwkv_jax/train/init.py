@@ -19,6 +19,7 @@ from rwkv_jax.config import (
 )
 from rwkv_jax.io.checkpoint import restore_params
 from rwkv_jax.io.official import import_official
+from rwkv_jax.io.state_file import load_state
 from rwkv_jax.nn.model import RWKV, param_shapes
 from rwkv_jax.nn.state import zero_state
 from rwkv_jax.train import optim
@@ -63,14 +64,14 @@ def read_initial_weights(path: str, model_config: ModelConfig | None = None) -> 
     return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
 
 
-def _onto_fresh(path: str, flat: dict, fresh: dict) -> dict:
+def _onto_fresh(path: str, flat: dict, fresh: dict, field: str = "train.init_from") -> dict:
     def take(keypath, x):
         name = jax.tree_util.keystr(keypath)
         if name not in flat:
             return x
         y = jnp.asarray(flat[name], x.dtype)
         if y.shape != x.shape:
-            raise ConfigError(f"train.init_from={path!r}: {name} has shape {y.shape}, but this "
+            raise ConfigError(f"{field}={path!r}: {name} has shape {y.shape}, but this "
                               f"config's model wants {x.shape}")
         return y
 
@@ -96,6 +97,17 @@ def plan_shardings(run: Run, optimizer) -> TrainShardings:
     return TrainShardings(state=state, shapes=shapes, batch=shd.batch_sharding(mesh, 2))
 
 
+def read_initial_state(path: str, model_config: ModelConfig) -> dict:
+    """The learned initial state of `train.init_state_from` by its path in the params tree
+    ("blocks_N/init_state/NAME"); ConfigError naming the field if the file does not fit."""
+    try:
+        values = load_state(path, model_config)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise ConfigError(f"train.init_state_from={path!r}: {e}") from None
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(values)}
+
+
 def init_params_fn(mc: ModelConfig):
     model = RWKV(mc)
     return lambda rng: model.init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
@@ -111,6 +123,9 @@ def init_train_state(run: Run, rng, layout: TrainShardings | None = None) -> tup
     optimizer = make_optimizer(run)
     layout = layout or plan_shardings(run, optimizer)
     sh = layout.state
+    state_file = run.cfg.train.init_state_from
+    # Read and checked before anything compiles, like init_from's weights.
+    tuned = read_initial_state(state_file, run.model_config) if state_file else None
     if run.cfg.train.init_from:
         # Read and checked before the fresh init compiles: weights that cannot be used are
         # refused at once.
@@ -120,6 +135,9 @@ def init_train_state(run: Run, rng, layout: TrainShardings | None = None) -> tup
         params = jax.device_put(params, sh.params)
     else:
         params = jax.jit(init_params_fn(run.model_config), out_shardings=sh.params)(rng)
+    if tuned is not None:
+        params = jax.device_put(
+            _onto_fresh(state_file, tuned, params, "train.init_state_from"), sh.params)
     opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(params)
     mc, B = run.model_config, run.cfg.train.batch_size
     scale = run.cfg.train.loss_scale if mc.dtype == "float16" else 1.0

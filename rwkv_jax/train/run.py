@@ -309,10 +309,13 @@ def _batches(cfg, train_sources) -> Batches:
     if batches.prime and not d.magic_prime:
         log.info("data.sampler='rwkv_lm': data.magic_prime=%d (the largest valid for %d tokens "
                  "at ctx %d)", batches.prime, len(batches.sources[0][0].tokens), T)
-    long, docs = batches.long_documents()
+    long, untrained, docs = batches.long_documents()
     if long:
         log.info("data.train_file: %d of %d documents are longer than train.max_seq_length + 1 "
                  "= %d tokens; rows take their first %d", long, docs, T + 1, T + 1)
+    if untrained:
+        log.warning("data.train_file: %d of %d documents have no trained token (an assistant's) "
+                    "in their first %d: their rows teach nothing", untrained, docs, T + 1)
     return batches
 
 

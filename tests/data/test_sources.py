@@ -109,8 +109,15 @@ def test_sft_mixture_trains_with_masks_and_the_loop_waits_little(tmp_path, caplo
     cfg = tiny_config(tmp_path, (f"{chats}:3,{tmp_path / 'train.txt'}:1", chats),
                       **{"train.steps": 3, "logging.eval_every": 3, "checkpoint.every": 0,
                          "logging.every": 3})
-    run = trainer.prepare(cfg)
-    assert run.batches.masked
+    with caplog.at_level("INFO", logger="rwkv_jax"):
+        run = trainer.prepare(cfg)
+    assert run.batches.masked and run.batches.long_documents() == (12, 8, 16)
+    short = tiny_config(tmp_path / "short", (chats, chats), **{"train.max_seq_length": 8,
+                                                                "memory.rwkv_chunk_size": 8})
+    with caplog.at_level("INFO", logger="rwkv_jax"):
+        trainer.prepare(short)
+    assert "12 of 16 documents have no trained token (an assistant's) in their first 9" in \
+        caplog.text
     x, y, mask = run.batches(0)
     again = run.batches(0, slice(1, 3))
     assert (again[0] == x[1:3]).all() and (again[2] == mask[1:3]).all()

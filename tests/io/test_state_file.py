@@ -220,3 +220,29 @@ def test_infer_exports_a_runs_learned_state(state_run, tmp_path, capsys):
                  jax.tree.map(np.asarray, _init_states(params)))
     assert main(["--run_dir", run_dir, "--export_state", str(tmp_path / "no" / "x.pth")]) == 2
     assert "--export_state:" in capsys.readouterr().err
+
+
+def test_a_state_file_starts_state_tuning(state_run, tmp_path):
+    """train.init_state_from: the learned initial state starts from a state file's values
+    (bit for bit), checked before anything compiles: a file of another version is one line."""
+    from rwkv_jax import train as trainer
+    from rwkv_jax.config import ConfigError
+
+    out = tmp_path / "start.pth"
+    run_config, run_params, _ = restore_params(find_checkpoint_dir(state_run.run_dir))
+    export_state(_with_random_state(run_config, run_params, seed=5), run_config, out, shift="keep")
+    cfg = state_run.cfg.copy_and_resolve_references()
+    cfg.output_dir = str(tmp_path / "runs")
+    cfg.train.init_state_from = str(out)
+    ts, _ = trainer.init_train_state(trainer.prepare(cfg), jax.random.PRNGKey(0))
+    jax.tree.map(np.testing.assert_array_equal, load_state(out, run_config),
+                 jax.tree.map(np.asarray, _init_states(ts.params)))
+    rwkv4 = tmp_path / "rwkv4_state.pth"
+    torch.save({"blocks.0.att.state_aa": torch.zeros(32)}, rwkv4)
+    cfg.train.init_state_from = str(rwkv4)
+    with pytest.raises(ConfigError, match=r"train.init_state_from=.*RWKV-4"):
+        trainer.init_train_state(trainer.prepare(cfg), jax.random.PRNGKey(0))
+    cfg.train.init_state_from = str(out)
+    cfg.architecture.learned_init_state, cfg.train.trainable = False, "all"
+    with pytest.raises(ConfigError, match="set architecture.learned_init_state=True"):
+        trainer.prepare(cfg)
