@@ -117,7 +117,7 @@ def official_layout(n_layer: int, version: str = "4") -> list[tuple[str, tuple, 
     return out + list(_TOP[1:])
 
 
-def _torch():
+def import_torch():
     try:
         import torch  # noqa: PLC0415
     except ImportError as e:  # pragma: no cover - torch is in the dev extra
@@ -157,7 +157,7 @@ def _get(tree: Mapping, path: tuple):
 
 def load_official_state_dict(path: str | os.PathLike) -> dict:
     """torch.load with the checks that turn a wrong file into one clear message."""
-    torch = _torch()
+    torch = import_torch()
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a directory; an official checkpoint is one .pth file")
@@ -320,7 +320,7 @@ def export_official(params: Mapping, config: ModelConfig, path: str | os.PathLik
     Only what the official format can hold: a pure RWKV model without position embeddings
     or a learned initial state. `dtype` is the tensors' dtype in the file.
     """
-    torch = _torch()
+    torch = import_torch()
     if any(t != LayerKind.RWKV for t in config.layer_types):
         raise ValueError("export_official: the official format has no attention layers; "
                          f"this model's layers are {list(config.layer_types)}")
@@ -335,8 +335,13 @@ def export_official(params: Mapping, config: ModelConfig, path: str | os.PathLik
     params = _as_numpy(params)
     sd = {name: _to_official(_get(params, ours), kind, torch, tdtype)
           for name, ours, kind in official_layout(config.n_layer, config.version)}
-    # Written beside the target under a name of this process's, then renamed: a reader never
-    # sees half a file under the real name, and a failed write leaves nothing.
+    save_state_dict(sd, path, torch)
+
+
+def save_state_dict(sd: Mapping, path: str, torch) -> None:
+    """torch.save(sd, path), atomically: written beside the target under a name of this
+    process's, then renamed, so a reader never sees half a file under the real name and a
+    failed write leaves nothing; OSError in one line on failure."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         torch.save(sd, tmp)
@@ -351,7 +356,7 @@ def export_official(params: Mapping, config: ModelConfig, path: str | os.PathLik
 def check_export_path(path: str | os.PathLike) -> str:
     """`path` if an official .pth can be written there (ValueError saying why not): the
     folder exists and takes new files, the path is not a folder, and torch imports."""
-    _torch()
+    import_torch()
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):

@@ -32,7 +32,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from rwkv_jax.config import ModelConfig
-from rwkv_jax.io.official import _torch, check_export_path, load_official_state_dict
+from rwkv_jax.io.official import (import_torch, check_export_path, load_official_state_dict,
+                                  save_state_dict)
 from rwkv_jax.nn.model import initial_state
 
 # (file name within blocks.N, our InitState parameter) per version; the first is the marker.
@@ -61,7 +62,7 @@ def export_state(params: Mapping, config: ModelConfig, path: str | os.PathLike,
     """Write the learned initial state of `params` as a state file (the module docstring has
     the format). shift (RWKV-7): None refuses nonzero learned token-shift states, "drop"
     leaves them out, "keep" writes them under our own keys."""
-    torch = _torch()
+    torch = import_torch()
     if not config.learned_init_state:
         raise ValueError("export_state: this model has no learned initial state "
                          "(architecture.learned_init_state is False)")
@@ -81,15 +82,7 @@ def export_state(params: Mapping, config: ModelConfig, path: str | os.PathLike,
         keys = keys[:1]
     sd = {f"blocks.{i}.{name}": torch.from_numpy(np.array(v[ours], np.float32, order="C"))
           for i, v in values.items() for name, ours in keys}
-    tmp = f"{path}.{os.getpid()}.tmp"  # renamed when whole: a reader never sees half a file
-    try:
-        torch.save(sd, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch reports a short write as RuntimeError
-        raise OSError(f"writing {path!r} failed: {str(e).strip().splitlines()[0][:300]}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_state_dict(sd, path, torch)
 
 
 def _file_version(path: str, sd: Mapping) -> str:
