@@ -224,7 +224,7 @@ def model_config_from(cfg, vocab_size: int | None = None) -> ModelConfig:
 # ModelConfig fields that say how the model computes, not what it is: a run may resume with
 # other values (bf16 after float32, another WKV implementation, remat on). The efficiency group
 # and the embedding's init scale; every other field, and any added later, changes the model.
-_HOW_IT_COMPUTES = tuple(name for name in _FIELDS
+HOW_IT_COMPUTES = tuple(name for name in _FIELDS
                          if config_path(name).startswith("efficiency.")) + ("emb_init_scale",)
 
 
@@ -234,7 +234,7 @@ def model_differences(saved: ModelConfig, current: ModelConfig) -> list[str]:
     out = []
     for f in dataclasses.fields(ModelConfig):
         name, a, b = f.name, getattr(saved, f.name), getattr(current, f.name)
-        if name in _HOW_IT_COMPUTES or a == b:
+        if name in HOW_IT_COMPUTES or a == b:
             continue
         if name == "layer_types" and saved.n_layer != current.n_layer:
             continue  # said by n_layer

@@ -5,7 +5,6 @@ the train state, and the compiled step.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
@@ -17,8 +16,6 @@ from rwkv_jax.config import (
     ModelConfig,
     optimizer_config_from,
 )
-from rwkv_jax.io.checkpoint import restore_params
-from rwkv_jax.io.official import import_official
 from rwkv_jax.io.state_file import load_state
 from rwkv_jax.nn.model import RWKV, param_shapes
 from rwkv_jax.nn.state import zero_state
@@ -30,7 +27,7 @@ from rwkv_jax.train.memory import (
     suggestion,
     xla_step_bytes,
 )
-from rwkv_jax.train.run import Run
+from rwkv_jax.train.run import Run, read_init_from
 from rwkv_jax.train.sharding import TrainShardings
 from rwkv_jax.train.step import TrainState
 
@@ -50,18 +47,12 @@ def load_initial_weights(path: str, fresh: dict, model_config: ModelConfig | Non
 def read_initial_weights(path: str, model_config: ModelConfig | None = None) -> dict:
     """The weights of `train.init_from` by their path in the params tree, checked (readable,
     finite, floating point, this RWKV version); ConfigError naming the field otherwise."""
-    try:
-        if os.path.isfile(path):
-            source, loaded = import_official(path)
-        else:
-            source, loaded, _ = restore_params(path)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # said by the readers in one line
-        raise ConfigError(f"train.init_from={path!r} cannot be read: {e}") from None
+    source, flat = read_init_from(path)
     if model_config is not None and source.version != model_config.version:
         raise ConfigError(f"train.init_from={path!r} holds an RWKV-{source.version} model, but "
                           f"model.version={model_config.version!r}; set "
                           f"model.version={source.version!r} to start from it")
-    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
+    return flat
 
 
 def _onto_fresh(path: str, flat: dict, fresh: dict, field: str = "train.init_from") -> dict:
@@ -129,7 +120,8 @@ def init_train_state(run: Run, rng, layout: TrainShardings | None = None) -> tup
     if run.cfg.train.init_from:
         # Read and checked before the fresh init compiles: weights that cannot be used are
         # refused at once.
-        source = read_initial_weights(run.cfg.train.init_from, run.model_config)
+        source = run.initial_weights if run.initial_weights is not None else \
+            read_initial_weights(run.cfg.train.init_from, run.model_config)
         params = _onto_fresh(run.cfg.train.init_from, source,
                              jax.jit(init_params_fn(run.model_config))(rng))
         params = jax.device_put(params, sh.params)

@@ -29,7 +29,9 @@ from rwkv_jax.data.jsonl import DocumentFile
 from rwkv_jax.data.sources import Batches, open_source, open_sources
 from rwkv_jax.data.tokenizers import get_tokenizer
 from rwkv_jax.data.tokens import check_token_ids
-from rwkv_jax.io.checkpoint import TrainCheckpointer, model_config_of
+from rwkv_jax.config.model import HOW_IT_COMPUTES, config_path
+from rwkv_jax.io.checkpoint import TrainCheckpointer, model_config_of, restore_params
+from rwkv_jax.io.official import import_official
 from rwkv_jax.io.integrity import DamagedCheckpointError, cause_line
 from rwkv_jax.train import optim
 from rwkv_jax.train import sharding as shd
@@ -184,6 +186,7 @@ class Run:
     handoffs: list  # per chunk: the position whose state the next chunk starts from
     mesh: Any = None  # jax.sharding.Mesh over every device
     batches: Any = None  # data.sources.Batches: (step, rows) -> (inputs, targets, mask | None)
+    initial_weights: dict | None = None  # train.init_from's weights by keystr path, read once
 
     @property
     def chunk_len(self) -> int:
@@ -255,6 +258,10 @@ def prepare(cfg) -> Run:
     model_config = model_config_from(cfg, vocab_size=tokenizer.vocab_size)
     model_config = dataclasses.replace(
         model_config, dtype=_resolve_precision(model_config.dtype))
+    initial = None
+    if cfg.train.init_from:  # a fine-tune: the weights say what the model is
+        source, initial = read_init_from(cfg.train.init_from)
+        model_config = _architecture_from(cfg.train.init_from, source, model_config)
     sources = [("train_file", s) for s, _ in train_sources] + [("val_file", val_tokens)]
     for split, tf in sources:
         _check_ids(cfg, split, tf, model_config.vocab_size, cache_dir)
@@ -273,7 +280,44 @@ def prepare(cfg) -> Run:
                     "memory.use_rwkv_chunking=%s)", mem.chunk_overlap, T, mem.rwkv_chunk_size,
                     mem.use_rwkv_chunking)
     return Run(cfg, model_config, tokenizer, train_sources[0][0], val_tokens, run_dir, spans,
-               masks, handoffs, mesh, batches)
+               masks, handoffs, mesh, batches, initial)
+
+
+def read_init_from(path: str) -> tuple[ModelConfig, dict]:
+    """(the model config, the weights by keystr path) of `train.init_from`: an official .pth or
+    a run / checkpoint directory, checked (readable, finite, floating point); ConfigError
+    naming the field otherwise."""
+    try:
+        if os.path.isfile(path):
+            source, loaded = import_official(path)
+        else:
+            source, loaded, _ = restore_params(path)
+    except (ValueError, FileNotFoundError, ImportError) as e:  # said by the readers in one line
+        raise ConfigError(f"train.init_from={path!r} cannot be read: {e}") from None
+    return source, {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
+
+
+# What a run decides for itself when it starts from other weights: how it computes, and the
+# parts it adds (a learned initial state and its compression, trained from their fresh init).
+_RUN_CHOICES = set(HOW_IT_COMPUTES) | {"learned_init_state", "state_compression", "state_rank"}
+
+
+def _architecture_from(path: str, source: ModelConfig, mc: ModelConfig) -> ModelConfig:
+    """The model of `train.init_from`: its shape (version, sizes, RWKV-7's LoRA ranks, the
+    vocabulary, the layer pattern) replaces the config's, each change in a log line, so a
+    fine-tuning config names its base, not the base's shape."""
+    changes = {}
+    for f in dataclasses.fields(ModelConfig):
+        old, new = getattr(mc, f.name), getattr(source, f.name)
+        if f.name in _RUN_CHOICES or old == new:
+            continue
+        changes[f.name] = new
+        shown = (describe(old), describe(new)) if f.name == "layer_types" else (old, new)
+        log.info("train.init_from: %s %r -> %r (from the weights)", config_path(f.name), *shown)
+    try:
+        return dataclasses.replace(mc, **changes)
+    except ValueError as e:
+        raise ConfigError(f"train.init_from={path!r}: its model does not fit this config: {e}") from None
 
 
 def _check_ids(cfg, split: str, tf, vocab_size: int, cache_dir: str) -> None:

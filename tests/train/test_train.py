@@ -347,6 +347,35 @@ def test_state_tuning_trains_only_the_initial_state(tmp_path, corpus, tiny_run):
         assert changed == ("init_state" in jax.tree_util.keystr(path)), jax.tree_util.keystr(path)
 
 
+def test_a_fine_tune_takes_its_model_from_the_weights(tmp_path, corpus, caplog):
+    """train.init_from names the base, not its shape: the file's version, sizes and vocabulary
+    replace the config's (each change logged), and the weights start the run as they are."""
+    torch = pytest.importorskip("torch")
+    from conftest import random_official_state_dict
+
+    base = tmp_path / "base.pth"
+    torch.save(random_official_state_dict(vocab=300, n_embd=48, n_layer=3, dim_ffn=96), base)
+    cfg = tiny_config(tmp_path, corpus, **{"train.init_from": str(base), "model.version": "7",
+                                           "model.head_size": 8,
+                                           "architecture.learned_init_state": True})
+    with caplog.at_level(logging.INFO, logger="rwkv_jax"):
+        run = trainer.prepare(cfg)
+    mc = run.model_config
+    assert (mc.version, mc.n_layer, mc.n_embd, mc.dim_ffn, mc.vocab_size) == ("4", 3, 48, 96, 300)
+    assert mc.learned_init_state  # the run's own choice stays
+    for line in ("model.version '7' -> '4'", "model.n_layer 2 -> 3", "model.n_embd 32 -> 48",
+                 "model.vocab_size 256 -> 300"):
+        assert f"train.init_from: {line} (from the weights)" in caplog.text, line
+    ts, _ = trainer.init_train_state(run, jax.random.PRNGKey(0))
+    _, want = ckpt.import_official(base)
+    got = {k: v for k, v in ts.params.items()}
+    for path, w in jax.tree_util.tree_leaves_with_path(want):
+        g = got
+        for k in path:
+            g = g[k.key]
+        np.testing.assert_array_equal(np.asarray(g), w)
+
+
 def test_the_schedule_horizon_is_fixed_by_the_run(tmp_path, corpus, caplog):
     """A resumed run keeps the horizon its checkpoint saved (raising train.steps moves no
     learning rate); an explicit optimizer.total_steps changes it, and the log names the jump."""
