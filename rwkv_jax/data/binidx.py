@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rwkv_jax.data.tokens import map_array
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, items, documents: 34 bytes
@@ -87,12 +89,6 @@ def _read_header(idx_path: str) -> tuple[np.dtype, int, int]:
     return np.dtype(DTYPE_CODES[code]).newbyteorder("<"), items, docs
 
 
-def _map(path: str, dtype: str | np.dtype, offset: int, count: int) -> np.ndarray:
-    if count == 0:  # np.memmap cannot map zero bytes
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
-
-
 class BinIdx:
     """A binidx pair, memory-mapped: `tokens` (the whole `.bin` as one stream), `sizes`,
     `pointers` (byte offsets), `doc_idx`, `document(i)`. Nothing is read whole."""
@@ -107,15 +103,16 @@ class BinIdx:
         self.path = f"{prefix}.bin"
         idx_path = f"{prefix}.idx"
         self.dtype, self.num_items, num_docs = _read_header(idx_path)
-        self.sizes = _map(idx_path, "<i4", HEADER.size, self.num_items)
-        self.pointers = _map(idx_path, "<i8", HEADER.size + 4 * self.num_items, self.num_items)
-        self.doc_idx = _map(idx_path, "<i8", HEADER.size + 12 * self.num_items, num_docs)
+        self.sizes = map_array(idx_path, "<i4", self.num_items, HEADER.size)
+        after_sizes = HEADER.size + 4 * self.num_items
+        self.pointers = map_array(idx_path, "<i8", self.num_items, after_sizes)
+        self.doc_idx = map_array(idx_path, "<i8", num_docs, after_sizes + 8 * self.num_items)
         bin_bytes = os.path.getsize(self.path)
         # As RWKV-LM counts them: a trailing partial token is ignored.
         self.num_tokens = bin_bytes // self.dtype.itemsize
         self._check_items(bin_bytes)
         self._check_doc_idx()
-        self.tokens = _map(self.path, self.dtype, 0, self.num_tokens)
+        self.tokens = map_array(self.path, self.dtype, self.num_tokens)
 
     def _check_items(self, bin_bytes: int) -> None:
         item = self.dtype.itemsize

@@ -33,7 +33,10 @@ from rwkv_jax.data.tokens import (
     _temp_path_beside,
     _token_dtype,
     _write_json_atomic,
+    made_from,
+    map_array,
     metadata_path,
+    source_record,
 )
 
 log = logging.getLogger(__name__)
@@ -181,6 +184,8 @@ class DocumentFile:
     (uint8, 1 where the token is a trained target) and `starts` (num_docs + 1 offsets;
     document i is tokens[starts[i]:starts[i+1]])."""
 
+    num_bytes = None  # the documents' text bytes are not counted (their jsonl's are not theirs)
+
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         meta_path = metadata_path(self.path)
@@ -199,9 +204,9 @@ class DocumentFile:
         problem = _size_problem(self.path, self.meta)
         if problem:
             raise ValueError(f"{problem}; re-run prepare_jsonl")
-        self.tokens = _map(self.path, self.dtype, self.num_tokens)
-        self.loss_mask = _map(mask_path(self.path), np.dtype(np.uint8), self.num_tokens)
-        self.starts = _map(starts_path(self.path), _STARTS_DTYPE, self.num_docs + 1)
+        self.tokens = map_array(self.path, self.dtype, self.num_tokens)
+        self.loss_mask = map_array(mask_path(self.path), np.uint8, self.num_tokens)
+        self.starts = map_array(starts_path(self.path), _STARTS_DTYPE, self.num_docs + 1)
 
     def document(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens int32, loss_mask bool) of document i."""
@@ -216,13 +221,6 @@ class DocumentFile:
     def __repr__(self) -> str:
         return (f"DocumentFile({str(self.path)!r}, num_docs={self.num_docs}, "
                 f"num_tokens={self.num_tokens}, tokenizer={self.tokenizer!r})")
-
-
-def _map(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
-    # np.memmap cannot map an empty file.
-    if count == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
 
 def _read_document_metadata(meta_path: Path) -> dict:
@@ -258,11 +256,7 @@ def _is_up_to_date(out_path: Path, source: Path, tokenizer_name: str) -> bool:
             return False
     except (OSError, ValueError):  # missing or damaged: a stale cache, rebuilt
         return False
-    st = source.stat()
-    return (meta.get("source") == str(source.resolve())
-            and meta.get("source_size") == st.st_size
-            and meta.get("source_mtime_ns") == st.st_mtime_ns
-            and meta.get("tokenizer") == tokenizer_name)
+    return made_from(meta, source, tokenizer_name)
 
 
 def _iter_records(path: Path) -> Iterator[tuple[int, object]]:
@@ -375,10 +369,8 @@ def _write_documents(source: Path, tokenizer: Tokenizer, out_path: Path) -> Docu
         "dtype": dtype.name,
         "vocab_size": tokenizer.vocab_size,
         "tokenizer": tokenizer.name,
-        "source": str(source.resolve()),
-        "source_size": st.st_size,
-        "source_mtime_ns": st.st_mtime_ns,
-        "num_bytes": st.st_size,
+        **source_record(source, st),
+        "num_bytes": st.st_size,  # of the jsonl (its text's bytes are not counted)
     }
     _write_json_atomic(metadata_path(out_path), meta)
     log.info("Wrote %d documents, %d tokens (%d trained) to %s", counts["num_docs"],

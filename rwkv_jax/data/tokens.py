@@ -70,6 +70,27 @@ def _read_metadata(meta_path: Path) -> dict:
     return meta
 
 
+def map_array(path: str | os.PathLike, dtype, count: int, offset: int = 0) -> np.ndarray:
+    """`count` items of `dtype` at byte `offset` of a file, memory-mapped read-only (an empty
+    array for none: np.memmap cannot map zero bytes)."""
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
+
+
+def source_record(source: Path, st: os.stat_result) -> dict:
+    """What a cache records of the file it was made from, to know later whether it changed."""
+    return {"source": str(source.resolve()), "source_size": st.st_size,
+            "source_mtime_ns": st.st_mtime_ns}
+
+
+def made_from(meta: dict, source: Path, tokenizer_name: str) -> bool:
+    """Whether a cache's metadata says it was made from `source` as it is now, by this
+    tokenizer."""
+    return ({k: meta.get(k) for k in ("source", "source_size", "source_mtime_ns", "tokenizer")}
+            == {**source_record(source, source.stat()), "tokenizer": tokenizer_name})
+
+
 class TokenFile:
     """A read-only memory map of a file written by `prepare_tokens`."""
 
@@ -103,11 +124,7 @@ class TokenFile:
                 f"{self.path} is {actual} bytes but its metadata says {self.num_tokens} "
                 f"{self.meta['dtype']} tokens ({expected} bytes); re-run prepare_tokens."
             )
-        if self.num_tokens == 0:
-            # np.memmap cannot map an empty file.
-            self.tokens = np.zeros(0, dtype=self.dtype)
-        else:
-            self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+        self.tokens = map_array(self.path, self.dtype, self.num_tokens)
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -145,6 +162,18 @@ def _scan_record(cache_dir: str | os.PathLike, real: str) -> Path:
     return Path(cache_dir) / "token_scans" / f"{hashlib.sha256(real.encode()).hexdigest()[:24]}.json"
 
 
+def _recorded_range(record: Path, key: dict) -> tuple[int, int] | None:
+    """(min, max) id of an earlier scan recorded for the file as `key` describes it; None where
+    there is no record, it is damaged, or the file changed since (then the file is scanned)."""
+    try:
+        seen = json.loads(record.read_text())
+        if {k: seen.get(k) for k in key} == key:
+            return int(seen["min_id"]), int(seen["max_id"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return None
+
+
 def _id_range(tf: TokenFile, cache_dir: str | os.PathLike | None) -> tuple[int, int]:
     """The smallest and largest id in `tf`, from a scan of the file, or from the record of an
     earlier scan in `cache_dir` if the file has not changed since (same real path, size,
@@ -153,13 +182,9 @@ def _id_range(tf: TokenFile, cache_dir: str | os.PathLike | None) -> tuple[int, 
     st = os.stat(real)  # before the scan: a change while it runs makes the record stale
     key = {"path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "dtype": tf.dtype.str}
     record = _scan_record(cache_dir, real) if cache_dir else None
-    if record is not None:
-        try:
-            seen = json.loads(record.read_text())
-            if {k: seen.get(k) for k in key} == key:
-                return int(seen["min_id"]), int(seen["max_id"])
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
-            pass  # no record, or a damaged one: scan again
+    recorded = _recorded_range(record, key) if record is not None else None
+    if recorded is not None:
+        return recorded
     log.info("Checking the token ids of %s", tf.path)
     lo, hi = _scan_ids(tf.tokens)
     if record is not None:
@@ -199,14 +224,8 @@ def _is_up_to_date(out_path: Path, source: Path, tokenizer_name: str) -> bool:
         size = out_path.stat().st_size
     except (OSError, ValueError):  # damaged metadata: a stale cache, rebuilt
         return False
-    st = source.stat()
-    return (
-        meta.get("source") == str(source.resolve())
-        and meta.get("source_size") == st.st_size
-        and meta.get("source_mtime_ns") == st.st_mtime_ns
-        and meta.get("tokenizer") == tokenizer_name
-        and size == meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize
-    )
+    return (made_from(meta, source, tokenizer_name)
+            and size == meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize)
 
 
 def _writer_tag() -> str:
@@ -351,9 +370,7 @@ def _write_tokens(source: Path, tokenizer: Tokenizer, out_path: Path, block_byte
         "dtype": dtype.name,
         "vocab_size": tokenizer.vocab_size,
         "tokenizer": tokenizer.name,
-        "source": str(source.resolve()),
-        "source_size": st.st_size,
-        "source_mtime_ns": st.st_mtime_ns,
+        **source_record(source, st),
         "max_token_id": counts["max_token_id"],
         "num_bytes": counts["num_bytes"],
     }

@@ -46,7 +46,7 @@ def evaluate(config: ModelConfig, params, token_file, chunk_len: int,
         tokens = tokens[: max_tokens + 1]
     total, count = score_stream(apply_fn, params, tokens, chunk_len)
     loss = total / max(count, 1)
-    num_bytes = getattr(token_file, "num_bytes", None)
+    num_bytes = token_file.num_bytes
     if not num_bytes:
         return {"loss": loss, "bpb": None, "tokens": count}
     # Bytes per token of this file, for bits per byte of the part scored.

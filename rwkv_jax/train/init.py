@@ -122,6 +122,7 @@ def init_train_state(run: Run, rng, layout: TrainShardings | None = None) -> tup
         # refused at once.
         source = run.initial_weights if run.initial_weights is not None else \
             read_initial_weights(run.cfg.train.init_from, run.model_config)
+        run.initial_weights = None  # on the device from here: the host copy is not kept
         params = _onto_fresh(run.cfg.train.init_from, source,
                              jax.jit(init_params_fn(run.model_config))(rng))
         params = jax.device_put(params, sh.params)
