@@ -291,8 +291,11 @@ def tiny_config(tmp_path, corpus, **overrides):
     c.logging.progress, c.logging.tensorboard = False, False
     c.checkpoint.every = 3
     for key, value in overrides.items():
-        group, field = key.split(".") if "." in key else (None, key)
-        (c[group] if group else c)[field] = value
+        *groups, field = key.split(".")
+        node = c
+        for group in groups:
+            node = node[group]
+        node[field] = value
     return c
 
 

@@ -38,15 +38,18 @@ from rwkv_jax.generate.decode_weights import PALLAS_REMOVED, choose_decode_kerne
 from rwkv_jax.generate.generator import Generator
 from rwkv_jax.generate.sampling import Sampling
 from rwkv_jax.generate.text import check_options, encode_prompt, run_seeds
+from rwkv_jax.io.adapter_file import export_adapter, read_adapter
 from rwkv_jax.io.checkpoint import (
     TrainCheckpointer,
     find_checkpoint_dir,
     restore_params,
+    spec_of,
 )
 from rwkv_jax.io.integrity import DamagedCheckpointError
 from rwkv_jax.io.official import check_export_path, export_official, import_official
 from rwkv_jax.io.state_file import export_state, load_state, state_tree
 from rwkv_jax.kernels.cuda import decode4 as cuda_decode4
+from rwkv_jax.nn import adapters
 from rwkv_jax.kernels.cuda.decode4 import Unavailable
 
 
@@ -62,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     src.add_argument("--official", default=None,
                      help="an official RWKV-4 or RWKV-7 (x070) .pth instead of a run")
+    src.add_argument("--adapter", default=None, metavar="FILE",
+                     help="with --official: merge this adapter file into it (--export_adapter's, "
+                          "or RWKV-PEFT's LoRA / PiSSA)")
+    src.add_argument("--adapter_alpha", type=float, default=None,
+                     help="LoRA alpha of an --adapter file that records none (RWKV-PEFT's)")
+    src.add_argument("--base", default=None, metavar="PATH",
+                     help="an adapter run's base where it has moved (default: the path the run "
+                          "recorded; the file must be the same)")
     src.add_argument("--tokenizer", default=None,
                      help="byte | world | a tokenizers .json (default: the run's; world for --official)")
     src.add_argument("--bf16", action="store_true", help="bfloat16 weights and matrix products")
@@ -104,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="write the weights as an official .pth (RWKV-4 or RWKV-7, as the model is)")
     other.add_argument("--export_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                        help="the tensors' dtype in the exported .pth (default float32)")
+    other.add_argument("--export_adapter", default=None, metavar="OUT.pth",
+                       help="write an adapter run's adapters in RWKV-PEFT's naming (LoRA alpha "
+                            "recorded; PiSSA's initial factors beside, OUT.pissa_init.pth)")
     other.add_argument("--export_state", default=None, metavar="OUT.pth",
                        help="write the run's learned initial state as a state file (RWKV-7: the "
                             "community's time_state file; docs/inference.md)")
@@ -163,6 +177,8 @@ def load_model(args):
             config, params = import_official(args.official)
         except (ValueError, FileNotFoundError, ImportError) as e:
             raise InputError(_one_line(e)) from None
+        if args.adapter:
+            params = _with_adapter(args, config, params)
         # None: a vocabulary no tokenizer here is known for (_main says so, after the checks
         # that need no tokenizer).
         return config, params, args.tokenizer or _OFFICIAL_TOKENIZERS.get(config.vocab_size), 256
@@ -175,7 +191,7 @@ def load_model(args):
         run_dir, step = parent, int(name)
     try:
         directory = find_checkpoint_dir(run_dir)
-        config, params, meta = restore_params(directory, step)
+        config, params, meta = restore_params(directory, step, base=args.base)
     except DamagedCheckpointError as e:
         _quiet_failed_restore()
         others = _other_steps(directory, step)
@@ -204,6 +220,15 @@ def load_model(args):
 # The tokenizer of an official .pth by its vocabulary: RWKV World models, and byte-level ones
 # (this project's exports of byte models).
 _OFFICIAL_TOKENIZERS = {65536: "world", 256: "byte"}
+
+
+def _with_adapter(args, config, params) -> dict:
+    """--official's weights with --adapter merged in (float32)."""
+    try:
+        trainable, spec = read_adapter(args.adapter, config, params, alpha=args.adapter_alpha)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise InputError(f"--adapter: {_one_line(e)}") from None
+    return adapters.merge(params, trainable, spec, original=True)
 
 
 def _other_steps(directory: str, step: int | None) -> list[int]:
@@ -259,7 +284,8 @@ def _warn_unused(args, parser: argparse.ArgumentParser) -> None:
     --temperature beside --score alone, a --run_dir beside --official)."""
     asked = {"--prompt/--prompt_file": bool(args.prompt or args.prompt_file),
              "--score": bool(args.score), "--export_official": bool(args.export_official),
-             "--export_state": bool(args.export_state)}
+             "--export_state": bool(args.export_state),
+             "--export_adapter": bool(args.export_adapter)}
     unused = [f"--{name} is ignored: it is read only with {' or '.join(jobs)}"
               for jobs, names in _JOB_FLAGS.items() if not any(asked[j] for j in jobs)
               for name in names if getattr(args, name) != parser.get_default(name)]
@@ -328,8 +354,9 @@ def _main(args) -> int:
 
 
 def _export(args, config, params) -> None:
-    """--export_official and --export_state."""
+    """--export_official, --export_adapter and --export_state."""
     for path, write in (
+            (args.export_adapter, lambda: _export_adapter(args, config)),
             (args.export_official,
              lambda: export_official(params, config, args.export_official, dtype=args.export_dtype)),
             (args.export_state,
@@ -342,6 +369,18 @@ def _export(args, config, params) -> None:
             hint = " (--export_state_shift drop or keep)" if "shift 'drop'" in str(e) else ""
             raise InputError(f"{_one_line(e)}{hint}") from None
         print(f"wrote {path}", file=sys.stderr)
+
+
+def _export_adapter(args, config) -> None:
+    """The adapters of the run --run_dir names (their checkpoint holds nothing else)."""
+    if args.official:
+        raise ValueError("--export_adapter writes a run's adapters: give its --run_dir")
+    _, trainable, meta = restore_params(find_checkpoint_dir(args.run_dir), args.step, merged=False)
+    if "adapters" not in meta:
+        raise ValueError(f"{args.run_dir!r} trained no adapters (train.trainable="
+                         f"{meta.get('run_shape', {}).get('train.trainable', 'all')!r}); "
+                         f"--export_official writes its weights")
+    export_adapter(trainable, spec_of(meta["adapters"]), config, args.export_adapter)
 
 
 def _start_state(args, config):
@@ -357,9 +396,12 @@ def _start_state(args, config):
 def _check_args(args) -> None:
     """What the flags alone say is wrong, before any weights are read."""
     if not (args.prompt or args.prompt_file or args.score or args.export_official
-            or args.export_state):
-        raise InputError("nothing to do: give --prompt/--prompt_file, --score, --export_official "
-                         "or --export_state")
+            or args.export_state or args.export_adapter):
+        raise InputError("nothing to do: give --prompt/--prompt_file, --score, --export_official, "
+                         "--export_adapter or --export_state")
+    if args.adapter and not args.official:
+        raise InputError("--adapter merges into an --official .pth (a run's own adapters come "
+                         "with its --run_dir)")
     for name in ("max_new_tokens", "num_samples", "chunk_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -371,6 +413,7 @@ def _check_args(args) -> None:
     except ValueError as e:
         raise InputError(f"--{e}") from None
     for flag, path in (("--export_official", args.export_official),
+                       ("--export_adapter", args.export_adapter),
                        ("--export_state", args.export_state)):
         try:
             if path:

@@ -109,13 +109,26 @@ SCHEMA = {
         batch_size=(8, "sequences per step (global, over all devices and hosts)"),
         max_seq_length=(256, "tokens per sequence"),
         steps=(1000, "train until this step; the same command resumes up to it"),
-        trainable=("all", "what trains: all | state (the learned initial state alone)"),
+        trainable=("all", "what trains: all | state (the learned initial state alone) | lora | "
+                          "pissa (low-rank adapters over the frozen bf16 base of "
+                          "train.init_from; train.lora.*)"),
         init_from=("", "start from these weights (an official .pth or a run / checkpoint dir); "
                        "the model's shape comes from them"),
         init_state_from=("", "start the learned initial state from this state file (infer.py "
                              "--export_state, or a community time_state .pth); needs "
                              "architecture.learned_init_state"),
         loss_scale=(2.0**15, "float16: the initial dynamic loss scale"),
+    ),
+    # RWKV-PEFT's defaults (r 32, alpha 32, dropout 0; it trains the layer norms beside).
+    "train.lora": dict(
+        rank=(32, "adapter rank r"),
+        alpha=(32.0, "LoRA scale alpha / r (PiSSA: unused, its factors carry the scale)"),
+        dropout=(0.0, "dropout on each adapted projection's input (LoRA branch only)"),
+        targets=("att,ffn,ln", "what adapts: projections by module (att, ffn, head, att.key, "
+                               "blocks.3.ffn, ...) get adapters; other parameters named (ln, "
+                               "w0, time_decay, emb, ...) train whole"),
+        init_from=("", "start the adapters from this adapter file (infer.py --export_adapter "
+                       "or RWKV-PEFT's)"),
     ),
     "optimizer": dict(
         lr=(6e-4, "peak learning rate"),
@@ -197,7 +210,10 @@ def default_config():
     c = ml_collections.ConfigDict()
     for group, fields in SCHEMA.items():
         values = {name: default for name, (default, _) in fields.items()}
-        if group:
+        if "." in group:  # a group inside a group: train.lora
+            parent, child = group.split(".")
+            c[parent][child] = ml_collections.ConfigDict(values)
+        elif group:
             c[group] = ml_collections.ConfigDict(values)
         else:
             c.update(values)

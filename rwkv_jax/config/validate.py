@@ -18,6 +18,9 @@ from rwkv_jax.config.schema import (
 )
 
 
+TRAINABLE = ("all", "state", "lora", "pissa")  # train.trainable
+
+
 def optimizer_config_from(cfg):
     """The optimizer section with what it takes from elsewhere filled in."""
     opt = cfg.optimizer.copy_and_resolve_references()
@@ -68,12 +71,13 @@ def validate(cfg) -> None:
         group, key = field.split(".")
         value = cfg[group][key]
         need(isinstance(value, int) and value >= 0, field, value, "must be an integer >= 0 (0: never)")
-    need(t.trainable in ("all", "state"), "train.trainable", t.trainable, "one of ('all', 'state')")
+    need(t.trainable in TRAINABLE, "train.trainable", t.trainable, f"one of {TRAINABLE}")
     need(cfg.checkpoint.on_damage in ON_DAMAGE, "checkpoint.on_damage", cfg.checkpoint.on_damage,
          f"one of {ON_DAMAGE}")
     if t.trainable == "state":
         need(a.learned_init_state, "train.trainable", t.trainable,
              "state tuning needs architecture.learned_init_state=True (the state it trains)")
+    _validate_lora(cfg, need)
     if mem.use_rwkv_chunking:
         check_chunking(t.max_seq_length, mem.rwkv_chunk_size, mem.chunk_overlap)
     if t.init_state_from:
@@ -99,6 +103,28 @@ def validate(cfg) -> None:
     # The model's fields wherever they live (sizes, pattern, precision, state compression);
     # the vocabulary is checked against the data once the tokenizer is known (train.run.prepare).
     model_config_from(cfg, vocab_size=cfg.model.vocab_size or 1 << 16)
+
+
+def _validate_lora(cfg, need) -> None:
+    t, lo = cfg.train, cfg.train.lora
+    adapters = t.trainable in ("lora", "pissa")
+    if adapters:
+        need(bool(t.init_from), "train.trainable", t.trainable,
+             "adapters fine-tune a base: set train.init_from to its .pth (or run directory)")
+    need(isinstance(lo.rank, int) and lo.rank >= 1, "train.lora.rank", lo.rank,
+         "must be an integer >= 1")
+    need(isinstance(lo.alpha, (int, float)) and math.isfinite(lo.alpha) and lo.alpha > 0,
+         "train.lora.alpha", lo.alpha, "must be a finite number > 0")
+    need(isinstance(lo.dropout, (int, float)) and 0 <= lo.dropout < 1, "train.lora.dropout",
+         lo.dropout, "must be >= 0 and < 1")
+    need(isinstance(lo.targets, str) and any(x.strip() for x in lo.targets.split(",")),
+         "train.lora.targets", lo.targets,
+         "a comma-separated list of module or parameter names (att, ffn, ln, head, w0, ...)")
+    if lo.init_from:
+        need(adapters, "train.lora.init_from", lo.init_from,
+             "starts adapters: set train.trainable to lora or pissa")
+        need(os.path.isfile(lo.init_from), "train.lora.init_from", lo.init_from,
+             "no such file (an adapter file: infer.py --export_adapter, or RWKV-PEFT's)")
 
 
 def check_chunking(seq_len: int, chunk_size: int, overlap: int) -> None:

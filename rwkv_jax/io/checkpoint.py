@@ -8,6 +8,8 @@ killed mid-save never leaves a checkpoint that looks whole; integrity.py checks 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import threading
@@ -31,6 +33,8 @@ from rwkv_jax.io.integrity import (
     verify_checksums,
     write_failure,
 )
+from rwkv_jax.io.official import import_official
+from rwkv_jax.nn import adapters
 from rwkv_jax.nn.model import param_shapes
 
 
@@ -98,10 +102,12 @@ class TrainCheckpointer:
     _meta: dict = {}
 
     def save_model_config(self, model_config: ModelConfig, tokenizer: str,
-                          run_shape: dict | None = None) -> None:
-        """What every later save records beside the arrays (run_shape: run_shape)."""
+                          run_shape: dict | None = None, adapters: dict | None = None) -> None:
+        """What every later save records beside the arrays (run_shape: run_shape; adapters:
+        an adapter run's spec and its base's path and fingerprint, see adapter_record)."""
         self._meta = {"model_config": model_config.to_dict(), "tokenizer": tokenizer,
-                      "format": "rwkv_jax/1", **({"run_shape": run_shape} if run_shape else {})}
+                      "format": "rwkv_jax/1", **({"run_shape": run_shape} if run_shape else {}),
+                      **({"adapters": adapters} if adapters else {})}
 
     def restore(self, template, step: int | None = None):
         """(train_state, meta) of `step` (default: newest), shaped and sharded like `template`;
@@ -214,12 +220,65 @@ def model_config_of(meta: dict) -> ModelConfig:
                           for k, v in meta["model_config"].items()})
 
 
-def restore_params(path: str | os.PathLike, step: int | None = None,
-                   shardings=None) -> tuple[ModelConfig, dict, dict]:
+def base_fingerprint(path: str | os.PathLike) -> str:
+    """What identifies an adapter run's base: the sha256 of a .pth file, or of the recorded
+    checksums of a run's newest checkpoint (its arrays' own fingerprints)."""
+    path = os.fspath(path)
+    h = hashlib.sha256()
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        return h.hexdigest()
+    directory = find_checkpoint_dir(path)
+    manager = ocp.CheckpointManager(directory, item_names=("params", "train", "meta"))
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{directory!r} holds no complete checkpoint")
+    meta = _read_meta(manager, step)
+    manager.close()
+    h.update(json.dumps({"step": step, "checksums": meta.get("checksums", {}).get("params")},
+                        sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def adapter_record(spec: adapters.AdapterSpec, base: str, fingerprint: str) -> dict:
+    """What an adapter run's checkpoints record: the spec, and the base they need (they hold
+    only the adapters), by path and fingerprint."""
+    return {**spec.record(), "base": os.path.abspath(base), "base_sha256": fingerprint}
+
+
+def spec_of(record: dict) -> adapters.AdapterSpec:
+    return adapters.AdapterSpec(record["method"], int(record["rank"]), float(record["alpha"]),
+                                float(record["dropout"]), tuple(record["targets"]))
+
+
+def read_base(record: dict, base: str | None = None) -> tuple[ModelConfig, dict]:
+    """(config, float32 params) of an adapter run's base: its recorded path, or `base` where
+    the file has moved; ValueError if it is gone or no longer the file the run trained on."""
+    path = base or record["base"]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"the base of these adapters, {path!r}, is gone; pass its new "
+                                f"path (infer.py --base)")
+    found = base_fingerprint(path)
+    if found != record["base_sha256"]:
+        raise ValueError(f"{path!r} is not the base these adapters were trained on (sha256 "
+                         f"{found[:12]}..., the run recorded {record['base_sha256'][:12]}...)")
+    if os.path.isfile(path):
+        return import_official(path)
+    config, params, _ = restore_params(path)
+    return config, params
+
+
+def restore_params(path: str | os.PathLike, step: int | None = None, shardings=None, *,
+                   base: str | None = None, merged: bool = True
+                   ) -> tuple[ModelConfig, dict, dict]:
     """(model_config, params, meta) from a training checkpoint, without the optimizer state.
 
     `shardings`: a tree of jax.sharding.Sharding like the params (default: one local device).
     DamagedCheckpointError (a ValueError) if an array differs from its recorded checksum.
+    An adapter run's checkpoint gives its adapters merged into its base's float32 weights
+    (read again from `base`, default the recorded path), or with merged=False the adapter tree.
     """
     quiet_abandoned_io()
     directory = find_checkpoint_dir(path)
@@ -236,9 +295,16 @@ def restore_params(path: str | os.PathLike, step: int | None = None,
         config = model_config_of(meta)
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         raise ValueError(f"checkpoint {directory!r} step {step} has no readable model record: {e}") from None
+    record = meta.get("adapters")
+    abstract = param_shapes(config)
+    if record:  # the adapters alone: their shapes follow from the model's and the spec
+        spec = spec_of(record)
+        where = adapters.plan(abstract, spec)
+        abstract = jax.eval_shape(lambda p, k: adapters.init(p, spec, where, k), abstract,
+                                  jax.random.PRNGKey(0))
+        shardings = None
     # Restore onto this process's first device whatever topology wrote the checkpoint (orbax
     # needs target shardings once the writer's differ); pass `shardings` to place it otherwise.
-    abstract = param_shapes(config)
     if shardings is None:
         here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: here, abstract)
@@ -254,4 +320,7 @@ def restore_params(path: str | os.PathLike, step: int | None = None,
     manager.close()
     verify_checksums(params, meta, "params", step, directory)
     check_finite_params(params, f"checkpoint {directory!r} step {step}")
+    if record and merged:
+        _, weights = read_base(record, base)
+        params = jax.jit(lambda w, t: adapters.merge(w, t, spec, original=True))(weights, params)
     return config, params, meta

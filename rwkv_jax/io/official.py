@@ -125,7 +125,7 @@ def import_torch():
     return torch
 
 
-def _from_official(t, kind: str) -> np.ndarray:
+def from_official(t, kind: str) -> np.ndarray:
     a = t.detach().cpu().float().numpy()
     if kind == "linear":
         return np.ascontiguousarray(a.T)
@@ -134,7 +134,7 @@ def _from_official(t, kind: str) -> np.ndarray:
     return a
 
 
-def _to_official(a: np.ndarray, kind: str, torch, dtype):
+def to_official(a: np.ndarray, kind: str, torch, dtype):
     a = np.asarray(a, np.float32)
     if kind == "linear":
         a = a.T
@@ -255,7 +255,7 @@ def import_official(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
                 continue
             raise ValueError(f"{where} is not {what}: missing {key!r}")
         expected.add(key)
-        value = _from_official(sd[key], kind)
+        value = from_official(sd[key], kind)
         want = _get(shapes, ours).shape
         if value.shape != want:
             raise ValueError(f"{where}: {key!r} has shape {tuple(sd[key].shape)}, but the model "
@@ -333,7 +333,7 @@ def export_official(params: Mapping, config: ModelConfig, path: str | os.PathLik
         raise ValueError(f"export_official dtype={dtype!r}: use float32, bfloat16 or float16")
     path = check_export_path(path)
     params = _as_numpy(params)
-    sd = {name: _to_official(_get(params, ours), kind, torch, tdtype)
+    sd = {name: to_official(_get(params, ours), kind, torch, tdtype)
           for name, ours, kind in official_layout(config.n_layer, config.version)}
     save_state_dict(sd, path, torch)
 

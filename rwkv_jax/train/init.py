@@ -16,7 +16,9 @@ from rwkv_jax.config import (
     ModelConfig,
     optimizer_config_from,
 )
+from rwkv_jax.io.adapter_file import read_adapter
 from rwkv_jax.io.state_file import load_state
+from rwkv_jax.nn import adapters
 from rwkv_jax.nn.model import RWKV, param_shapes
 from rwkv_jax.nn.state import zero_state
 from rwkv_jax.train import optim
@@ -71,9 +73,21 @@ def _onto_fresh(path: str, flat: dict, fresh: dict, field: str = "train.init_fro
 
 
 
+def trainable_shapes(run: Run) -> dict:
+    """The shapes of what trains: the model's parameters, or an adapter run's adapters."""
+    shapes = param_shapes(run.model_config)
+    if run.adapters is None:
+        return shapes
+    return jax.eval_shape(_adapter_init(run), shapes, jax.random.PRNGKey(0))
+
+
+def _adapter_init(run: Run):
+    return lambda weights, rng: adapters.init(weights, run.adapters, run.adapter_plan, rng)
+
+
 def plan_shardings(run: Run, optimizer) -> TrainShardings:
     mc, mesh, B = run.model_config, run.mesh, run.cfg.train.batch_size
-    params = param_shapes(mc)
+    params = trainable_shapes(run)
     opt = jax.eval_shape(optimizer.init, params)
     carry = jax.eval_shape(lambda: zero_state(mc, B))
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
@@ -85,7 +99,13 @@ def plan_shardings(run: Run, optimizer) -> TrainShardings:
                        opt_state=shd.opt_state_shardings(opt, params, p_sh, mesh),
                        carry=shd.state_shardings(carry, mesh), loss_scale=replicated,
                        good_steps=replicated)
-    return TrainShardings(state=state, shapes=shapes, batch=shd.batch_sharding(mesh, 2))
+    layout = TrainShardings(state=state, shapes=shapes, batch=shd.batch_sharding(mesh, 2))
+    if run.adapters is not None:  # the frozen base: bf16 matrices, sharded like the model's
+        weights = param_shapes(mc)
+        layout.base = shd.param_shardings(weights, mesh)
+        layout.base_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, jnp.bfloat16 if x.ndim >= 2 else x.dtype), weights)
+    return layout
 
 
 def read_initial_state(path: str, model_config: ModelConfig) -> dict:
@@ -105,7 +125,7 @@ def init_params_fn(mc: ModelConfig):
 
 
 def make_optimizer(run: Run):
-    return optim.make_optimizer(param_shapes(run.model_config), optimizer_config_from(run.cfg))
+    return optim.make_optimizer(trainable_shapes(run), optimizer_config_from(run.cfg))
 
 
 def init_train_state(run: Run, rng, layout: TrainShardings | None = None) -> tuple[TrainState, Any]:
@@ -117,15 +137,10 @@ def init_train_state(run: Run, rng, layout: TrainShardings | None = None) -> tup
     state_file = run.cfg.train.init_state_from
     # Read and checked before anything compiles, like init_from's weights.
     tuned = read_initial_state(state_file, run.model_config) if state_file else None
-    if run.cfg.train.init_from:
-        # Read and checked before the fresh init compiles: weights that cannot be used are
-        # refused at once.
-        source = run.initial_weights if run.initial_weights is not None else \
-            read_initial_weights(run.cfg.train.init_from, run.model_config)
-        run.initial_weights = None  # on the device from here: the host copy is not kept
-        params = _onto_fresh(run.cfg.train.init_from, source,
-                             jax.jit(init_params_fn(run.model_config))(rng))
-        params = jax.device_put(params, sh.params)
+    if run.adapters is not None:
+        params = _init_adapters(run, rng, layout)
+    elif run.cfg.train.init_from:
+        params = jax.device_put(_initial_weights(run, rng), sh.params)
     else:
         params = jax.jit(init_params_fn(run.model_config), out_shardings=sh.params)(rng)
     if tuned is not None:
@@ -143,6 +158,55 @@ def init_train_state(run: Run, rng, layout: TrainShardings | None = None) -> tup
     return ts, optimizer
 
 
+def _initial_weights(run: Run, rng) -> dict:
+    """train.init_from's weights on the fresh init's tree (read and checked in prepare, before
+    anything compiled: weights that cannot be used are refused at once)."""
+    source = run.initial_weights if run.initial_weights is not None else \
+        read_initial_weights(run.cfg.train.init_from, run.model_config)
+    run.initial_weights = None  # on the device from here: the host copy is not kept
+    return _onto_fresh(run.cfg.train.init_from, source,
+                       jax.jit(init_params_fn(run.model_config))(rng))
+
+
+def _init_adapters(run: Run, rng, layout: TrainShardings) -> dict:
+    """An adapter run's adapters at step 0 (fresh, or train.lora.init_from's); the base's
+    float32 weights wait in `run.base_weights` for freeze_base."""
+    weights = jax.device_put(_initial_weights(run, rng), layout.base)
+    trainable = jax.jit(_adapter_init(run), out_shardings=layout.state.params)(weights, rng)
+    path = run.cfg.train.lora.init_from
+    if path:
+        try:
+            loaded, spec = read_adapter(path, run.model_config, weights, run.adapters.alpha,
+                                        run.adapters.rank)
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            raise ConfigError(f"train.lora.init_from={path!r}: {e}") from None
+        if spec.method != run.adapters.method:
+            raise ConfigError(f"train.lora.init_from={path!r} holds {spec.method} adapters, but "
+                              f"train.trainable={run.adapters.method!r}")
+        extra = sorted(set(_keyed(loaded)) - set(_keyed(trainable)))
+        if extra:
+            raise ConfigError(f"train.lora.init_from={path!r} holds {extra[0]} (and "
+                              f"{len(extra) - 1} more), which train.lora.targets="
+                              f"{run.cfg.train.lora.targets!r} does not name here")
+        trainable = jax.device_put(_onto_fresh(path, _keyed(loaded), trainable,
+                                               "train.lora.init_from"), layout.state.params)
+    run.base_weights = weights
+    return trainable
+
+
+def _keyed(tree: dict) -> dict:
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def freeze_base(run: Run, trainable, layout: TrainShardings) -> None:
+    """The frozen base the steps read (run.base): bf16 matrices, PiSSA's residual computed
+    from the initial factors in `trainable` (a resumed run's, restored). Called once the
+    adapters are final; the float32 weights are let go."""
+    run.base = jax.jit(adapters.frozen_base, out_shardings=layout.base)(run.base_weights, trainable)
+    run.base_weights = None
+
+
 def compile_step(fn, run: Run, layout: TrainShardings, donate: tuple, first: bool = False):
     """Compile a train step ahead of time; the first one's XLA memory figure joins the plan."""
     B, L = run.cfg.train.batch_size, run.chunk_len
@@ -153,11 +217,14 @@ def compile_step(fn, run: Run, layout: TrainShardings, donate: tuple, first: boo
                                 sharding=layout.batch if masked else None)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          layout.shapes, layout.state)
+    base = None if layout.base is None else jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), layout.base_shapes,
+        layout.base)
     jitted = jax.jit(fn, donate_argnums=donate,
                      in_shardings=(layout.state, layout.batch, layout.batch,
-                                   layout.batch if masked else None),
+                                   layout.batch if masked else None, layout.base),
                      out_shardings=(layout.state, None))
-    compiled = jitted.lower(state, batch, batch, mask).compile()
+    compiled = jitted.lower(state, batch, batch, mask, base).compile()
     if first:
         xla = xla_step_bytes(compiled)
         limit = device_memory()

@@ -25,10 +25,12 @@ from rwkv_jax.config.layer_pattern import describe
 from rwkv_jax.data.sources import Prefetcher
 from rwkv_jax.evaluation.score import evaluate
 from rwkv_jax.io.checkpoint import TrainCheckpointer
+from rwkv_jax.nn import adapters
 from rwkv_jax.nn.model import RWKV, count_params
 from rwkv_jax.train import distributed, optim
 from rwkv_jax.train.init import (
     compile_step,
+    freeze_base,
     global_batch,
     init_train_state,
     make_optimizer,
@@ -124,7 +126,8 @@ def _train(run: Run, manager: TrainCheckpointer, main: bool,
             mask = masks[chunk] if row_mask is None else global_batch(
                 row_mask[:, a:b] * run.masks[chunk], layout.batch, shape)
             ts, metrics = steps(chunk)(ts, global_batch(x[:, a:b], layout.batch, shape),
-                                       global_batch(y[:, a:b], layout.batch, shape), mask)
+                                       global_batch(y[:, a:b], layout.batch, shape), mask,
+                                       run.base)
             if pending is not None:
                 check_finite(pending, step, float16)
             pending = metrics
@@ -136,7 +139,7 @@ def _train(run: Run, manager: TrainCheckpointer, main: bool,
                 report.train_metrics(done, metrics, float16)
             report.progress.update(1)
             if _due(cfg.logging.eval_every, done, cfg.train.steps):
-                report.evaluate(done, ts.params)
+                report.evaluate(done, steps.weights(ts.params))
             if _due(cfg.checkpoint.every, done, cfg.train.steps):
                 jax.block_until_ready(ts)
                 check_finite(pending, done, float16)
@@ -167,8 +170,13 @@ def _start(run: Run, manager: TrainCheckpointer, resume: int | None, main: bool)
     layout = plan_shardings(run, optimizer)
     check_memory(run, layout)
     ts, optimizer = init_train_state(run, jax.random.PRNGKey(cfg.seed), layout)
-    log.info("model: %s, %.2fM parameters, compute %s; %s", f"RWKV-{mc.version}",
-             count_params(ts.params) / 1e6, mc.dtype, describe(mc.layer_types))
+    if run.adapters is None:
+        log.info("model: %s, %.2fM parameters, compute %s; %s", f"RWKV-{mc.version}",
+                 count_params(ts.params) / 1e6, mc.dtype, describe(mc.layer_types))
+    else:
+        log.info("model: %s, %.2fM parameters (frozen, bf16), %.3fM trained (adapters), compute "
+                 "%s; %s", f"RWKV-{mc.version}", count_params(run.base_weights) / 1e6,
+                 count_params(ts.params) / 1e6, mc.dtype, describe(mc.layer_types))
     groups = optim.describe_groups(ts.params, optimizer_config_from(cfg))
     log.info("optimizer groups (tensors): %s",
              ", ".join(f"{label} {len(paths)}" for label, paths in groups.items()))
@@ -180,12 +188,14 @@ def _start(run: Run, manager: TrainCheckpointer, resume: int | None, main: bool)
         ts = restore_train_state(manager, ts, resume, run)
         start = int(ts.step)
         log.info("resumed from %s at step %d", manager.directory, start)
+    if run.adapters is not None:  # PiSSA's residual follows the (restored) initial factors
+        freeze_base(run, ts.params, layout)
     # Written once the run is known to go on: a run refused above keeps the config it was
     # written with, which infer.py reads.
     if main:
         with open(os.path.join(run.run_dir, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=2))
-    manager.save_model_config(mc, run.tokenizer.name, run_shape(run))
+    manager.save_model_config(mc, run.tokenizer.name, run_shape(run), run.adapter_record)
     return optimizer, layout, ts, start
 
 
@@ -199,13 +209,21 @@ class _StepFunctions:
         self.donate = (0,) if run.cfg.efficiency.donate else ()
         self.float16 = run.model_config.dtype == "float16"
         self.compiled = {}
+        spec = run.adapters
+        self._merge = None if spec is None else jax.jit(
+            lambda base, t: adapters.merge(base, t, spec, original=False))
+
+    def weights(self, params):
+        """The model's weights for evaluation: an adapter run's merged into its frozen base."""
+        return params if self._merge is None else self._merge(self.run.base, params)
 
     def __call__(self, chunk: int):
         key = (chunk == 0, self.run.handoffs[chunk])
         if key not in self.compiled:
             t = time.perf_counter()
             fn = make_train_step(self.model, self.optimizer, fresh=key[0], handoff=key[1],
-                                 float16=self.float16)
+                                 float16=self.float16, adapters=self.run.adapters,
+                                 seed=self.run.cfg.seed)
             self.compiled[key] = compile_step(fn, self.run, self.layout, self.donate,
                                               first=not self.compiled)
             self.report.window_t += time.perf_counter() - t  # compiling is not training

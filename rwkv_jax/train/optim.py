@@ -23,6 +23,7 @@ matrix             1                                         weight_decay
 rwkv_no_decay      rwkv_lr_multiplier                        0
 no_decay           1                                         0
 init_state         1  (only with trainable="state")          0
+adapter            1  (LoRA / PiSSA factors)                 0
 frozen             parameters receive no update              -
 =================  ========================================  =========================
 
@@ -64,6 +65,11 @@ base lr, without ``rwkv_lr_multiplier``); all other leaves are labelled
 ``frozen`` and handled by ``optax.set_to_zero``, which keeps no Adam moments
 for them.
 
+With ``cfg.trainable`` ``"lora"`` or ``"pissa"`` the tree is the adapters' (see
+rwkv_jax.nn.adapters): the factors under ``lora`` take ``adapter`` (RWKV-PEFT trains
+them at the base lr without decay), the leaves under ``tuned`` the labels above by
+their own paths, and PiSSA's initial factors ``frozen``.
+
 Logging the learning rate: :func:`make_schedule` is the source of truth, and
 the optimizer counts steps exactly like the trainer does (0 for the first
 update), so the base lr of update ``k`` is ``make_schedule(cfg)(k)``. For
@@ -92,11 +98,13 @@ ATT_MODULES = ("att", "attn")
 FFN_MODULES = ("ffn", "mlp")
 STATE_MODULE = "init_state"
 
-TRAINABLE_CHOICES = ("all", "state")
+TRAINABLE_CHOICES = ("all", "state", "lora", "pissa")
 SCHEDULE_CHOICES = ("constant", "cosine", "exponential")
 
 FROZEN = "frozen"
 INIT_STATE = "init_state"
+ADAPTER = "adapter"
+ADAPTER_CHOICES = ("lora", "pissa")
 
 
 class GroupSpec(NamedTuple):
@@ -136,6 +144,11 @@ def _label_one(path: str, shape: tuple[int, ...], trainable: str) -> str:
     modules = parts[:-1]
     if trainable == "state":
         return INIT_STATE if STATE_MODULE in modules else FROZEN
+    if trainable in ADAPTER_CHOICES:
+        kind, rest = parts[0], "/".join(parts[1:])
+        if kind == "tuned":
+            return _label_one(rest, shape, "all")
+        return ADAPTER if kind == "lora" else FROZEN
 
     if name in TIME_DECAY_NAMES:
         return "time_decay"
@@ -210,6 +223,7 @@ def group_specs(cfg: Any) -> dict[str, GroupSpec]:
         "rwkv_no_decay": GroupSpec(rwkv, 0.0),
         "no_decay": GroupSpec(1.0, 0.0),
         INIT_STATE: GroupSpec(1.0, 0.0),
+        ADAPTER: GroupSpec(1.0, 0.0),
         FROZEN: GroupSpec(0.0, 0.0),
     }
 

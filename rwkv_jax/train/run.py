@@ -30,9 +30,17 @@ from rwkv_jax.data.sources import Batches, open_source, open_sources
 from rwkv_jax.data.tokenizers import get_tokenizer
 from rwkv_jax.data.tokens import check_token_ids
 from rwkv_jax.config.model import HOW_IT_COMPUTES, config_path
-from rwkv_jax.io.checkpoint import TrainCheckpointer, model_config_of, restore_params
+from rwkv_jax.io.checkpoint import (
+    TrainCheckpointer,
+    adapter_record,
+    base_fingerprint,
+    model_config_of,
+    restore_params,
+)
 from rwkv_jax.io.official import import_official
 from rwkv_jax.io.integrity import DamagedCheckpointError, cause_line
+from rwkv_jax.nn import adapters
+from rwkv_jax.nn.model import param_shapes
 from rwkv_jax.train import optim
 from rwkv_jax.train import sharding as shd
 
@@ -120,10 +128,22 @@ def _check_resumable(manager: TrainCheckpointer, step: int, run: Run) -> None:
     shape = run_shape(run)
     diff = [f"{k}: {v!r} -> {shape[k]!r}" for k, v in meta.get("run_shape", {}).items()
             if k in shape and v != shape[k]]
+    if not diff and run.adapters is not None:
+        diff = _adapter_differences(meta.get("adapters") or {}, run.adapter_record)
     if diff:
         raise ResumeError(f"the checkpoints in {manager.directory} (step {step}) were trained on "
                           f"other batches than this config's ({'; '.join(diff)}): the carried "
                           f"state and the data position belong to those. {_NEW_RUN}")
+
+
+def _adapter_differences(saved: dict, now: dict) -> list[str]:
+    """What changed in an adapter run's spec or base since its checkpoints were written."""
+    if saved.get("base_sha256") not in (None, now["base_sha256"]):
+        return [f"the base {now['base']} is another file than the one this run started from "
+                f"(sha256 {saved['base_sha256'][:12]}... -> {now['base_sha256'][:12]}...)"]
+    return [f"train.lora.{k}: {saved[k]!r} -> {now[k]!r}" if k != "method" else
+            f"train.trainable: {saved[k]!r} -> {now[k]!r}"
+            for k in ("method", "rank", "alpha", "targets") if k in saved and saved[k] != now[k]]
 
 
 def restore_train_state(manager: TrainCheckpointer, ts, resume: int, run: Run):
@@ -187,6 +207,11 @@ class Run:
     mesh: Any = None  # jax.sharding.Mesh over every device
     batches: Any = None  # data.sources.Batches: (step, rows) -> (inputs, targets, mask | None)
     initial_weights: dict | None = None  # train.init_from's weights by keystr path, read once
+    adapters: adapters.AdapterSpec | None = None  # train.trainable=lora|pissa
+    adapter_plan: adapters.Plan | None = None  # the modules and leaves they target
+    adapter_record: dict | None = None  # the spec and the base's path and sha256, checkpointed
+    base: Any = None  # the frozen base on the devices (train.init.freeze_base)
+    base_weights: Any = None  # its float32 weights until then
 
     @property
     def chunk_len(self) -> int:
@@ -262,6 +287,7 @@ def prepare(cfg) -> Run:
     if cfg.train.init_from:  # a fine-tune: the weights say what the model is
         source, initial = read_init_from(cfg.train.init_from)
         model_config = _architecture_from(cfg.train.init_from, source, model_config)
+    spec, where, record = _adapters(cfg, model_config)
     sources = [("train_file", s) for s, _ in train_sources] + [("val_file", val_tokens)]
     for split, tf in sources:
         _check_ids(cfg, split, tf, model_config.vocab_size, cache_dir)
@@ -280,7 +306,30 @@ def prepare(cfg) -> Run:
                     "memory.use_rwkv_chunking=%s)", mem.chunk_overlap, T, mem.rwkv_chunk_size,
                     mem.use_rwkv_chunking)
     return Run(cfg, model_config, tokenizer, train_sources[0][0], val_tokens, run_dir, spans,
-               masks, handoffs, mesh, batches, initial)
+               masks, handoffs, mesh, batches, initial, spec, where, record)
+
+
+def _adapters(cfg, mc: ModelConfig):
+    """(spec, plan, record) of an adapter run (all None otherwise), its targets checked
+    against the base's model before anything compiles."""
+    if cfg.train.trainable not in adapters.METHODS:
+        return None, None, None
+    lo = cfg.train.lora
+    spec = adapters.AdapterSpec(cfg.train.trainable, lo.rank, float(lo.alpha), float(lo.dropout),
+                                tuple(t.strip() for t in lo.targets.split(",") if t.strip()))
+    try:
+        where = adapters.plan(param_shapes(mc), spec, f"this RWKV-{mc.version} model "
+                                                      f"({describe(mc.layer_types)})")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if spec.method == "pissa" and spec.dropout:
+        log.info("train.lora.dropout=%g: PiSSA has no dropout (RWKV-PEFT's neither); unused",
+                 spec.dropout)
+        spec = dataclasses.replace(spec, dropout=0.0)
+    log.info("adapters: %s r=%d on %d projections (scale %g), %d tensors trained whole",
+             spec.method, spec.rank, len(where.lora), spec.scale, len(where.tuned))
+    base = cfg.train.init_from
+    return spec, where, adapter_record(spec, base, base_fingerprint(base))
 
 
 def read_init_from(path: str) -> tuple[ModelConfig, dict]:

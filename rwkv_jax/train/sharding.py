@@ -174,3 +174,5 @@ class TrainShardings:
     state: Any  # a train.step.TrainState of NamedShardings
     shapes: Any  # a TrainState of ShapeDtypeStructs
     batch: Any  # NamedSharding of a (B, L) batch
+    base: Any = None  # an adapter run's frozen base: NamedShardings like the model's params
+    base_shapes: Any = None  # and its ShapeDtypeStructs (bf16 matrices)

@@ -5,6 +5,7 @@ time), dynamic loss scaling under float16.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import flax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rwkv_jax.nn import adapters as ad
 from rwkv_jax.nn import state_codec
 from rwkv_jax.nn.model import RWKV
 
@@ -50,23 +52,33 @@ def chunk_forward(model: RWKV, params, inputs, state, handoff: int):
     return jnp.concatenate([head, tail], axis=1), mid
 
 
-def make_train_step(model: RWKV, optimizer, *, fresh: bool, handoff: int, float16: bool):
+def make_train_step(model: RWKV, optimizer, *, fresh: bool, handoff: int, float16: bool,
+                    adapters: ad.AdapterSpec | None = None, seed: int = 0):
     """One optimizer update on one chunk. `fresh`: the chunk starts a sequence (state=None,
-    i.e. the zero or learned initial state, so gradients reach a learned one)."""
+    i.e. the zero or learned initial state, so gradients reach a learned one). `adapters`:
+    the params are an adapter run's (nn.adapters) over the frozen `base` the step is given."""
 
-    def loss_fn(params, inputs, targets, mask, carry, scale):
-        if not fresh:
-            # The chunk starts from the state as memory.state_compression stores it; with the
-            # learned codec this round trip is what trains it.
-            carry = state_codec.roundtrip(carry, model.config.state_compression, params)
-        logits, new_carry = chunk_forward(model, params, inputs, None if fresh else carry, handoff)
+    def loss_fn(params, inputs, targets, mask, carry, scale, base, rng):
+        weights, applied = params, contextlib.nullcontext()
+        if adapters is not None:
+            weights, applied = ad.overlay(base, params), ad.applied(params, adapters, rng)
+        with applied:
+            if not fresh:
+                # The chunk starts from the state as memory.state_compression stores it; with
+                # the learned codec this round trip is what trains it.
+                carry = state_codec.roundtrip(carry, model.config.state_compression, weights)
+            logits, new_carry = chunk_forward(model, weights, inputs, None if fresh else carry,
+                                              handoff)
         loss, count = masked_ce(logits, targets, mask)
         return loss * scale, (loss, count, new_carry)
 
-    def step(ts: TrainState, inputs, targets, mask):
+    def step(ts: TrainState, inputs, targets, mask, base=None):
         scale = ts.loss_scale if float16 else jnp.float32(1.0)
+        # LoRA dropout's masks: a function of (seed, step), so a resumed run draws the same.
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), ts.step) \
+            if adapters is not None and adapters.dropout > 0 else None
         grads, (loss, count, carry) = jax.grad(loss_fn, has_aux=True)(
-            ts.params, inputs, targets, mask, ts.carry, scale)
+            ts.params, inputs, targets, mask, ts.carry, scale, base, rng)
         grads = jax.tree.map(lambda g: g / scale, grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
