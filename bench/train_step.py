@@ -45,9 +45,11 @@ def main(argv):
     layout = trainer.plan_shardings(run, optimizer)
     plan = trainer.check_memory(run, layout)
     ts, _ = trainer.init_train_state(run, jax.random.PRNGKey(0), layout)
+    if run.adapters is not None:  # train.trainable=lora|pissa: the frozen bf16 base
+        trainer.freeze_base(run, ts.params, layout)
     # A chunk in the middle of a sequence: the state comes in, as in long-context training.
     fn = trainer.make_train_step(RWKV(mc), optimizer, fresh=False, handoff=run.chunk_len,
-                                 float16=mc.dtype == "float16")
+                                 float16=mc.dtype == "float16", adapters=run.adapters)
     step = trainer.compile_step(fn, run, layout, donate=(0,))
     xla = trainer.xla_step_bytes(step)
 
@@ -60,7 +62,7 @@ def main(argv):
     for i in range(_WARMUP.value + _STEPS.value):
         x, y = batches[i % len(batches)]
         t0 = time.perf_counter()
-        ts, metrics = step(ts, x, y, mask)
+        ts, metrics = step(ts, x, y, mask, run.base)
         jax.block_until_ready((ts, metrics))
         if i >= _WARMUP.value:
             times.append(time.perf_counter() - t0)
@@ -74,8 +76,9 @@ def main(argv):
     from rwkv_jax.ops.wkv4 import default_impl  # noqa: PLC0415
 
     wkv = mc.wkv_impl if mc.wkv_impl != "auto" else f"auto={default_impl(L)}"
+    trains = f", trains {cfg.train.trainable}" if cfg.train.trainable != "all" else ""
     row = (f"| {_LABEL.value or cfg.experiment_name} (wkv {wkv}, remat "
-           f"{mc.remat_policy if mc.remat else 'off'}) | {jax.device_count()}x "
+           f"{mc.remat_policy if mc.remat else 'off'}{trains}) | {jax.device_count()}x "
            f"{jax.devices()[0].device_kind} | ({mesh['data']},{mesh['fsdp']},{mesh['tensor']}) | "
            f"{B} x {L} | {ms:.1f} | {tps:,.0f} | {100 * mfu:.1f}% | "
            f"{used / gib if used else float('nan'):.1f} | {plan['total'] / gib:.1f} | "

@@ -234,3 +234,46 @@ def test_bad_adapter_configs_are_refused_before_compiling(bases, tmp_path):
         trainer.prepare(_cfg(tmp_path, bases["7"], **{"train.lora.rank": 64}))
     with pytest.raises(ConfigError, match="train.lora.dropout=1.5 is invalid"):
         trainer.prepare(_cfg(tmp_path, bases["7"], **{"train.lora.dropout": 1.5}))
+
+
+def test_an_adapter_run_resumes_exactly_and_refuses_another_base(lora_run, bases, tmp_path):
+    """Stopped at step 2 and resumed to 4, the adapters are the uninterrupted run's bit for bit
+    (dropout masks included); a base file that changed since is refused in one line."""
+    run, _, _ = lora_run
+    base = tmp_path / "base.pth"
+    base.write_bytes(open(bases["7"], "rb").read())
+    over = {"train.lora.dropout": 0.1, "checkpoint.every": 2, "optimizer.total_steps": 4,
+            "logging.eval_every": 0}
+    trainer.train(trainer.prepare(_cfg(tmp_path, str(base), **over, **{"train.steps": 2})))
+    resumed = trainer.prepare(_cfg(tmp_path, str(base), **over))
+    trainer.train(resumed)
+    _, want, _ = restore_params(run.run_dir, merged=False)
+    _, got, _ = restore_params(resumed.run_dir, merged=False)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got),
+                 jax.tree.map(np.asarray, want))
+    sd = torch.load(base)
+    sd["head.weight"] = sd["head.weight"] * 1.01
+    torch.save(sd, base)
+    with pytest.raises(trainer.ResumeError, match="another file than the one this run started"):
+        trainer.train(trainer.prepare(_cfg(tmp_path, str(base), **over, **{"train.steps": 6})))
+    with pytest.raises(ValueError, match="is not the base these adapters were trained on"):
+        restore_params(resumed.run_dir)
+
+
+def test_a_run_starts_from_an_adapter_file(lora_run, tmp_path):
+    from rwkv_jax.cli.infer import main
+
+    run, _, _ = lora_run
+    adapter = tmp_path / "a.pth"
+    assert main(["--run_dir", run.run_dir, "--export_adapter", str(adapter)]) == 0
+    cfg = run.cfg.copy_and_resolve_references()
+    cfg.output_dir = str(tmp_path / "runs")
+    cfg.train.lora.init_from = str(adapter)
+    started = trainer.prepare(cfg)
+    ts, _ = trainer.init_train_state(started, jax.random.PRNGKey(0))
+    _, trained, _ = restore_params(run.run_dir, merged=False)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, ts.params),
+                 jax.tree.map(np.asarray, trained))
+    cfg.train.lora.rank = 2
+    with pytest.raises(ConfigError, match="rank-4 adapters, but train.lora.rank=2"):
+        trainer.init_train_state(trainer.prepare(cfg), jax.random.PRNGKey(0))
