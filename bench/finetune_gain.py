@@ -34,7 +34,8 @@ from rwkv_jax.io.official import export_official, import_official  # noqa: E402
 
 def tempest_chats(out_dir: str) -> tuple[str, str]:
     """The Tempest as chat jsonl (train: 90% of its speech pairs, val: the last 10%)."""
-    text = open_text_bytes(sample_path("val")).decode("utf-8")
+    with open_text_bytes(sample_path("val")) as f:
+        text = f.read().decode("utf-8")
     play = text[text.index("THE TEMPEST"):]
     play = play[:play.index("TWELFTH NIGHT")] if "TWELFTH NIGHT" in play else play
     speeches = []

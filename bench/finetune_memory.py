@@ -38,8 +38,8 @@ def make_base(out: str) -> tuple[str, str]:
         params = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(next(keys), x.shape), params)
         export_official(params, mc, base, dtype="bfloat16")
     if not os.path.exists(text):
-        with open(text, "wb") as f:
-            f.write(open_text_bytes(sample_path("val")))
+        with open(text, "wb") as f, open_text_bytes(sample_path("val")) as src:
+            f.write(src.read())
     return base, text
 
 

@@ -35,12 +35,46 @@ def score_stream(apply_fn, params, tokens: np.ndarray, chunk_len: int, state=Non
     return total, count
 
 
+def score_documents(apply_fn, params, docs, chunk_len: int, max_tokens: int | None = None,
+                    rows: int = 8) -> tuple[float, int, int]:
+    """Loss of documents as training sees a jsonl row: each from the start state (learned,
+    where the model has one), only its trained targets counted (an assistant's tokens), fed
+    through the state chunk by chunk. `docs` has num_docs and document(i) -> (tokens, mask)
+    (data.jsonl.DocumentFile). Documents go `rows` at a time, padded (pads are masked); with
+    max_tokens, documents are taken in order until that many targets are counted.
+
+    Returns (sum of losses in nats, targets counted, documents scored)."""
+    total, count, scored = 0.0, 0, 0
+    for first in range(0, docs.num_docs, rows):
+        batch = [docs.document(i) for i in range(first, min(first + rows, docs.num_docs))]
+        span = -(-max(len(t) - 1 for t, _ in batch) // chunk_len) * chunk_len
+        x, y = np.zeros((2, rows, max(span, chunk_len)), np.int32)
+        m = np.zeros(x.shape, np.float32)
+        for r, (toks, mask) in enumerate(batch):
+            k = len(toks) - 1
+            x[r, :k], y[r, :k], m[r, :k] = toks[:-1], toks[1:], mask[1:]
+        state = None
+        for a in range(0, x.shape[1], chunk_len):
+            logits, state = apply_fn(params, jnp.asarray(x[:, a:a + chunk_len]), state)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, y[:, a:a + chunk_len])
+            total += float(jnp.sum(ce * m[:, a:a + chunk_len]))
+        count += int(m.sum())
+        scored += len(batch)
+        if max_tokens and count >= max_tokens:
+            break
+    return total, count, scored
+
+
 def evaluate(config: ModelConfig, params, token_file, chunk_len: int,
              max_tokens: int | None = None) -> dict:
     """Loss (nats per token) and bits per byte of a token source (its tokens, num_tokens and
     num_bytes: a data.TokenFile), or of its first max_tokens tokens; bpb is None for a source
-    that does not know its text's bytes (binidx, jsonl)."""
+    that does not know its text's bytes (binidx, jsonl). A source of documents (jsonl) is
+    scored document by document on their trained tokens (score_documents), as it trains."""
     apply_fn = jitted_apply(RWKV(config))
+    if hasattr(token_file, "document"):
+        total, count, scored = score_documents(apply_fn, params, token_file, chunk_len, max_tokens)
+        return {"loss": total / max(count, 1), "bpb": None, "tokens": count, "documents": scored}
     tokens = np.asarray(token_file.tokens)
     if max_tokens:
         tokens = tokens[: max_tokens + 1]

@@ -137,8 +137,9 @@ def init_train_state(run: Run, rng, layout: TrainShardings | None = None) -> tup
     state_file = run.cfg.train.init_state_from
     # Read and checked before anything compiles, like init_from's weights.
     tuned = read_initial_state(state_file, run.model_config) if state_file else None
-    if run.adapters is not None:
-        params = _init_adapters(run, rng, layout)
+    if run.adapters is not None:  # the state file's values go to the (frozen) model weights
+        params = _init_adapters(run, rng, layout, (state_file, tuned))
+        tuned = None
     elif run.cfg.train.init_from:
         params = jax.device_put(_initial_weights(run, rng), sh.params)
     else:
@@ -168,10 +169,14 @@ def _initial_weights(run: Run, rng) -> dict:
                        jax.jit(init_params_fn(run.model_config))(rng))
 
 
-def _init_adapters(run: Run, rng, layout: TrainShardings) -> dict:
+def _init_adapters(run: Run, rng, layout: TrainShardings, state: tuple) -> dict:
     """An adapter run's adapters at step 0 (fresh, or train.lora.init_from's); the base's
-    float32 weights wait in `run.base_weights` for freeze_base."""
-    weights = jax.device_put(_initial_weights(run, rng), layout.base)
+    float32 weights (with train.init_state_from's `state`, if any) wait in `run.base_weights`
+    for freeze_base."""
+    weights = _initial_weights(run, rng)
+    if state[1] is not None:
+        weights = _onto_fresh(state[0], state[1], weights, "train.init_state_from")
+    weights = jax.device_put(weights, layout.base)
     trainable = jax.jit(_adapter_init(run), out_shardings=layout.state.params)(weights, rng)
     path = run.cfg.train.lora.init_from
     if path:

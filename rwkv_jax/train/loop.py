@@ -272,8 +272,9 @@ class _Report:
         bpb = ev["bpb"]  # None where the source does not know its bytes
         known = bpb is not None
         self.writer.scalars(done, {"loss": ev["loss"], **({"bpb": bpb} if known else {})}, "val")
-        log.info("step %d: val loss %.4f nats/token%s (%d tokens)", done, ev["loss"],
-                 f", {bpb:.4f} bits/byte" if known else "", ev["tokens"])
+        log.info("step %d: val loss %.4f nats/token%s (%d tokens%s)", done, ev["loss"],
+                 f", {bpb:.4f} bits/byte" if known else "", ev["tokens"],
+                 f" trained in {ev['documents']} documents" if "documents" in ev else "")
         self.last.update(val_loss=ev["loss"], **({"val_bpb": bpb} if known else {}))
         self.window_t += time.perf_counter() - t  # evaluation is not training throughput
 

@@ -199,7 +199,7 @@ class Run:
     model_config: ModelConfig
     tokenizer: Any
     train_tokens: Any  # the (first) training source: TokenFile, BinIdx or DocumentFile
-    val_tokens: Any  # the validation source, scored as one stream
+    val_tokens: Any  # the validation source: one stream, or documents (jsonl) one by one
     run_dir: str
     spans: list  # (start, stop) of each chunk within a sequence
     masks: np.ndarray  # (num_chunks, chunk) loss masks (overlap counted once)

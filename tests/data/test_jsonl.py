@@ -283,3 +283,34 @@ def test_empty_jsonl(tmp_path):
     assert docs.num_docs == 0 and docs.num_tokens == 0
     with pytest.raises(ValueError, match="no documents"):
         document_batch(docs, step=0, seed=0, batch_size=1, seq_len=4)
+
+
+def test_documents_are_evaluated_one_by_one_on_their_trained_tokens(docs):
+    """A jsonl validation source scores as it trains: each document from the start state, its
+    assistant's tokens only, whatever the chunking and the rows a batch holds."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from rwkv_jax.config import default_config, model_config_from
+    from rwkv_jax.evaluation import evaluate
+    from rwkv_jax.nn.model import RWKV, init_params
+
+    c = default_config()
+    c.model.n_layer, c.model.n_embd = 1, 16
+    config = model_config_from(c, vocab_size=256)
+    params = init_params(config, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(1), x.shape),
+                          params)
+    total, count = 0.0, 0
+    for i in range(docs.num_docs):
+        toks, mask = docs.document(i)
+        logits, _ = RWKV(config).apply({"params": params}, jnp.asarray(toks[None, :-1]))
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits[0], toks[1:])
+        total += float(jnp.sum(ce * mask[1:]))
+        count += int(mask[1:].sum())
+    for chunk in (4, 64):
+        ev = evaluate(config, params, docs, chunk)
+        assert ev["tokens"] == count and ev["documents"] == docs.num_docs and ev["bpb"] is None
+        assert ev["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert evaluate(config, params, docs, 8, max_tokens=5)["documents"] == 8  # one batch
