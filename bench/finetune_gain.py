@@ -45,7 +45,9 @@ def tempest_chats(out_dir: str) -> tuple[str, str]:
             speech = " ".join(x.strip() for x in lines[1:] if not x.strip().startswith("["))
             if speech:
                 speeches.append(f"{lines[0].strip()[:-1].title()}: {speech}")
-    pairs = [{"messages": [{"role": "user", "content": a}, {"role": "assistant", "content": b}]}
+    # The user's turn keeps its speech's last 160 characters, so the reply is in each row.
+    pairs = [{"messages": [{"role": "user", "content": a[-160:]},
+                           {"role": "assistant", "content": b}]}
              for a, b in zip(speeches, speeches[1:])]
     cut = len(pairs) * 9 // 10
     paths = []

@@ -99,7 +99,8 @@ def test_a_missing_config_names_the_bundled_ones(tmp_path):
     out = _run(_script("rwkv-train") + ["--config=tinny"], cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "No such file or directory: 'tinny'" in out.stderr
-    assert "a bundled name: model_169m, model_1b5, model_3b_rwkv, tiny" in out.stderr
+    assert ("a bundled name: finetune_full, finetune_lora, finetune_state, model_169m, "
+            "model_1b5, model_3b_rwkv, tiny") in out.stderr
 
 
 def test_an_unexpected_failure_leaves_its_traceback_in_crash_log(tmp_path, monkeypatch, capsys):

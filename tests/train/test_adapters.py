@@ -223,6 +223,19 @@ def test_bad_adapters_get_one_line(bases, tmp_path):
         read_adapter(tmp_path / "peft.pth", config4, weights4)
     with pytest.raises(ValueError, match="'attn' names nothing"):
         ad.plan(weights4, dataclasses.replace(spec, targets=("attn",)))
+    # A hybrid's attention layers are targets like any projection ("attn", "mlp"); their
+    # projections have no name in RWKV-PEFT's (official) layout.
+    from rwkv_jax.config import default_config, model_config_from
+    from rwkv_jax.nn.model import param_shapes
+
+    c = default_config()
+    c.model.n_layer, c.model.n_embd, c.model.attn_head_size = 2, 32, 8
+    c.architecture.layer_pattern = "alternating"
+    hybrid = model_config_from(c, vocab_size=V)
+    where = ad.plan(param_shapes(hybrid), dataclasses.replace(spec, targets=("attn", "att")))
+    assert ("blocks_1", "attn", "query") in where.lora and ("blocks_0", "att", "key") in where.lora
+    with pytest.raises(ValueError, match="'mlp.gate' names nothing"):
+        ad.plan(param_shapes(hybrid), dataclasses.replace(spec, targets=("mlp.gate",)))
 
 
 def test_bad_adapter_configs_are_refused_before_compiling(bases, tmp_path):

@@ -268,8 +268,8 @@ def test_trainable_state_without_init_state_raises():
 
 def test_bad_trainable_raises():
     with pytest.raises(ValueError, match="train.trainable") as err:
-        optim.label_params(make_params(), make_cfg(trainable="lora"))
-    assert "'all'" in str(err.value) and "'state'" in str(err.value)
+        optim.label_params(make_params(), make_cfg(trainable="dora"))
+    assert "'all'" in str(err.value) and "'lora'" in str(err.value)
 
 
 @pytest.mark.parametrize("name", ["cosine", "exponential"])
