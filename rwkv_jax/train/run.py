@@ -128,17 +128,21 @@ def _check_resumable(manager: TrainCheckpointer, step: int, run: Run) -> None:
     shape = run_shape(run)
     diff = [f"{k}: {v!r} -> {shape[k]!r}" for k, v in meta.get("run_shape", {}).items()
             if k in shape and v != shape[k]]
-    if not diff and run.adapters is not None:
-        diff = _adapter_differences(meta.get("adapters") or {}, run.adapter_record)
     if diff:
         raise ResumeError(f"the checkpoints in {manager.directory} (step {step}) were trained on "
                           f"other batches than this config's ({'; '.join(diff)}): the carried "
                           f"state and the data position belong to those. {_NEW_RUN}")
+    diff = _adapter_differences(meta.get("adapters") or {}, run.adapter_record or {})
+    if diff:
+        raise ResumeError(f"the checkpoints in {manager.directory} (step {step}) hold other "
+                          f"adapters, or adapters of another base ({'; '.join(diff)}). {_NEW_RUN}")
 
 
 def _adapter_differences(saved: dict, now: dict) -> list[str]:
     """What changed in an adapter run's spec or base since its checkpoints were written."""
-    if saved.get("base_sha256") not in (None, now["base_sha256"]):
+    if not saved or not now:  # train.trainable differs, which run_shape says
+        return []
+    if saved["base_sha256"] != now["base_sha256"]:
         return [f"the base {now['base']} is another file than the one this run started from "
                 f"(sha256 {saved['base_sha256'][:12]}... -> {now['base_sha256'][:12]}...)"]
     return [f"train.lora.{k}: {saved[k]!r} -> {now[k]!r}" if k != "method" else
