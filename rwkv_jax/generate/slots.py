@@ -1,0 +1,131 @@
+"""Decoding over a fixed set of state slots, each row with its own sampling settings, seed and
+length limit: the device side of the server's continuous batching (rwkv_jax.server.engine puts
+requests into slots and takes them out between blocks).
+
+One compiled block serves every mix of settings: temperature, top_p, top_k and the penalties
+are arrays with a value per row, not static choices as in Generator's blocks. A row's tokens
+depend only on its prompt, its settings and its seed, never on the other rows:
+  - greedy rows (temperature 0) take the argmax of their penalised logits, as Generator's greedy
+    blocks do, so greedy output is Generator's (and infer.py --temperature 0's);
+  - sampling rows sort their own logits, keep their top_k and top_p candidates (ChatRWKV's cut,
+    as in sampling.py) and draw with their own PRNG key, which advances only when they draw.
+    The draw is over the sorted candidates, so a seed gives other tokens than Generator's.
+The sort (B x V) runs only in steps where some live row samples: a greedy batch skips it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rwkv_jax.generate.decode_loop import keep_rows, model_step
+from rwkv_jax.generate.sampling import DECAY, FREQUENCY, PRESENCE, TEMPERATURE, TOP_P
+
+
+class SlotCarry(NamedTuple):
+    """Every slot's decoding state (donated by each block)."""
+
+    state: tuple  # the model state, flat (rwkv_jax.nn.state.FlatLayout), B rows
+    keys: jax.Array  # (B, key words) uint32: each row's PRNG key
+    counts: jax.Array  # (B, V) float32 penalty counts
+    seen: jax.Array  # (B, V) bool: generated before
+    token: jax.Array  # (B,) int32: the token each row feeds next
+    alive: jax.Array  # (B,) bool: the row still generates
+    made: jax.Array  # (B,) int32: tokens generated
+    max_new: jax.Array  # (B,) int32: the row's limit
+
+
+def empty_carry(flat, keys, vocab_size: int) -> SlotCarry:
+    """Slots with nothing in them: `flat` a state of B rows, `keys` (B, key words)."""
+    B = keys.shape[0]
+    zeros = jnp.zeros(B, jnp.int32)
+    return SlotCarry(flat, keys, jnp.zeros((B, vocab_size), jnp.float32),
+                     jnp.zeros((B, vocab_size), bool), zeros, jnp.zeros(B, bool), zeros, zeros)
+
+
+def install(carry: SlotCarry, slot, row_flat, key, token, max_new) -> SlotCarry:
+    """Slot `slot` starts a request: its prefilled state (a flat state of one row), its PRNG key,
+    the prompt's last token (fed first) and its limit; counts cleared."""
+    put = lambda a, v: a.at[slot].set(v)  # noqa: E731
+    return SlotCarry(
+        tuple(put(a, r[0]) for a, r in zip(carry.state, row_flat)), put(carry.keys, key),
+        put(carry.counts, 0.0), put(carry.seen, False), put(carry.token, token),
+        put(carry.alive, True), put(carry.made, 0), put(carry.max_new, max_new))
+
+
+def draw_rows(keys, logits, knobs, top_k):
+    """A token per row from its top_k / top_p candidates at its temperature, and its next key."""
+    V = logits.shape[-1]
+    vals, idx = jax.lax.top_k(logits, V)  # every row sorted, most likely first
+    k = jnp.where(top_k > 0, top_k, V)
+    top_p = knobs[:, TOP_P, None]
+    # ChatRWKV cuts at temperature 1: tokens at least as likely as the one where the cumulative
+    # probability first reaches top_p.
+    probs = jnp.exp(vals - jax.nn.logsumexp(vals, axis=-1, keepdims=True))
+    reached = jnp.cumsum(probs, axis=-1) >= top_p
+    last = jnp.where(jnp.any(reached, axis=-1), jnp.argmax(reached, axis=-1), V - 1)
+    cutoff = jnp.take_along_axis(vals, last[:, None], axis=-1)
+    cutoff = jnp.where(top_p < 1, cutoff, -jnp.inf)
+    keep = (jnp.arange(V)[None] < k[:, None]) & (vals >= cutoff)
+    vals = jnp.where(keep, vals, -jnp.inf) / knobs[:, TEMPERATURE, None]
+    pairs = jax.vmap(jax.random.split)(jax.random.wrap_key_data(keys))
+    choice = jax.vmap(jax.random.categorical)(pairs[:, 1], vals)
+    token = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+    return token.astype(jnp.int32), jax.random.key_data(pairs[:, 0])
+
+
+def _pick(c: SlotCarry, logits, greedy, knobs, top_k, weight):
+    """Each live row's next token, its log-probability (penalised logits at temperature 1) and
+    the carry's keys and penalty counts after it."""
+    logits = (logits.astype(jnp.float32) - knobs[:, PRESENCE, None] * c.seen
+              - knobs[:, FREQUENCY, None] * c.counts)
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    draws = c.alive & ~greedy
+    drawn, keys = jax.lax.cond(jnp.any(draws), draw_rows, lambda k, *_: (best, k),
+                               c.keys, logits, knobs, top_k)
+    token = jnp.where(draws, drawn, best)
+    keys = jnp.where(draws[:, None], keys, c.keys)
+    rows = jnp.arange(logits.shape[0])
+    logprob = logits[rows, token] - jax.nn.logsumexp(logits, axis=-1)
+    live = c.alive[:, None]
+    counts = jnp.where(live, c.counts * knobs[:, DECAY, None], c.counts)
+    counts = counts.at[rows, token].add(jnp.where(c.alive, weight[token], 0.0))
+    seen = c.seen.at[rows, token].set(c.seen[rows, token] | c.alive)
+    return token, logprob, c._replace(keys=keys, counts=counts, seen=seen)
+
+
+def slots_block(forward, layout, rows, steps: int, weights, carry: SlotCarry, live, greedy,
+                knobs, top_k, stop_ids, weight):
+    """Up to `steps` decode steps of every live slot; fewer once no row is alive.
+
+    live (B,) False ends a row now (finished or cancelled on the host); greedy (B,), knobs
+    (B, 5) in Sampling.knobs() order and top_k (B,) are each row's settings; a token in
+    stop_ids (padded with -1) or the row's max_new-th token ends it. weight (V,): what a token
+    adds to the frequency count. Returns the carry, the tokens (B, steps) and their
+    log-probabilities, token -1 where a row emitted none.
+    """
+    B = carry.token.shape[0]
+    carry = carry._replace(state=layout.unflatten(carry.state), alive=carry.alive & live)
+
+    def body(loop):
+        s, c, out, lps = loop
+        logits, state = model_step(forward, rows, weights, c.state, c.token)
+        c = c._replace(state=keep_rows(c.alive, state, c.state))
+        token, logprob, c = _pick(c, logits, greedy, knobs, top_k, weight)
+        stop = jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+        made = c.made + (c.alive & ~stop)
+        ends = c.alive & (stop | (made >= c.max_new))
+        out = out.at[:, s].set(jnp.where(c.alive, token, -1))
+        lps = lps.at[:, s].set(logprob)
+        c = c._replace(token=jnp.where(c.alive, token, c.token), alive=c.alive & ~ends, made=made)
+        return s + 1, c, out, lps
+
+    def more(loop):
+        return (loop[0] < steps) & jnp.any(loop[1].alive)
+
+    _, carry, out, lps = jax.lax.while_loop(
+        more, body, (jnp.int32(0), carry, jnp.full((B, steps), -1, jnp.int32),
+                     jnp.zeros((B, steps), jnp.float32)))
+    return carry._replace(state=layout.flatten(carry.state)), out, lps

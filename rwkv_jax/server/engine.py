@@ -1,0 +1,293 @@
+"""The engine: one thread that owns the device and serves every request through a fixed set of
+state slots (continuous batching).
+
+Each turn of the loop (1) frees the slots of finished, cancelled or timed-out requests, (2) moves
+waiting requests into free slots, (3) prefills them, at most about `prefill_chunk` prompt tokens
+a turn over all of them, so that a long prompt stalls the others for at most one chunk, (4) puts
+each fully prefilled request into its slot and (5) runs one decode block (rwkv_jax.generate.slots)
+that advances every live slot. A request's state is fixed-size, so joining or leaving between
+blocks costs nothing but a row copy. Prefill goes as Generator's does (all but the last prompt
+token in Generator.pieces, the last token through the first decode step), so a greedy request's
+text is Generator.generate's for the same prompt.
+
+The HTTP side (app.py) talks to the engine through `submit` and each request's `emit` callback,
+which the engine calls from its thread with Events.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import numpy as np
+
+from rwkv_jax.generate.generator import Generator
+from rwkv_jax.generate.sampling import Sampling
+from rwkv_jax.generate.slots import empty_carry, install, slots_block
+from rwkv_jax.generate.text import TextTail
+from rwkv_jax.server.prefix_cache import PrefixCache
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The bounded queue of waiting requests is full (HTTP 429)."""
+
+
+class Draining(Exception):
+    """The server is shutting down and admits no new request (HTTP 503)."""
+
+
+@dataclasses.dataclass
+class Event:
+    """What the engine tells a request: new text (with its tokens), or the end."""
+
+    text: str = ""
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "timeout", "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    prompt: list[int]  # token ids, checked against the vocabulary
+    max_tokens: int
+    sampling: Sampling
+    seed: int
+    stop: list[str]
+    emit: Callable[[Event], None]  # called from the engine thread
+    deadline: float = float("inf")  # time.monotonic() after which the request is dropped
+    cache_at: tuple[int, ...] = ()  # prompt lengths whose states the prefix cache keeps
+    cancelled: bool = False  # set by the HTTP side (a client that went away)
+    # The engine's own:
+    slot: int = -1
+    fed: int = 0  # prompt tokens prefilled
+    flat: tuple | None = None  # the one-row state while prefilling
+    tail: TextTail | None = None
+    made: int = 0
+    submitted: float = 0.0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    """Continuous batching over `max_batch` slots of a Generator's model."""
+
+    def __init__(self, generator: Generator, *, max_batch: int = 8, max_queue: int = 64,
+                 start_state: dict | None = None, stop_tokens=(), prefix_cache_bytes: int = 0):
+        self.gen, self.max_batch, self.max_queue = generator, max_batch, max_queue
+        self.config = generator.config
+        self._start = start_state  # one row's tree, or None: the model's initial state
+        self.stop_tokens = {int(t) for t in stop_tokens}
+        self.cache = PrefixCache(prefix_cache_bytes)
+        B, K = max_batch, generator.decode_block
+        stop_ids = np.full(max(1, len(self.stop_tokens)), -1, np.int32)
+        stop_ids[: len(self.stop_tokens)] = sorted(self.stop_tokens)
+        self._consts = jax.device_put((stop_ids, generator.count_weights()))
+        self._block = jax.jit(partial(slots_block, generator.forward, generator.layout,
+                                      generator.decode_rows, K), donate_argnums=(1,))
+        self._install = jax.jit(install, donate_argnums=(0,))
+        keys = np.zeros((B, self._key_data(0).shape[0]), np.uint32)
+        self.carry = jax.jit(empty_carry, static_argnums=(2,))(
+            generator.start_flat(B), keys, self.config.vocab_size)
+        # Each slot's request and settings, on the host; sent with every block.
+        self.slots: list[Request | None] = [None] * B
+        self.live = np.zeros(B, bool)
+        self.greedy = np.ones(B, bool)
+        self.knobs = np.tile(Sampling().knobs(), (B, 1))
+        self.top_k = np.zeros(B, np.int32)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._prefilling: list[Request] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self.draining = False
+        self._thread = threading.Thread(target=self._run, name="rwkv-engine", daemon=True)
+        self.stats = collections.Counter()  # requests by outcome, tokens
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+
+    def _key_data(self, seed: int) -> np.ndarray:
+        return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+
+    # ------------------------------------------------------------------ the HTTP side's calls
+
+    def submit(self, req: Request) -> None:
+        """Queue a request; QueueFull when max_queue wait already, Draining when shutting down."""
+        with self._cv:
+            if self.draining or self._stopping:
+                raise Draining("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                self.stats["rejected"] += 1
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (--max_queue "
+                                f"{self.max_queue}); retry later")
+            req.submitted = time.monotonic()
+            self._waiting.append(req)
+            self.stats["submitted"] += 1
+            self._cv.notify()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the loop; requests still there end with finish_reason "cancelled"."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=60)
+
+    def snapshot(self) -> dict:
+        """Numbers for /metrics."""
+        now = time.monotonic()
+        recent = sum(n for t, n in self._recent if t > now - 10)
+        return {"queue": len(self._waiting), "prefilling": len(self._prefilling),
+                "busy": sum(s is not None for s in self.slots), "slots": self.max_batch,
+                "tokens_per_s": recent / 10, "cache_bytes": self.cache.bytes,
+                "cache_entries": len(self.cache), **self.stats}
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if self._stopping:
+                    break
+                idle = not self._waiting and not self._prefilling and not self.live.any()
+                if idle:
+                    self._cv.wait(timeout=0.1)
+            try:
+                self._turn()
+            except Exception:  # noqa: BLE001 - one bad turn must not stop the server silently
+                log.exception("engine turn failed; its requests end with an error")
+                for req in [*self._prefilling, *(s for s in self.slots if s is not None)]:
+                    self._finish(req, "error")
+                self._prefilling.clear()
+        for req in [*self._waiting, *self._prefilling, *(s for s in self.slots if s is not None)]:
+            self._finish(req, "cancelled")
+
+    def _turn(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        if self.live.any():
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        for req in [*self._waiting, *self._prefilling, *(s for s in self.slots if s is not None)]:
+            if req.cancelled or now > req.deadline:
+                self._finish(req, "cancelled" if req.cancelled else "timeout")
+
+    def _admit(self) -> None:
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        while free:
+            with self._cv:
+                if not self._waiting:
+                    return
+                req = self._waiting.popleft()
+            req.slot = free.pop(0)
+            self.slots[req.slot] = req
+            req.tail = TextTail(self.gen.tokenizer, req.stop)
+            req.fed, req.flat = self.cache.longest(req.prompt[:-1])
+            if req.flat is None:
+                req.flat = self.gen.start_flat(1, self._start)
+            self._prefilling.append(req)
+
+    def _prefill(self) -> None:
+        """About one chunk of prompt tokens, oldest request first; the done ones join."""
+        budget = max(self.gen.prefill_chunk, 1)
+        for req in list(self._prefilling):
+            todo = req.prompt[:-1]
+            while req.fed < len(todo) and budget > 0:
+                upto = len(todo)
+                if req.cache_at:  # stop at a length whose state the cache keeps
+                    upto = min([n for n in req.cache_at if n > req.fed] + [upto])
+                n = self.gen.pieces(upto - req.fed)[0]
+                req.flat = self.gen.prefill_piece(req.flat, [todo[req.fed: req.fed + n]])
+                req.fed += n
+                budget -= n
+                if req.fed in req.cache_at or req.fed == len(todo):
+                    self.cache.put(todo[: req.fed], req.flat)
+            if req.fed < len(todo):
+                break
+            self._prefilling.remove(req)
+            self._join(req)
+
+    def _join(self, req: Request) -> None:
+        s, i = req.sampling, req.slot
+        self.carry = self._install(self.carry, np.int32(i), req.flat, self._key_data(req.seed),
+                                   np.int32(req.prompt[-1]), np.int32(req.max_tokens))
+        req.flat = None
+        self.live[i], self.greedy[i] = True, s.temperature == 0
+        self.knobs[i], self.top_k[i] = s.knobs(), s.top_k
+        self.stats["prompt_tokens"] += len(req.prompt)
+
+    def _decode(self) -> None:
+        self.carry, out, lps = self._block(self.gen.weights, self.carry, self.live.copy(),
+                                           self.greedy.copy(), self.knobs.copy(),
+                                           self.top_k.copy(), *self._consts)
+        out, lps = np.asarray(out), np.asarray(lps)
+        made = 0
+        for i in np.flatnonzero(self.live):
+            req, event = self.slots[i], Event()
+            for t, lp in zip(out[i].tolist(), lps[i].tolist()):
+                if t < 0 or event.finish_reason:
+                    break
+                made += 1
+                self._take(req, t, lp, event)
+            if event.text or event.tokens or event.finish_reason:
+                self._send(req, event)
+        self.stats["completion_tokens"] += made
+        now = time.monotonic()
+        self._recent.append((now, made))
+        while self._recent and self._recent[0][0] < now - 10:
+            self._recent.popleft()
+
+    def _take(self, req: Request, token: int, logprob: float, event: Event) -> None:
+        """One generated token of a request into its event; the event ends it where it stops."""
+        if token in self.stop_tokens:
+            event.finish_reason = "stop"
+            event.text += req.tail.finish()
+            return
+        req.made += 1
+        event.tokens.append(token)
+        event.logprobs.append(logprob)
+        piece, hit = req.tail.push(token)
+        event.text += piece
+        if hit:
+            event.finish_reason = "stop"
+        elif req.made >= req.max_tokens:
+            event.finish_reason = "length"
+            event.text += req.tail.finish()
+
+    def _send(self, req: Request, event: Event) -> None:
+        if event.finish_reason:
+            self._free(req, event.finish_reason)
+            event.prompt_tokens, event.completion_tokens = len(req.prompt), req.made
+        try:
+            req.emit(event)
+        except Exception:  # noqa: BLE001 - the client's side went away; the engine goes on
+            log.debug("emit failed", exc_info=True)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        """End a request that did not end by its own tokens."""
+        self._send(req, Event(finish_reason=reason))
+
+    def _free(self, req: Request, reason: str) -> None:
+        with self._cv:
+            if req in self._waiting:
+                self._waiting.remove(req)
+        if req in self._prefilling:
+            self._prefilling.remove(req)
+        if req.slot >= 0 and self.slots[req.slot] is req:
+            self.slots[req.slot] = None
+            self.live[req.slot] = False
+        req.flat = None
+        self.stats[f"finished_{reason}"] += 1
