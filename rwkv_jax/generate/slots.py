@@ -48,7 +48,7 @@ def empty_carry(flat, keys, vocab_size: int) -> SlotCarry:
 def install(carry: SlotCarry, slot, row_flat, key, token, max_new) -> SlotCarry:
     """Slot `slot` starts a request: its prefilled state (a flat state of one row), its PRNG key,
     the prompt's last token (fed first) and its limit; counts cleared."""
-    put = lambda a, v: a.at[slot].set(v)  # noqa: E731
+    put = lambda a, v: a.at[slot].set(v)
     return SlotCarry(
         tuple(put(a, r[0]) for a, r in zip(carry.state, row_flat)), put(carry.keys, key),
         put(carry.counts, 0.0), put(carry.seen, False), put(carry.token, token),
