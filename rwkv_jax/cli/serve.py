@@ -99,13 +99,18 @@ def _engine(args):
     engine = Engine(gen, max_batch=args.max_batch, max_queue=args.max_queue,
                     start_state=None if start is None else state_tree(config, start, 1),
                     stop_tokens=stop_tokens, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
-    engine.start()
     t = time.perf_counter()
+    engine.compile()
+    engine.start()
     done = queue.Queue()
-    for sampling in (Sampling(temperature=0.0), Sampling(top_p=0.5)):  # both paths compile
-        engine.submit(Request(prompt=[1] * 3, max_tokens=2, sampling=sampling, seed=0, stop=[],
-                              emit=lambda e: e.finish_reason and done.put(e)))
-        done.get(timeout=900)
+    # Every prefill piece (a prompt of 2 * prefill_chunk tokens feeds one of each length), the
+    # row's install, both sampling paths. Kept out of the prefix cache and the metrics.
+    warm = Request(prompt=[1] * (2 * args.prefill_chunk), max_tokens=2, seed=0, stop=[],
+                   sampling=Sampling(temperature=0.5), emit=done.put)
+    engine.submit(warm)
+    while not done.get(timeout=900).finish_reason:
+        pass
+    engine.reset_stats()
     print(f"serve: compiled in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return engine
 

@@ -96,16 +96,29 @@ def _pick(c: SlotCarry, logits, greedy, knobs, top_k, weight):
     return token, logprob, c._replace(keys=keys, counts=counts, seen=seen)
 
 
-def slots_block(forward, layout, rows, steps: int, weights, carry: SlotCarry, live, greedy,
-                knobs, top_k, stop_ids, weight):
-    """Up to `steps` decode steps of every live slot; fewer once no row is alive.
+def slots_block(forward, layout, rows, steps: int, used: int, weights, carry: SlotCarry, live,
+                greedy, knobs, top_k, stop_ids, weight):
+    """Up to `steps` decode steps of the first `used` slots (the engine fills the lowest free
+    slot first, and compiles a block per power of two: a server of 128 slots with 3 requests
+    computes 4 rows, not 128); fewer steps once no row is alive.
 
     live (B,) False ends a row now (finished or cancelled on the host); greedy (B,), knobs
     (B, 5) in Sampling.knobs() order and top_k (B,) are each row's settings; a token in
     stop_ids (padded with -1) or the row's max_new-th token ends it. weight (V,): what a token
-    adds to the frequency count. Returns the carry, the tokens (B, steps) and their
+    adds to the frequency count. Returns the carry, the tokens (used, steps) and their
     log-probabilities, token -1 where a row emitted none.
     """
+    head = lambda a: a[:used]  # noqa: E731
+    sub, out, lps = _block(forward, layout, rows, steps, weights, jax.tree.map(head, carry),
+                           live[:used], greedy[:used], knobs[:used], top_k[:used], stop_ids,
+                           weight)
+    # In place: the carry is donated.
+    carry = jax.tree.map(lambda a, b: a.at[:used].set(b), carry, sub)
+    return carry, out, lps
+
+
+def _block(forward, layout, rows, steps, weights, carry, live, greedy, knobs, top_k, stop_ids,
+           weight):
     B = carry.token.shape[0]
     carry = carry._replace(state=layout.unflatten(carry.state), alive=carry.alive & live)
 

@@ -94,7 +94,8 @@ class Engine:
         stop_ids[: len(self.stop_tokens)] = sorted(self.stop_tokens)
         self._consts = jax.device_put((stop_ids, generator.count_weights()))
         self._block = jax.jit(partial(slots_block, generator.forward, generator.layout,
-                                      generator.decode_rows, K), donate_argnums=(1,))
+                                      generator.decode_rows, K), static_argnums=(0,),
+                              donate_argnums=(2,))
         self._install = jax.jit(install, donate_argnums=(0,))
         keys = np.zeros((B, self._key_data(0).shape[0]), np.uint32)
         self.carry = jax.jit(empty_carry, static_argnums=(2,))(
@@ -142,6 +143,12 @@ class Engine:
             self._stopping = True
             self._cv.notify()
         self._thread.join(timeout=60)
+
+    def reset_stats(self) -> None:
+        """Forget counts and cached prefixes (those of a warm-up request)."""
+        self.stats.clear()
+        self._recent.clear()
+        self.cache = PrefixCache(self.cache.max_bytes)
 
     def snapshot(self) -> dict:
         """Numbers for /metrics."""
@@ -229,10 +236,26 @@ class Engine:
         self.knobs[i], self.top_k[i] = s.knobs(), s.top_k
         self.stats["prompt_tokens"] += len(req.prompt)
 
+    def compile(self) -> None:
+        """Compile the decode block for every number of rows it runs (no slot is live, so none
+        runs a step), and the prefill pieces of every length through a warm-up request."""
+        used = 1
+        while True:
+            self.carry = self._block(used, self.gen.weights, self.carry, np.zeros_like(self.live),
+                                     self.greedy, self.knobs, self.top_k, *self._consts)[0]
+            if used >= self.max_batch:
+                break
+            used = min(2 * used, self.max_batch)
+
+    def _used(self) -> int:
+        """The rows a block runs: the live slots' span, rounded up to a power of two."""
+        n = int(np.flatnonzero(self.live)[-1]) + 1
+        return min(1 << (n - 1).bit_length(), self.max_batch)
+
     def _decode(self) -> None:
-        self.carry, out, lps = self._block(self.gen.weights, self.carry, self.live.copy(),
-                                           self.greedy.copy(), self.knobs.copy(),
-                                           self.top_k.copy(), *self._consts)
+        self.carry, out, lps = self._block(self._used(), self.gen.weights, self.carry,
+                                           self.live.copy(), self.greedy.copy(),
+                                           self.knobs.copy(), self.top_k.copy(), *self._consts)
         out, lps = np.asarray(out), np.asarray(lps)
         made = 0
         for i in np.flatnonzero(self.live):
