@@ -237,11 +237,10 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = base.get(r["clients"])
-        print(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.0f} | "
-              f"{'-' if g is None else f'{g:.0f}'} | "
-              f"{'-' if g is None else f'{r['tok_s'] / g:.0%}'} | {r['ttft50']:.1f} | "
-              f"{r['ttft99']:.1f} | {r['itl50']:.2f} | {r['itl99']:.2f} | {r['client_cpu']:.0%} |")
-
+        gen, ratio = ("-", "-") if g is None else (f"{g:.0f}", f"{r['tok_s'] / g:.0%}")
+        print(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.0f} | {gen} | {ratio} | "
+              f"{r['ttft50']:.1f} | {r['ttft99']:.1f} | {r['itl50']:.2f} | {r['itl99']:.2f} | "
+              f"{r['client_cpu']:.0%} |")
 
 if __name__ == "__main__":
     main()

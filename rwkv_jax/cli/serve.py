@@ -156,6 +156,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     print(f"serve: http://{args.host}:{args.port}/v1 ({_model_name(args)}, "
           f"{args.max_batch} slots)", file=sys.stderr, flush=True)
+    sys.setswitchinterval(5e-4)  # the event loop gets the GIL often while the engine computes
     server.run()
     engine.stop()
     return 0

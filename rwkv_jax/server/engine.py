@@ -67,6 +67,7 @@ class Request:
     deadline: float = float("inf")  # time.monotonic() after which the request is dropped
     cache_at: tuple[int, ...] = ()  # prompt lengths whose states the prefix cache keeps
     cancelled: bool = False  # set by the HTTP side (a client that went away)
+    done: bool = False  # ended (set by the engine)
     # The engine's own:
     slot: int = -1
     fed: int = 0  # prompt tokens prefilled
@@ -107,6 +108,7 @@ class Engine:
         self.knobs = np.tile(Sampling().knobs(), (B, 1))
         self.top_k = np.zeros(B, np.int32)
         self._waiting: collections.deque[Request] = collections.deque()
+        self._pending: tuple | None = None  # the block queued on the device, not yet read
         self._prefilling: list[Request] = []
         self._cv = threading.Condition()
         self._stopping = False
@@ -166,7 +168,8 @@ class Engine:
             with self._cv:
                 if self._stopping:
                     break
-                idle = not self._waiting and not self._prefilling and not self.live.any()
+                idle = not (self._waiting or self._prefilling or self.live.any()
+                            or self._pending)
                 if idle:
                     self._cv.wait(timeout=0.1)
             try:
@@ -176,6 +179,7 @@ class Engine:
                 for req in [*self._prefilling, *(s for s in self.slots if s is not None)]:
                     self._finish(req, "error")
                 self._prefilling.clear()
+                self._pending = None
         for req in [*self._waiting, *self._prefilling, *(s for s in self.slots if s is not None)]:
             self._finish(req, "cancelled")
 
@@ -183,8 +187,14 @@ class Engine:
         self._drop_cancelled()
         self._admit()
         self._prefill()
-        if self.live.any():
-            self._decode()
+        # The device runs a block ahead of the host: block b + 1 is queued before block b's
+        # tokens are read, so the device does not wait for this thread's Python. A request the
+        # host ends (a stop string, a client gone) may have a block's tokens computed and
+        # dropped; the device ends rows at their stop tokens and max_tokens itself.
+        launched = self._launch() if self.live.any() else None
+        if self._pending is not None:
+            self._read(*self._pending)
+        self._pending = launched
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
@@ -252,14 +262,22 @@ class Engine:
         n = int(np.flatnonzero(self.live)[-1]) + 1
         return min(1 << (n - 1).bit_length(), self.max_batch)
 
-    def _decode(self) -> None:
-        self.carry, out, lps = self._block(self._used(), self.gen.weights, self.carry,
+    def _launch(self) -> tuple:
+        """Queue a decode block; (its tokens, log-probabilities, each slot's request then)."""
+        used = self._used()
+        self.carry, out, lps = self._block(used, self.gen.weights, self.carry,
                                            self.live.copy(), self.greedy.copy(),
                                            self.knobs.copy(), self.top_k.copy(), *self._consts)
+        return out, lps, self.slots[:used]
+
+    def _read(self, out, lps, owners: list) -> None:
+        """A block's tokens to their requests (those that have not ended since it was queued)."""
         out, lps = np.asarray(out), np.asarray(lps)
         made = 0
-        for i in np.flatnonzero(self.live):
-            req, event = self.slots[i], Event()
+        for i, req in enumerate(owners):
+            if req is None or req.done:
+                continue
+            event = Event()
             for t, lp in zip(out[i].tolist(), lps[i].tolist()):
                 if t < 0 or event.finish_reason:
                     break
@@ -312,5 +330,5 @@ class Engine:
         if req.slot >= 0 and self.slots[req.slot] is req:
             self.slots[req.slot] = None
             self.live[req.slot] = False
-        req.flat = None
+        req.flat, req.done = None, True
         self.stats[f"finished_{reason}"] += 1
