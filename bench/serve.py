@@ -162,8 +162,20 @@ def _worker(job):
     return records, (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9)
 
 
-def _load(args, url: str, n: int, vocab: int) -> dict:
-    """A row: n clients over the worker processes; tokens/s, TTFT and ITL percentiles."""
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds a process has used (Linux), 0 where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, TypeError, IndexError, ValueError):
+        return 0.0
+
+
+def _load(args, url: str, n: int, vocab: int, server_pid: int | None = None) -> dict:
+    """A row: n clients over the worker processes; tokens/s, TTFT and ITL percentiles, and the
+    CPU share of the busiest client process and of the server."""
+    cpu0 = _cpu_s(server_pid)
     workers = min(args.workers, n)
     shares = [n // workers + (i < n % workers) for i in range(workers)]
     jobs = [(url, k, args.requests, args.row_s, args.prompt_len, args.new_tokens, vocab, 1000 * n + i)
@@ -172,6 +184,7 @@ def _load(args, url: str, n: int, vocab: int) -> dict:
     with mp.get_context("spawn").Pool(workers) as pool:
         results = pool.map(_worker, jobs)
     wall = time.perf_counter() - t0
+    server_cpu = (_cpu_s(server_pid) - cpu0) / wall
     records = [r for rs, _ in results for r in rs]
     tokens = sum(k for r in records for _, k in r["chunks"])
     ttft = [r["chunks"][0][0] - r["start"] for r in records if r["chunks"]]
@@ -180,10 +193,11 @@ def _load(args, url: str, n: int, vocab: int) -> dict:
         for (ta, _), (tb, k) in zip(r["chunks"], r["chunks"][1:]):
             itl += [(tb - ta) / k] * k
     span = max(c[-1][0] for c in (r["chunks"] for r in records) if c) - min(r["start"] for r in records)
-    pct = lambda xs, q: 1e3 * float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
+    pct = lambda xs, q: 1e3 * float(np.percentile(xs, q)) if xs else float("nan")
     return {"clients": n, "requests": len(records), "tokens": tokens, "tok_s": tokens / span,
             "ttft50": pct(ttft, 50), "ttft99": pct(ttft, 99), "itl50": pct(itl, 50),
-            "itl99": pct(itl, 99), "client_cpu": max(c for _, c in results), "wall": wall}
+            "itl99": pct(itl, 99), "client_cpu": max(c for _, c in results), "wall": wall,
+            "server_cpu": server_cpu}
 
 
 # ----------------------------------------------------------------------------- Generator
@@ -221,8 +235,9 @@ def main():
         proc, url = _start_server(args, pth, args.max_batch or max(sizes), 2 * max(sizes))
     vocab = args.vocab if args.official is None else 256
     try:
-        _load(args, url, 1, vocab)  # compiles the prefill pieces of this prompt length
-        rows = [_load(args, url, n, vocab) for n in sizes]
+        pid = None if proc is None else proc.pid
+        _load(args, url, 1, vocab)  # a first request of each client process
+        rows = [_load(args, url, n, vocab, pid) for n in sizes]
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -233,14 +248,14 @@ def main():
           f"processes")
     print("| clients | requests | server tok/s | Generator.generate tok/s (batch = clients) | "
           "server / Generator | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
-          "client CPU (busiest process) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "client CPU (busiest process) | server CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = base.get(r["clients"])
         gen, ratio = ("-", "-") if g is None else (f"{g:.0f}", f"{r['tok_s'] / g:.0%}")
         print(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.0f} | {gen} | {ratio} | "
               f"{r['ttft50']:.1f} | {r['ttft99']:.1f} | {r['itl50']:.2f} | {r['itl99']:.2f} | "
-              f"{r['client_cpu']:.0%} |")
+              f"{r['client_cpu']:.0%} | {r['server_cpu']:.0%} |")
 
 if __name__ == "__main__":
     main()

@@ -231,6 +231,11 @@ def _prometheus(s: dict) -> str:
            [("", s.get("completion_tokens", 0))])
     metric("generation_tokens_per_second", "gauge", "tokens generated per second, last 10 s",
            [("", s["tokens_per_s"])])
+    metric("prompt_tokens_prefilled_total", "counter",
+           "prompt tokens run through the model (the rest came from the prefix cache)",
+           [("", s.get("prefilled_tokens", 0))])
+    metric("prefix_cache_hits_total", "counter", "requests that started from a cached prefix",
+           [("", s["cache_hits"])])
     metric("prefix_cache_bytes", "gauge", "bytes of states in the prefix cache",
            [("", s["cache_bytes"])])
     return "\n".join(lines) + "\n"

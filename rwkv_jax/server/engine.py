@@ -159,7 +159,7 @@ class Engine:
         return {"queue": len(self._waiting), "prefilling": len(self._prefilling),
                 "busy": sum(s is not None for s in self.slots), "slots": self.max_batch,
                 "tokens_per_s": recent / 10, "cache_bytes": self.cache.bytes,
-                "cache_entries": len(self.cache), **self.stats}
+                "cache_entries": len(self.cache), "cache_hits": self.cache.hits, **self.stats}
 
     # ------------------------------------------------------------------ the loop
 
@@ -230,6 +230,7 @@ class Engine:
                 req.flat = self.gen.prefill_piece(req.flat, [todo[req.fed: req.fed + n]])
                 req.fed += n
                 budget -= n
+                self.stats["prefilled_tokens"] += n
                 if req.fed in req.cache_at or req.fed == len(todo):
                     self.cache.put(todo[: req.fed], req.flat)
             if req.fed < len(todo):

@@ -121,6 +121,34 @@ def test_greedy_text_is_infer_py_temperature_0s(server, client, capsys):
         assert capsys.readouterr().out == got + "\n"
 
 
+def test_a_shared_prefix_is_prefilled_once(server, client):
+    """The state after a chat's earlier turns (here the system prompt) and after a whole prompt
+    is cached: a request that shares it prefills only its tail, and a repeated prompt gets the
+    same greedy text without prefilling anything."""
+    system = {"role": "system", "content": "You answer in verse, briefly and kindly. " * 3}
+    chat = lambda text: client.chat.completions.create(  # noqa: E731
+        model="tiny", messages=[system, {"role": "user", "content": text}], max_tokens=4,
+        temperature=0)
+    chat("What is the moon?")
+    before = _metrics(server["url"])
+    second = chat("And the sun?")
+    after = _metrics(server["url"])
+    head = len(b"System: " + system["content"].strip().encode() + b"\n\n")
+    prefilled = (after["rwkv_prompt_tokens_prefilled_total"]
+                 - before["rwkv_prompt_tokens_prefilled_total"])
+    assert prefilled == second.usage.prompt_tokens - 1 - head
+    assert after["rwkv_prefix_cache_hits_total"] == before["rwkv_prefix_cache_hits_total"] + 1
+
+    once = client.completions.create(model="tiny", prompt="Once more, once more", max_tokens=8,
+                                      temperature=0)
+    before = _metrics(server["url"])
+    again = client.completions.create(model="tiny", prompt="Once more, once more", max_tokens=8,
+                                       temperature=0)
+    after = _metrics(server["url"])
+    assert again.choices[0].text == once.choices[0].text
+    assert after["rwkv_prompt_tokens_prefilled_total"] == before["rwkv_prompt_tokens_prefilled_total"]
+
+
 def test_sixteen_concurrent_streams_each_get_their_text_alone(client):
     """More clients than slots (4): the queue and joins between blocks; greedy and sampled
     rows, with penalties, in the same blocks."""
