@@ -45,14 +45,33 @@ def empty_carry(flat, keys, vocab_size: int) -> SlotCarry:
                      jnp.zeros((B, vocab_size), bool), zeros, jnp.zeros(B, bool), zeros, zeros)
 
 
-def install(carry: SlotCarry, slot, row_flat, key, token, max_new) -> SlotCarry:
-    """Slot `slot` starts a request: its prefilled state (a flat state of one row), its PRNG key,
-    the prompt's last token (fed first) and its limit; counts cleared."""
+def install(carry: SlotCarry, slot, key, token, max_new) -> SlotCarry:
+    """Slot `slot`, its state prefilled, starts generating: its PRNG key, the prompt's last
+    token (fed first) and its limit; counts cleared."""
     put = lambda a, v: a.at[slot].set(v)
-    return SlotCarry(
-        tuple(put(a, r[0]) for a, r in zip(carry.state, row_flat)), put(carry.keys, key),
-        put(carry.counts, 0.0), put(carry.seen, False), put(carry.token, token),
-        put(carry.alive, True), put(carry.made, 0), put(carry.max_new, max_new))
+    return carry._replace(keys=put(carry.keys, key), counts=put(carry.counts, 0.0),
+                          seen=put(carry.seen, False), token=put(carry.token, token),
+                          alive=put(carry.alive, True), made=put(carry.made, 0),
+                          max_new=put(carry.max_new, max_new))
+
+
+def set_row(carry: SlotCarry, slot, row_flat) -> SlotCarry:
+    """Slot `slot`'s state set to `row_flat` (a flat state of one row)."""
+    return carry._replace(state=tuple(a.at[slot].set(r[0]) for a, r in zip(carry.state, row_flat)))
+
+
+def get_row(carry: SlotCarry, slot) -> tuple:
+    """Slot `slot`'s state, a flat state of one row (a copy)."""
+    return tuple(jax.lax.dynamic_slice_in_dim(a, slot, 1) for a in carry.state)
+
+
+def prefill_rows(forward, layout, weights, carry: SlotCarry, idx, tokens) -> SlotCarry:
+    """The states of slots idx (G,) after feeding tokens (G, n) in parallel: the prefill of
+    several requests in one call. A slot may repeat (padding) with the same tokens."""
+    rows = layout.unflatten(tuple(a[idx] for a in carry.state))
+    _, state = forward(weights, tokens, rows, last_only=True)  # XLA drops the unused head
+    new = layout.flatten(state)
+    return carry._replace(state=tuple(a.at[idx].set(r) for a, r in zip(carry.state, new)))
 
 
 def draw_rows(keys, logits, knobs, top_k):
@@ -108,7 +127,7 @@ def slots_block(forward, layout, rows, steps: int, used: int, weights, carry: Sl
     adds to the frequency count. Returns the carry, the tokens (used, steps) and their
     log-probabilities, token -1 where a row emitted none.
     """
-    head = lambda a: a[:used]  # noqa: E731
+    head = lambda a: a[:used]
     sub, out, lps = _block(forward, layout, rows, steps, weights, jax.tree.map(head, carry),
                            live[:used], greedy[:used], knobs[:used], top_k[:used], stop_ids,
                            weight)

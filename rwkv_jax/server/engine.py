@@ -2,13 +2,15 @@
 state slots (continuous batching).
 
 Each turn of the loop (1) frees the slots of finished, cancelled or timed-out requests, (2) moves
-waiting requests into free slots, (3) prefills them, at most about `prefill_chunk` prompt tokens
-a turn over all of them, so that a long prompt stalls the others for at most one chunk, (4) puts
-each fully prefilled request into its slot and (5) runs one decode block (rwkv_jax.generate.slots)
-that advances every live slot. A request's state is fixed-size, so joining or leaving between
-blocks costs nothing but a row copy. Prefill goes as Generator's does (all but the last prompt
-token in Generator.pieces, the last token through the first decode step), so a greedy request's
-text is Generator.generate's for the same prompt.
+waiting requests into free slots (their state: the start state, or the longest cached prefix of
+the prompt), (3) advances every prefilling request by one piece of at most `prefill_chunk`
+tokens, requests with pieces of one length in one call, so that a long prompt stalls the others
+for at most one chunk a turn, (4) starts the fully prefilled ones and (5) runs one decode block
+(rwkv_jax.generate.slots) that advances every live slot. A request's state is fixed-size, so
+joining or leaving between blocks costs nothing but a row copy. Prefill goes as Generator's
+does (all but the last prompt token in Generator.pieces, the last token through the first
+decode step), so a greedy request's text is Generator.generate's for the same prompt (on a GPU,
+up to the last bits of products of other batch sizes).
 
 The HTTP side (app.py) talks to the engine through `submit` and each request's `emit` callback,
 which the engine calls from its thread with Events.
@@ -29,7 +31,14 @@ import numpy as np
 
 from rwkv_jax.generate.generator import Generator
 from rwkv_jax.generate.sampling import Sampling
-from rwkv_jax.generate.slots import empty_carry, install, slots_block
+from rwkv_jax.generate.slots import (
+    empty_carry,
+    get_row,
+    install,
+    prefill_rows,
+    set_row,
+    slots_block,
+)
 from rwkv_jax.generate.text import TextTail
 from rwkv_jax.server.prefix_cache import PrefixCache
 
@@ -71,7 +80,6 @@ class Request:
     # The engine's own:
     slot: int = -1
     fed: int = 0  # prompt tokens prefilled
-    flat: tuple | None = None  # the one-row state while prefilling
     tail: TextTail | None = None
     made: int = 0
     submitted: float = 0.0
@@ -87,7 +95,6 @@ class Engine:
                  start_state: dict | None = None, stop_tokens=(), prefix_cache_bytes: int = 0):
         self.gen, self.max_batch, self.max_queue = generator, max_batch, max_queue
         self.config = generator.config
-        self._start = start_state  # one row's tree, or None: the model's initial state
         self.stop_tokens = {int(t) for t in stop_tokens}
         self.cache = PrefixCache(prefix_cache_bytes)
         B, K = max_batch, generator.decode_block
@@ -98,6 +105,11 @@ class Engine:
                                       generator.decode_rows, K), static_argnums=(0,),
                               donate_argnums=(2,))
         self._install = jax.jit(install, donate_argnums=(0,))
+        self._set_row = jax.jit(set_row, donate_argnums=(0,))
+        self._get_row = jax.jit(get_row)
+        self._prefill_rows = jax.jit(partial(prefill_rows, generator.forward, generator.layout),
+                                     donate_argnums=(1,))
+        self._start_row = generator.start_flat(1, start_state)
         keys = np.zeros((B, self._key_data(0).shape[0]), np.uint32)
         self.carry = jax.jit(empty_carry, static_argnums=(2,))(
             generator.start_flat(B), keys, self.config.vocab_size)
@@ -203,6 +215,8 @@ class Engine:
                 self._finish(req, "cancelled" if req.cancelled else "timeout")
 
     def _admit(self) -> None:
+        """Waiting requests into free slots (the lowest first), each slot's state set to the
+        longest cached prefix of its prompt or the start state."""
         free = [i for i, s in enumerate(self.slots) if s is None]
         while free:
             with self._cv:
@@ -212,37 +226,40 @@ class Engine:
             req.slot = free.pop(0)
             self.slots[req.slot] = req
             req.tail = TextTail(self.gen.tokenizer, req.stop)
-            req.fed, req.flat = self.cache.longest(req.prompt[:-1])
-            if req.flat is None:
-                req.flat = self.gen.start_flat(1, self._start)
+            req.fed, row = self.cache.longest(req.prompt[:-1])
+            self.carry = self._set_row(self.carry, np.int32(req.slot),
+                                       self._start_row if row is None else row)
             self._prefilling.append(req)
 
     def _prefill(self) -> None:
-        """About one chunk of prompt tokens, oldest request first; the done ones join."""
-        budget = max(self.gen.prefill_chunk, 1)
-        for req in list(self._prefilling):
-            todo = req.prompt[:-1]
-            while req.fed < len(todo) and budget > 0:
-                upto = len(todo)
-                if req.cache_at:  # stop at a length whose state the cache keeps
-                    upto = min([n for n in req.cache_at if n > req.fed] + [upto])
-                n = self.gen.pieces(upto - req.fed)[0]
-                req.flat = self.gen.prefill_piece(req.flat, [todo[req.fed: req.fed + n]])
-                req.fed += n
-                budget -= n
-                self.stats["prefilled_tokens"] += n
-                if req.fed in req.cache_at or req.fed == len(todo):
-                    self.cache.put(todo[: req.fed], req.flat)
-            if req.fed < len(todo):
-                break
+        """Every prefilling request advances by one piece of at most prefill_chunk tokens,
+        requests whose pieces have one length in one call (so a long prompt stalls the others
+        for one chunk a turn); the done ones join."""
+        groups = collections.defaultdict(list)
+        for req in self._prefilling:
+            todo = len(req.prompt) - 1
+            if req.fed < todo:  # stopping at lengths whose states the cache keeps
+                upto = min([n for n in req.cache_at if n > req.fed] + [todo])
+                groups[self.gen.pieces(upto - req.fed)[0]].append(req)
+        for n, reqs in groups.items():
+            # Rows padded to a power of two (repeating the first): few shapes compile.
+            pad = [reqs[0]] * ((1 << (len(reqs) - 1).bit_length()) - len(reqs))
+            idx = np.asarray([r.slot for r in reqs + pad], np.int32)
+            tokens = np.asarray([r.prompt[r.fed: r.fed + n] for r in reqs + pad], np.int32)
+            self.carry = self._prefill_rows(self.gen.weights, self.carry, idx, tokens)
+            self.stats["prefilled_tokens"] += n * len(reqs)
+            for r in reqs:
+                r.fed += n
+                if self.cache.max_bytes and (r.fed in r.cache_at or r.fed == len(r.prompt) - 1):
+                    self.cache.put(r.prompt[: r.fed], self._get_row(self.carry, np.int32(r.slot)))
+        for req in [r for r in self._prefilling if r.fed >= len(r.prompt) - 1]:
             self._prefilling.remove(req)
             self._join(req)
 
     def _join(self, req: Request) -> None:
         s, i = req.sampling, req.slot
-        self.carry = self._install(self.carry, np.int32(i), req.flat, self._key_data(req.seed),
+        self.carry = self._install(self.carry, np.int32(i), self._key_data(req.seed),
                                    np.int32(req.prompt[-1]), np.int32(req.max_tokens))
-        req.flat = None
         self.live[i], self.greedy[i] = True, s.temperature == 0
         self.knobs[i], self.top_k[i] = s.knobs(), s.top_k
         self.stats["prompt_tokens"] += len(req.prompt)
@@ -331,5 +348,5 @@ class Engine:
         if req.slot >= 0 and self.slots[req.slot] is req:
             self.slots[req.slot] = None
             self.live[req.slot] = False
-        req.flat, req.done = None, True
+        req.done = True
         self.stats[f"finished_{reason}"] += 1
