@@ -156,6 +156,8 @@ async def _clients(url, n, requests, row_s, prompt_len, new_tokens, vocab, seed)
 
 
 def _worker(job):
+    import httpx  # noqa: F401 - imported before the clock starts
+
     url, n, requests, row_s, prompt_len, new_tokens, vocab, seed = job
     cpu, wall = time.process_time(), time.perf_counter()
     records = asyncio.run(_clients(url, n, requests, row_s, prompt_len, new_tokens, vocab, seed))
@@ -172,14 +174,15 @@ def _cpu_s(pid: int | None) -> float:
         return 0.0
 
 
-def _load(args, url: str, n: int, vocab: int, server_pid: int | None = None) -> dict:
+def _load(args, url: str, n: int, vocab: int, server_pid: int | None = None,
+          requests: int | None = None, new_tokens: int | None = None) -> dict:
     """A row: n clients over the worker processes; tokens/s, TTFT and ITL percentiles, and the
     CPU share of the busiest client process and of the server."""
     cpu0 = _cpu_s(server_pid)
     workers = min(args.workers, n)
     shares = [n // workers + (i < n % workers) for i in range(workers)]
-    jobs = [(url, k, args.requests, args.row_s, args.prompt_len, args.new_tokens, vocab, 1000 * n + i)
-            for i, k in enumerate(shares)]
+    jobs = [(url, k, requests or args.requests, args.row_s, args.prompt_len,
+             new_tokens or args.new_tokens, vocab, 1000 * n + i) for i, k in enumerate(shares)]
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(workers) as pool:
         results = pool.map(_worker, jobs)
@@ -236,8 +239,11 @@ def main():
     vocab = args.vocab if args.official is None else 256
     try:
         pid = None if proc is None else proc.pid
-        _load(args, url, 1, vocab)  # a first request of each client process
-        rows = [_load(args, url, n, vocab, pid) for n in sizes]
+        rows = []
+        for n in sizes:
+            # A short burst first compiles the prefill of this many rows at once.
+            _load(args, url, n, vocab, requests=1, new_tokens=2)
+            rows.append(_load(args, url, n, vocab, pid))
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

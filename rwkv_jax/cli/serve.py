@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     eng.add_argument("--prefill_chunk", type=int, default=256,
                      help="prompt tokens prefilled per engine turn: a long prompt stalls the "
                           "others for at most this many")
+    eng.add_argument("--prefill_rows", type=int, default=8,
+                     help="requests prefilled together in one call (more take several calls)")
     eng.add_argument("--decode_block", type=int, default=8,
                      help="decode steps per device call (text streams out this many at a time)")
     eng.add_argument("--prefix_cache_mb", type=float, default=64.0,
@@ -69,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_args(args) -> None:
     for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens_cap", "max_n",
-                 "prefill_chunk", "decode_block"):
+                 "prefill_chunk", "prefill_rows", "decode_block"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name}={getattr(args, name)}: must be >= 1")
     for name in ("request_timeout", "idle_timeout", "grace", "prefix_cache_mb"):
@@ -97,15 +99,16 @@ def _engine(args):
     # The World tokenizer's 0 ends a text.
     stop_tokens = (0,) if tokenizer_name == "world" else ()
     engine = Engine(gen, max_batch=args.max_batch, max_queue=args.max_queue,
+                    prefill_rows=args.prefill_rows,
                     start_state=None if start is None else state_tree(config, start, 1),
                     stop_tokens=stop_tokens, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
     t = time.perf_counter()
     engine.compile()
     engine.start()
     done = queue.Queue()
-    # Every prefill piece (a prompt of 2 * prefill_chunk tokens feeds one of each length), the
-    # row's install, both sampling paths. Kept out of the prefix cache and the metrics.
-    warm = Request(prompt=[1] * (2 * args.prefill_chunk), max_tokens=2, seed=0, stop=[],
+    # A request's other steps (its slot's start, install, both sampling paths); kept out of
+    # the prefix cache and the metrics.
+    warm = Request(prompt=[1] * 3, max_tokens=2, seed=0, stop=[],
                    sampling=Sampling(temperature=0.5), emit=done.put)
     engine.submit(warm)
     while not done.get(timeout=900).finish_reason:

@@ -35,9 +35,11 @@ from rwkv_jax.generate.slots import (
     empty_carry,
     get_row,
     install,
-    prefill_rows,
     set_row,
     slots_block,
+)
+from rwkv_jax.generate.slots import (
+    prefill_rows as prefill_slot_rows,
 )
 from rwkv_jax.generate.text import TextTail
 from rwkv_jax.server.prefix_cache import PrefixCache
@@ -92,8 +94,10 @@ class Engine:
     """Continuous batching over `max_batch` slots of a Generator's model."""
 
     def __init__(self, generator: Generator, *, max_batch: int = 8, max_queue: int = 64,
-                 start_state: dict | None = None, stop_tokens=(), prefix_cache_bytes: int = 0):
+                 prefill_rows: int = 8, start_state: dict | None = None, stop_tokens=(),
+                 prefix_cache_bytes: int = 0):
         self.gen, self.max_batch, self.max_queue = generator, max_batch, max_queue
+        self.prefill_rows = min(prefill_rows, max_batch)
         self.config = generator.config
         self.stop_tokens = {int(t) for t in stop_tokens}
         self.cache = PrefixCache(prefix_cache_bytes)
@@ -107,7 +111,7 @@ class Engine:
         self._install = jax.jit(install, donate_argnums=(0,))
         self._set_row = jax.jit(set_row, donate_argnums=(0,))
         self._get_row = jax.jit(get_row)
-        self._prefill_rows = jax.jit(partial(prefill_rows, generator.forward, generator.layout),
+        self._prefill_rows = jax.jit(partial(prefill_slot_rows, generator.forward, generator.layout),
                                      donate_argnums=(1,))
         self._start_row = generator.start_flat(1, start_state)
         keys = np.zeros((B, self._key_data(0).shape[0]), np.uint32)
@@ -241,20 +245,26 @@ class Engine:
             if req.fed < todo:  # stopping at lengths whose states the cache keeps
                 upto = min([n for n in req.cache_at if n > req.fed] + [todo])
                 groups[self.gen.pieces(upto - req.fed)[0]].append(req)
-        for n, reqs in groups.items():
-            # Rows padded to a power of two (repeating the first): few shapes compile.
-            pad = [reqs[0]] * ((1 << (len(reqs) - 1).bit_length()) - len(reqs))
-            idx = np.asarray([r.slot for r in reqs + pad], np.int32)
-            tokens = np.asarray([r.prompt[r.fed: r.fed + n] for r in reqs + pad], np.int32)
-            self.carry = self._prefill_rows(self.gen.weights, self.carry, idx, tokens)
-            self.stats["prefilled_tokens"] += n * len(reqs)
-            for r in reqs:
-                r.fed += n
-                if self.cache.max_bytes and (r.fed in r.cache_at or r.fed == len(r.prompt) - 1):
-                    self.cache.put(r.prompt[: r.fed], self._get_row(self.carry, np.int32(r.slot)))
+        P = self.prefill_rows
+        for n, same in groups.items():
+            for a in range(0, len(same), P):
+                self._prefill_group(n, same[a: a + P])
         for req in [r for r in self._prefilling if r.fed >= len(r.prompt) - 1]:
             self._prefilling.remove(req)
             self._join(req)
+
+    def _prefill_group(self, n: int, reqs: list[Request]) -> None:
+        """One piece of n tokens for each of reqs in one call of 1 or prefill_rows rows (padded
+        with the first request's, which writes the same state twice): two shapes a length."""
+        pad = [reqs[0]] * ((self.prefill_rows if len(reqs) > 1 else 1) - len(reqs))
+        idx = np.asarray([r.slot for r in reqs + pad], np.int32)
+        tokens = np.asarray([r.prompt[r.fed: r.fed + n] for r in reqs + pad], np.int32)
+        self.carry = self._prefill_rows(self.gen.weights, self.carry, idx, tokens)
+        self.stats["prefilled_tokens"] += n * len(reqs)
+        for r in reqs:
+            r.fed += n
+            if self.cache.max_bytes and (r.fed in r.cache_at or r.fed == len(r.prompt) - 1):
+                self.cache.put(r.prompt[: r.fed], self._get_row(self.carry, np.int32(r.slot)))
 
     def _join(self, req: Request) -> None:
         s, i = req.sampling, req.slot
@@ -265,8 +275,17 @@ class Engine:
         self.stats["prompt_tokens"] += len(req.prompt)
 
     def compile(self) -> None:
-        """Compile the decode block for every number of rows it runs (no slot is live, so none
-        runs a step), and the prefill pieces of every length through a warm-up request."""
+        """Compile what a request may need, so none waits for a compile: the decode block for
+        every number of rows it runs (no slot is live, so none runs a step) and the prefill
+        of every piece length at 1 and prefill_rows rows (on a free slot, which admission
+        overwrites)."""
+        n = 1
+        while n <= max(self.gen.prefill_chunk, 1):
+            for rows in {1, self.prefill_rows}:
+                self.carry = self._prefill_rows(self.gen.weights, self.carry,
+                                                np.zeros(rows, np.int32),
+                                                np.zeros((rows, n), np.int32))
+            n *= 2
         used = 1
         while True:
             self.carry = self._block(used, self.gen.weights, self.carry, np.zeros_like(self.live),
