@@ -61,6 +61,9 @@ def _args():
     s.add_argument("--decode_block", type=int, default=8)
     s.add_argument("--prefill_chunk", type=int, default=256)
     s.add_argument("--no_generator", action="store_true", help="leave Generator.generate out")
+    p.add_argument("--sampling_cost", default=None, metavar="B,V",
+                   help="only time one sampling step of B rows over V tokens: greedy (argmax) "
+                        "against per-row top-k / top-p (generate.slots.draw_rows), and exit")
     return p.parse_args()
 
 
@@ -203,6 +206,31 @@ def _load(args, url: str, n: int, vocab: int, server_pid: int | None = None,
             "server_cpu": server_cpu}
 
 
+def _sampling_cost(spec: str) -> None:
+    """ms a step of per-row sampling costs beside the argmax a greedy batch takes."""
+    import jax
+    import jax.numpy as jnp
+
+    from rwkv_jax.generate.sampling import Sampling
+    from rwkv_jax.generate.slots import draw_rows
+
+    B, V = (int(x) for x in spec.split(","))
+    logits = jax.random.normal(jax.random.key(0), (B, V), jnp.float32) * 3
+    knobs = jnp.asarray(np.tile(Sampling(temperature=0.8, top_p=0.9).knobs(), (B, 1)))
+    top_k = jnp.asarray(np.arange(B) % 3 * 20, np.int32)  # 0 (none), 20, 40
+    keys = jax.vmap(lambda k: jax.random.key_data(jax.random.key(k)))(jnp.arange(B))
+    steps = {"greedy (argmax)": jax.jit(lambda l: jnp.argmax(l, axis=-1)),
+             "per-row top-k/top-p (sort)": jax.jit(lambda l: draw_rows(keys, l, knobs, top_k))}
+    for name, f in steps.items():
+        jax.block_until_ready(f(logits))
+        n, t = 20, time.perf_counter()
+        for _ in range(n):
+            out = f(logits)
+        jax.block_until_ready(out)
+        print(f"B={B} V={V} {name}: {1e3 * (time.perf_counter() - t) / n:.3f} ms/step "
+              f"({jax.devices()[0].device_kind})")
+
+
 # ----------------------------------------------------------------------------- Generator
 
 
@@ -227,6 +255,8 @@ def _generator_rows(args, pth: str, sizes: list[int]) -> dict[int, float]:
 
 def main():
     args = _args()
+    if args.sampling_cost:
+        return _sampling_cost(args.sampling_cost)
     sizes = [int(x) for x in args.clients.split(",")]
     tmp = tempfile.TemporaryDirectory()
     pth = args.official

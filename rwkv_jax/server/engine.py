@@ -3,9 +3,9 @@ state slots (continuous batching).
 
 Each turn of the loop (1) frees the slots of finished, cancelled or timed-out requests, (2) moves
 waiting requests into free slots (their state: the start state, or the longest cached prefix of
-the prompt), (3) advances every prefilling request by one piece of at most `prefill_chunk`
-tokens, requests with pieces of one length in one call, so that a long prompt stalls the others
-for at most one chunk a turn, (4) starts the fully prefilled ones and (5) runs one decode block
+the prompt), (3) advances every prefilling request by up to `prefill_chunk` tokens, requests
+with pieces of one length in one call, so that a long prompt stalls the others for at most one
+chunk a turn, (4) starts the fully prefilled ones and (5) runs one decode block
 (rwkv_jax.generate.slots) that advances every live slot. A request's state is fixed-size, so
 joining or leaving between blocks costs nothing but a row copy. Prefill goes as Generator's
 does (all but the last prompt token in Generator.pieces, the last token through the first
@@ -236,19 +236,26 @@ class Engine:
             self._prefilling.append(req)
 
     def _prefill(self) -> None:
-        """Every prefilling request advances by one piece of at most prefill_chunk tokens,
-        requests whose pieces have one length in one call (so a long prompt stalls the others
-        for one chunk a turn); the done ones join."""
-        groups = collections.defaultdict(list)
-        for req in self._prefilling:
-            todo = len(req.prompt) - 1
-            if req.fed < todo:  # stopping at lengths whose states the cache keeps
-                upto = min([n for n in req.cache_at if n > req.fed] + [todo])
-                groups[self.gen.pieces(upto - req.fed)[0]].append(req)
-        P = self.prefill_rows
-        for n, same in groups.items():
-            for a in range(0, len(same), P):
-                self._prefill_group(n, same[a: a + P])
+        """Each prefilling request advances by up to prefill_chunk tokens (its next pieces),
+        requests whose next pieces have one length in one call, so a long prompt stalls the
+        others for at most one chunk a turn; the done ones join."""
+        budget = {id(r): max(self.gen.prefill_chunk, 1) for r in self._prefilling}
+        while True:
+            groups = collections.defaultdict(list)
+            for req in self._prefilling:
+                todo = len(req.prompt) - 1
+                if req.fed < todo:  # stopping at lengths whose states the cache keeps
+                    upto = min([n for n in req.cache_at if n > req.fed] + [todo])
+                    n = self.gen.pieces(upto - req.fed)[0]
+                    if n <= budget[id(req)]:
+                        groups[n].append(req)
+            if not groups:
+                break
+            for n, same in groups.items():
+                for a in range(0, len(same), self.prefill_rows):
+                    self._prefill_group(n, same[a: a + self.prefill_rows])
+                for r in same:
+                    budget[id(r)] -= n
         for req in [r for r in self._prefilling if r.fed >= len(r.prompt) - 1]:
             self._prefilling.remove(req)
             self._join(req)
