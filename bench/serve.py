@@ -52,8 +52,9 @@ def _args():
     r = p.add_argument_group("load")
     r.add_argument("--clients", default="1,8,32,128")
     r.add_argument("--workers", type=int, default=4, help="client processes")
-    r.add_argument("--requests", type=int, default=2, help="requests each client sends, at most")
-    r.add_argument("--row_s", type=float, default=60.0, help="a row sends no request after this")
+    r.add_argument("--requests", type=int, default=1000, help="requests each client sends, at most")
+    r.add_argument("--row_s", type=float, default=10.0,
+                   help="seconds a row sends requests (those in flight then finish)")
     r.add_argument("--prompt_len", type=int, default=64)
     r.add_argument("--new_tokens", type=int, default=64)
     s = p.add_argument_group("server")
@@ -207,7 +208,8 @@ def _load(args, url: str, n: int, vocab: int, server_pid: int | None = None,
 
 
 def _sampling_cost(spec: str) -> None:
-    """ms a step of per-row sampling costs beside the argmax a greedy batch takes."""
+    """ms a step of per-row sampling (generate.slots.draw_rows) costs beside the argmax a greedy
+    batch takes, for each path it can take."""
     import jax
     import jax.numpy as jnp
 
@@ -215,20 +217,32 @@ def _sampling_cost(spec: str) -> None:
     from rwkv_jax.generate.slots import draw_rows
 
     B, V = (int(x) for x in spec.split(","))
-    logits = jax.random.normal(jax.random.key(0), (B, V), jnp.float32) * 3
-    knobs = jnp.asarray(np.tile(Sampling(temperature=0.8, top_p=0.9).knobs(), (B, 1)))
-    top_k = jnp.asarray(np.arange(B) % 3 * 20, np.int32)  # 0 (none), 20, 40
+    k1, k2 = jax.random.split(jax.random.key(0))
+    flat = jax.random.normal(k1, (B, V), jnp.float32) * 3
+    # A trained model's kind of distribution: Zipf (s = 1.5) over a shuffled vocabulary, where
+    # the 256 most likely tokens hold ~95% of the mass.
+    zipf = jax.vmap(lambda k: jax.random.permutation(k, -1.5 * jnp.log(jnp.arange(1.0, V + 1))))(
+        jax.random.split(k2, B))
     keys = jax.vmap(lambda k: jax.random.key_data(jax.random.key(k)))(jnp.arange(B))
-    steps = {"greedy (argmax)": jax.jit(lambda l: jnp.argmax(l, axis=-1)),
-             "per-row top-k/top-p (sort)": jax.jit(lambda l: draw_rows(keys, l, knobs, top_k))}
-    for name, f in steps.items():
-        jax.block_until_ready(f(logits))
-        n, t = 20, time.perf_counter()
+
+    def sampler(top_p, top_k):
+        knobs = jnp.asarray(np.tile(Sampling(temperature=0.8, top_p=top_p).knobs(), (B, 1)))
+        ks = jnp.full(B, top_k, jnp.int32)
+        return jax.jit(lambda x: draw_rows(keys, x, knobs, ks)[0])
+
+    cases = [("greedy (argmax)", jax.jit(lambda x: jnp.argmax(x, axis=-1)), zipf),
+             ("temperature only (whole vocabulary)", sampler(1.0, 0), zipf),
+             ("top_k 40", sampler(1.0, 40), zipf),
+             ("top_p 0.9, peaked logits (within the top 256)", sampler(0.9, 0), zipf),
+             ("top_p 0.9, flat logits (a full sort)", sampler(0.9, 0), flat)]
+    for name, f, x in cases:
+        jax.block_until_ready(f(x))
+        n, t = 10, time.perf_counter()
         for _ in range(n):
-            out = f(logits)
+            out = f(x)
         jax.block_until_ready(out)
-        print(f"B={B} V={V} {name}: {1e3 * (time.perf_counter() - t) / n:.3f} ms/step "
-              f"({jax.devices()[0].device_kind})")
+        print(f"| {B} x {V} | {name} | {1e3 * (time.perf_counter() - t) / n:.2f} | "
+              f"{jax.devices()[0].device_kind} |")
 
 
 # ----------------------------------------------------------------------------- Generator

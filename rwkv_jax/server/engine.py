@@ -171,7 +171,8 @@ class Engine:
     def snapshot(self) -> dict:
         """Numbers for /metrics."""
         now = time.monotonic()
-        recent = sum(n for t, n in self._recent if t > now - 10)
+        # list() copies in one step: the engine thread appends meanwhile.
+        recent = sum(n for t, n in list(self._recent) if t > now - 10)
         return {"queue": len(self._waiting), "prefilling": len(self._prefilling),
                 "busy": sum(s is not None for s in self.slots), "slots": self.max_batch,
                 "tokens_per_s": recent / 10, "cache_bytes": self.cache.bytes,
