@@ -8,12 +8,12 @@ import types
 import pytest
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from rwkv_jax.data import ByteTokenizer  # noqa: E402
-from rwkv_jax.server import protocol  # noqa: E402
-from rwkv_jax.server.app import create_app  # noqa: E402
-from rwkv_jax.server.engine import Draining  # noqa: E402
+from rwkv_jax.data import ByteTokenizer
+from rwkv_jax.server import protocol
+from rwkv_jax.server.app import create_app
+from rwkv_jax.server.engine import Draining
 
 
 class _ShuttingDown:

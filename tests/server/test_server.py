@@ -71,7 +71,7 @@ def client(server):
 
 def _metrics(url) -> dict[str, float]:
     text = httpx.get(url + "/metrics").text
-    return {m[1]: float(m[2]) for m in re.finditer(r"^(rwkv_\S+) (\S+)$", text, re.M)}
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(rwkv_\S+) (\S+)$", text, re.MULTILINE)}
 
 
 def _streamed(stream) -> tuple[str, str]:
@@ -85,7 +85,7 @@ def _streamed(stream) -> tuple[str, str]:
 
 
 def test_completions_and_chat_streamed_and_not(client):
-    kw = dict(model="tiny", max_tokens=12, temperature=0)
+    kw = {"model": "tiny", "max_tokens": 12, "temperature": 0}
     whole = client.completions.create(prompt="To be, or not", **kw)
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 12
     assert whole.usage.prompt_tokens == len(b"To be, or not")
@@ -126,7 +126,7 @@ def test_a_shared_prefix_is_prefilled_once(server, client):
     is cached: a request that shares it prefills only its tail, and a repeated prompt gets the
     same greedy text without prefilling anything."""
     system = {"role": "system", "content": "You answer in verse, briefly and kindly. " * 3}
-    chat = lambda text: client.chat.completions.create(  # noqa: E731
+    chat = lambda text: client.chat.completions.create(
         model="tiny", messages=[system, {"role": "user", "content": text}], max_tokens=4,
         temperature=0)
     chat("What is the moon?")
@@ -153,8 +153,8 @@ def test_sixteen_concurrent_streams_each_get_their_text_alone(client):
     """More clients than slots (4): the queue and joins between blocks; greedy and sampled
     rows, with penalties, in the same blocks."""
     def ask(i):
-        kw = dict(model="tiny", prompt=f"Client {i}: " + "x" * (i * 3), max_tokens=10 + i,
-                  seed=100 + i, temperature=0 if i % 3 == 0 else 0.9)
+        kw = {"model": "tiny", "prompt": f"Client {i}: " + "x" * (i * 3), "max_tokens": 10 + i,
+                  "seed": 100 + i, "temperature": 0 if i % 3 == 0 else 0.9}
         if i % 4 == 1:
             kw.update(top_p=0.7, frequency_penalty=0.5, presence_penalty=0.3)
         if i % 4 == 2:
