@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="decode steps per device call (text streams out this many at a time)")
     eng.add_argument("--prefix_cache_mb", type=float, default=64.0,
                      help="MiB of prompt-prefix states kept (0: none)")
+    eng.add_argument("--session_mb", type=float, default=16.0,
+                     help="MiB of session tokens kept for requests with session / state_id "
+                          "(0: sessions off)")
+    eng.add_argument("--session_ttl", type=float, default=3600.0,
+                     help="seconds an unused session is kept")
     return p
 
 
@@ -74,7 +79,8 @@ def _check_args(args) -> None:
                  "prefill_chunk", "prefill_rows", "decode_block"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name}={getattr(args, name)}: must be >= 1")
-    for name in ("request_timeout", "idle_timeout", "grace", "prefix_cache_mb"):
+    for name in ("request_timeout", "idle_timeout", "grace", "prefix_cache_mb", "session_mb",
+                 "session_ttl"):
         if not getattr(args, name) >= 0:
             raise InputError(f"--{name}={getattr(args, name)}: must be >= 0")
     if not 0 <= args.port < 65536:
@@ -135,6 +141,7 @@ def main(argv=None) -> int:
         return 2
     from rwkv_jax.server.app import create_app
     from rwkv_jax.server.protocol import Limits
+    from rwkv_jax.server.sessions import Sessions
 
     try:
         _check_args(args)
@@ -142,8 +149,10 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"serve: {e}", file=sys.stderr)
         return 2
+    sessions = Sessions(args.session_ttl, int(args.session_mb * 2**20)) if args.session_mb \
+        else None
     app = create_app(engine, model_name=_model_name(args), api_key=args.api_key,
-                     request_timeout=args.request_timeout,
+                     request_timeout=args.request_timeout, sessions=sessions,
                      limits=Limits(args.max_prompt_tokens, args.max_tokens_cap, args.max_n))
 
     class Server(uvicorn.Server):

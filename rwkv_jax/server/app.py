@@ -21,10 +21,11 @@ from rwkv_jax.server import protocol
 from rwkv_jax.server.engine import Draining, Engine, Event, QueueFull
 from rwkv_jax.server.engine import Request as EngineRequest
 from rwkv_jax.server.protocol import APIError, Limits, Parsed
+from rwkv_jax.server.sessions import Sessions
 
 
 def create_app(engine: Engine, *, model_name: str, limits: Limits, api_key: str | None = None,
-               request_timeout: float = 600.0) -> FastAPI:
+               request_timeout: float = 600.0, sessions: Sessions | None = None) -> FastAPI:
     app = FastAPI(title="rwkv_jax", docs_url=None, redoc_url=None)
     tokenizer, vocab = engine.gen.tokenizer, engine.config.vocab_size
     started = protocol.now()
@@ -61,14 +62,15 @@ def create_app(engine: Engine, *, model_name: str, limits: Limits, api_key: str 
                 raise APIError(f"the body is not valid JSON: {e}") from None
             parsed = protocol.parse(body, chat, tokenizer, vocab, limits)
             parsed.model = parsed.model or model_name
+            _resume(parsed, sessions, limits)
             queue: asyncio.Queue = asyncio.Queue()
             reqs = _submit(engine, mail, parsed, queue, time.monotonic() + request_timeout)
         except APIError as e:
             return _error(e)
         if parsed.stream:
-            return StreamingResponse(_stream(parsed, reqs, queue, tokenizer),
+            return StreamingResponse(_stream(parsed, reqs, queue, tokenizer, sessions),
                                      media_type="text/event-stream")
-        return await _whole(request, parsed, reqs, queue, tokenizer)
+        return await _whole(request, parsed, reqs, queue, tokenizer, sessions)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -79,6 +81,34 @@ def create_app(engine: Engine, *, model_name: str, limits: Limits, api_key: str 
         return await complete(request, chat=True)
 
     return app
+
+
+def _resume(p: Parsed, sessions: Sessions | None, limits: Limits) -> None:
+    """A session's tokens before the prompt of a request that continues it (state_id); an id
+    for a request that starts one."""
+    if not p.session:
+        return
+    if sessions is None:
+        raise APIError("sessions are off on this server (--session_mb 0)", "session")
+    if p.state_id is None:
+        p.state_id = sessions.put([])
+        return
+    history = sessions.get(p.state_id)
+    if history is None:
+        raise APIError(f"state_id {p.state_id!r} is unknown or has expired", "state_id",
+                       code="state_not_found")
+    p.prompts[0] = history + p.prompts[0]
+    p.cache_at[0] = (len(history), *(len(history) + n for n in p.cache_at[0]))
+    if len(p.prompts[0]) > limits.max_prompt_tokens:
+        raise APIError(f"the session is {len(p.prompts[0])} tokens with this prompt; this server "
+                       f"takes at most {limits.max_prompt_tokens} (--max_prompt_tokens): start "
+                       f"a new one", "state_id")
+
+
+def _keep(p: Parsed, sessions: Sessions | None, tokenizer, reply: str) -> None:
+    """The session after this turn: its prompt and the reply's text."""
+    if p.session and sessions is not None:
+        sessions.put(p.prompts[0] + (tokenizer.encode(reply) if reply else []), p.state_id)
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -156,7 +186,8 @@ def _token_texts(tokenizer, tokens: list[int]) -> list[str]:
     return texts
 
 
-async def _whole(request: Request, p: Parsed, reqs: list, queue: asyncio.Queue, tokenizer):
+async def _whole(request: Request, p: Parsed, reqs: list, queue: asyncio.Queue, tokenizer,
+                 sessions: Sessions | None):
     """A non-streaming response, once every choice has ended."""
     n = len(reqs)
     texts, reasons = [""] * n, [None] * n
@@ -188,19 +219,26 @@ async def _whole(request: Request, p: Parsed, reqs: list, queue: asyncio.Queue, 
                                protocol.logprobs_block(p.chat, _token_texts(tokenizer, toks[i]),
                                                        lps[i], 0) if p.logprobs else None)
                for i in range(n)]
-    return protocol.envelope(p.chat, protocol.new_id(p.chat), p.model, protocol.now(), choices,
+    _keep(p, sessions, tokenizer, texts[0])
+    body = protocol.envelope(p.chat, protocol.new_id(p.chat), p.model, protocol.now(), choices,
                              use=protocol.usage(prompt_tokens // p.n, completion_tokens))
+    if p.session:
+        body["state_id"] = p.state_id
+    return body
 
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def _stream(p: Parsed, reqs: list, queue: asyncio.Queue, tokenizer):
+async def _stream(p: Parsed, reqs: list, queue: asyncio.Queue, tokenizer,
+                  sessions: Sessions | None):
     """OpenAI's chunks as server-sent events; leaving early (a client gone) cancels the rest."""
     rid, created, n = protocol.new_id(p.chat), protocol.now(), len(reqs)
-    chunk = lambda choices, use=None: _sse(protocol.envelope(
-        p.chat, rid, p.model, created, choices, chunk=True, use=use))
+    extra = {"state_id": p.state_id} if p.session else {}
+    chunk = lambda choices, use=None: _sse({**protocol.envelope(
+        p.chat, rid, p.model, created, choices, chunk=True, use=use), **extra})
+    reply = ""
     offsets, left = [0] * n, set(range(n))
     prompt_tokens = completion_tokens = 0
     try:
@@ -221,12 +259,15 @@ async def _stream(p: Parsed, reqs: list, queue: asyncio.Queue, tokenizer):
                 lp = protocol.logprobs_block(p.chat, _token_texts(tokenizer, ev.tokens),
                                              ev.logprobs, offsets[i])
             offsets[i] += len(ev.text)
+            reply += ev.text if i == 0 else ""
             if ev.text or lp:
                 yield chunk([protocol.choice(p.chat, i, ev.text, None, lp, chunk=True)])
             if ev.finish_reason:
                 left.discard(i)
                 prompt_tokens += ev.prompt_tokens
                 completion_tokens += ev.completion_tokens
+                if i == 0:
+                    _keep(p, sessions, tokenizer, reply)
                 yield chunk([protocol.choice(p.chat, i, "", ev.finish_reason, chunk=True)])
         if p.include_usage:
             yield chunk([], use=protocol.usage(prompt_tokens // p.n, completion_tokens))

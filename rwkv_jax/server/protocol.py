@@ -50,6 +50,8 @@ class Parsed:
     stream: bool
     include_usage: bool
     logprobs: bool
+    session: bool = False  # the response names a state_id to continue from
+    state_id: str | None = None  # continue this session (its text comes before this prompt)
 
 
 # Fields users send that this server does not do: a 400 names them rather than ignoring them.
@@ -58,7 +60,7 @@ _UNSUPPORTED = {"suffix", "logit_bias", "tools", "tool_choice", "functions", "fu
                 "service_tier", "reasoning_effort", "web_search_options"}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n",
            "presence_penalty", "frequency_penalty", "penalty_decay", "stream", "stream_options",
-           "user", "logprobs"}
+           "user", "logprobs", "session", "state_id"}
 _COMPLETION = _COMMON | {"prompt", "echo", "best_of"}
 _CHAT = _COMMON | {"messages", "top_logprobs", "max_completion_tokens", "response_format"}
 
@@ -91,8 +93,11 @@ def parse(body, chat: bool, tokenizer, vocab_size: int, limits: Limits) -> Parse
             raise APIError(f"{name} is not supported by this server", name)
         if name not in known:
             raise APIError(f"unrecognized request argument: {name}", name)
+    state_id = _get(body, "state_id", "str", None)
+    session = _get(body, "session", "bool", False) or state_id is not None
     if chat:
-        prompts, cache_at = _chat_prompt(body.get("messages"), tokenizer, vocab_size)
+        prompts, cache_at = _chat_prompt(body.get("messages"), tokenizer, vocab_size,
+                                         continuing=state_id is not None)
         fmt = body.get("response_format")
         if fmt is not None and fmt != {"type": "text"}:
             raise APIError("response_format: only {\"type\": \"text\"} is supported",
@@ -106,13 +111,16 @@ def parse(body, chat: bool, tokenizer, vocab_size: int, limits: Limits) -> Parse
     seed = _get(body, "seed", "int", None, lambda s: -2**63 <= s < 2**63, "must fit in 64 bits")
     n = _get(body, "n", "int", 1, lambda n: 1 <= n <= limits.max_n,
              f"must be from 1 to {limits.max_n}")
+    if session and (n > 1 or len(prompts) > 1):
+        raise APIError("a session (session, state_id) takes one prompt and n = 1",
+                       "state_id" if state_id else "session")
     return Parsed(chat=chat, model=_get(body, "model", "str", ""), prompts=prompts,
                   cache_at=cache_at, n=n, max_tokens=_max_tokens(body, chat, limits),
                   sampling=_sampling(body),
                   seed=secrets.randbits(63) if seed is None else seed,
                   stop=_stop(body.get("stop")) + ([TURN_SEPARATOR] if chat else []),
                   stream=_get(body, "stream", "bool", False), include_usage=_usage(body),
-                  logprobs=_logprobs(body, chat))
+                  logprobs=_logprobs(body, chat), session=session, state_id=state_id)
 
 
 def _max_tokens(body, chat: bool, limits: Limits) -> int:
@@ -194,9 +202,10 @@ def _completion_prompts(prompt, tokenizer, vocab_size):
     return rows, [()] * len(rows)
 
 
-def _chat_prompt(messages, tokenizer, vocab_size):
+def _chat_prompt(messages, tokenizer, vocab_size, continuing: bool = False):
     """The chat rendered as RWKV's chat models read it, ending with "Assistant:"; the prefix
-    cache keeps the state after each earlier turn (a system prompt, a conversation so far)."""
+    cache keeps the state after each earlier turn (a system prompt, a conversation so far).
+    continuing: the messages follow a session's last reply (a turn separator first)."""
     if not (isinstance(messages, list) and messages):
         raise APIError("messages must be a non-empty list of {role, content}", "messages")
     turns = []
@@ -213,9 +222,10 @@ def _chat_prompt(messages, tokenizer, vocab_size):
         if m["role"] == "developer":
             m = {**m, "role": "system"}
         turns.append({"role": m["role"], "content": content})
+    lead = TURN_SEPARATOR if continuing else ""
     try:
-        text = render_chat(turns) + TURN_SEPARATOR + "Assistant:"
-        prefixes = [render_chat(turns[:i]) + TURN_SEPARATOR for i in range(1, len(turns))]
+        text = lead + render_chat(turns) + TURN_SEPARATOR + "Assistant:"
+        prefixes = [lead + render_chat(turns[:i]) + TURN_SEPARATOR for i in range(1, len(turns))]
     except ValueError as e:
         raise APIError(f"messages: {e}", "messages") from None
     ids = _encode(tokenizer, text, vocab_size, "messages")

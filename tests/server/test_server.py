@@ -149,6 +149,36 @@ def test_a_shared_prefix_is_prefilled_once(server, client):
     assert after["rwkv_prompt_tokens_prefilled_total"] == before["rwkv_prompt_tokens_prefilled_total"]
 
 
+def test_a_session_continues_without_the_history(server, client):
+    """"session": true gives a state_id; a request with it sends only its new text and gets
+    what the whole conversation sent at once gets, prefilling only the last reply and the new
+    text."""
+    kw = dict(model="tiny", max_tokens=6, temperature=0)
+    first = client.completions.create(prompt="Once upon", extra_body={"session": True}, **kw)
+    state_id = first.model_extra["state_id"]
+    before = _metrics(server["url"])
+    second = client.completions.create(prompt=" and then", extra_body={"state_id": state_id}, **kw)
+    after = _metrics(server["url"])
+    assert second.model_extra["state_id"] == state_id
+    whole = "Once upon" + first.choices[0].text + " and then"
+    assert second.usage.prompt_tokens == len(whole.encode())
+    assert (after["rwkv_prompt_tokens_prefilled_total"] - before["rwkv_prompt_tokens_prefilled_total"]
+            == len((first.choices[0].text + " and then").encode()))
+    alone = client.completions.create(prompt=whole, **kw)
+    assert second.choices[0].text == alone.choices[0].text
+
+    chat = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}],
+                                          extra_body={"session": True}, **kw)
+    more = client.chat.completions.create(
+        messages=[{"role": "user", "content": "More"}], **kw,
+        extra_body={"state_id": chat.model_extra["state_id"]})
+    reply = chat.choices[0].message.content.encode()
+    assert more.usage.prompt_tokens == (chat.usage.prompt_tokens + len(reply)
+                                        + len(b"\n\nUser: More\n\nAssistant:"))
+    with pytest.raises(openai.BadRequestError, match="unknown or has expired"):
+        client.completions.create(prompt="x", extra_body={"state_id": "st-nope"}, **kw)
+
+
 def test_sixteen_concurrent_streams_each_get_their_text_alone(client):
     """More clients than slots (4): the queue and joins between blocks; greedy and sampled
     rows, with penalties, in the same blocks."""
