@@ -153,7 +153,7 @@ def test_a_session_continues_without_the_history(server, client):
     """"session": true gives a state_id; a request with it sends only its new text and gets
     what the whole conversation sent at once gets, prefilling only the last reply and the new
     text."""
-    kw = dict(model="tiny", max_tokens=6, temperature=0)
+    kw = {"model": "tiny", "max_tokens": 6, "temperature": 0}
     first = client.completions.create(prompt="Once upon", extra_body={"session": True}, **kw)
     state_id = first.model_extra["state_id"]
     before = _metrics(server["url"])
