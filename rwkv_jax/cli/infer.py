@@ -18,64 +18,41 @@ one line on stderr and exit status 2, before anything compiles.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import math
 import os
 import re
 import sys
 import tempfile
 import time
-import warnings
 
 import numpy as np
 
+from rwkv_jax.cli.weights import (
+    InputError,
+    add_weight_args,
+    load_model,
+    load_tokenizer,
+    one_line,
+    start_state,
+)
 from rwkv_jax.data.text import DAMAGED_ARCHIVE, open_text_bytes
-from rwkv_jax.data.tokenizers import get_tokenizer
 from rwkv_jax.data.tokens import TokenFile, check_token_ids, prepare_tokens
 from rwkv_jax.evaluation.score import bits_per_byte
 from rwkv_jax.generate.decode_weights import PALLAS_REMOVED, choose_decode_kernels
 from rwkv_jax.generate.generator import Generator
 from rwkv_jax.generate.sampling import Sampling
 from rwkv_jax.generate.text import check_options, encode_prompt, run_seeds
-from rwkv_jax.io.adapter_file import export_adapter, read_adapter
-from rwkv_jax.io.checkpoint import (
-    TrainCheckpointer,
-    find_checkpoint_dir,
-    restore_params,
-    spec_of,
-)
-from rwkv_jax.io.integrity import DamagedCheckpointError
-from rwkv_jax.io.official import check_export_path, export_official, import_official
-from rwkv_jax.io.state_file import export_state, load_state, state_tree
+from rwkv_jax.io.adapter_file import export_adapter
+from rwkv_jax.io.checkpoint import find_checkpoint_dir, restore_params, spec_of
+from rwkv_jax.io.official import check_export_path, export_official
+from rwkv_jax.io.state_file import export_state, state_tree
 from rwkv_jax.kernels.cuda import decode4 as cuda_decode4
-from rwkv_jax.nn import adapters
 from rwkv_jax.kernels.cuda.decode4 import Unavailable
-
-
-class InputError(Exception):
-    """Bad input: reported in one line, exit status 2."""
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    src = p.add_argument_group("weights")
-    src.add_argument("--run_dir", default="runs/tiny",
-                     help="a training run (or its checkpoints/ directory); default runs/tiny")
-    src.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    src.add_argument("--official", default=None,
-                     help="an official RWKV-4 or RWKV-7 (x070) .pth instead of a run")
-    src.add_argument("--adapter", default=None, metavar="FILE",
-                     help="with --official: merge this adapter file into it (--export_adapter's, "
-                          "or RWKV-PEFT's LoRA / PiSSA)")
-    src.add_argument("--adapter_alpha", type=float, default=None,
-                     help="LoRA alpha of an --adapter file that records none (RWKV-PEFT's)")
-    src.add_argument("--base", default=None, metavar="PATH",
-                     help="an adapter run's base where it has moved (default: the path the run "
-                          "recorded; the file must be the same)")
-    src.add_argument("--tokenizer", default=None,
-                     help="byte | world | a tokenizers .json (default: the run's; world for --official)")
-    src.add_argument("--bf16", action="store_true", help="bfloat16 weights and matrix products")
+    add_weight_args(p)
     gen = p.add_argument_group("generation")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     gen.add_argument("--prompt_file", default=None,
@@ -133,113 +110,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _unescape(s: str) -> str:
     return s.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
-
-
-def _run_dir_of(checkpoint_dir: str) -> str:
-    return os.path.dirname(checkpoint_dir) if os.path.basename(checkpoint_dir) == "checkpoints" \
-        else checkpoint_dir
-
-
-def _run_config(run_dir: str) -> dict:
-    try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def _one_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines() or [e.__class__.__name__]
-    return lines[0][:400] + (" ..." if len(lines) > 1 or len(lines[0]) > 400 else "")
-
-
-def _quiet_failed_restore() -> None:
-    """A failed orbax restore leaves reads in flight whose errors Python would print later
-    (thousands of lines) through asyncio's logger, the unraisable hook and warnings; the one
-    line this program prints says it all."""
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    sys.unraisablehook = lambda _: None
-    warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
-
-
-def load_model(args):
-    """(model_config, params, tokenizer name or None, default chunk length) of the weights asked
-    for."""
-
-    if args.official:
-        if args.step is not None:
-            raise InputError("--step picks a checkpoint of a training run (--run_dir); "
-                             "--official reads one .pth")
-        if os.path.isdir(args.official):
-            raise InputError(f"--official {args.official!r} is a directory; it takes an official "
-                             f"RWKV .pth file (a training run's directory goes to --run_dir)")
-        try:
-            config, params = import_official(args.official)
-        except (ValueError, FileNotFoundError, ImportError) as e:
-            raise InputError(_one_line(e)) from None
-        if args.adapter:
-            params = _with_adapter(args, config, params)
-        # None: a vocabulary no tokenizer here is known for (_main says so, after the checks
-        # that need no tokenizer).
-        return config, params, args.tokenizer or _OFFICIAL_TOKENIZERS.get(config.vocab_size), 256
-    run_dir, step = args.run_dir, args.step
-    parent, name = os.path.split(os.path.abspath(run_dir))
-    if name.isdigit() and os.path.basename(parent) == "checkpoints":  # one step's directory
-        if step is not None and step != int(name):
-            raise InputError(f"--run_dir {run_dir!r} is the checkpoint of step {name}, but "
-                             f"--step {step}")
-        run_dir, step = parent, int(name)
-    try:
-        directory = find_checkpoint_dir(run_dir)
-        config, params, meta = restore_params(directory, step, base=args.base)
-    except DamagedCheckpointError as e:
-        _quiet_failed_restore()
-        others = _other_steps(directory, step)
-        raise InputError(f"{e}" + (f" (other steps there: {others}; pick one with --step)"
-                                   if others else "")) from None
-    except (ValueError, FileNotFoundError) as e:
-        _quiet_failed_restore()
-        raise InputError(_one_line(e)) from None
-    except Exception as e:  # noqa: BLE001 - orbax reports damaged files in many ways
-        _quiet_failed_restore()
-        others = _other_steps(directory, step)
-        raise InputError(f"cannot read the checkpoint in {run_dir!r}: "
-                         f"{e.__class__.__name__}: {_one_line(e)}"
-                         + (f" (other steps there: {others}; pick one with --step)" if others
-                            else "")) from None
-    run_cfg = _run_config(_run_dir_of(directory))
-    tokenizer = args.tokenizer or meta.get("tokenizer", "byte")
-    if tokenizer.startswith("hf:"):  # a name, not a path: the run's config holds the path
-        tokenizer = run_cfg.get("data", {}).get("tokenizer", tokenizer)
-    mem = run_cfg.get("memory", {})
-    chunk = meta.get("chunk_len") or (mem.get("rwkv_chunk_size") if mem.get("use_rwkv_chunking", True)
-                                      else run_cfg.get("train", {}).get("max_seq_length"))
-    return config, params, tokenizer, int(chunk or 256)
-
-
-# The tokenizer of an official .pth by its vocabulary: RWKV World models, and byte-level ones
-# (this project's exports of byte models).
-_OFFICIAL_TOKENIZERS = {65536: "world", 256: "byte"}
-
-
-def _with_adapter(args, config, params) -> dict:
-    """--official's weights with --adapter merged in (float32)."""
-    try:
-        trainable, spec = read_adapter(args.adapter, config, params, alpha=args.adapter_alpha)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        raise InputError(f"--adapter: {_one_line(e)}") from None
-    return adapters.merge(params, trainable, spec, original=True)
-
-
-def _other_steps(directory: str, step: int | None) -> list[int]:
-    """The steps of a checkpoint directory besides `step` (None: the newest), if it lists them."""
-
-    try:
-        steps = sorted(TrainCheckpointer(directory).all_steps())
-    except Exception:  # noqa: BLE001 - only a hint in a message
-        return []
-    step = steps[-1] if step is None and steps else step
-    return [s for s in steps if s != step]
 
 
 def _score_tokens(path: str, tokenizer, vocab_size: int) -> dict:
@@ -333,7 +203,7 @@ def _main(args) -> int:
     score_file = _score_tokens(args.score, tokenizer, config.vocab_size) if args.score else None
     chunk_len = args.chunk_len or chunk_len
 
-    start = _start_state(args, config)
+    start = start_state(args, config)
     _export(args, config, params)
     if not (rows or score_file):
         return 0
@@ -367,7 +237,7 @@ def _export(args, config, params) -> None:
             write()
         except (ValueError, OSError) as e:
             hint = " (--export_state_shift drop or keep)" if "shift 'drop'" in str(e) else ""
-            raise InputError(f"{_one_line(e)}{hint}") from None
+            raise InputError(f"{one_line(e)}{hint}") from None
         print(f"wrote {path}", file=sys.stderr)
 
 
@@ -383,25 +253,12 @@ def _export_adapter(args, config) -> None:
     export_adapter(trainable, spec_of(meta["adapters"]), config, args.export_adapter)
 
 
-def _start_state(args, config):
-    """--state: the initial state values of the file (rwkv_jax.io.state_file), or None."""
-    if not args.state:
-        return None
-    try:
-        return load_state(args.state, config)
-    except (ValueError, OSError, ImportError) as e:
-        raise InputError(f"--state: {_one_line(e)}") from None
-
-
 def _check_args(args) -> None:
     """What the flags alone say is wrong, before any weights are read."""
     if not (args.prompt or args.prompt_file or args.score or args.export_official
             or args.export_state or args.export_adapter):
         raise InputError("nothing to do: give --prompt/--prompt_file, --score, --export_official, "
                          "--export_adapter or --export_state")
-    if args.adapter and not args.official:
-        raise InputError("--adapter merges into an --official .pth (a run's own adapters come "
-                         "with its --run_dir)")
     for name in ("max_new_tokens", "num_samples", "chunk_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -435,20 +292,7 @@ def _tokenizer(args, config, tokenizer_name):
     if args.decode_kernels == "cuda" and not args.bf16 and config.dtype != "bfloat16":
         raise InputError(f"--decode_kernels cuda: the kernel reads bf16 weights and this model "
                          f"computes in {config.dtype}; add --bf16")
-    if tokenizer_name is None:
-        raise InputError(f"--official {args.official!r} has a vocabulary of {config.vocab_size}, "
-                         f"which is neither the World tokenizer's (65536) nor bytes' (256): name "
-                         f"its tokenizer with --tokenizer (a tokenizers .json, such as the 20B "
-                         f"tokenizer of the RWKV-4 Pile models)")
-    try:
-        tokenizer = get_tokenizer(tokenizer_name)
-    except (ValueError, ImportError, OSError) as e:
-        raise InputError(f"tokenizer {tokenizer_name!r}: {e}") from None
-    if tokenizer.vocab_size > config.vocab_size:
-        raise InputError(f"tokenizer {tokenizer_name!r} has {tokenizer.vocab_size} tokens, more "
-                         f"than this model's vocabulary of {config.vocab_size}: the model was "
-                         f"made with another tokenizer (name it with --tokenizer)")
-    return tokenizer
+    return load_tokenizer(args, config, tokenizer_name)
 
 
 def _prompt_rows(args, tokenizer, config) -> list[list[int]]:

@@ -47,7 +47,7 @@ def prefill_piece(forward, layout, weights, tokens, flat):
     return layout.flatten(state)  # the logits are unused, so XLA drops the head
 
 
-def _model_step(forward, rows, weights, state, token):
+def model_step(forward, rows, weights, state, token):
     """Logits (B, V) and the state after feeding one token per row."""
     B = token.shape[0]
     if B < rows:
@@ -77,7 +77,7 @@ def run_decode_block(forward, layout, spec, rows, weights, carry: DecodeCarry, f
 
     def body(loop):
         s, c, out = loop
-        logits, state = _model_step(forward, rows, weights, c.state, c.token)
+        logits, state = model_step(forward, rows, weights, c.state, c.token)
         if B > 1:  # finished rows keep their state; one row runs only while it consumes
             # (and the select would make XLA copy the state around an in-place kernel)
             state = keep_rows(c.consume, state, c.state)
@@ -122,7 +122,7 @@ def feed_rows(forward, layout, rows, weights, flat, tokens, counts):
     does (the replay of a row that a stop string ended in the middle of a block)."""
 
     def body(s, state):
-        _, new = _model_step(forward, rows, weights, state, tokens[:, s])
+        _, new = model_step(forward, rows, weights, state, tokens[:, s])
         return keep_rows(s < counts, new, state)
 
     state = jax.lax.fori_loop(0, tokens.shape[1], body, layout.unflatten(flat))

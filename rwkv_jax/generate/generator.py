@@ -144,6 +144,16 @@ class Generator:
     # --------------------------------------------------------------- inputs and states
 
     @property
+    def forward(self) -> Callable:
+        """forward(weights, tokens, state) of this model (decode_forward with its config)."""
+        return self._forward
+
+    @property
+    def layout(self) -> FlatLayout:
+        """How the steps keep a state flat (rwkv_jax.nn.state.FlatLayout)."""
+        return self._layout
+
+    @property
     def params(self) -> dict:
         """The parameter tree the steps read (RWKV-4 matrices in the decode layout)."""
         return self.weights.params
@@ -197,7 +207,20 @@ class Generator:
             arrays = self._consts[key] = self._put(tuple(a.copy() for a in parts))
         return arrays
 
-    def _pieces(self, n: int) -> list[int]:
+    def start_flat(self, rows: int, state: dict | None = None):
+        """A flat state of `rows` rows to prefill into: `state` (copied), else the initial one."""
+        if state is not None:
+            state = self._placed(state, rows)
+        return self.flat_state(self._learned(), state, rows)
+
+    def prefill_piece(self, flat, tokens: np.ndarray):
+        """The flat state after feeding `tokens` (rows, n) in parallel; `flat` is donated. For
+        callers that schedule prefill themselves (the server): n from pieces() compiles few
+        shapes."""
+        return self._piece(self.weights, self._put(np.asarray(tokens, np.int32)), flat)
+
+    def pieces(self, n: int) -> list[int]:
+        """The lengths that feed n tokens: prefill_chunk each, the rest in powers of two."""
         c = self.prefill_chunk
         if c <= 0:
             return [n]
@@ -221,7 +244,7 @@ class Generator:
             state = self._placed(state, len(tokens), "rows of tokens")
         flat = self.flat_state(self._learned(), state, len(tokens))
         a = 0
-        for n in self._pieces(tokens.shape[1]):
+        for n in self.pieces(tokens.shape[1]):
             flat = self._piece(self.weights, self._put(tokens[:, a : a + n]), flat)
             a += n
         return self._unflatten(flat)
@@ -422,7 +445,7 @@ class Generator:
         # arguments over faster than device_put does them one by one); the rest as kept from
         # earlier calls.
         carry = self.start_carry(self._learned(), state, keys, common[:, -1].copy(), pen)
-        weight = (self._count_weights(),) if spec.penalties else self._const(np.ones(1, np.float32))
+        weight = (self.count_weights(),) if spec.penalties else self._const(np.ones(1, np.float32))
         consts = (*self._const(stop_ids, np.int32(max_new_tokens), sampling.knobs()), *weight)
         return carry, consts
 
@@ -431,7 +454,7 @@ class Generator:
         the first decode step, which picks selection 0 from its logits (one compiled function
         fewer)."""
         L0, a = common.shape[1], 0
-        for n in self._pieces(L0 - 1) if L0 > 1 else ():
+        for n in self.pieces(L0 - 1) if L0 > 1 else ():
             carry = carry._replace(
                 state=self._piece(self.weights, self._put(common[:, a : a + n]), carry.state))
             a += n
@@ -439,7 +462,7 @@ class Generator:
             jax.block_until_ready(carry.state)
         return carry
 
-    def _count_weights(self) -> jax.Array:
+    def count_weights(self) -> jax.Array:
         """Per token: 1, or 0 where ChatRWKV leaves it out of the frequency count."""
         if self._weights is None:
             w = np.ones(self.config.vocab_size, np.float32)

@@ -64,7 +64,7 @@ GREEDY = Sampling(temperature=0.0)
 
 
 # Where each number sits in Sampling.knobs(), the array a compiled step reads them from.
-_TEMPERATURE, _TOP_P, _PRESENCE, _FREQUENCY, _DECAY = range(5)
+TEMPERATURE, TOP_P, PRESENCE, FREQUENCY, DECAY = range(5)
 
 
 class SampleSpec(NamedTuple):
@@ -92,12 +92,12 @@ class DecodeCarry(NamedTuple):
 def penalised(spec: SampleSpec, logits, carry: DecodeCarry, knobs):
     if not spec.penalties:
         return logits
-    return logits - knobs[_PRESENCE] * carry.seen - knobs[_FREQUENCY] * carry.counts
+    return logits - knobs[PRESENCE] * carry.seen - knobs[FREQUENCY] * carry.counts
 
 
 def draw(spec: SampleSpec, keys, logits, knobs):
     """A token per row from the candidates top_k / top_p leave, at the temperature."""
-    temperature, top_p = knobs[_TEMPERATURE], knobs[_TOP_P]
+    temperature, top_p = knobs[TEMPERATURE], knobs[TOP_P]
     if spec.top_k:
         vals, idx = jax.lax.top_k(logits, spec.top_k)
     elif spec.top_p:
@@ -130,7 +130,7 @@ def advance(spec: SampleSpec, logits, carry: DecodeCarry, forced_tok, forced_mas
     if spec.penalties:
         generated = ~forced_mask
         rows = jnp.arange(logits.shape[0])
-        counts = jnp.where(generated[:, None], counts * knobs[_DECAY], counts)
+        counts = jnp.where(generated[:, None], counts * knobs[DECAY], counts)
         counts = counts.at[rows, sampled].add(jnp.where(generated, weight[sampled], 0.0))
         seen = seen.at[rows, sampled].set(seen[rows, sampled] | generated)
     token = jnp.where(forced_mask, forced_tok, sampled)

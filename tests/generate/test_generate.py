@@ -240,7 +240,7 @@ def test_penalties_follow_chatrwkv():
     chex.assert_trees_all_equal(after.counts, carry.counts)
 
     g = _generator(HYBRID)
-    assert [CHARS[i] for i in np.flatnonzero(np.asarray(g._count_weights()) == 0)] == list(" 0123456789")
+    assert [CHARS[i] for i in np.flatnonzero(np.asarray(g.count_weights()) == 0)] == list(" 0123456789")
     strong = Sampling(**{**SAMPLED.__dict__, "presence_penalty": 100.0})
     tokens = g.generate(_prompt(5, 2), max_new_tokens=12, sampling=strong, seed=3).tokens[0]
     assert len(set(tokens)) == len(tokens)  # a generated token is never picked again
