@@ -7,6 +7,8 @@
     python infer.py --official RWKV-x070-World-0.1B.pth --prompt "Hi"  # RWKV-7 as well
     python infer.py --score val.txt                                # loss, perplexity, bits/byte
     python infer.py --export_official tiny.pth                     # for ChatRWKV / the rwkv package
+    python infer.py --hf rwkv7-folder --prompt "Hi"   # a Hugging Face folder (RWKV-4 or fla-hub RWKV-7)
+    python infer.py --export_hf tiny-hf               # for transformers (RWKV-4) / fla (RWKV-7)
     python infer.py --run_dir runs/st --export_state st.pth        # a tuned state, as RWKV-PEFT's
     python infer.py --official RWKV-x070-World-0.1B.pth --state st.pth --prompt "Q:"
 
@@ -43,6 +45,7 @@ from rwkv_jax.io.checkpoint import (
     find_checkpoint_dir,
     restore_params,
 )
+from rwkv_jax.io.hf import MODEL_TYPES, check_hf_dir, export_hf, hf_model_type, import_hf
 from rwkv_jax.io.integrity import DamagedCheckpointError
 from rwkv_jax.io.official import check_export_path, export_official, import_official
 from rwkv_jax.io.state_file import export_state, load_state, state_tree
@@ -62,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     src.add_argument("--official", default=None,
                      help="an official RWKV-4 or RWKV-7 (x070) .pth instead of a run")
+    src.add_argument("--hf", default=None, metavar="DIR",
+                     help="a Hugging Face folder instead of a run: transformers' RWKV-4 "
+                          "(model_type rwkv) or fla-hub's RWKV-7 (rwkv7)")
     src.add_argument("--tokenizer", default=None,
                      help="byte | world | a tokenizers .json (default: the run's; world for --official)")
     src.add_argument("--bf16", action="store_true", help="bfloat16 weights and matrix products")
@@ -102,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="tokens per chunk for --score (default: the run's chunk length, or 256)")
     other.add_argument("--export_official", default=None, metavar="OUT.pth",
                        help="write the weights as an official .pth (RWKV-4 or RWKV-7, as the model is)")
+    other.add_argument("--export_hf", default=None, metavar="DIR",
+                       help="write the weights as a Hugging Face folder with tokenizer.json (RWKV-4: "
+                            "transformers' RwkvForCausalLM; RWKV-7: fla-hub's layout)")
     other.add_argument("--export_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                        help="the tensors' dtype in the exported .pth (default float32)")
     other.add_argument("--export_state", default=None, metavar="OUT.pth",
@@ -152,6 +161,8 @@ def load_model(args):
     """(model_config, params, tokenizer name or None, default chunk length) of the weights asked
     for."""
 
+    if args.hf:
+        return _load_hf(args)
     if args.official:
         if args.step is not None:
             raise InputError("--step picks a checkpoint of a training run (--run_dir); "
@@ -167,6 +178,9 @@ def load_model(args):
         # that need no tokenizer).
         return config, params, args.tokenizer or _OFFICIAL_TOKENIZERS.get(config.vocab_size), 256
     run_dir, step = args.run_dir, args.step
+    if hf_model_type(run_dir) in MODEL_TYPES:
+        raise InputError(f"--run_dir {run_dir!r} is a Hugging Face folder, not a run: read it "
+                         "with --hf")
     parent, name = os.path.split(os.path.abspath(run_dir))
     if name.isdigit() and os.path.basename(parent) == "checkpoints":  # one step's directory
         if step is not None and step != int(name):
@@ -199,6 +213,21 @@ def load_model(args):
     chunk = meta.get("chunk_len") or (mem.get("rwkv_chunk_size") if mem.get("use_rwkv_chunking", True)
                                       else run_cfg.get("train", {}).get("max_seq_length"))
     return config, params, tokenizer, int(chunk or 256)
+
+
+def _load_hf(args):
+    """load_model for --hf: the folder's tokenizer.json, else the tokenizer its vocabulary
+    says (as for --official)."""
+    if args.official or args.step is not None:
+        raise InputError("--hf names the weights: leave out --official and --step")
+    try:
+        config, params = import_hf(args.hf)
+    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
+        raise InputError(f"--hf: {_one_line(e)}") from None
+    own = os.path.join(args.hf, "tokenizer.json")
+    tokenizer = args.tokenizer or (own if os.path.isfile(own) else
+                                   _OFFICIAL_TOKENIZERS.get(config.vocab_size))
+    return config, params, tokenizer, 256
 
 
 # The tokenizer of an official .pth by its vocabulary: RWKV World models, and byte-level ones
@@ -249,7 +278,7 @@ _JOB_FLAGS = {
                                   "decode_kernels"),
     ("--score",): ("chunk_len",),
     ("--prompt/--prompt_file", "--score"): ("bf16", "state"),
-    ("--export_official",): ("export_dtype",),
+    ("--export_official", "--export_hf"): ("export_dtype",),
     ("--export_state",): ("export_state_shift",),
 }
 
@@ -259,12 +288,14 @@ def _warn_unused(args, parser: argparse.ArgumentParser) -> None:
     --temperature beside --score alone, a --run_dir beside --official)."""
     asked = {"--prompt/--prompt_file": bool(args.prompt or args.prompt_file),
              "--score": bool(args.score), "--export_official": bool(args.export_official),
+             "--export_hf": bool(args.export_hf),
              "--export_state": bool(args.export_state)}
     unused = [f"--{name} is ignored: it is read only with {' or '.join(jobs)}"
               for jobs, names in _JOB_FLAGS.items() if not any(asked[j] for j in jobs)
               for name in names if getattr(args, name) != parser.get_default(name)]
-    if args.official and args.run_dir != parser.get_default("run_dir"):
-        unused.append("--run_dir is ignored: --official names the weights")
+    for flag in ("official", "hf"):
+        if getattr(args, flag) and args.run_dir != parser.get_default("run_dir"):
+            unused.append(f"--run_dir is ignored: --{flag} names the weights")
     for line in unused:
         print(f"infer: {line}", file=sys.stderr)
 
@@ -308,7 +339,7 @@ def _main(args) -> int:
     chunk_len = args.chunk_len or chunk_len
 
     start = _start_state(args, config)
-    _export(args, config, params)
+    _export(args, config, params, tokenizer_name)
     if not (rows or score_file):
         return 0
     # Everything is checked; from here on things compile and run.
@@ -327,11 +358,14 @@ def _main(args) -> int:
     return 0
 
 
-def _export(args, config, params) -> None:
-    """--export_official and --export_state."""
+def _export(args, config, params, tokenizer_name) -> None:
+    """--export_official, --export_hf and --export_state."""
     for path, write in (
             (args.export_official,
              lambda: export_official(params, config, args.export_official, dtype=args.export_dtype)),
+            (args.export_hf,
+             lambda: export_hf(params, config, args.export_hf, dtype=args.export_dtype,
+                               tokenizer=tokenizer_name)),
             (args.export_state,
              lambda: export_state(params, config, args.export_state, shift=args.export_state_shift))):
         if not path:
@@ -357,9 +391,9 @@ def _start_state(args, config):
 def _check_args(args) -> None:
     """What the flags alone say is wrong, before any weights are read."""
     if not (args.prompt or args.prompt_file or args.score or args.export_official
-            or args.export_state):
-        raise InputError("nothing to do: give --prompt/--prompt_file, --score, --export_official "
-                         "or --export_state")
+            or args.export_hf or args.export_state):
+        raise InputError("nothing to do: give --prompt/--prompt_file, --score, --export_official, "
+                         "--export_hf or --export_state")
     for name in ("max_new_tokens", "num_samples", "chunk_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -377,6 +411,11 @@ def _check_args(args) -> None:
                 check_export_path(path)
         except (ValueError, ImportError) as e:
             raise InputError(f"{flag}: {e}") from None
+    if args.export_hf:
+        try:
+            check_hf_dir(args.export_hf)
+        except ValueError as e:
+            raise InputError(f"--export_hf: {e}") from None
     if args.decode_kernels == "cuda":  # before the checkpoint is read
         try:
             cuda_decode4.check_device()
@@ -393,7 +432,8 @@ def _tokenizer(args, config, tokenizer_name):
         raise InputError(f"--decode_kernels cuda: the kernel reads bf16 weights and this model "
                          f"computes in {config.dtype}; add --bf16")
     if tokenizer_name is None:
-        raise InputError(f"--official {args.official!r} has a vocabulary of {config.vocab_size}, "
+        source = f"--hf {args.hf!r}" if args.hf else f"--official {args.official!r}"
+        raise InputError(f"{source} has a vocabulary of {config.vocab_size}, "
                          f"which is neither the World tokenizer's (65536) nor bytes' (256): name "
                          f"its tokenizer with --tokenizer (a tokenizers .json, such as the 20B "
                          f"tokenizer of the RWKV-4 Pile models)")

@@ -110,8 +110,8 @@ SCHEMA = {
         max_seq_length=(256, "tokens per sequence"),
         steps=(1000, "train until this step; the same command resumes up to it"),
         trainable=("all", "what trains: all | state (the learned initial state alone)"),
-        init_from=("", "start from these weights (an official .pth or a run / checkpoint dir); "
-                       "the model's shape comes from them"),
+        init_from=("", "start from these weights (an official .pth, a Hugging Face folder or a "
+                       "run / checkpoint dir); the model's shape comes from them"),
         init_state_from=("", "start the learned initial state from this state file (infer.py "
                              "--export_state, or a community time_state .pth); needs "
                              "architecture.learned_init_state"),
