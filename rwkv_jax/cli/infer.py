@@ -32,6 +32,7 @@ import warnings
 
 import numpy as np
 
+from rwkv_jax.data.hf_tokenizer import write_tokenizer
 from rwkv_jax.data.text import DAMAGED_ARCHIVE, open_text_bytes
 from rwkv_jax.data.tokenizers import get_tokenizer
 from rwkv_jax.data.tokens import TokenFile, check_token_ids, prepare_tokens
@@ -364,8 +365,8 @@ def _export(args, config, params, tokenizer_name) -> None:
             (args.export_official,
              lambda: export_official(params, config, args.export_official, dtype=args.export_dtype)),
             (args.export_hf,
-             lambda: export_hf(params, config, args.export_hf, dtype=args.export_dtype,
-                               tokenizer=tokenizer_name)),
+             lambda: (export_hf(params, config, args.export_hf, dtype=args.export_dtype),
+                      write_tokenizer(args.export_hf, tokenizer_name))),
             (args.export_state,
              lambda: export_state(params, config, args.export_state, shift=args.export_state_shift))):
         if not path:

@@ -26,7 +26,6 @@ import numpy as np
 
 from rwkv_jax.config import ModelConfig
 from rwkv_jax.config.layer_pattern import LayerKind
-from rwkv_jax.io.hf_tokenizer import write_json, write_tokenizer
 from rwkv_jax.io.official import load_official_state_dict, official_layout, official_params
 
 MODEL_TYPES = {"rwkv": "4", "rwkv7": "7"}  # config.json's model_type -> our RWKV version
@@ -293,10 +292,10 @@ def check_hf_dir(path: str | os.PathLike) -> str:
 
 
 def export_hf(params: Mapping, config: ModelConfig, path: str | os.PathLike,
-              dtype: str = "float32", tokenizer: str | None = None) -> None:
+              dtype: str = "float32") -> None:
     """Write params as a Hugging Face folder: RWKV-4 for transformers' RwkvForCausalLM, RWKV-7
-    in fla-hub's layout; config.json, model.safetensors (`dtype`), and with `tokenizer` ("byte",
-    "world" or a tokenizers .json) a tokenizer.json that encodes text to the model's ids."""
+    in fla-hub's layout; config.json and model.safetensors (`dtype`). Its tokenizer.json is
+    data.hf_tokenizer.write_tokenizer's."""
     check_hf_export(config)
     if dtype not in HF_DTYPES:
         raise ValueError(f"export_hf dtype={dtype!r}: use one of {', '.join(HF_DTYPES)}")
@@ -305,9 +304,18 @@ def export_hf(params: Mapping, config: ModelConfig, path: str | os.PathLike,
     tensors = {hf: _stored(np.asarray(_leaf(params, ours), np.float32), hf_kind)
                for hf, _, ours, hf_kind, _ in hf_layout(config.n_layer, config.version)}
     _save_safetensors(tensors, os.path.join(path, _WEIGHTS), dtype)
-    write_json(os.path.join(path, "config.json"), hf_config(config, dtype))
-    if tokenizer:
-        write_tokenizer(path, tokenizer)
+    _write_json(os.path.join(path, "config.json"), hf_config(config, dtype))
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _save_safetensors(tensors: dict, path: str, dtype: str) -> None:

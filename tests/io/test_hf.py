@@ -21,7 +21,7 @@ from conftest import TEXT, random_official_state_dict, random_x070_state_dict, r
 from rwkv_jax.config import ModelConfig
 from rwkv_jax.data.tokenizers import get_tokenizer
 from rwkv_jax.io.hf import check_hf_export, export_hf, import_hf
-from rwkv_jax.io.hf_tokenizer import write_tokenizer
+from rwkv_jax.data.hf_tokenizer import write_tokenizer
 from rwkv_jax.io.official import import_official
 
 torch = pytest.importorskip("torch", reason="parity with the rwkv package needs torch")

@@ -1,5 +1,6 @@
 """A `tokenizer.json` (Hugging Face `tokenizers`) that encodes text to our ids: bytes, or the
-RWKV World vocabulary, so that `AutoTokenizer.from_pretrained(DIR)` works on an exported folder.
+RWKV World vocabulary, so that `AutoTokenizer.from_pretrained(DIR)` works on a folder that
+io.hf.export_hf wrote.
 
 The World tokenizer (rwkv_jax.data.tokenizers) takes, at each position of the UTF-8 bytes, the
 longest vocabulary entry that matches. `tokenizers` has that algorithm: WordPiece with an empty
