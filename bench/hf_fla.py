@@ -2,13 +2,15 @@
 model on the same folder (issue 35: the fla-hub layout means the same model to fla as to us).
 
     python3 bench/hf_fla.py [--n_embd 768 --n_layer 12 --vocab 65536 --tokens 1024]
+    python3 bench/hf_fla.py --peer rwkv7-hf --n_embd 256 --n_layer 4 --vocab 4096   # a CPU
 
 A random RWKV-7 (our init moved far from itself, so no weight is zero or at its init) is
 exported in bfloat16; fla (its chunk kernel and fused norms, as `import fla;
 AutoModelForCausalLM.from_pretrained(DIR)` runs it), and ours (float32, and bfloat16 as
 `infer.py --bf16` runs it) compute the logits of the same tokens from that folder. The table
 gives each one's relative error against our float32 and how often its argmax agrees. On a CPU
-in float32, tests/io/test_hf.py checks rwkv7-hf against the `rwkv` package to 1e-5.
+in float32, tests/io/test_hf.py checks rwkv7-hf against the `rwkv` package to 1e-5; `--peer
+rwkv7-hf` puts that pure-PyTorch RWKV7ForCausalLM in fla's place (where no GPU is).
 """
 
 from __future__ import annotations
@@ -45,15 +47,19 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def fla_logits(folder: str, tokens: np.ndarray, dtype) -> np.ndarray:
-    import fla  # noqa: F401, PLC0415 - registers model_type rwkv7 with transformers
+def peer_logits(peer: str, folder: str, tokens: np.ndarray, dtype) -> np.ndarray:
     import torch  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).cuda().eval()
-    print(f"fla model: {type(model).__module__}.{type(model).__name__} {dtype}")
+    if peer == "fla":
+        import fla  # noqa: F401, PLC0415 - registers model_type rwkv7 with transformers
+        from transformers import AutoModelForCausalLM as cls  # noqa: PLC0415, N813
+    else:
+        from rwkv7_hf import RWKV7ForCausalLM as cls  # noqa: PLC0415, N813
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = cls.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+    print(f"{peer}: {type(model).__module__}.{type(model).__name__} {dtype} on {device}")
     with torch.no_grad():
-        out = model(torch.as_tensor(tokens, device="cuda")).logits
+        out = model(torch.as_tensor(tokens, device=device)).logits
     return out.float().cpu().numpy()
 
 
@@ -64,6 +70,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=65536)
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--peer", choices=("fla", "rwkv7-hf"), default="fla")
     args = p.parse_args()
     config = ModelConfig(version="7", vocab_size=args.vocab, n_layer=args.n_layer,
                          n_embd=args.n_embd, head_size=64)
@@ -77,8 +84,8 @@ def main() -> None:
         ours16 = np.asarray(jax.jit(RWKV(bf16).apply)(
             {"params": inference_params(params)}, jnp.asarray(tokens))[0], np.float32)
         rows = [("ours bfloat16 (infer.py --bf16)", ours16),
-                ("fla bfloat16", fla_logits(tmp, tokens, "bfloat16")),
-                ("fla float32", fla_logits(tmp, tokens, "float32"))]
+                *((f"{args.peer} {d}", peer_logits(args.peer, tmp, tokens, d))
+                  for d in ("bfloat16", "float32"))]
     print(f"RWKV-7 n_embd {args.n_embd} n_layer {args.n_layer} vocab {args.vocab}, "
           f"{args.batch} x {args.tokens} tokens; against ours in float32 on the same folder")
     print(f"{'':34s} {'rel. error':>10s} {'argmax agrees':>14s}")
