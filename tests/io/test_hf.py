@@ -74,7 +74,7 @@ def _same_tree(a, b) -> bool:
 
 
 def test_transformers_runs_our_rwkv4_export_as_the_rwkv_package(v4):
-    tmp, _, _ = v4
+    tmp, config, params = v4
     model, info = transformers.RwkvForCausalLM.from_pretrained(tmp / "hf", output_loading_info=True)
     assert not any(info.values()), info  # every tensor named as transformers names it
     with torch.no_grad():
@@ -82,6 +82,10 @@ def test_transformers_runs_our_rwkv4_export_as_the_rwkv_package(v4):
     want, _ = rwkv_model.RWKV(model=str(tmp / "model.pth"), strategy="cpu fp32").forward(
         TOKENS, None, full_output=True)
     assert rel_err(got, want.numpy()) <= 1e-5
+    # A folder transformers itself saved (its config.json, its names) reads as the same model.
+    model.train().save_pretrained(tmp / "saved")  # train(): the weights as stored, not rescaled
+    got_config, got_params = import_hf(tmp / "saved")
+    assert got_config == config and _same_tree(got_params, params)
 
 
 def test_rwkv7_hf_runs_our_rwkv7_export_as_the_rwkv_package(v7):
@@ -94,6 +98,15 @@ def test_rwkv7_hf_runs_our_rwkv7_export_as_the_rwkv_package(v7):
     with torch.no_grad():
         got = model.eval()(torch.tensor([TOKENS])).logits[0].numpy()
     assert rel_err(got, np.load(tmp / "want.npy")) <= 1e-5
+
+
+def test_a_folder_rwkv7_hf_converted_from_the_pth_imports_as_the_pth(v7, tmp_path):
+    from rwkv7_hf import converter
+
+    tmp, config, params = v7
+    converter.main(["--input", str(tmp / "model.pth"), "--output", str(tmp_path), "--precision", "fp32"])
+    got_config, got = import_hf(tmp_path)
+    assert got_config == config and _same_tree(got, params)
 
 
 @pytest.mark.parametrize("version", ["4", "7"])
