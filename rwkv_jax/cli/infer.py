@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="a Hugging Face folder instead of a run: transformers' RWKV-4 "
                           "(model_type rwkv) or fla-hub's RWKV-7 (rwkv7)")
     src.add_argument("--tokenizer", default=None,
-                     help="byte | world | a tokenizers .json (default: the run's; world for --official)")
+                     help="byte | world | a tokenizers .json (default: the run's; world for --official; "
+                          "a --hf folder's tokenizer.json)")
     src.add_argument("--bf16", action="store_true", help="bfloat16 weights and matrix products")
     gen = p.add_argument_group("generation")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
@@ -113,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="write the weights as a Hugging Face folder with tokenizer.json (RWKV-4: "
                             "transformers' RwkvForCausalLM; RWKV-7: fla-hub's layout)")
     other.add_argument("--export_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                       help="the tensors' dtype in the exported .pth (default float32)")
+                       help="the tensors' dtype in the exported .pth or folder (default float32)")
     other.add_argument("--export_state", default=None, metavar="OUT.pth",
                        help="write the run's learned initial state as a state file (RWKV-7: the "
                             "community's time_state file; docs/inference.md)")
