@@ -7,6 +7,8 @@
     python infer.py --official RWKV-x070-World-0.1B.pth --prompt "Hi"  # RWKV-7 as well
     python infer.py --score val.txt                                # loss, perplexity, bits/byte
     python infer.py --export_official tiny.pth                     # for ChatRWKV / the rwkv package
+    python infer.py --hf rwkv7-folder --prompt "Hi"   # a Hugging Face folder (RWKV-4 or fla-hub RWKV-7)
+    python infer.py --export_hf tiny-hf               # for transformers (RWKV-4) / fla (RWKV-7)
     python infer.py --run_dir runs/st --export_state st.pth        # a tuned state, as RWKV-PEFT's
     python infer.py --official RWKV-x070-World-0.1B.pth --state st.pth --prompt "Q:"
 
@@ -35,6 +37,7 @@ from rwkv_jax.cli.weights import (
     one_line,
     start_state,
 )
+from rwkv_jax.data.hf_tokenizer import write_tokenizer
 from rwkv_jax.data.text import DAMAGED_ARCHIVE, open_text_bytes
 from rwkv_jax.data.tokens import TokenFile, check_token_ids, prepare_tokens
 from rwkv_jax.evaluation.score import bits_per_byte
@@ -44,6 +47,7 @@ from rwkv_jax.generate.sampling import Sampling
 from rwkv_jax.generate.text import check_options, encode_prompt, run_seeds
 from rwkv_jax.io.adapter_file import export_adapter
 from rwkv_jax.io.checkpoint import find_checkpoint_dir, restore_params, spec_of
+from rwkv_jax.io.hf import check_hf_dir, export_hf
 from rwkv_jax.io.official import check_export_path, export_official
 from rwkv_jax.io.state_file import export_state, state_tree
 from rwkv_jax.kernels.cuda import decode4 as cuda_decode4
@@ -90,8 +94,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="tokens per chunk for --score (default: the run's chunk length, or 256)")
     other.add_argument("--export_official", default=None, metavar="OUT.pth",
                        help="write the weights as an official .pth (RWKV-4 or RWKV-7, as the model is)")
+    other.add_argument("--export_hf", default=None, metavar="DIR",
+                       help="write the weights as a Hugging Face folder with tokenizer.json (RWKV-4: "
+                            "transformers' RwkvForCausalLM; RWKV-7: fla-hub's layout)")
     other.add_argument("--export_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                       help="the tensors' dtype in the exported .pth (default float32)")
+                       help="the tensors' dtype in the exported .pth or folder (default float32)")
     other.add_argument("--export_adapter", default=None, metavar="OUT.pth",
                        help="write an adapter run's adapters in RWKV-PEFT's naming (LoRA alpha "
                             "recorded; PiSSA's initial factors beside, OUT.pissa_init.pth)")
@@ -144,7 +151,7 @@ _JOB_FLAGS = {
                                   "decode_kernels"),
     ("--score",): ("chunk_len",),
     ("--prompt/--prompt_file", "--score"): ("bf16", "state"),
-    ("--export_official",): ("export_dtype",),
+    ("--export_official", "--export_hf"): ("export_dtype",),
     ("--export_state",): ("export_state_shift",),
 }
 
@@ -154,13 +161,15 @@ def _warn_unused(args, parser: argparse.ArgumentParser) -> None:
     --temperature beside --score alone, a --run_dir beside --official)."""
     asked = {"--prompt/--prompt_file": bool(args.prompt or args.prompt_file),
              "--score": bool(args.score), "--export_official": bool(args.export_official),
+             "--export_hf": bool(args.export_hf),
              "--export_state": bool(args.export_state),
              "--export_adapter": bool(args.export_adapter)}
     unused = [f"--{name} is ignored: it is read only with {' or '.join(jobs)}"
               for jobs, names in _JOB_FLAGS.items() if not any(asked[j] for j in jobs)
               for name in names if getattr(args, name) != parser.get_default(name)]
-    if args.official and args.run_dir != parser.get_default("run_dir"):
-        unused.append("--run_dir is ignored: --official names the weights")
+    for flag in ("official", "hf"):
+        if getattr(args, flag) and args.run_dir != parser.get_default("run_dir"):
+            unused.append(f"--run_dir is ignored: --{flag} names the weights")
     for line in unused:
         print(f"infer: {line}", file=sys.stderr)
 
@@ -204,7 +213,7 @@ def _main(args) -> int:
     chunk_len = args.chunk_len or chunk_len
 
     start = start_state(args, config)
-    _export(args, config, params)
+    _export(args, config, params, tokenizer_name)
     if not (rows or score_file):
         return 0
     # Everything is checked; from here on things compile and run.
@@ -223,12 +232,15 @@ def _main(args) -> int:
     return 0
 
 
-def _export(args, config, params) -> None:
-    """--export_official, --export_adapter and --export_state."""
+def _export(args, config, params, tokenizer_name) -> None:
+    """--export_official, --export_hf, --export_adapter and --export_state."""
     for path, write in (
             (args.export_adapter, lambda: _export_adapter(args, config)),
             (args.export_official,
              lambda: export_official(params, config, args.export_official, dtype=args.export_dtype)),
+            (args.export_hf,
+             lambda: (export_hf(params, config, args.export_hf, dtype=args.export_dtype),
+                      write_tokenizer(args.export_hf, tokenizer_name))),
             (args.export_state,
              lambda: export_state(params, config, args.export_state, shift=args.export_state_shift))):
         if not path:
@@ -256,9 +268,9 @@ def _export_adapter(args, config) -> None:
 def _check_args(args) -> None:
     """What the flags alone say is wrong, before any weights are read."""
     if not (args.prompt or args.prompt_file or args.score or args.export_official
-            or args.export_state or args.export_adapter):
+            or args.export_hf or args.export_state or args.export_adapter):
         raise InputError("nothing to do: give --prompt/--prompt_file, --score, --export_official, "
-                         "--export_adapter or --export_state")
+                         "--export_hf, --export_adapter or --export_state")
     for name in ("max_new_tokens", "num_samples", "chunk_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -277,6 +289,11 @@ def _check_args(args) -> None:
                 check_export_path(path)
         except (ValueError, ImportError) as e:
             raise InputError(f"{flag}: {e}") from None
+    if args.export_hf:
+        try:
+            check_hf_dir(args.export_hf)
+        except ValueError as e:
+            raise InputError(f"--export_hf: {e}") from None
     if args.decode_kernels == "cuda":  # before the checkpoint is read
         try:
             cuda_decode4.check_device()

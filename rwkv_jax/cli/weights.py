@@ -1,6 +1,6 @@
 """The weights a command line serves or generates from: a training run (--run_dir/--step; an
-adapter run's merged into its base) or an official .pth (--official, with an --adapter file
-merged in), its tokenizer (--tokenizer) and a state file (--state), read and
+adapter run's merged into its base), an official .pth (--official) or a Hugging Face folder
+(--hf), either with an --adapter file merged in, its tokenizer (--tokenizer) and a state file (--state), read and
 checked with one line per problem (InputError) before anything compiles. Shared by rwkv-infer
 and rwkv-serve.
 """
@@ -21,6 +21,7 @@ from rwkv_jax.io.checkpoint import (
     find_checkpoint_dir,
     restore_params,
 )
+from rwkv_jax.io.hf import MODEL_TYPES, hf_model_type, import_hf
 from rwkv_jax.io.integrity import DamagedCheckpointError
 from rwkv_jax.io.official import import_official
 from rwkv_jax.io.state_file import load_state
@@ -63,9 +64,11 @@ def load_model(args):
     """(model_config, params, tokenizer name or None, default chunk length) of the weights asked
     for."""
 
+    if args.hf:
+        return _load_hf(args)
     if args.adapter and not args.official:
-        raise InputError("--adapter merges into an --official .pth (a run's own adapters come "
-                         "with its --run_dir)")
+        raise InputError("--adapter merges into an --official .pth or a --hf folder (a run's own "
+                         "adapters come with its --run_dir)")
     if args.official:
         if args.step is not None:
             raise InputError("--step picks a checkpoint of a training run (--run_dir); "
@@ -83,6 +86,9 @@ def load_model(args):
         # that need no tokenizer).
         return config, params, args.tokenizer or _OFFICIAL_TOKENIZERS.get(config.vocab_size), 256
     run_dir, step = args.run_dir, args.step
+    if hf_model_type(run_dir) in MODEL_TYPES:
+        raise InputError(f"--run_dir {run_dir!r} is a Hugging Face folder, not a run: read it "
+                         "with --hf")
     parent, name = os.path.split(os.path.abspath(run_dir))
     if name.isdigit() and os.path.basename(parent) == "checkpoints":  # one step's directory
         if step is not None and step != int(name):
@@ -115,6 +121,23 @@ def load_model(args):
     chunk = meta.get("chunk_len") or (mem.get("rwkv_chunk_size") if mem.get("use_rwkv_chunking", True)
                                       else run_cfg.get("train", {}).get("max_seq_length"))
     return config, params, tokenizer, int(chunk or 256)
+
+
+def _load_hf(args):
+    """load_model for --hf: the folder's tokenizer.json, else the tokenizer its vocabulary
+    says (as for --official)."""
+    if args.official or args.step is not None:
+        raise InputError("--hf names the weights: leave out --official and --step")
+    try:
+        config, params = import_hf(args.hf)
+    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
+        raise InputError(f"--hf: {one_line(e)}") from None
+    if args.adapter:
+        params = _with_adapter(args, config, params)
+    own = os.path.join(args.hf, "tokenizer.json")
+    tokenizer = args.tokenizer or (own if os.path.isfile(own) else
+                                   _OFFICIAL_TOKENIZERS.get(config.vocab_size))
+    return config, params, tokenizer, 256
 
 
 def _with_adapter(args, config, params) -> dict:
@@ -161,8 +184,11 @@ def add_weight_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     src.add_argument("--official", default=None,
                      help="an official RWKV-4 or RWKV-7 (x070) .pth instead of a run")
+    src.add_argument("--hf", default=None, metavar="DIR",
+                     help="a Hugging Face folder instead of a run: transformers' RWKV-4 "
+                          "(model_type rwkv) or fla-hub's RWKV-7 (rwkv7)")
     src.add_argument("--adapter", default=None, metavar="FILE",
-                     help="with --official: merge this adapter file into it (--export_adapter's, "
+                     help="with --official or --hf: merge this adapter file into it (--export_adapter's, "
                           "or RWKV-PEFT's LoRA / PiSSA)")
     src.add_argument("--adapter_alpha", type=float, default=None,
                      help="LoRA alpha of an --adapter file that records none (RWKV-PEFT's)")
@@ -170,14 +196,16 @@ def add_weight_args(p: argparse.ArgumentParser) -> None:
                      help="an adapter run's base where it has moved (default: the path the run "
                           "recorded; the file must be the same)")
     src.add_argument("--tokenizer", default=None,
-                     help="byte | world | a tokenizers .json (default: the run's; world for --official)")
+                     help="byte | world | a tokenizers .json (default: the run's; world for --official; "
+                          "a --hf folder's tokenizer.json)")
     src.add_argument("--bf16", action="store_true", help="bfloat16 weights and matrix products")
 
 
 def load_tokenizer(args, config, tokenizer_name):
     """The model's tokenizer, checked against the model's vocabulary."""
     if tokenizer_name is None:
-        raise InputError(f"--official {args.official!r} has a vocabulary of {config.vocab_size}, "
+        source = f"--hf {args.hf!r}" if args.hf else f"--official {args.official!r}"
+        raise InputError(f"{source} has a vocabulary of {config.vocab_size}, "
                          f"which is neither the World tokenizer's (65536) nor bytes' (256): name "
                          f"its tokenizer with --tokenizer (a tokenizers .json, such as the 20B "
                          f"tokenizer of the RWKV-4 Pile models)")

@@ -112,8 +112,8 @@ SCHEMA = {
         trainable=("all", "what trains: all | state (the learned initial state alone) | lora | "
                           "pissa (low-rank adapters over the frozen bf16 base of "
                           "train.init_from; train.lora.*)"),
-        init_from=("", "start from these weights (an official .pth or a run / checkpoint dir); "
-                       "the model's shape comes from them"),
+        init_from=("", "start from these weights (an official .pth, a Hugging Face folder or a "
+                       "run / checkpoint dir); the model's shape comes from them"),
         init_state_from=("", "start the learned initial state from this state file (infer.py "
                              "--export_state, or a community time_state .pth); needs "
                              "architecture.learned_init_state"),

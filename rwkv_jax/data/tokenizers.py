@@ -61,6 +61,11 @@ def _load_world_trie():
         return TRIE_TOKENIZER(str(vocab_path))
 
 
+def world_vocabulary() -> dict[int, bytes]:
+    """The World vocabulary: id -> the bytes it stands for (id 0, the separator, is not listed)."""
+    return dict(_load_world_trie().idx2token)
+
+
 class WorldTokenizer:
     """The RWKV World tokenizer, using the vocabulary shipped with the `rwkv` package."""
 

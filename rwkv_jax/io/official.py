@@ -126,7 +126,7 @@ def import_torch():
 
 
 def from_official(t, kind: str) -> np.ndarray:
-    a = t.detach().cpu().float().numpy()
+    a = t.detach().cpu().float().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
     if kind == "linear":
         return np.ascontiguousarray(a.T)
     if kind == "mix":
@@ -215,8 +215,13 @@ def import_official(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
     LoRA ranks) come from the tensors. The params are float32 numpy arrays in our tree
     (jnp.asarray them, or hand them to jax.device_put).
     """
-    sd = load_official_state_dict(path)
-    where = repr(os.fspath(path))
+    return official_params(load_official_state_dict(path), repr(os.fspath(path)))
+
+
+def official_params(sd: Mapping, where: str) -> tuple[ModelConfig, dict]:
+    """(model_config, params) of an official RWKV-4 or RWKV-7 state dict (torch tensors or
+    numpy arrays by official name), its dimensions read from the tensors; ValueError naming
+    `where` and the tensor otherwise."""
     version = official_version(sd)
     if version == "4":
         for marker, name in _LATER_VERSIONS.items():

@@ -37,6 +37,7 @@ from rwkv_jax.io.checkpoint import (
     model_config_of,
     restore_params,
 )
+from rwkv_jax.io.hf import hf_model_type, import_hf
 from rwkv_jax.io.official import import_official
 from rwkv_jax.io.integrity import DamagedCheckpointError, cause_line
 from rwkv_jax.nn import adapters
@@ -337,12 +338,15 @@ def _adapters(cfg, mc: ModelConfig):
 
 
 def read_init_from(path: str) -> tuple[ModelConfig, dict]:
-    """(the model config, the weights by keystr path) of `train.init_from`: an official .pth or
-    a run / checkpoint directory, checked (readable, finite, floating point); ConfigError
-    naming the field otherwise."""
+    """(the model config, the weights by keystr path) of `train.init_from`: an official .pth, a
+    Hugging Face folder (its config.json names an RWKV model_type) or a run / checkpoint
+    directory, checked (readable, finite, floating point); ConfigError naming the field
+    otherwise."""
     try:
         if os.path.isfile(path):
             source, loaded = import_official(path)
+        elif hf_model_type(path) is not None:
+            source, loaded = import_hf(path)
         else:
             source, loaded, _ = restore_params(path)
     except (ValueError, FileNotFoundError, ImportError) as e:  # said by the readers in one line
