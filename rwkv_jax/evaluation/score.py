@@ -39,14 +39,20 @@ def score_documents(apply_fn, params, docs, chunk_len: int, max_tokens: int | No
                     rows: int = 8) -> tuple[float, int, int]:
     """Loss of documents as training sees a jsonl row: each from the start state (learned,
     where the model has one), only its trained targets counted (an assistant's tokens), fed
-    through the state chunk by chunk. `docs` has num_docs and document(i) -> (tokens, mask)
-    (data.jsonl.DocumentFile). Documents go `rows` at a time, padded (pads are masked); with
-    max_tokens, documents are taken in order until that many targets are counted.
+    through the state chunk by chunk, whole (training cuts a row at train.max_seq_length + 1;
+    the state carries a validation document to its end). `docs` has num_docs and document(i)
+    -> (tokens, mask) (data.jsonl.DocumentFile). Documents go `rows` at a time, padded (pads
+    are masked); with max_tokens, documents are taken in order until that many targets are
+    counted.
 
     Returns (sum of losses in nats, targets counted, documents scored)."""
     total, count, scored = 0.0, 0, 0
     for first in range(0, docs.num_docs, rows):
-        batch = [docs.document(i) for i in range(first, min(first + rows, docs.num_docs))]
+        batch = [d for d in (docs.document(i) for i in range(first, min(first + rows,
+                                                                          docs.num_docs)))
+                 if d[1][1:].any()]  # a document with no trained target scores nothing
+        if not batch:
+            continue
         span = -(-max(len(t) - 1 for t, _ in batch) // chunk_len) * chunk_len
         x, y = np.zeros((2, rows, max(span, chunk_len)), np.int32)
         m = np.zeros(x.shape, np.float32)
@@ -72,7 +78,7 @@ def evaluate(config: ModelConfig, params, token_file, chunk_len: int,
     that does not know its text's bytes (binidx, jsonl). A source of documents (jsonl) is
     scored document by document on their trained tokens (score_documents), as it trains."""
     apply_fn = jitted_apply(RWKV(config))
-    if hasattr(token_file, "document"):
+    if hasattr(token_file, "loss_mask"):  # documents with trained targets (jsonl)
         total, count, scored = score_documents(apply_fn, params, token_file, chunk_len, max_tokens)
         return {"loss": total / max(count, 1), "bpb": None, "tokens": count, "documents": scored}
     tokens = np.asarray(token_file.tokens)

@@ -314,3 +314,9 @@ def test_documents_are_evaluated_one_by_one_on_their_trained_tokens(docs):
         assert ev["tokens"] == count and ev["documents"] == docs.num_docs and ev["bpb"] is None
         assert ev["loss"] == pytest.approx(total / count, rel=1e-5)
     assert evaluate(config, params, docs, 8, max_tokens=5)["documents"] == 8  # one batch
+    # Other sources with documents (binidx) are one stream, as before.
+    from rwkv_jax.data.binidx import BinIdx, write_binidx
+
+    prefix = write_binidx(docs.path.parent / "v", [docs.document(i)[0] for i in range(3)])
+    stream = evaluate(config, params, BinIdx(prefix), 8)
+    assert "documents" not in stream and stream["tokens"] == int(docs.starts[3]) - 1
