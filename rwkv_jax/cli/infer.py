@@ -199,6 +199,11 @@ def _decode_kernels(args, config, rows: int):
 
 def _main(args) -> int:
     _check_args(args)
+    if args.export_adapter:  # the run's adapters alone: the base is not read
+        _export_one(args.export_adapter, lambda: _export_adapter(args))
+        if not (args.prompt or args.prompt_file or args.score or args.export_official
+                or args.export_hf or args.export_state):
+            return 0
     config, params, tokenizer_name, chunk_len = load_model(args)
     tokenizer = _tokenizer(args, config, tokenizer_name)
     rows = _prompt_rows(args, tokenizer, config)
@@ -233,9 +238,8 @@ def _main(args) -> int:
 
 
 def _export(args, config, params, tokenizer_name) -> None:
-    """--export_official, --export_hf, --export_adapter and --export_state."""
+    """--export_official, --export_hf and --export_state."""
     for path, write in (
-            (args.export_adapter, lambda: _export_adapter(args, config)),
             (args.export_official,
              lambda: export_official(params, config, args.export_official, dtype=args.export_dtype)),
             (args.export_hf,
@@ -243,21 +247,26 @@ def _export(args, config, params, tokenizer_name) -> None:
                       write_tokenizer(args.export_hf, tokenizer_name))),
             (args.export_state,
              lambda: export_state(params, config, args.export_state, shift=args.export_state_shift))):
-        if not path:
-            continue
-        try:
-            write()
-        except (ValueError, OSError) as e:
-            hint = " (--export_state_shift drop or keep)" if "shift 'drop'" in str(e) else ""
-            raise InputError(f"{one_line(e)}{hint}") from None
-        print(f"wrote {path}", file=sys.stderr)
+        if path:
+            _export_one(path, write)
 
 
-def _export_adapter(args, config) -> None:
+def _export_one(path: str, write) -> None:
+    """write(), its failure one line (InputError), its success a line on stderr."""
+    try:
+        write()
+    except (ValueError, OSError, ImportError) as e:
+        hint = " (--export_state_shift drop or keep)" if "shift 'drop'" in str(e) else ""
+        raise InputError(f"{one_line(e)}{hint}") from None
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _export_adapter(args) -> None:
     """The adapters of the run --run_dir names (their checkpoint holds nothing else)."""
-    if args.official:
+    if args.official or args.hf:
         raise ValueError("--export_adapter writes a run's adapters: give its --run_dir")
-    _, trainable, meta = restore_params(find_checkpoint_dir(args.run_dir), args.step, merged=False)
+    config, trainable, meta = restore_params(find_checkpoint_dir(args.run_dir), args.step,
+                                             merged=False)
     if "adapters" not in meta:
         raise ValueError(f"{args.run_dir!r} trained no adapters (train.trainable="
                          f"{meta.get('run_shape', {}).get('train.trainable', 'all')!r}); "

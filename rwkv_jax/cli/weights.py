@@ -143,7 +143,8 @@ def _load_hf(args):
 def _with_adapter(args, config, params) -> dict:
     """--official's weights with --adapter merged in (float32)."""
     try:
-        trainable, spec = read_adapter(args.adapter, config, params, alpha=args.adapter_alpha)
+        trainable, spec = read_adapter(args.adapter, config, params, alpha=args.adapter_alpha,
+                                       pissa_init=args.adapter_init)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise InputError(f"--adapter: {one_line(e)}") from None
     return adapters.merge(params, trainable, spec, original=True)
@@ -192,6 +193,9 @@ def add_weight_args(p: argparse.ArgumentParser) -> None:
                           "or RWKV-PEFT's LoRA / PiSSA)")
     src.add_argument("--adapter_alpha", type=float, default=None,
                      help="LoRA alpha of an --adapter file that records none (RWKV-PEFT's)")
+    src.add_argument("--adapter_init", default=None, metavar="FILE",
+                     help="PiSSA's initial factors for --adapter (RWKV-PEFT's init_pissa.pth; "
+                          "ours lie beside the adapter file)")
     src.add_argument("--base", default=None, metavar="PATH",
                      help="an adapter run's base where it has moved (default: the path the run "
                           "recorded; the file must be the same)")

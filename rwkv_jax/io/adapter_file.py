@@ -6,7 +6,8 @@ parameters trained whole under theirs (`blocks.0.ln1.weight`). RWKV-PEFT takes a
 merge command line, not from the file; we record it in a 0-d entry, `lora_alpha`, whose name
 its merge scripts pass by (they keep only keys without "lora"). PiSSA's merge also needs the
 factors the run started from: written beside, `<stem>.pissa_init.pth`, with RWKV-PEFT's
-`<module>.init_lora_A` / `.init_lora_B`, and alpha recorded as r (PiSSA scales by 1).
+`<module>.init_lora_A` / `.init_lora_B`; the file records `lora_pissa` (PiSSA scales by 1).
+RWKV-PEFT's own PiSSA output records nothing: its init_pissa.pth is named by the reader.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from rwkv_jax.io.official import (
 )
 from rwkv_jax.nn import adapters as ad
 
-ALPHA = "lora_alpha"
+ALPHA, PISSA = "lora_alpha", "lora_pissa"
 
 
 def init_path(path: str | os.PathLike) -> str:
@@ -64,11 +65,14 @@ def export_adapter(trainable: dict, spec: ad.AdapterSpec, config: ModelConfig,
     for leaf, value in ad.leaf_paths(trainable.get(ad.TUNED, {})):
         name, kind = name_of(leaf)
         sd[name] = to_official(np.asarray(value), kind, torch, torch.float32)
-    alpha = spec.rank if spec.method == "pissa" else spec.alpha
-    sd[ALPHA] = torch.tensor(float(alpha))
     written = [path]
     inits = trainable.get(ad.PISSA_INIT)
-    if inits:
+    if not inits:
+        sd[ALPHA] = torch.tensor(float(spec.alpha))
+        if os.path.exists(init_path(path)):  # an earlier PiSSA export's: not this file's
+            os.remove(init_path(path))
+    else:
+        sd[PISSA] = torch.tensor(1.0)
         init_sd = {}
         for d, f in ad.adapted(inits, "init_lora_A"):
             prefix = name_of(d + ("kernel",))[0].removesuffix(".weight")
@@ -85,13 +89,16 @@ def read_adapter(path: str | os.PathLike, config: ModelConfig, params: dict,
                  pissa_init: str | None = None) -> tuple[dict, ad.AdapterSpec]:
     """(trainable tree, spec) of an adapter file for the model `config` with weights (or
     shapes) `params`; ValueError in one line for a file of another model, version or rank.
-    alpha: where the file records none (RWKV-PEFT's own). pissa_init: PiSSA's initial factors
-    (default: `<stem>.pissa_init.pth` beside the file, if there)."""
+    alpha: where the file records none (RWKV-PEFT's own; one the file records must agree).
+    pissa_init: PiSSA's initial factors (RWKV-PEFT's init_pissa.pth; default for a file that
+    records lora_pissa: `<stem>.pissa_init.pth` beside it)."""
     path = os.fspath(path)
     sd = load_official_state_dict(path)
-    recorded = sd.pop(ALPHA, None)
-    if recorded is not None:
-        alpha = float(recorded)
+    recorded = _scalar(path, ALPHA, sd.pop(ALPHA, None))
+    if recorded is not None and alpha is not None and recorded != alpha:
+        raise ValueError(f"{path!r} records lora_alpha={recorded:g}, but {alpha:g} was given")
+    alpha = recorded if recorded is not None else alpha
+    pissa = _scalar(path, PISSA, sd.pop(PISSA, None)) is not None
     by_name = {name: (ours, kind) for ours, (name, kind) in _names(config).items()}
     what = f"this RWKV-{config.version} model ({config.n_layer} layers, n_embd {config.n_embd})"
     out = {ad.LORA: {}, ad.TUNED: {}}
@@ -104,6 +111,9 @@ def read_adapter(path: str | os.PathLike, config: ModelConfig, params: dict,
                 raise ValueError(f"{path!r}: {key} adapts a projection {what} does not have")
             kin, kout = np.shape(ad.get_path(params, ours))
             a = from_official(t, "table")
+            if a.ndim != 2:
+                raise ValueError(f"{path!r}: {key} has shape {tuple(a.shape)}; an adapter factor "
+                                 f"is a matrix")
             r = a.shape[0] if part == "lora_A" else a.shape[1]
             want = (r, kin) if part == "lora_A" else (kout, r)
             if a.shape != want:
@@ -126,14 +136,30 @@ def read_adapter(path: str | os.PathLike, config: ModelConfig, params: dict,
     if rank is not None and ranks and ranks != {rank}:
         raise ValueError(f"{path!r} holds rank-{min(ranks)} adapters, but train.lora.rank={rank}")
     r = ranks.pop() if ranks else (rank or 1)
-    pissa_init = pissa_init or (init_path(path) if os.path.isfile(init_path(path)) else None)
-    method = "pissa" if pissa_init else "lora"
-    if pissa_init:
+    if pissa and not pissa_init:
+        pissa_init = init_path(path)
+        if not os.path.isfile(pissa_init):
+            raise ValueError(f"{path!r} holds PiSSA adapters, whose initial factors are not "
+                             f"beside it ({pissa_init}): name them (infer.py --adapter_init)")
+    if pissa_init:  # PiSSA: its factors carry the scale
         out[ad.PISSA_INIT] = _read_inits(pissa_init, out[ad.LORA], by_name)
+        return out, ad.AdapterSpec("pissa", r, float(r))
     if alpha is None:
         raise ValueError(f"{path!r} records no lora_alpha (RWKV-PEFT keeps it on its merge "
-                         f"command line): pass it (infer.py --adapter_alpha)")
-    return out, ad.AdapterSpec(method, r, float(alpha))
+                         f"command line): pass it (infer.py --adapter_alpha); a PiSSA file of "
+                         f"RWKV-PEFT's needs its init_pissa.pth (--adapter_init)")
+    return out, ad.AdapterSpec("lora", r, float(alpha))
+
+
+def _scalar(path: str, name: str, t) -> float | None:
+    """A metadata entry's value: one finite number > 0, or ValueError naming it."""
+    if t is None:
+        return None
+    value = float(t.reshape(-1)[0]) if t.numel() == 1 else float("nan")
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{path!r}: {name} must be one number > 0, got a tensor of shape "
+                         f"{tuple(t.shape)}" + (f" holding {value:g}" if t.numel() == 1 else ""))
+    return value
 
 
 def _check_pairs(path: str, lora: dict) -> None:

@@ -169,13 +169,25 @@ def delta(factors: dict, scale: float) -> jax.Array:
     return scale * (factors["lora_A"].T.astype(jnp.float32) @ factors["lora_B"].T.astype(jnp.float32))
 
 
+# The base's leaves held in bf16: the projections, the embedding and RWKV-7's own low-rank
+# factors (the model's bulk); norms, mixes, r_k, states and codecs stay float32.
+_LOW_RANK7 = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
+
+
+def frozen_dtype(path: tuple, dtype, low=jnp.bfloat16):
+    """The dtype the frozen base holds leaf `path` in."""
+    return low if path[-1] in ("kernel", "embedding") + _LOW_RANK7 else dtype
+
+
 def frozen_base(params: dict, trainable: dict, dtype=jnp.bfloat16) -> dict:
-    """The base as the run reads it: matrices in `dtype` (vectors stay float32), PiSSA's
-    targets holding the residual W - B0 A0 (computed in float32, then rounded once)."""
+    """The base as the run reads it: projections and embeddings in `dtype`, the rest float32
+    (frozen_dtype); PiSSA's targets hold the residual W - B0 A0 (computed in float32, then
+    rounded once)."""
     out = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     for d, f in adapted(trainable.get(PISSA_INIT, {}), "init_lora_A"):
         set_path(out, d + ("kernel",), get_path(out, d + ("kernel",)) - delta(_initial(f), 1.0))
-    return jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 else x, out)
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: x.astype(frozen_dtype(tuple(k.key for k in kp), x.dtype, dtype)), out)
 
 
 def _initial(f: dict) -> dict:
@@ -190,10 +202,13 @@ def overlay(base: dict, trainable: dict) -> dict:
     return out
 
 
-def merge(base: dict, trainable: dict, spec: AdapterSpec, *, original: bool) -> dict:
-    """Plain float32 weights: the base + scale * B A, with the tuned leaves in place.
-    `original`: the base is the model's own weights (the float32 file: PiSSA's B0 A0 come off
-    here, the merged export) rather than frozen_base's (the residual already)."""
+def merge(base: dict, trainable: dict, spec: AdapterSpec, *, original: bool,
+          keep_dtypes: bool = False) -> dict:
+    """Plain weights: the base + scale * B A, with the tuned leaves in place, in float32 (or,
+    keep_dtypes, each leaf in the base's dtype: no copy bigger than the base). `original`:
+    the base is the model's own weights (the float32 file: PiSSA's B0 A0 come off here, the
+    merged export) rather than frozen_base's (the residual already)."""
+    dtypes = jax.tree.map(lambda x: x.dtype, overlay(base, trainable))
     out = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), overlay(base, trainable))
     inits = trainable.get(PISSA_INIT, {})
     for d, factors in adapted(trainable.get(LORA, {})):
@@ -201,7 +216,7 @@ def merge(base: dict, trainable: dict, spec: AdapterSpec, *, original: bool) -> 
         if inits and original:
             w = w - delta(_initial(get_path(inits, d)), 1.0)
         set_path(out, d + ("kernel",), w + delta(factors, spec.scale))
-    return out
+    return jax.tree.map(lambda x, t: x.astype(t), out, dtypes) if keep_dtypes else out
 
 
 def adapted(tree: dict, first: str = "lora_A") -> Iterator[tuple[tuple[str, ...], dict]]:

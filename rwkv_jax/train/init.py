@@ -16,7 +16,6 @@ from rwkv_jax.config import (
     ModelConfig,
     optimizer_config_from,
 )
-from rwkv_jax.io.adapter_file import read_adapter
 from rwkv_jax.io.state_file import load_state
 from rwkv_jax.nn import adapters
 from rwkv_jax.nn.model import RWKV, param_shapes
@@ -103,8 +102,8 @@ def plan_shardings(run: Run, optimizer) -> TrainShardings:
     if run.adapters is not None:  # the frozen base: bf16 matrices, sharded like the model's
         weights = param_shapes(mc)
         layout.base = shd.param_shardings(weights, mesh)
-        layout.base_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-            x.shape, jnp.bfloat16 if x.ndim >= 2 else x.dtype), weights)
+        layout.base_shapes = jax.tree_util.tree_map_with_path(lambda kp, x: jax.ShapeDtypeStruct(
+            x.shape, adapters.frozen_dtype(tuple(k.key for k in kp), x.dtype)), weights)
     return layout
 
 
@@ -178,23 +177,11 @@ def _init_adapters(run: Run, rng, layout: TrainShardings, state: tuple) -> dict:
         weights = _onto_fresh(state[0], state[1], weights, "train.init_state_from")
     weights = jax.device_put(weights, layout.base)
     trainable = jax.jit(_adapter_init(run), out_shardings=layout.state.params)(weights, rng)
-    path = run.cfg.train.lora.init_from
-    if path:
-        try:
-            loaded, spec = read_adapter(path, run.model_config, weights, run.adapters.alpha,
-                                        run.adapters.rank)
-        except (ValueError, FileNotFoundError, ImportError) as e:
-            raise ConfigError(f"train.lora.init_from={path!r}: {e}") from None
-        if spec.method != run.adapters.method:
-            raise ConfigError(f"train.lora.init_from={path!r} holds {spec.method} adapters, but "
-                              f"train.trainable={run.adapters.method!r}")
-        extra = sorted(set(_keyed(loaded)) - set(_keyed(trainable)))
-        if extra:
-            raise ConfigError(f"train.lora.init_from={path!r} holds {extra[0]} (and "
-                              f"{len(extra) - 1} more), which train.lora.targets="
-                              f"{run.cfg.train.lora.targets!r} does not name here")
-        trainable = jax.device_put(_onto_fresh(path, _keyed(loaded), trainable,
+    if run.initial_adapters is not None:  # train.lora.init_from's, checked in prepare
+        trainable = jax.device_put(_onto_fresh(run.cfg.train.lora.init_from,
+                                               _keyed(run.initial_adapters), trainable,
                                                "train.lora.init_from"), layout.state.params)
+        run.initial_adapters = None
     run.base_weights = weights
     return trainable
 

@@ -211,10 +211,11 @@ class _StepFunctions:
         self.compiled = {}
         spec = run.adapters
         self._merge = None if spec is None else jax.jit(
-            lambda base, t: adapters.merge(base, t, spec, original=False))
+            lambda base, t: adapters.merge(base, t, spec, original=False, keep_dtypes=True))
 
     def weights(self, params):
-        """The model's weights for evaluation: an adapter run's merged into its frozen base."""
+        """The model's weights for evaluation: an adapter run's merged into its frozen base, in
+        its dtypes (one more copy of the base's size, which the memory plan counts)."""
         return params if self._merge is None else self._merge(self.run.base, params)
 
     def __call__(self, chunk: int):

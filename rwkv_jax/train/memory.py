@@ -48,7 +48,10 @@ def check_memory(run: Run, layout: TrainShardings) -> dict:
     plan = memory_plan(shapes.params, sh.params, shapes.opt_state, sh.opt_state,
                            run.model_config, run.cfg.train.batch_size, run.chunk_len, run.mesh)
     if layout.base is not None:  # an adapter run's frozen base: no gradient, no optimizer state
-        plan = {"frozen base (bf16)": _nbytes(layout.base_shapes, layout.base), **plan}
+        base = _nbytes(layout.base_shapes, layout.base)
+        plan = {"frozen base (bf16)": base, **plan}
+        if run.cfg.logging.eval_every:  # evaluation reads the adapters merged into a copy
+            plan["merged copy (evaluation)"] = base
         plan["total"] = sum(v for k, v in plan.items() if k != "total")
     limit = device_memory()
     log.info("mesh %s\n%s", dict(run.mesh.shape), format_plan(plan, limit))

@@ -30,6 +30,7 @@ from rwkv_jax.data.sources import Batches, open_source, open_sources
 from rwkv_jax.data.tokenizers import get_tokenizer
 from rwkv_jax.data.tokens import check_token_ids
 from rwkv_jax.config.model import HOW_IT_COMPUTES, config_path
+from rwkv_jax.io.adapter_file import read_adapter
 from rwkv_jax.io.checkpoint import (
     TrainCheckpointer,
     adapter_record,
@@ -146,9 +147,11 @@ def _adapter_differences(saved: dict, now: dict) -> list[str]:
     if saved["base_sha256"] != now["base_sha256"]:
         return [f"the base {now['base']} is another file than the one this run started from "
                 f"(sha256 {saved['base_sha256'][:12]}... -> {now['base_sha256'][:12]}...)"]
+    same = lambda k: set(saved[k]) == set(now[k]) if k == "targets" else saved[k] == now[k]  # noqa: E731
     return [f"train.lora.{k}: {saved[k]!r} -> {now[k]!r}" if k != "method" else
             f"train.trainable: {saved[k]!r} -> {now[k]!r}"
-            for k in ("method", "rank", "alpha", "targets") if k in saved and saved[k] != now[k]]
+            for k in ("method", "rank", "alpha", "dropout", "targets")
+            if k in saved and not same(k)]
 
 
 def restore_train_state(manager: TrainCheckpointer, ts, resume: int, run: Run):
@@ -215,6 +218,7 @@ class Run:
     adapters: adapters.AdapterSpec | None = None  # train.trainable=lora|pissa
     adapter_plan: adapters.Plan | None = None  # the modules and leaves they target
     adapter_record: dict | None = None  # the spec and the base's path and sha256, checkpointed
+    initial_adapters: dict | None = None  # train.lora.init_from's, read and checked once
     base: Any = None  # the frozen base on the devices (train.init.freeze_base)
     base_weights: Any = None  # its float32 weights until then
 
@@ -292,7 +296,7 @@ def prepare(cfg) -> Run:
     if cfg.train.init_from:  # a fine-tune: the weights say what the model is
         source, initial = read_init_from(cfg.train.init_from)
         model_config = _architecture_from(cfg.train.init_from, source, model_config)
-    spec, where, record = _adapters(cfg, model_config)
+    spec, where, record, start = _adapters(cfg, model_config, initial)
     sources = [("train_file", s) for s, _ in train_sources] + [("val_file", val_tokens)]
     for split, tf in sources:
         _check_ids(cfg, split, tf, model_config.vocab_size, cache_dir)
@@ -311,22 +315,36 @@ def prepare(cfg) -> Run:
                     "memory.use_rwkv_chunking=%s)", mem.chunk_overlap, T, mem.rwkv_chunk_size,
                     mem.use_rwkv_chunking)
     return Run(cfg, model_config, tokenizer, train_sources[0][0], val_tokens, run_dir, spans,
-               masks, handoffs, mesh, batches, initial, spec, where, record)
+               masks, handoffs, mesh, batches, initial, spec, where, record, start)
 
 
-def _adapters(cfg, mc: ModelConfig):
-    """(spec, plan, record) of an adapter run (all None otherwise), its targets checked
-    against the base's model before anything compiles."""
+def _adapters(cfg, mc: ModelConfig, base: dict):
+    """(spec, plan, record, adapters of train.lora.init_from or None) of an adapter run (all
+    None otherwise), checked against the base's model (`base`: its weights by keystr) before
+    anything compiles."""
     if cfg.train.trainable not in adapters.METHODS:
-        return None, None, None
+        return None, None, None, None
     lo = cfg.train.lora
     spec = adapters.AdapterSpec(cfg.train.trainable, lo.rank, float(lo.alpha), float(lo.dropout),
                                 tuple(t.strip() for t in lo.targets.split(",") if t.strip()))
+    shapes = param_shapes(mc)
     try:
-        where = adapters.plan(param_shapes(mc), spec, f"this RWKV-{mc.version} model "
-                                                      f"({describe(mc.layer_types)})")
+        where = adapters.plan(shapes, spec, f"this RWKV-{mc.version} model "
+                                            f"({describe(mc.layer_types)})")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    # What the run adds to the base (a learned initial state, a state codec) is in no file the
+    # checkpoint points to: it trains, and checkpoints, as a target, or the run cannot keep it.
+    for kp, _ in jax.tree_util.tree_leaves_with_path(shapes):
+        path = tuple(k.key for k in kp)
+        if jax.tree_util.keystr(kp) not in base and path not in where.tuned:
+            part = path[1] if path[0].startswith("blocks_") else path[0]
+            raise ConfigError(f"train.trainable={spec.method!r}: the base has no "
+                              f"{'/'.join(path)}, which this config adds; name {part!r} in "
+                              f"train.lora.targets to train it beside the adapters, or leave "
+                              f"it out (architecture.learned_init_state, "
+                              f"memory.state_compression)")
+    start = _adapter_file(lo.init_from, mc, shapes, spec, where) if lo.init_from else None
     if spec.method == "pissa" and spec.dropout:
         log.info("train.lora.dropout=%g: PiSSA has no dropout (RWKV-PEFT's neither); unused",
                  spec.dropout)
@@ -334,7 +352,33 @@ def _adapters(cfg, mc: ModelConfig):
     log.info("adapters: %s r=%d on %d projections (scale %g), %d tensors trained whole",
              spec.method, spec.rank, len(where.lora), spec.scale, len(where.tuned))
     base = cfg.train.init_from
-    return spec, where, adapter_record(spec, base, base_fingerprint(base))
+    return spec, where, adapter_record(spec, base, base_fingerprint(base)), start
+
+
+def _adapter_file(path: str, mc: ModelConfig, shapes, spec, where) -> dict:
+    """train.lora.init_from's adapters, checked against the run's: method, rank, alpha, and
+    the same projections and whole-trained leaves as train.lora.targets names."""
+    field = f"train.lora.init_from={path!r}"
+    try:
+        loaded, found = read_adapter(path, mc, shapes, alpha=spec.alpha if spec.method == "lora"
+                                     else None, rank=spec.rank)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise ConfigError(f"{field}: {e}") from None
+    if found.method != spec.method:
+        raise ConfigError(f"{field} holds {found.method} adapters, but train.trainable="
+                          f"{spec.method!r}" + (" (a PiSSA file needs its initial factors "
+                                                 "beside it)" if spec.method == "pissa" else ""))
+    have = ({d for d, _ in adapters.adapted(loaded[adapters.LORA])},
+            {p for p, _ in adapters.leaf_paths(loaded[adapters.TUNED])})
+    for got, want, what in ((have[0], set(where.lora), "adapts"),
+                            (have[1], set(where.tuned), "trains whole")):
+        if got != want:
+            odd = sorted(want - got) or sorted(got - want)
+            raise ConfigError(f"{field} {what} {len(got)} tensors where train.lora.targets="
+                              f"{','.join(spec.targets)!r} names {len(want)} here (first "
+                              f"difference: {'.'.join(odd[0])}); set the targets the file "
+                              f"was trained with")
+    return loaded
 
 
 def read_init_from(path: str) -> tuple[ModelConfig, dict]:

@@ -101,8 +101,9 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh) -> P:
 
 
 def param_specs(params_shapes: Any, mesh: Mesh) -> Any:
+    # An adapter run's whole-trained leaves ("tuned/emb/embedding") shard as the model's do.
     return jax.tree_util.tree_map_with_path(
-        lambda kp, x: spec_for(_path(kp), x.shape, mesh), params_shapes)
+        lambda kp, x: spec_for(_path(kp).removeprefix("tuned/"), x.shape, mesh), params_shapes)
 
 
 def param_shardings(params_shapes: Any, mesh: Mesh) -> Any:

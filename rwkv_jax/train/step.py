@@ -38,17 +38,22 @@ def masked_ce(logits, targets, mask):
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), jnp.sum(mask)
 
 
-def chunk_forward(model: RWKV, params, inputs, state, handoff: int):
+def chunk_forward(model: RWKV, params, inputs, state, handoff: int,
+                  around=lambda call: contextlib.nullcontext()):
     """Logits of one chunk and the state at `handoff` (the next chunk's start).
 
     With overlapping chunks the next chunk starts inside this one, so the chunk runs as two
-    calls split there; the state between them is the one to hand on.
+    calls split there; the state between them is the one to hand on. around(i): a context
+    for model call i (adapters, with dropout masks of their own per call).
     """
     L = inputs.shape[1]
     if handoff >= L:
-        return model.apply({"params": params}, inputs, state)
-    head, mid = model.apply({"params": params}, inputs[:, :handoff], state)
-    tail, _ = model.apply({"params": params}, inputs[:, handoff:], mid)
+        with around(0):
+            return model.apply({"params": params}, inputs, state)
+    with around(0):
+        head, mid = model.apply({"params": params}, inputs[:, :handoff], state)
+    with around(1):
+        tail, _ = model.apply({"params": params}, inputs[:, handoff:], mid)
     return jnp.concatenate([head, tail], axis=1), mid
 
 
@@ -59,16 +64,17 @@ def make_train_step(model: RWKV, optimizer, *, fresh: bool, handoff: int, float1
     the params are an adapter run's (nn.adapters) over the frozen `base` the step is given."""
 
     def loss_fn(params, inputs, targets, mask, carry, scale, base, rng):
-        weights, applied = params, contextlib.nullcontext()
+        weights, around = params, lambda call: contextlib.nullcontext()
         if adapters is not None:
-            weights, applied = ad.overlay(base, params), ad.applied(params, adapters, rng)
-        with applied:
-            if not fresh:
-                # The chunk starts from the state as memory.state_compression stores it; with
-                # the learned codec this round trip is what trains it.
-                carry = state_codec.roundtrip(carry, model.config.state_compression, weights)
-            logits, new_carry = chunk_forward(model, weights, inputs, None if fresh else carry,
-                                              handoff)
+            weights = ad.overlay(base, params)
+            around = lambda call: ad.applied(  # noqa: E731
+                params, adapters, None if rng is None else jax.random.fold_in(rng, call))
+        if not fresh:
+            # The chunk starts from the state as memory.state_compression stores it; with the
+            # learned codec this round trip is what trains it.
+            carry = state_codec.roundtrip(carry, model.config.state_compression, weights)
+        logits, new_carry = chunk_forward(model, weights, inputs, None if fresh else carry,
+                                          handoff, around)
         loss, count = masked_ce(logits, targets, mask)
         return loss * scale, (loss, count, new_carry)
 

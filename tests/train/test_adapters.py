@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -194,6 +195,22 @@ def test_pissa_adapter_files_carry_their_initial_factors(bases, tmp_path):
     assert written == [str(tmp_path / "p.pth"), init_path(tmp_path / "p.pth")]
     back, read_spec = read_adapter(tmp_path / "p.pth", config, weights)
     assert read_spec.method == "pissa" and read_spec.scale == 1.0
+    # RWKV-PEFT's PiSSA output records nothing: its init_pissa.pth is named, or it is refused
+    # (as LoRA it would merge into another model).
+    sd = torch.load(tmp_path / "p.pth")
+    del sd["lora_pissa"]
+    torch.save(sd, tmp_path / "peft.pth")
+    with pytest.raises(ValueError, match="records no lora_alpha .* init_pissa.pth"):
+        read_adapter(tmp_path / "peft.pth", config, weights)
+    peft, peft_spec = read_adapter(tmp_path / "peft.pth", config, weights,
+                                   pissa_init=init_path(tmp_path / "p.pth"))
+    assert peft_spec.method == "pissa"
+    # A LoRA export over a PiSSA one takes the old initial factors away.
+    lora = ad.AdapterSpec("lora", 4, 8.0, 0.0, ("att.key",))
+    export_adapter(ad.init(weights, lora, ad.plan(weights, lora), jax.random.PRNGKey(0)), lora,
+                   config, tmp_path / "p.pth")
+    assert not os.path.exists(init_path(tmp_path / "p.pth"))
+    assert read_adapter(tmp_path / "p.pth", config, weights)[1].method == "lora"
     jax.tree.map(np.testing.assert_array_equal, back["pissa_init"],
                  jax.tree.map(np.asarray, trainable["pissa_init"]))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
@@ -247,6 +264,13 @@ def test_bad_adapter_configs_are_refused_before_compiling(bases, tmp_path):
         trainer.prepare(_cfg(tmp_path, bases["7"], **{"train.lora.rank": 64}))
     with pytest.raises(ConfigError, match="train.lora.dropout=1.5 is invalid"):
         trainer.prepare(_cfg(tmp_path, bases["7"], **{"train.lora.dropout": 1.5}))
+    # A learned initial state is no part of the base: it trains as a target, or is refused.
+    state = {"architecture.learned_init_state": True}
+    with pytest.raises(ConfigError, match="the base has no blocks_0/init_state/.*name 'init_state'"):
+        trainer.prepare(_cfg(tmp_path, bases["7"], **state))
+    run = trainer.prepare(_cfg(tmp_path, bases["7"], **state,
+                               **{"train.lora.targets": "att,init_state"}))
+    assert ("blocks_1", "init_state", "wkv") in run.adapter_plan.tuned
 
 
 def test_an_adapter_run_resumes_exactly_and_refuses_another_base(lora_run, bases, tmp_path):
@@ -287,6 +311,16 @@ def test_a_run_starts_from_an_adapter_file(lora_run, tmp_path):
     _, trained, _ = restore_params(run.run_dir, merged=False)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, ts.params),
                  jax.tree.map(np.asarray, trained))
-    cfg.train.lora.rank = 2
-    with pytest.raises(ConfigError, match="rank-4 adapters, but train.lora.rank=2"):
-        trainer.init_train_state(trainer.prepare(cfg), jax.random.PRNGKey(0))
+    for field, value, why in (("rank", 2, "rank-4 adapters, but train.lora.rank=2"),
+                              ("alpha", 4.0, "records lora_alpha=8, but 4 was given"),
+                              ("targets", "att,ffn", "adapts 13 tensors where .* names 12")):
+        bad = cfg.copy_and_resolve_references()
+        bad.train.lora[field] = value
+        with pytest.raises(ConfigError, match=why):
+            trainer.prepare(bad)
+    # The adapters alone leave: no base is read (nor needed) to write them.
+    os.rename(run.cfg.train.init_from, f"{run.cfg.train.init_from}.moved")
+    try:
+        assert main(["--run_dir", run.run_dir, "--export_adapter", str(tmp_path / "b.pth")]) == 0
+    finally:
+        os.rename(f"{run.cfg.train.init_from}.moved", run.cfg.train.init_from)
