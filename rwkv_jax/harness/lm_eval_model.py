@@ -7,7 +7,8 @@ state (nothing is truncated), and a context's state is computed once for all its
     lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai", "piqa"])
 
 loglikelihood(context, continuation): each distinct context is fed once, all but its last token
-(Generator.feed, batched by length); every continuation of it then starts from a copy of that
+(contexts sorted by length; a batch feeds its common length in parallel prefill pieces,
+Generator.feed, and each row's few remaining tokens one a step); every continuation of it then starts from a copy of that
 state and is fed [last context token] + continuation[:-1] in one parallel call, whose logits
 score the continuation. Multiple-choice tasks ask four or more continuations per context, so
 the context, usually the long part, runs once instead of four times. Continuations are batched
@@ -30,9 +31,14 @@ from lm_eval.api.model import TemplateLM
 from tqdm import tqdm
 
 from rwkv_jax.generate import GREEDY, Generator, Sampling, decode_forward
+from rwkv_jax.generate.decode_loop import keep_rows
 
 # Contexts whose states are held at once: bounds memory (a 1.5B model's state is ~1 MB a row).
 _WINDOW = 512
+# A batch of contexts feeds its common length, in multiples of _QUANTUM, in parallel; the rest
+# of each (at most _MAX_TAIL tokens) one token a step.
+_QUANTUM = 8
+_MAX_TAIL = 32
 
 
 def _pow2(n: int) -> int:
@@ -48,6 +54,17 @@ def _score(config, weights, state, tokens, targets, mask):
     greedy = jnp.argmax(logits, axis=-1) == targets
     return (jnp.sum(jnp.where(mask, picked, 0.0), axis=1),
             jnp.all(greedy | ~mask, axis=1), state)
+
+
+def _feed_tails(config, weights, state, tokens, counts):
+    """The state after row i has fed tokens[i, :counts[i]], one token a step."""
+
+    def step(s, state):
+        token = jax.lax.dynamic_slice_in_dim(tokens, s, 1, axis=1)
+        _, new = decode_forward(config, weights, token, state)
+        return keep_rows(s < counts, new, state)
+
+    return jax.lax.fori_loop(0, tokens.shape[1], step, state)
 
 
 def _take_rows(tree, idx):
@@ -85,6 +102,7 @@ class RwkvLM(TemplateLM):
         self.rolling_chunk = rolling_chunk
         self._prefix = prefix_token
         self._score = jax.jit(partial(_score, generator.config))
+        self._feed_tails = jax.jit(partial(_feed_tails, generator.config))
         self._take = jax.jit(_take_rows)
         self._concat = jax.jit(_concat_rows)
         self.contexts_fed = 0  # distinct context states computed (tests and benches read it)
@@ -132,30 +150,40 @@ class RwkvLM(TemplateLM):
         return results
 
     def _context_states(self, contexts: list[list[int]]):
-        """The states after each context but its last token, rows in the order given."""
-        gen, parts, sizes = self.generator, [], []
-        by_len = defaultdict(list)
-        for j, ctx in enumerate(contexts):
-            by_len[len(ctx) - 1].append(j)
-        order = []
-        for n, rows in by_len.items():
-            for b in range(0, len(rows), self.batch_size):
-                batch = rows[b : b + self.batch_size]
-                padded = _pow2(len(batch))  # repeated rows, so few batch shapes compile
-                if n == 0:
-                    parts.append(gen.reset(padded))
-                else:
-                    ids = [contexts[j][:-1] for j in batch]
-                    parts.append(gen.feed(ids + [ids[0]] * (padded - len(batch))))
-                sizes.append(padded)
-                order += batch + [-1] * (padded - len(batch))
-        self.contexts_fed += len(contexts)
-        stacked = parts[0] if len(parts) == 1 else self._concat(*parts)
+        """The states after each context but its last token, rows in the order given.
+
+        Contexts of similar lengths (the window comes sorted by length) share a batch: all rows
+        feed their common length, rounded down to a multiple of _QUANTUM, in parallel prefill
+        pieces, then each its own tail one token a step, rows whose tail is over left as they
+        are. So a batch is full whatever the spread of lengths, and few shapes compile."""
+        gen, parts = self.generator, []
+        prefix = [len(c) - 1 for c in contexts]
+        batches, start = [], 0
+        for j in range(1, len(contexts) + 1):
+            if j == len(contexts) or j - start == self.batch_size or \
+                    prefix[j] - prefix[start] > _MAX_TAIL - _QUANTUM:
+                batches.append(list(range(start, j)))
+                start = j
         where = np.zeros(len(contexts), np.int32)
-        for row, j in enumerate(order):
-            if j >= 0:
-                where[j] = row
-        return stacked, where
+        row = 0
+        for batch in batches:
+            padded = batch + [batch[0]] * (_pow2(len(batch)) - len(batch))  # few shapes compile
+            common = min(prefix[j] for j in batch) // _QUANTUM * _QUANTUM
+            state = (gen.feed([contexts[j][:common] for j in padded]) if common
+                     else gen.reset(len(padded)))
+            width = max(prefix[j] for j in batch) - common
+            if width:
+                tails = np.zeros((len(padded), _pow2(width)), np.int32)
+                counts = np.zeros(len(padded), np.int32)
+                for r, j in enumerate(padded):
+                    counts[r] = prefix[j] - common
+                    tails[r, : counts[r]] = contexts[j][common : prefix[j]]
+                state = self._feed_tails(gen.weights, state, tails, counts)
+            parts.append(state)
+            where[batch] = row + np.arange(len(batch))
+            row += len(padded)
+        self.contexts_fed += len(contexts)
+        return (parts[0] if len(parts) == 1 else self._concat(*parts)), where
 
     def _continuations(self, states, todo, requests):
         """(request index, (logprob, is_greedy)) for each (request, its context's row)."""

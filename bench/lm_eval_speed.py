@@ -3,8 +3,8 @@
 without shared-context reuse) beside lm-eval's own `hf` model (transformers' RwkvForCausalLM)
 on the same random RWKV-4 weights, exported with io.hf.export_hf.
 
-    python bench/lm_eval.py                       # CPU, the tiny model's shape
-    python bench/lm_eval.py --model 169M --batch_size 32
+    python bench/lm_eval_speed.py                       # CPU, the tiny model's shape
+    python bench/lm_eval_speed.py --model 169M --batch_size 32
 
 Each model gets the same requests, built as lm-eval builds the task's (context: the question,
 continuation: " " + choice), through its `loglikelihood`; the first pass includes compiling
