@@ -43,7 +43,10 @@ def timed(lm, reqs, passes: int) -> tuple[list[float], list]:
 
 
 def main() -> None:
-    from decode import MODELS, make_pth  # bench/decode.py: random official .pth at a sane scale
+    from decode import (  # bench/decode.py: random official .pth at a sane scale
+        MODELS,
+        make_pth,
+    )
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", choices=sorted(MODELS))

@@ -239,12 +239,11 @@ class RwkvLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, with do_sample) continuations, cut at the first `until` string."""
         groups = defaultdict(list)
-        for i, req in enumerate(requests):
-            context, kwargs = req.args
-            groups[json.dumps(kwargs, sort_keys=True, default=str)].append(i)
+        for i, req in enumerate(requests):  # one group per generation settings
+            groups[json.dumps(req.args[1], sort_keys=True, default=str)].append(i)
         out: list = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="rwkv generate_until")
-        for key, members in groups.items():
+        for members in groups.values():
             kwargs = dict(requests[members[0]].args[1])
             until, max_new, sampling = self._gen_options(kwargs)
             # Longest first: a batch's prompts are of similar lengths.

@@ -22,11 +22,11 @@ pytest.importorskip("lm_eval", reason="the eval extra: pip install -e .[eval]")
 torch = pytest.importorskip("torch", reason="the random official checkpoint is written with torch")
 pytest.importorskip("transformers", reason="lm_eval --model hf runs transformers")
 
-from rwkv_jax.data import ByteTokenizer  # noqa: E402
-from rwkv_jax.generate import Generator  # noqa: E402
-from rwkv_jax.harness import RwkvLM  # noqa: E402
-from rwkv_jax.io import import_official  # noqa: E402
-from rwkv_jax.nn.model import RWKV  # noqa: E402
+from rwkv_jax.data import ByteTokenizer
+from rwkv_jax.generate import Generator
+from rwkv_jax.harness import RwkvLM
+from rwkv_jax.io import import_official
+from rwkv_jax.nn.model import RWKV
 
 TASK_DIR = os.path.join(REPO, "tests", "fixtures", "lm_eval")
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -41,7 +41,7 @@ def weights(tmp_path_factory):
     out = subprocess.run([sys.executable, os.path.join(REPO, "infer.py"), "--official", str(pth),
                           "--tokenizer", "byte", "--export_hf", str(hf)],
                          env={**os.environ, "PYTHONPATH": repo_pythonpath()}, cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     return SimpleNamespace(tmp=tmp, pth=pth, hf=hf)
 
