@@ -341,8 +341,8 @@ def test_lm_eval_local_completions_scores_as_rwkv_lm_eval(server, tmp_path):
                    env=env, cwd=REPO, capture_output=True, timeout=120, check=True)
     proc = subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
-         f"model=tiny,base_url={server['url']}/v1/completions,tokenizer_backend=huggingface,"
-         f"tokenizer={hf},num_concurrent=1", "--tasks", "rwkv_tiny_mc", "--include_path",
+         (f"model=tiny,base_url={server['url']}/v1/completions,tokenizer_backend=huggingface,"
+          f"tokenizer={hf},num_concurrent=1"), "--tasks", "rwkv_tiny_mc", "--include_path",
          task_dir, "--log_samples", "--output_path", str(tmp_path / "out")],
         cwd=task_dir, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
