@@ -127,6 +127,7 @@ class Generator:
         self._apply = jax.jit(forward)
         self._weights: jax.Array | None = None
         self._codec_fns: dict[str, Callable] = {}
+        self._logprob_fns: dict[int, Callable] = {}  # token_logprobs' step, per top
         # Inputs a call would otherwise make afresh each time, on the host or the device: a
         # batch-1 call's own host work (milliseconds, most of it in such small steps) is paid by
         # every call of a chat.
@@ -276,6 +277,35 @@ class Generator:
 
         total, count = score_stream(apply_fn, self.weights, tokens, int(chunk_len), state)
         return {"loss": total / count, "tokens": count, "state": last.get("state")}
+
+    def token_logprobs(self, tokens, top: int = 0, state: dict | None = None):
+        """Each token's log-probability given those before it, from one pass over the tokens
+        through the state in pieces (pieces(): memory set by prefill_chunk, few shapes), and the
+        `top` most likely tokens at each position: (picked (n-1,), top ids (n-1, top), their
+        log-probabilities (n-1, top)), numpy, for tokens 1..n-1. The picked and the top values
+        come from one log-softmax, so a picked token that is the argmax equals top's first.
+        `state`: where the tokens start from (default: the initial state)."""
+        ids = np.asarray(checked_token_ids(tokens, self.config.vocab_size, "the tokens to score"))
+        if not (is_int(top) and 0 <= top <= self.config.vocab_size):
+            raise ValueError(f"top={top!r}: must be an integer from 0 to the vocabulary size")
+        picked = np.zeros(max(ids.size - 1, 0), np.float32)
+        top_lp = np.zeros((picked.size, top), np.float32)
+        top_ids = np.zeros((picked.size, top), np.int32)
+        if ids.size < 2:
+            return picked, top_ids, top_lp
+        fn = self._logprob_fns.get(top)
+        if fn is None:
+            fn = self._logprob_fns[top] = jax.jit(partial(_logprob_piece, self._forward, top))
+        s = self._unflatten(self.start_flat(1, state))
+        a = 0
+        for n in self.pieces(ids.size - 1):
+            out = fn(self.weights, self._put(ids[None, a : a + n]),
+                     self._put(ids[None, a + 1 : a + n + 1]), s)
+            s = out[-1]
+            picked[a : a + n], top_lp[a : a + n], top_ids[a : a + n] = (
+                np.asarray(x[0]) for x in out[:3])
+            a += n
+        return picked, top_ids, top_lp
 
     def _score_tokens(self, tokens) -> np.ndarray:
         """A text, or one row of token ids checked as a prompt's are."""
@@ -476,6 +506,15 @@ class Generator:
                         w[t] = 0.0
             self._weights = self._put(w)
         return self._weights
+
+
+def _logprob_piece(forward, top: int, weights, tokens, targets, state):
+    """token_logprobs' step: log p(targets | tokens so far), the top-k, and the state after."""
+    logits, state = forward(weights, tokens, state)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    top_lp, top_ids = jax.lax.top_k(logp, top)
+    return picked, top_lp, top_ids, state
 
 
 def _loop_options() -> dict | None:

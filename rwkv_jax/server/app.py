@@ -154,7 +154,8 @@ def _submit(engine: Engine, mail: _Mailbox, p: Parsed, queue: asyncio.Queue,
 
         reqs.append(EngineRequest(prompt=prompt, max_tokens=p.max_tokens, sampling=p.sampling,
                                   seed=(p.seed + i) % 2**63, stop=p.stop, emit=emit,
-                                  deadline=deadline, cache_at=cache_at))
+                                  deadline=deadline, cache_at=cache_at,
+                                  score_top=p.top_logprobs if _scored(p) else -1))
     try:
         for r in reqs:
             engine.submit(r)
@@ -186,12 +187,41 @@ def _token_texts(tokenizer, tokens: list[int]) -> list[str]:
     return texts
 
 
+def _scored(p: Parsed) -> bool:
+    """Whether the log-probabilities come from scoring the whole text when it ends."""
+    return p.echo or p.top_logprobs > 0
+
+
+def _first_of_each(texts: list[str], lps: list[float]) -> dict:
+    """{text: log-probability}, best first; tokens of one text (bytes that are not UTF-8 on
+    their own) keep the best one's."""
+    out = {}
+    for t, lp in zip(texts, lps):
+        out.setdefault(t, lp)
+    return out
+
+
+def _scored_block(p: Parsed, tokenizer, scored: tuple, prompt_len: int) -> dict:
+    """The completions' logprobs from Engine's scoring: the prompt's tokens too with echo (the
+    first has no log-probability: nothing comes before it), the top alternatives with k > 0."""
+    tokens, picked, top_ids, top_lp = scored
+    lps = [None, *picked.tolist()]
+    top = None
+    if p.top_logprobs:
+        top = [None] + [_first_of_each(_token_texts(tokenizer, ids), lp)
+                        for ids, lp in zip(top_ids.tolist(), top_lp.tolist())]
+    a = 0 if p.echo else prompt_len
+    return protocol.logprobs_block(False, _token_texts(tokenizer, tokens[a:]), lps[a:], 0,
+                                   top[a:] if top else None)
+
+
 async def _whole(request: Request, p: Parsed, reqs: list, queue: asyncio.Queue, tokenizer,
                  sessions: Sessions | None):
     """A non-streaming response, once every choice has ended."""
     n = len(reqs)
     texts, reasons = [""] * n, [None] * n
     toks, lps = [[] for _ in range(n)], [[] for _ in range(n)]
+    scored = [None] * n
     prompt_tokens = completion_tokens = 0
     try:
         while None in reasons:
@@ -205,7 +235,7 @@ async def _whole(request: Request, p: Parsed, reqs: list, queue: asyncio.Queue, 
             toks[i] += ev.tokens
             lps[i] += ev.logprobs
             if ev.finish_reason:
-                reasons[i] = ev.finish_reason
+                reasons[i], scored[i] = ev.finish_reason, ev.scored
                 prompt_tokens += ev.prompt_tokens
                 completion_tokens += ev.completion_tokens
     finally:
@@ -215,11 +245,15 @@ async def _whole(request: Request, p: Parsed, reqs: list, queue: asyncio.Queue, 
     if failed:
         status, message = _FAILED[failed]
         return _error(APIError(message, status=status, kind="server_error", code=failed))
-    choices = [protocol.choice(p.chat, i, texts[i], reasons[i],
-                               protocol.logprobs_block(p.chat, _token_texts(tokenizer, toks[i]),
-                                                       lps[i], 0) if p.logprobs else None)
-               for i in range(n)]
     _keep(p, sessions, tokenizer, texts[0])
+    if p.echo:
+        texts = [tokenizer.decode(r.prompt) + t for r, t in zip(reqs, texts)]
+    if _scored(p):
+        blocks = [_scored_block(p, tokenizer, scored[i], len(reqs[i].prompt)) for i in range(n)]
+    else:
+        blocks = [protocol.logprobs_block(p.chat, _token_texts(tokenizer, toks[i]), lps[i], 0)
+                  if p.logprobs else None for i in range(n)]
+    choices = [protocol.choice(p.chat, i, texts[i], reasons[i], blocks[i]) for i in range(n)]
     body = protocol.envelope(p.chat, protocol.new_id(p.chat), p.model, protocol.now(), choices,
                              use=protocol.usage(prompt_tokens // p.n, completion_tokens))
     if p.session:

@@ -12,6 +12,10 @@ does (all but the last prompt token in Generator.pieces, the last token through 
 decode step), so a greedy request's text is Generator.generate's for the same prompt (on a GPU,
 up to the last bits of products of other batch sizes).
 
+A request that asks for the whole text's log-probabilities (echo, or logprobs=k alternatives)
+is scored when it ends, on this thread, by one more pass over its prompt and generated tokens
+(Generator.token_logprobs, from the same start state); with max_tokens 0 it takes no slot.
+
 The HTTP side (app.py) talks to the engine through `submit` and each request's `emit` callback,
 which the engine calls from its thread with Events.
 """
@@ -65,6 +69,9 @@ class Event:
     finish_reason: str | None = None  # "stop", "length", "cancelled", "timeout", "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # A scored request's last event: (its tokens, then for tokens 1.. their log-probabilities,
+    # the top ids and the top log-probabilities), Generator.token_logprobs' arrays.
+    scored: tuple | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -77,6 +84,7 @@ class Request:
     emit: Callable[[Event], None]  # called from the engine thread
     deadline: float = float("inf")  # time.monotonic() after which the request is dropped
     cache_at: tuple[int, ...] = ()  # prompt lengths whose states the prefix cache keeps
+    score_top: int = -1  # >= 0: score the whole text when it ends, with this many alternatives
     cancelled: bool = False  # set by the HTTP side (a client that went away)
     done: bool = False  # ended (set by the engine)
     # The engine's own:
@@ -84,6 +92,7 @@ class Request:
     fed: int = 0  # prompt tokens prefilled
     tail: TextTail | None = None
     made: int = 0
+    out: list[int] = dataclasses.field(default_factory=list)  # generated ids, a stop token too
     submitted: float = 0.0
 
     def cancel(self) -> None:
@@ -114,6 +123,7 @@ class Engine:
         self._prefill_rows = jax.jit(partial(prefill_slot_rows, generator.forward, generator.layout),
                                      donate_argnums=(1,))
         self._start_row = generator.start_flat(1, start_state)
+        self._start_state = start_state
         keys = np.zeros((B, self._key_data(0).shape[0]), np.uint32)
         self.carry = jax.jit(empty_carry, static_argnums=(2,))(
             generator.start_flat(B), keys, self.config.vocab_size)
@@ -228,6 +238,9 @@ class Engine:
                 if not self._waiting:
                     return
                 req = self._waiting.popleft()
+            if req.max_tokens == 0:  # echo only: scored now, no slot
+                self._send(req, Event(finish_reason="length"))
+                continue
             req.slot = free.pop(0)
             self.slots[req.slot] = req
             req.tail = TextTail(self.gen.tokenizer, req.stop)
@@ -338,6 +351,7 @@ class Engine:
 
     def _take(self, req: Request, token: int, logprob: float, event: Event) -> None:
         """One generated token of a request into its event; the event ends it where it stops."""
+        req.out.append(token)
         if token in self.stop_tokens:
             event.finish_reason = "stop"
             event.text += req.tail.finish()
@@ -354,6 +368,14 @@ class Engine:
             event.text += req.tail.finish()
 
     def _send(self, req: Request, event: Event) -> None:
+        if req.score_top >= 0 and event.finish_reason in ("stop", "length"):
+            try:
+                tokens = req.prompt + req.out
+                event.scored = (tokens, *self.gen.token_logprobs(tokens, req.score_top,
+                                                                 self._start_state))
+            except Exception:
+                log.exception("scoring a request failed")
+                event.finish_reason = "error"
         if event.finish_reason:
             self._free(req, event.finish_reason)
             event.prompt_tokens, event.completion_tokens = len(req.prompt), req.made

@@ -50,6 +50,8 @@ class Parsed:
     stream: bool
     include_usage: bool
     logprobs: bool
+    echo: bool = False  # the prompt's tokens come first in text and logprobs
+    top_logprobs: int = 0  # the k most likely tokens at each position (completions' logprobs=k)
     session: bool = False  # the response names a state_id to continue from
     state_id: str | None = None  # continue this session (its text comes before this prompt)
 
@@ -114,22 +116,24 @@ def parse(body, chat: bool, tokenizer, vocab_size: int, limits: Limits) -> Parse
     if session and (n > 1 or len(prompts) > 1):
         raise APIError("a session (session, state_id) takes one prompt and n = 1",
                        "state_id" if state_id else "session")
+    stream = _get(body, "stream", "bool", False)
+    logprobs, top, echo = _logprobs(body, chat, stream)
     return Parsed(chat=chat, model=_get(body, "model", "str", ""), prompts=prompts,
-                  cache_at=cache_at, n=n, max_tokens=_max_tokens(body, chat, limits),
+                  cache_at=cache_at, n=n, max_tokens=_max_tokens(body, chat, limits, echo),
                   sampling=_sampling(body),
                   seed=secrets.randbits(63) if seed is None else seed,
                   stop=_stop(body.get("stop")) + ([TURN_SEPARATOR] if chat else []),
-                  stream=_get(body, "stream", "bool", False), include_usage=_usage(body),
-                  logprobs=_logprobs(body, chat), session=session, state_id=state_id)
+                  stream=stream, include_usage=_usage(body), logprobs=logprobs, echo=echo,
+                  top_logprobs=top, session=session, state_id=state_id)
 
 
-def _max_tokens(body, chat: bool, limits: Limits) -> int:
-    cap = limits.max_tokens_cap
+def _max_tokens(body, chat: bool, limits: Limits, echo: bool = False) -> int:
+    cap, least = limits.max_tokens_cap, 0 if echo else 1  # echo with 0: score the prompt only
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None \
         else "max_tokens"
     # OpenAI's defaults: 16 for completions, as many as fit for chat.
-    return _get(body, name, "int", cap if chat else min(16, cap), lambda v: 1 <= v <= cap,
-                f"must be from 1 to {cap} (--max_tokens_cap)")
+    return _get(body, name, "int", cap if chat else min(16, cap), lambda v: least <= v <= cap,
+                f"must be from {least} to {cap} (--max_tokens_cap)")
 
 
 def _sampling(body) -> Sampling:
@@ -163,22 +167,29 @@ def _usage(body) -> bool:
     return bool(_get(opts, "include_usage", "bool", False))
 
 
-def _logprobs(body, chat: bool) -> bool:
-    """Each chosen token's log-probability; the alternatives (top_logprobs) are not computed."""
+MAX_TOP_LOGPROBS = 5  # OpenAI's limit for the completions' logprobs
+
+
+def _logprobs(body, chat: bool, stream: bool) -> tuple[bool, int, bool]:
+    """(logprobs wanted, top alternatives k, echo). Chat: each chosen token's log-probability
+    only. Completions: logprobs=k gives the k most likely tokens at each position too, and
+    echo the prompt's tokens first, both computed by one pass over the whole text when the
+    request ends, so not streamed."""
     if chat:
         if _get(body, "top_logprobs", "int", 0):
             raise APIError("top_logprobs > 0 is not supported (logprobs: true gives each chosen "
                            "token's)", "top_logprobs")
-        return _get(body, "logprobs", "bool", False)
-    if _get(body, "echo", "bool", False):
-        raise APIError("echo is not supported", "echo")
+        return _get(body, "logprobs", "bool", False), 0, False
     if _get(body, "best_of", "int", 1) != 1:
         raise APIError("best_of other than 1 is not supported (n is)", "best_of")
-    lp = _get(body, "logprobs", "int", None)
-    if lp not in (None, 0):
-        raise APIError("logprobs > 0 (alternatives) is not supported; logprobs=0 gives each "
-                       "chosen token's log-probability", "logprobs")
-    return lp == 0
+    lp = _get(body, "logprobs", "int", None, lambda v: 0 <= v <= MAX_TOP_LOGPROBS,
+              f"must be from 0 to {MAX_TOP_LOGPROBS}")
+    echo = _get(body, "echo", "bool", False)
+    if stream and (echo or lp):
+        raise APIError(f"{'echo' if echo else 'logprobs > 0'} is not supported with stream: "
+                       "the log-probabilities come from one pass when the request ends",
+                       "echo" if echo else "logprobs")
+    return lp is not None, lp or 0, echo
 
 
 def _encode(tokenizer, prompt, vocab_size: int, param: str) -> list[int]:
@@ -249,7 +260,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def logprobs_block(chat: bool, tokens: list[str], logprobs: list[float], offset: int) -> dict:
+def logprobs_block(chat: bool, tokens: list[str], logprobs: list, offset: int,
+                   top: list | None = None) -> dict:
+    """OpenAI's logprobs object; top: per token, {token text: log-probability} or None."""
     if chat:
         return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
                              "top_logprobs": []} for t, lp in zip(tokens, logprobs)]}
@@ -257,7 +270,7 @@ def logprobs_block(chat: bool, tokens: list[str], logprobs: list[float], offset:
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None,
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top,
             "text_offset": offsets}
 
 

@@ -9,6 +9,7 @@ on a free 127.0.0.1 port; the SIGTERM test runs last and stops it.
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 from conftest import REPO, random_official_state_dict, repo_pythonpath
 
@@ -246,7 +248,9 @@ def test_bad_requests_get_400_and_the_next_good_one_succeeds(server, client):
            (json.dumps({"prompt": "x", "colour": 1}), "colour"),
            (json.dumps({"prompt": "x", "n": 0}), "n"),
            (json.dumps({"prompt": "x", "max_tokens": 10**7}), "max_tokens"),
-           (json.dumps({"prompt": "x", "logprobs": 3}), "logprobs"),
+           (json.dumps({"prompt": "x", "logprobs": 6}), "logprobs"),
+           (json.dumps({"prompt": "x", "echo": True, "stream": True}), "echo"),
+           (json.dumps({"prompt": "x", "max_tokens": 0}), "max_tokens"),
            (json.dumps(["x"]), None)]
     for body, param in bad:
         r = httpx.post(url, content=body, headers={"Content-Type": "application/json"})
@@ -258,6 +262,104 @@ def test_bad_requests_get_400_and_the_next_good_one_succeeds(server, client):
         client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "x"}])
     ok = client.completions.create(model="tiny", prompt="still here", max_tokens=3)
     assert ok.choices[0].finish_reason == "length"
+
+
+def _model_logp(pth, ids):
+    """The model's own log-probabilities (len(ids), V) of one whole sequence (rwkv_jax.nn)."""
+    import jax
+    import jax.numpy as jnp
+
+    from rwkv_jax.io import import_official
+    from rwkv_jax.nn.model import RWKV
+
+    config, params = import_official(pth)
+    logits, _ = RWKV(config).apply({"params": params}, jnp.asarray([ids], jnp.int32))
+    return np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32)))
+
+
+def test_echo_scores_the_prompt_as_the_model_does(server):
+    """echo + logprobs (lm-eval's local-completions request): the prompt's tokens first, each
+    with the model's log-probability (the first has none), then the generated token; top
+    alternatives as asked; a prompt longer than a prefill piece; ids or text alike."""
+    ids = list(b"To be, or not to be, that is the question: whether 'tis nobler")
+    assert len(ids) > CHUNK
+    url = server["url"] + "/v1/completions"
+    body = {"model": "tiny", "temperature": 0, "max_tokens": 1, "logprobs": 2, "echo": True}
+    by_ids = httpx.post(url, json={**body, "prompt": ids}, timeout=60).json()["choices"][0]
+    by_text = httpx.post(url, json={**body, "prompt": bytes(ids).decode()},
+                         timeout=60).json()["choices"][0]
+    assert by_ids == by_text
+    lp = by_ids["logprobs"]
+    assert by_ids["text"].startswith(bytes(ids).decode()) and len(lp["tokens"]) == len(ids) + 1
+    assert lp["tokens"][: len(ids)] == [chr(t) for t in ids]
+    assert lp["text_offset"][: len(ids)] == list(range(len(ids)))
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    logp = _model_logp(server["pth"], ids)  # greedy: the generated token is the argmax
+    whole = ids + [int(np.argmax(logp[-1]))]
+    want = logp[np.arange(len(ids)), whole[1:]]
+    text = lambda t: bytes([t]).decode(errors="replace")
+    assert lp["tokens"][-1] == text(whole[-1])
+    np.testing.assert_allclose(lp["token_logprobs"][1:], want, atol=1e-4, rtol=0)
+    for t, top in enumerate(lp["top_logprobs"][1:]):
+        best = {}  # the two best; bytes that are not UTF-8 alone share a text, the best's
+        for b in np.argsort(-logp[t])[:2]:
+            best.setdefault(text(b), logp[t, b])
+        assert list(top) == list(best)
+        np.testing.assert_allclose(list(top.values()), list(best.values()), atol=1e-4, rtol=0)
+    # Greedy: the generated token is the top one, its log-probability top's first, exactly.
+    assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values())
+    # max_tokens 0: the prompt alone; logprobs=0 without echo: only the generated tokens.
+    only = httpx.post(url, json={**body, "prompt": ids, "max_tokens": 0}, timeout=60).json()
+    lps = only["choices"][0]["logprobs"]["token_logprobs"]  # in other pieces: not to the bit
+    assert lps[0] is None and len(lps) == len(ids)
+    np.testing.assert_allclose(lps[1:], lp["token_logprobs"][1:-1], atol=1e-5, rtol=0)
+    assert only["choices"][0]["text"] == bytes(ids).decode()
+    gen = httpx.post(url, json={**body, "prompt": ids, "echo": False}, timeout=60).json()
+    np.testing.assert_allclose(gen["choices"][0]["logprobs"]["token_logprobs"],
+                               lp["token_logprobs"][-1:], atol=1e-5, rtol=0)
+
+
+def test_lm_eval_local_completions_scores_as_rwkv_lm_eval(server, tmp_path):
+    """lm-eval's local-completions (tokenized requests, echo, logprobs=1) against this server,
+    on the local multiple-choice task: each example's log-likelihoods are those rwkv-lm-eval's
+    model (RwkvLM, in this process on the same weights) gives the same requests."""
+    pytest.importorskip("lm_eval", reason="the eval extra: pip install -e .[eval]")
+    pytest.importorskip("transformers", reason="local-completions' tokenizer is a transformers one")
+    from types import SimpleNamespace
+
+    from rwkv_jax.data import ByteTokenizer
+    from rwkv_jax.generate import Generator
+    from rwkv_jax.harness import RwkvLM
+    from rwkv_jax.io import import_official
+
+    task_dir = os.path.join(REPO, "tests", "fixtures", "lm_eval")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": repo_pythonpath()}
+    hf = tmp_path / "hf"
+    subprocess.run([sys.executable, os.path.join(REPO, "infer.py"), "--official", server["pth"],
+                    "--tokenizer", "byte", "--export_hf", str(hf)],
+                   env=env, cwd=REPO, capture_output=True, timeout=120, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
+         (f"model=tiny,base_url={server['url']}/v1/completions,tokenizer_backend=huggingface,"
+          f"tokenizer={hf},num_concurrent=1"), "--tasks", "rwkv_tiny_mc", "--include_path",
+         task_dir, "--log_samples", "--output_path", str(tmp_path / "out")],
+        cwd=task_dir, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = glob.glob(str(tmp_path / "out" / "*" / "samples_rwkv_tiny_mc_*.jsonl"))
+    with open(path) as f:
+        samples = [json.loads(line) for line in f]
+    assert len(samples) == 40
+    config, params = import_official(server["pth"])
+    ours = RwkvLM(Generator(config, params, ByteTokenizer()))
+    # lm-eval logs each request's arguments as {"gen_args_i": {"arg_0": context, "arg_1": ...}}.
+    pairs = [(g["arg_0"], g["arg_1"]) for s in samples for _, g in sorted(
+        s["arguments"].items(), key=lambda kv: int(kv[0].rsplit("_", 1)[1]))]
+    want = [ll for ll, _ in ours.loglikelihood([SimpleNamespace(args=a) for a in pairs],
+                                               disable_tqdm=True)]
+    got = [float(r[0]) for s in samples for r in s["filtered_resps"]]
+    assert len(got) == len(want) == 160
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
 def test_sigterm_drains_the_requests_in_flight_and_exits_0(server):
