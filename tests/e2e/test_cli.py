@@ -144,9 +144,10 @@ def test_readme_starts_with_the_commands_ci_runs():
 
 
 def test_readme_library_snippet_runs_as_written(tmp_path, tiny_run):
-    """The README's Python snippet, run as written in a folder whose runs/tiny is a trained
+    """The README's library snippet, run as written in a folder whose runs/tiny is a trained
     run (the main command's; here the session's tiny run)."""
-    code = re.search(r"```python\n(.*?)```", open(README).read(), re.S).group(1)
+    library = open(README).read().split("## Use as a library", 1)[1]
+    code = re.search(r"```python\n(.*?)```", library, re.S).group(1)
     os.makedirs(tmp_path / "runs")
     os.symlink(tiny_run.run_dir, tmp_path / "runs" / "tiny")
     (tmp_path / "snippet.py").write_text(code)
