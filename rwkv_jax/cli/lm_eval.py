@@ -16,11 +16,18 @@ from __future__ import annotations
 
 import sys
 
-from lm_eval.api.registry import register_model
-
 from rwkv_jax.cli import infer
 from rwkv_jax.generate import Generator
-from rwkv_jax.harness import RwkvLM
+
+try:  # the eval extra: without it this command is one line, not a traceback
+    from lm_eval.api.registry import register_model
+
+    from rwkv_jax.harness import RwkvLM
+except ModuleNotFoundError as e:
+    if (e.name or "").split(".")[0] != "lm_eval":
+        raise
+    print('rwkv-lm-eval needs lm-eval: pip install -e ".[eval]"', file=sys.stderr)
+    sys.exit(2)
 
 _WEIGHTS = ("run_dir", "step", "official", "hf", "tokenizer", "bf16")
 _OPTIONS = ("prefill_chunk", "reuse_context", "rolling_chunk", "prefix_token")

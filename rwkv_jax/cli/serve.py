@@ -102,8 +102,8 @@ def _engine(args):
     gen = Generator(config, params, tokenizer, prefill_chunk=args.prefill_chunk, bf16=args.bf16,
                     decode_block=args.decode_block)
     del params
-    # The World tokenizer's 0 ends a text.
-    stop_tokens = (0,) if tokenizer_name == "world" else ()
+    # The World vocabulary's 0 ends a text (whether its tokenizer is named or a --hf folder's).
+    stop_tokens = (0,) if tokenizer_name == "world" or config.vocab_size == 65536 else ()
     engine = Engine(gen, max_batch=args.max_batch, max_queue=args.max_queue,
                     prefill_rows=args.prefill_rows,
                     start_state=None if start is None else state_tree(config, start, 1),
@@ -117,8 +117,12 @@ def _engine(args):
     warm = Request(prompt=[1] * 3, max_tokens=2, seed=0, stop=[],
                    sampling=Sampling(temperature=0.5), emit=done.put)
     engine.submit(warm)
-    while not done.get(timeout=900).finish_reason:
-        pass
+    try:
+        while not done.get(timeout=900).finish_reason:
+            pass
+    except queue.Empty:
+        engine.stop()
+        raise InputError("the warm-up request did not finish in 900 s") from None
     engine.reset_stats()
     print(f"serve: compiled in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return engine
@@ -127,7 +131,7 @@ def _engine(args):
 def _model_name(args) -> str:
     if args.model_name:
         return args.model_name
-    path = args.official or args.run_dir
+    path = args.official or args.hf or args.run_dir
     return os.path.basename(os.path.normpath(path)).removesuffix(".pth")
 
 
