@@ -183,9 +183,10 @@ def frozen_base(params: dict, trainable: dict, dtype=jnp.bfloat16) -> dict:
     """The base as the run reads it: projections and embeddings in `dtype`, the rest float32
     (frozen_dtype); PiSSA's targets hold the residual W - B0 A0 (computed in float32, then
     rounded once)."""
-    out = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    out = jax.tree.map(lambda x: x, params)  # a new tree; only PiSSA's targets change
     for d, f in adapted(trainable.get(PISSA_INIT, {}), "init_lora_A"):
-        set_path(out, d + ("kernel",), get_path(out, d + ("kernel",)) - delta(_initial(f), 1.0))
+        kernel = jnp.asarray(get_path(out, d + ("kernel",)), jnp.float32)
+        set_path(out, d + ("kernel",), kernel - delta(_initial(f), 1.0))
     return jax.tree_util.tree_map_with_path(
         lambda kp, x: x.astype(frozen_dtype(tuple(k.key for k in kp), x.dtype, dtype)), out)
 
@@ -208,8 +209,9 @@ def merge(base: dict, trainable: dict, spec: AdapterSpec, *, original: bool,
     keep_dtypes, each leaf in the base's dtype: no copy bigger than the base). `original`:
     the base is the model's own weights (the float32 file: PiSSA's B0 A0 come off here, the
     merged export) rather than frozen_base's (the residual already)."""
-    dtypes = jax.tree.map(lambda x: x.dtype, overlay(base, trainable))
-    out = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), overlay(base, trainable))
+    weights = overlay(base, trainable)
+    dtypes = jax.tree.map(lambda x: x.dtype, weights)
+    out = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), weights)
     inits = trainable.get(PISSA_INIT, {})
     for d, factors in adapted(trainable.get(LORA, {})):
         w = get_path(out, d + ("kernel",))
