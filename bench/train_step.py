@@ -1,7 +1,7 @@
 """Training throughput of a config on the devices present: step time, tokens/s, MFU, memory.
 
     python bench/train_step.py --config=configs/model_169m.py [--config.efficiency.wkv_impl=assoc]
-        [--steps=10] [--warmup=3] [--label=NAME]
+        [--steps=10] [--warmup=3] [--label=NAME] [--json=FILE] [--profile=DIR]
 
 Random tokens, the real train step (the same compiled function train.py runs, chunk with the
 recurrent state passed in), timed after warm-up; median over the timed steps. MFU is model
@@ -9,12 +9,14 @@ FLOPs (6 x matrix parameters + causal attention) over the device's dense bf16 pe
 one table row; several runs append to --table (a markdown file) so variants sit side by side.
 """
 
+import json
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -24,6 +26,9 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compile, autotune).")
 _LABEL = flags.DEFINE_string("label", "", "Row label.")
 _TABLE = flags.DEFINE_string("table", "", "Append the row to this markdown file too.")
+_JSON = flags.DEFINE_string("json", "", "Write the row's numbers to this JSON file too.")
+_PROFILE = flags.DEFINE_string("profile", "", "Trace 3 more steps into this folder and print "
+                               "the device time by op (bench/profile_step.py).")
 
 HEADER = ("| run | devices | mesh (d,f,t) | batch x chunk | step ms | tokens/s | MFU | "
           "peak GiB | plan GiB | XLA GiB |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -86,6 +91,21 @@ def main(argv):
     print(f"loss {float(metrics['loss']):.3f}; all step ms: {[round(1e3 * t, 1) for t in times]}")
     print(HEADER)
     print(row)
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump({"step_ms": ms, "tokens_per_s": tps, "mfu": mfu, "peak_gib": used / gib
+                       if used else None, "flops_per_token": trainer.model_flops_per_token(mc, L),
+                       "device": jax.devices()[0].device_kind, "loss": float(metrics["loss"])}, f)
+    if _PROFILE.value:
+        import profile_step  # noqa: PLC0415 - beside this script
+
+        def more(n, ts=ts):
+            for i in range(n):
+                x, y = batches[i % len(batches)]
+                ts, m = step(ts, x, y, mask, run.base)
+            jax.block_until_ready((ts, m))
+
+        print(profile_step.profile(more, step.as_text(), _PROFILE.value, steps=3))
     if _TABLE.value:
         new = not os.path.exists(_TABLE.value)
         with open(_TABLE.value, "a") as f:
