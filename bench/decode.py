@@ -741,7 +741,9 @@ def format_table7(results: dict, batches, prompt_len: int, new_tokens: int) -> s
                   f"{first['floor_ms']:.3f} ms for the first model. Batch 1: ours' fastest row "
                   "padding (Generator(decode_rows)); fla in bfloat16 with its recurrent cache, "
                   "rows of one prompt; rwkv package one row. Greedy agreement: fla's first row "
-                  "and the package's tokens against ours at batch 1."]
+                  "and the package's tokens against ours at batch 1. The floor counts the "
+                  "weights only: at batch B each step also reads and writes B states "
+                  "(n_layer x n_embd x head size float32 a row)."]
         if first["device"] == "cpu":
             lines[-1] += (" On a CPU the weights of a small model stay in cache, so the floor "
                           "(from a copy of an array larger than the cache) is not a bound.")
