@@ -18,6 +18,14 @@ Theirs: `rwkv.model.RWKV(model, strategy)` with its CUDA kernels built (RWKV_CUD
 nvcc can build them, fed the same prompt, greedy by argmax. Each side runs in its own process
 so neither holds the other's GPU memory; the CUDA extension builds in the background while the
 JAX side runs.
+
+    python bench/decode.py --version 7 [--quick | --gpu] [--batches 16,128]
+
+RWKV-7 (x070): a random model saved by io.official.export_official (and on a GPU by
+io.hf.export_hf for fla); ours as above (XLA only: the CUDA decode kernel runs RWKV-4 blocks)
+at batch 1 and --batches; the rwkv package's RWKV_x070 ('cuda fp16' / 'cpu fp32', batch 1);
+on a GPU fla's RWKV7ForCausalLM (bf16, its recurrent cache) at every batch; greedy tokens of
+each peer against ours. --gpu: 169M and 1.5B, vocabulary 65536, 128-token prompts, 256 tokens.
 """
 
 from __future__ import annotations
@@ -25,9 +33,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -39,6 +49,15 @@ MODELS = {  # name: (n_layer, n_embd, vocab)
     "430M": (24, 1024, 50277),
     "1.5B": (24, 2048, 50277),
     "3B": (32, 2560, 50277),
+}
+# RWKV-7 (x070, head size 64): the World vocabulary's size.
+MODELS7 = {
+    "quick": (2, 64, 512),
+    "tiny": (4, 128, 256),
+    "169M": (12, 768, 65536),
+    "430M": (24, 1024, 65536),
+    "1.5B": (24, 2048, 65536),
+    "3B": (32, 2560, 65536),
 }
 
 
@@ -85,6 +104,37 @@ def make_pth(path: str, n_layer: int, n_embd: int, vocab: int, device: str, dtyp
         torch.cuda.empty_cache()  # the workers need the memory, not this process
 
 
+def make_x070(path: str, hf_dir: str | None, n_layer: int, n_embd: int, vocab: int,
+              dtype: str, seed=0) -> None:
+    """A random RWKV-7 (x070): our init moved by noise at each tensor's scale (the official init
+    leaves some projections zero), saved as an official .pth by io.official.export_official and,
+    with hf_dir, as an fla-hub folder by io.hf.export_hf (the same model for each peer)."""
+    import jax  # noqa: PLC0415
+
+    from rwkv_jax.config import ModelConfig  # noqa: PLC0415
+    from rwkv_jax.io.hf import export_hf  # noqa: PLC0415
+    from rwkv_jax.io.official import export_official  # noqa: PLC0415
+    from rwkv_jax.nn.model import init_params  # noqa: PLC0415
+
+    config = ModelConfig(version="7", vocab_size=vocab, n_layer=n_layer, n_embd=n_embd, head_size=64)
+    params = init_params(config, jax.random.PRNGKey(seed))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    # Matrices (in, out) by 0.5 / sqrt(fan_in): unit-gain products; vectors by 0.5.
+    params = jax.tree.unflatten(tree, [
+        x + 0.5 / (x.shape[0] ** 0.5 if x.ndim == 2 else 1) * jax.random.normal(k, x.shape, x.dtype)
+        for x, k in zip(leaves, keys)])
+    params = jax.device_get(params)  # one host copy for both writers
+    # The two files side by side: their host conversions release the GIL (a 1.5B model is 6 GB
+    # of float32 to convert for each).
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(export_official, params, config, path, dtype=dtype)]
+        if hf_dir:
+            jobs.append(pool.submit(export_hf, params, config, hf_dir, dtype="bfloat16"))
+        for job in jobs:
+            job.result()
+
+
 def load_params(path: str, dtype):
     """Our params from an official .pth without a float32 copy on the host: each tensor goes to
     the device as stored and is transposed and cast there."""
@@ -92,10 +142,11 @@ def load_params(path: str, dtype):
     import jax.numpy as jnp  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from rwkv_jax.io import official_layout  # noqa: PLC0415
+    from rwkv_jax.io import official_layout, official_version  # noqa: PLC0415
 
     sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    version = official_version(sd)
     convert = {
         "linear": jax.jit(lambda a: a.T.astype(dtype)),
         "table": jax.jit(lambda a: a.astype(dtype)),
@@ -103,7 +154,9 @@ def load_params(path: str, dtype):
         "vector": jax.jit(lambda a: a.astype(jnp.float32)),
     }
     params: dict = {}
-    for name, ours, kind in official_layout(n_layer):
+    for name, ours, kind in official_layout(n_layer, version):
+        if ours[-1] == "r_k":  # RWKV-7's bonus stays float32 (decode_loop.inference_params)
+            kind = "vector"
         t = sd[name]
         host = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
         node = params
@@ -112,8 +165,12 @@ def load_params(path: str, dtype):
         node[ours[-1]] = convert[kind](jax.device_put(host))
     jax.block_until_ready(params)
     vocab, C = sd["emb.weight"].shape
-    return params, dict(vocab_size=int(vocab), n_layer=n_layer, n_embd=int(C),
-                        dim_ffn=int(sd["blocks.0.ffn.key.weight"].shape[0]))
+    dims = dict(vocab_size=int(vocab), n_layer=n_layer, n_embd=int(C),
+                dim_ffn=int(sd["blocks.0.ffn.key.weight"].shape[0]))
+    if version == "7":  # head size and LoRA ranks from the tensors, as io.official reads them
+        dims.update(version="7", head_size=int(sd["blocks.0.att.r_k"].shape[-1]),
+                    **{f"dim_{n}_lora": int(sd[f"blocks.0.att.{n}1"].shape[-1]) for n in "wavg"})
+    return params, dims
 
 
 def prompt_tokens(vocab: int, n: int, rows: int, seed: int = 1):
@@ -217,6 +274,7 @@ def jax_worker(a) -> dict:
         res = gen.generate(prompt, max_new_tokens=a.new_tokens)
         out["prefill_s"] = res.timings["prefill_s"]
         out["first_tokens"] = res.tokens[0][:24]
+        out["tokens"] = res.tokens[0]  # all of them: RWKV-7's agreement with each peer
         prefilled = gen.feed([prompt[:-1]])
     else:
         prefilled = Generator(config, params).reset(1)
@@ -301,15 +359,21 @@ def measure_decode(gen, prefilled, token: int, B: int, n: int) -> dict:
 
 def rwkv_worker(a) -> dict:
     os.environ["RWKV_CUDA_ON"] = "1" if a.cuda_on else "0"
+    # The package's RWKV-7 exists only with RWKV_V7_ON=1 set before rwkv.model is imported.
+    os.environ["RWKV_V7_ON"] = "1" if a.version == "7" else "0"
     import torch  # noqa: PLC0415
-    from rwkv.model import RWKV  # noqa: PLC0415
+    import rwkv.model  # noqa: PLC0415
 
     cuda = "cuda" in a.strategy
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t = time.perf_counter()
-    model = RWKV(model=a.pth, strategy=a.strategy, verbose=False)
+    if a.version == "7":  # RWKV_x070 appends ".pth" to the name it is given
+        model = rwkv.model.RWKV_x070(model=a.pth.removesuffix(".pth"), strategy=a.strategy)
+        vocab = model.z["emb.weight"].shape[0]
+    else:
+        model = rwkv.model.RWKV(model=a.pth, strategy=a.strategy, verbose=False)
+        vocab = model.w["emb.weight"].shape[0]
     load_s = time.perf_counter() - t
-    vocab = model.w["emb.weight"].shape[0]
     prompt = prompt_tokens(vocab, a.prompt_len + 1, 1)[0]
     model.forward(prompt[:8], None)  # TorchScript and kernels warm up
     out, state = model.forward([prompt[0]], None)
@@ -331,8 +395,67 @@ def rwkv_worker(a) -> dict:
     sync()
     ms = 1e3 * (time.perf_counter() - t) / a.new_tokens
     return {"load_s": load_s, "prefill_s": prefill_s, "decode_ms_per_token": ms,
-            "first_tokens": tokens[:24], "cuda_on": os.environ.get("RWKV_CUDA_ON"),
+            "first_tokens": tokens[:24], "tokens": tokens, "cuda_on": os.environ.get("RWKV_CUDA_ON"),
             "strategy": a.strategy}
+
+
+def fla_worker(a) -> dict:
+    """fla's RWKV7ForCausalLM (bf16, its Triton kernels) on the export_hf folder: the prompt in
+    one call, then one call per token with its recurrent cache (fused_mul_recurrent at one
+    token under no_grad), greedy by argmax on the device; per batch the median of a few timed
+    decode loops, each from a fresh prefill, synchronised around the whole loop."""
+    import torch  # noqa: PLC0415
+    import fla  # noqa: F401, PLC0415 - registers model_type rwkv7 with transformers
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(a.hf, dtype=torch.bfloat16).to("cuda").eval()
+    out = {"load_s": time.perf_counter() - t, "class": type(model).__name__, "fla": fla.__version__,
+           "torch": torch.__version__, "batches": {}}
+    prompt = prompt_tokens(model.config.vocab_size, a.prompt_len + 1, 1)[0]
+
+    def prefill(B):
+        ids = torch.tensor([prompt] * B, device="cuda")
+        res = model(ids, use_cache=True, logits_to_keep=1)
+        return res.past_key_values, res.logits[:, -1].argmax(-1)
+
+    def decode(cache, token, n):
+        tokens = []
+        for _ in range(n):
+            tokens.append(token)
+            res = model(token[:, None], past_key_values=cache, use_cache=True)
+            cache, token = res.past_key_values, res.logits[:, -1].argmax(-1)
+        return torch.stack(tokens, 1)
+
+    with torch.inference_mode():
+        for B in [1, *a.batches]:
+            try:  # a batch that fails (memory, a kernel) is one cell, not the whole peer
+                decode(*prefill(B), 4)  # Triton compiles (and tunes) its kernels for this shape
+                times = []
+                for _ in range(3):
+                    cache, token = prefill(B)
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    tokens = decode(cache, token, a.new_tokens)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t)
+                ms = 1e3 * sorted(times)[1] / a.new_tokens
+                out["batches"][f"B{B}"] = {"ms": ms, "tokens": tokens[0].tolist(),
+                                           "rows_equal": bool((tokens == tokens[:1]).all())}
+                progress(f"fla B{B}: {ms:.2f} ms per step")
+            except Exception as e:  # noqa: BLE001
+                out["batches"][f"B{B}"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                progress(f"fla B{B} failed: {out['batches'][f'B{B}']['error']}")
+            cache = tokens = None
+            torch.cuda.empty_cache()
+    return out
+
+
+def make_worker(a) -> dict:
+    """Save the random RWKV-7 (JAX's init on this process's device, gone when it exits)."""
+    t = time.perf_counter()
+    make_x070(a.pth, a.hf, *a.shape, a.pth_dtype)
+    return {"make_s": time.perf_counter() - t}
 
 
 def build_worker(a) -> dict:
@@ -399,6 +522,9 @@ def orchestrate(a):
         logf.write(msg + "\n")
         logf.flush()
 
+    if a.version == "7":
+        orchestrate7(a, log)
+        return
     start = time.perf_counter()
     # (label, environment, worker flags): the first one also times the prefill.
     variants = [("XLA defaults", {}, ["--prefill", "--rows", "1,2,8"])]
@@ -486,6 +612,144 @@ def orchestrate(a):
         f.write(table + "\n")
 
 
+def orchestrate7(a, log) -> None:
+    """RWKV-7: ours (XLA; no CUDA decode kernel exists for it) at batch 1 and a.batches, the
+    rwkv package at batch 1 and, on a GPU with CUDA, fla at every batch, each in its own
+    process on one random model per shape."""
+    start = time.perf_counter()
+    if a.gpu:
+        names, strategy, pdtype = ["169M", "1.5B"], "cuda fp16", "bfloat16"
+        prompt_len, new_tokens, batches = 128, 256, [16, 128]
+        rows = "1,2"
+    elif a.quick:
+        names, strategy, pdtype = ["quick"], "cpu fp32", "float32"
+        prompt_len, new_tokens, batches, rows = 16, 8, [4], "1"
+    else:
+        names, strategy, pdtype = ["tiny"], "cpu fp32", "float32"
+        prompt_len, new_tokens, batches, rows = 128, 64, [16], "1"
+    names = a.models.split(",") if a.models else names
+    batches = a.batches_given or batches
+    unknown = [n for n in names if n not in MODELS7]
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; choose from {','.join(MODELS7)}")
+    if a.gpu and "cuda" in (a.variants.split(",") if a.variants else ["cuda"]):
+        log("CUDA decode block: skipped for RWKV-7 (rwkv_jax.kernels.cuda.decode4 runs RWKV-4 "
+            "blocks only)")
+    fla = a.gpu and not a.no_fla and _cuda_visible()
+    if not fla:
+        log("fla: skipped (" + ("--no_fla" if a.no_fla else "no CUDA device") + ")")
+    common = ["--version", "7", "--prompt_len", str(prompt_len), "--new_tokens", str(new_tokens)]
+    results = {}
+    for name in names:
+        elapsed = time.perf_counter() - start
+        if elapsed > a.budget_s:
+            log(f"{name}: skipped, {elapsed:.0f} s of the {a.budget_s:.0f} s budget used")
+            continue
+        shape = MODELS7[name]
+        pth, hf = os.path.join(a.tmp, f"rwkv7_{name}.pth"), os.path.join(a.tmp, f"rwkv7_{name}_hf")
+
+        def remaining():
+            return max(a.budget_s + 60 - (time.perf_counter() - start), 30)
+
+        made = _worker("make", ["--pth", pth, "--shape", ",".join(map(str, shape)), "--pth_dtype",
+                                pdtype] + (["--hf", hf] if fla else []), log, timeout=remaining())
+        if made is None:
+            continue
+        log(f"{name}: RWKV-7 L{shape[0]} C{shape[1]} V{shape[2]}, random weights saved in "
+            f"{made['make_s']:.1f} s")
+        # None: the worker failed; {}: not run.
+        r = results[name] = {"shape": shape, "ours": None, "rwkv": {}, "fla": {}}
+        r["ours"] = _worker("jax", ["--pth", pth, "--batches", ",".join(map(str, batches)),
+                                    "--prefill", "--rows", rows, *common], log, timeout=remaining())
+        log(f"  ours: {json.dumps(r['ours'])}")
+        if fla:
+            r["fla"] = _worker("fla", ["--hf", hf, "--batches", ",".join(map(str, batches)),
+                                       *common], log, timeout=remaining())
+            log(f"  fla: {json.dumps(r['fla'])}")
+        if not a.no_rwkv:
+            r["rwkv"] = _worker("rwkv", ["--pth", pth, "--strategy", strategy, *common], log,
+                                timeout=remaining())
+            log(f"  rwkv: {json.dumps(r['rwkv'])}")
+        _save(a.out, results)
+        os.remove(pth)
+        shutil.rmtree(hf, ignore_errors=True)
+    table = format_table7(results, batches, prompt_len, new_tokens)
+    log(table)
+    with open(os.path.join(a.out, "decode.md"), "w") as f:
+        f.write(table + "\n")
+
+
+def _cuda_visible() -> bool:
+    """Whether torch sees a CUDA device, asked in a child (this process must hold no GPU)."""
+    code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    try:
+        return subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def agreement(ours: list | None, theirs: list | None) -> str:
+    """Greedy tokens of two sides from the same prompt: the share of positions equal, and how
+    many lead before the first difference (after which the two continue different texts)."""
+    if not ours or not theirs:
+        return "n/a"
+    n = min(len(ours), len(theirs))
+    same = sum(x == y for x, y in zip(ours[:n], theirs[:n]))
+    lead = next((i for i in range(n) if ours[i] != theirs[i]), n)
+    return f"{100 * same / n:.0f}% (first {lead} of {n})"
+
+
+def format_table7(results: dict, batches, prompt_len: int, new_tokens: int) -> str:
+    lines = [f"RWKV-7, greedy decode after a {prompt_len + 1}-token prompt, {new_tokens} tokens "
+             "timed per row: ms per decode step (one token for each row) of whole calls, "
+             "ours in brackets as the bare decode block queued back to back / one block of n "
+             "steps; x floor = ours / (weight bytes read per step / copy bandwidth).", "",
+             "| model | batch | ours ms/step (bare / device) | ours tokens/s | ours x floor "
+             "| fla ms/step | fla tokens/s | rwkv pkg ms/step | greedy ours = fla | greedy ours = rwkv pkg |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    first = None
+    for name, r in results.items():
+        o, f, t = r["ours"], r["fla"], r["rwkv"]
+        first = first or o
+        fla_b = f["batches"] if f else {}
+        for B in [1, *batches]:
+            v = None
+            if o:  # batch 1: the fastest of its row paddings
+                cands = [x for k, x in o["variants"].items() if k.startswith("B1 ")] if B == 1 \
+                    else [o["variants"].get(f"B{B}")]
+                cands = [x for x in cands if x]
+                v = min(cands, key=lambda x: x["loop_ms"]) if cands else None
+            ours = (f"{v['loop_ms']:.2f} ({v['bare_ms']:.2f} / {v['device_ms']:.2f})", 
+                    f"{1e3 * B / v['loop_ms']:,.0f}", f"{v['loop_ms'] / o['floor_ms']:.2f}x") \
+                if v else ("failed" if not o else "", "", "")
+            fb = fla_b.get(f"B{B}")
+            if fb and "error" in fb:
+                theirs, fb = (f"failed ({fb['error'].split(':')[0]})", ""), None
+            else:
+                theirs = (f"{fb['ms']:.2f}", f"{1e3 * B / fb['ms']:,.0f}") if fb else \
+                    ("not run" if f == {} else "failed" if f is None else "", "")
+            pkg = ("not run" if t == {} else f"{t['decode_ms_per_token']:.2f}" if t else "failed") \
+                if B == 1 else ""
+            tokens = o.get("tokens") if o else None
+            agree_fla = agreement(tokens, fb["tokens"]) if fb else ""
+            agree_pkg = agreement(tokens, t.get("tokens")) if B == 1 and t else ""
+            lines.append(f"| {name} | {B} | {ours[0]} | {ours[1]} | {ours[2]} | {theirs[0]} "
+                         f"| {theirs[1]} | {pkg} | {agree_fla} | {agree_pkg} |")
+    if first:
+        lines += ["", f"Device: {first['device']}, jax {first['jax']}, ours in {first['dtype']}; "
+                  f"copy bandwidth {first['bandwidth'] / 1e9:,.0f} GB/s (read + write); floor "
+                  f"{first['floor_ms']:.3f} ms for the first model. Batch 1: ours' fastest row "
+                  "padding (Generator(decode_rows)); fla in bfloat16 with its recurrent cache, "
+                  "rows of one prompt; rwkv package one row. Greedy agreement: fla's first row "
+                  "and the package's tokens against ours at batch 1. The floor counts the "
+                  "weights only: at batch B each step also reads and writes B states "
+                  "(n_layer x n_embd x head size float32 a row)."]
+        if first["device"] == "cpu":
+            lines[-1] += (" On a CPU the weights of a small model stay in cache, so the floor "
+                          "(from a copy of an array larger than the cache) is not a bound.")
+    return "\n".join(lines)
+
+
 def format_table(results: dict, batches, prompt_len: int, new_tokens: int) -> str:
     lines = [f"Greedy decode from the state of a {prompt_len + 1}-token prompt, {new_tokens} tokens "
              "timed: ms per decode step (one token per row) of a whole generate call, and in "
@@ -563,16 +827,24 @@ def main():
     p.add_argument("--models", default="", help="comma list of " + ",".join(MODELS))
     p.add_argument("--out", default="/tmp/bench_decode")
     p.add_argument("--tmp", default="/tmp")
-    p.add_argument("--budget_s", type=float, default=420.0)
+    p.add_argument("--budget_s", type=float, default=None,
+                   help="seconds before later models are skipped (420; --version 7: 300)")
     p.add_argument("--no_cuda_build", action="store_true")
-    p.add_argument("--worker", choices=["jax", "rwkv", "build"])
+    p.add_argument("--worker", choices=["jax", "rwkv", "build", "make", "fla"])
     p.add_argument("--json")
     p.add_argument("--pth")
     p.add_argument("--strategy", default="cpu fp32")
     p.add_argument("--cuda_on", action="store_true")
     p.add_argument("--prompt_len", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=64)
-    p.add_argument("--batches", default="16", help="batch sizes beside batch 1")
+    p.add_argument("--version", default="4", choices=("4", "7"),
+                   help="RWKV-4, or RWKV-7 (x070) beside the rwkv package and fla's RWKV7ForCausalLM")
+    p.add_argument("--batches", default="",
+                   help="batch sizes beside batch 1 (--version 7; RWKV-4 runs 16, --quick 4)")
+    p.add_argument("--no_fla", action="store_true", help="--version 7: leave fla out")
+    p.add_argument("--hf", help="worker: an export_hf folder")
+    p.add_argument("--shape", help="worker: n_layer,n_embd,vocab of the model to make")
+    p.add_argument("--pth_dtype", default="float32", help="worker: the .pth's dtype")
     p.add_argument("--rows", default="1", help="batch 1 decoded with this many rows (padding)")
     p.add_argument("--prefill", action="store_true", help="also time the prefill of the prompt")
     p.add_argument("--kernels", default=None, choices=("cuda",),
@@ -583,10 +855,20 @@ def main():
     p.add_argument("--ungrouped", action="store_true",
                    help="decode with the official weight layout (Generator(group_products=False))")
     a = p.parse_args()
-    a.batches = [int(b) for b in a.batches.split(",") if b]
+    try:
+        a.batches = [int(b) for b in a.batches.split(",") if b]
+    except ValueError:
+        raise SystemExit(f"--batches {a.batches!r}: give batch sizes like 16,128") from None
+    if any(b < 1 for b in a.batches):
+        raise SystemExit(f"--batches {a.batches}: batch sizes must be at least 1")
+    a.batches_given = a.batches or None
+    if a.budget_s is None:
+        a.budget_s = 300.0 if a.version == "7" else 420.0
+    a.shape = [int(x) for x in a.shape.split(",")] if a.shape else None
     a.rows = [int(r) for r in a.rows.split(",") if r]
     if a.worker:
-        result = {"jax": jax_worker, "rwkv": rwkv_worker, "build": build_worker}[a.worker](a)
+        result = {"jax": jax_worker, "rwkv": rwkv_worker, "build": build_worker,
+                  "make": make_worker, "fla": fla_worker}[a.worker](a)
         with open(a.json, "w") as f:
             json.dump(result, f)
         return
