@@ -42,9 +42,10 @@ def model_config(shape: str, vocab: int):
     return model_config_from(c, vocab_size=vocab)
 
 
-def ours(shape: str, a, out: str) -> dict | None:
+def ours(shape: str, a, out: str, policy: str) -> dict | None:
+    """Our step at `shape`; policy: a remat policy name, or "default" (the shape's own)."""
     L, C, B, T, remat = SHAPES[shape]
-    path = os.path.join(out, f"ours_{shape}.json")
+    path = os.path.join(out, f"ours_{shape}_{policy}.json")
     cmd = [sys.executable, os.path.join(HERE, "train_step.py"),
            f"--config={REPO}/rwkv_jax/configs/model_169m.py", "--config.model.version=7",
            f"--config.model.n_layer={L}", f"--config.model.n_embd={C}",
@@ -52,9 +53,11 @@ def ours(shape: str, a, out: str) -> dict | None:
            f"--config.memory.rwkv_chunk_size={T}", f"--config.efficiency.remat={remat}",
            f"--config.output_dir={out}/runs", f"--steps={a.steps}", f"--warmup={a.warmup}",
            f"--label={shape} RWKV-7 ours", f"--json={path}", *a.ours_flag]
+    if policy != "default":
+        cmd += ["--config.efficiency.remat=True", f"--config.efficiency.remat_policy={policy}"]
     if shape == "tiny":
         cmd += ["--config.data.tokenizer=byte"]
-    if a.profile:
+    if a.profile and policy == a.remat.split(",")[0]:
         cmd.append(f"--profile={out}/profile_{shape}")
     return _child(cmd, path, a.timeout)
 
@@ -151,7 +154,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--vocab", type=int, default=VOCAB)
     p.add_argument("--timeout", type=float, default=300)
-    p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile", action="store_true", help="profile our first --remat row")
+    p.add_argument("--remat", default="default",
+                   help="comma list of our rows: 'default' (remat as the shape has it: 1.5B "
+                        "nothing_saveable, 169M off) or a remat policy name")
     p.add_argument("--no_fla", action="store_true")
     p.add_argument("--fla_linear_ce", action="store_true",
                    help="fla's fused linear cross-entropy (no logits kept) instead of fused CE")
@@ -176,12 +182,16 @@ def main() -> None:
         _, _, B, T, _ = SHAPES[shape]
         flops = model_flops_per_token(model_config(shape, a.vocab), T)
         theirs = None if a.no_fla else fla(shape, a, a.out)
-        mine = ours(shape, a, a.out)
         label = f"{shape} ({B} x {T})"
         if not a.no_fla:
             lines.append(row(label, "fla RWKV7ForCausalLM" + (" (linear CE)" if a.fla_linear_ce
                                                               else ""), theirs, flops, None))
-        lines.append(row(label, "rwkv_jax", mine, flops, theirs))
+        for policy in a.remat.split(","):
+            if shape == "1.5B" and policy not in ("default", "nothing_saveable"):
+                continue  # 32k tokens x 24 layers of saved products do not fit in 80 GB
+            mine = ours(shape, a, a.out, policy)
+            who = "rwkv_jax" + ("" if policy == "default" else f" (remat {policy})")
+            lines.append(row(label, who, mine, flops, theirs))
         table = "\n".join(lines)
         with open(os.path.join(a.out, "table.md"), "w") as f:
             f.write(table + "\n")

@@ -31,8 +31,18 @@ def _block_class(config: ModelConfig, layer: int):
     else:
         cls = AttentionBlock
     if config.remat:
-        cls = nn.remat(cls, policy=getattr(jax.checkpoint_policies, config.remat_policy))
+        cls = nn.remat(cls, policy=remat_policy(config.remat_policy))
     return cls
+
+
+def remat_policy(name: str):
+    """jax.checkpoint_policies by name, and ours: "dots_and_wkv_saveable" keeps the matrix
+    products and what the WKV kernels return and keep for their backward (tagged "wkv"), and
+    recomputes the elementwise rest, which a memory-bound step reads faster than it stores."""
+    cp = jax.checkpoint_policies
+    if name == "dots_and_wkv_saveable":
+        return cp.save_from_both_policies(cp.dots_saveable, cp.save_only_these_names("wkv"))
+    return getattr(cp, name)
 
 
 class RWKV(nn.Module):

@@ -41,6 +41,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from rwkv_jax.config.schema import WKV_IMPLS
 
@@ -232,7 +233,8 @@ def wkv7(
         kernel = _pallas_wkv7()
         if kernel is None:
             raise ValueError("wkv7 impl='pallas' needs rwkv_jax.ops.pallas.wkv7, not available here")
-        return kernel(r, w, k, v, a, b, state)
+        y, state = kernel(r, w, k, v, a, b, state)
+        return checkpoint_name(y, "wkv"), checkpoint_name(state, "wkv")
     r, w, k, v, a, b = (x.astype(dt) for x in (r, w, k, v, a, b))
     if impl == "scan":
         return _wkv7_scan(r, w, k, v, a, b, state)

@@ -105,6 +105,29 @@ def test_gradients_match_the_scan(data, impl, rng):
         assert rel_err(g, g_ref) < 1e-5, name
 
 
+def test_remat_policy_keeps_the_pallas_kernels_work(data):
+    """nn.model's "dots_and_wkv_saveable": under remat the kernel's outputs and residuals are
+    kept (not its forward run again in the backward) and the gradients are unchanged."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from rwkv_jax.nn.model import remat_policy
+
+    xs, s0 = data
+    args = tuple(map(jnp.asarray, xs)) + (jnp.asarray(s0),)
+
+    def f(*a):  # elementwise work around the kernel, as a layer has
+        y, s = ops.wkv7(jnp.tanh(a[0]), *a[1:6], a[6], impl="pallas")
+        return jnp.sum(jnp.sin(y)) + jnp.sum(s * s)
+
+    kept = jax.checkpoint(f, policy=remat_policy("dots_and_wkv_saveable"))
+    saved = [why for _, why in saved_residuals(kept, *args)]
+    assert sum("'wkv'" in why for why in saved) >= 5, saved  # y, the state, the kernel's own
+    assert not any("pallas_call" in why and "'wkv'" not in why for why in saved), saved
+    grad = lambda fn: jax.jit(jax.grad(fn, argnums=tuple(range(7))))(*args)  # noqa: E731
+    for g, g_ref in zip(grad(kept), grad(f)):
+        assert rel_err(g, g_ref) < 1e-6
+
+
 def test_pallas_gradients_split_over_key_blocks(rng):
     """The gradient kernel's programs each own a block of key channels; with two blocks (and
     two value blocks in the scans) every gradient still matches the scan's."""

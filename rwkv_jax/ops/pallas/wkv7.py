@@ -38,6 +38,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 from rwkv_jax.ops.pallas.common import call as _call
@@ -367,6 +368,8 @@ def _wkv(r, w, k, v, a, b, m0, cfg, interpret):
 
 def _wkv_fwd(r, w, k, v, a, b, m0, cfg, interpret):
     y, m_t, saved = _forward(r, w, k, v, a, b, m0, cfg, interpret)
+    # Named, so that a remat policy can keep the kernel's work (nn.model.remat_policy).
+    saved = jax.tree.map(lambda x: checkpoint_name(x, "wkv"), saved)
     return (y, m_t), (r, w, k, v, a, b, saved)
 
 
