@@ -6,6 +6,7 @@ time), dynamic loss scaling under float16.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import flax
@@ -32,10 +33,37 @@ class TrainState(flax.struct.PyTreeNode):
     good_steps: jax.Array  # finite steps since the loss scale last changed
 
 
-def masked_ce(logits, targets, mask):
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+def masked_ce(logits, targets, mask, saved_dtype=None):
+    """(mean cross-entropy over the masked tokens, their count). saved_dtype: what the backward
+    keeps of the logits (bf16 where a bf16 head made them, so the round trip is exact: half
+    the bytes of the step's widest tensor); None keeps them as they come (optax's)."""
+    if saved_dtype is None or jnp.dtype(saved_dtype) == logits.dtype:
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    else:
+        ce = _token_ce(logits, targets, jnp.dtype(saved_dtype))
     mask = jnp.broadcast_to(mask, ce.shape)
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), jnp.sum(mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _token_ce(logits, targets, saved_dtype):
+    return _token_ce_fwd(logits, targets, saved_dtype)[0]
+
+
+def _token_ce_fwd(logits, targets, saved_dtype):
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return lse - picked, (logits.astype(saved_dtype), lse, targets)
+
+
+def _token_ce_bwd(saved_dtype, res, g):
+    low, lse, targets = res
+    logits = low.astype(jnp.float32)
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+    return (g[..., None] * (jnp.exp(logits - lse[..., None]) - onehot), None)
+
+
+_token_ce.defvjp(_token_ce_fwd, _token_ce_bwd)
 
 
 def chunk_forward(model: RWKV, params, inputs, state, handoff: int,
@@ -75,7 +103,10 @@ def make_train_step(model: RWKV, optimizer, *, fresh: bool, handoff: int, float1
             carry = state_codec.roundtrip(carry, model.config.state_compression, weights)
         logits, new_carry = chunk_forward(model, weights, inputs, None if fresh else carry,
                                           handoff, around)
-        loss, count = masked_ce(logits, targets, mask)
+        # A bf16 head makes bf16 logits: the loss keeps those for its backward (LoRA on the
+        # head adds to them in float32, so adapter runs keep float32).
+        loss, count = masked_ce(logits, targets, mask,
+                                saved_dtype=model.config.dtype if adapters is None else None)
         return loss * scale, (loss, count, new_carry)
 
     def step(ts: TrainState, inputs, targets, mask, base=None):

@@ -374,3 +374,24 @@ def test_rwkv7_groups_follow_rwkv_lm():
     assert labels["blocks_1/ffn/x_k"] == labels["blocks_1/init_state/wkv"] == "rwkv_no_decay"
     specs = optim.group_specs(make_cfg())
     assert specs["time_decay"] == optim.GroupSpec(2.0, 0.0)
+
+
+@pytest.mark.parametrize("low", ["bfloat16", "float16"])
+def test_loss_keeping_half_precision_logits_is_exact(low):
+    """train.step.masked_ce with saved_dtype: logits a half-precision head made (exact in that
+    dtype) give optax's loss and gradient, while the backward keeps half the bytes."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from rwkv_jax.train.step import masked_ce
+
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    logits = (4 * jax.random.normal(k1, (2, 5, 300))).astype(low).astype(jnp.float32)
+    targets = jax.random.randint(k2, (2, 5), 0, 300)
+    mask = jnp.asarray([1.0, 1.0, 0.0, 1.0, 1.0])
+    ref = jax.value_and_grad(lambda x: masked_ce(x, targets, mask)[0])(logits)
+    kept = lambda x: masked_ce(x, targets, mask, saved_dtype=low)[0]  # noqa: E731
+    got = jax.jit(jax.value_and_grad(kept))(logits)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, atol=1e-7)
+    widest = max((a for a, _ in saved_residuals(kept, logits)), key=lambda a: a.size)
+    assert widest.shape == logits.shape and widest.dtype == jnp.dtype(low)
