@@ -50,15 +50,8 @@ MODELS = {  # name: (n_layer, n_embd, vocab)
     "1.5B": (24, 2048, 50277),
     "3B": (32, 2560, 50277),
 }
-# RWKV-7 (x070, head size 64): the World vocabulary's size.
-MODELS7 = {
-    "quick": (2, 64, 512),
-    "tiny": (4, 128, 256),
-    "169M": (12, 768, 65536),
-    "430M": (24, 1024, 65536),
-    "1.5B": (24, 2048, 65536),
-    "3B": (32, 2560, 65536),
-}
+# RWKV-7 (x070, head size 64): the same sizes with the World vocabulary's size.
+MODELS7 = {name: (L, C, 65536 if V == 50277 else V) for name, (L, C, V) in MODELS.items()}
 
 
 # ----------------------------------------------------------------------------- weights
@@ -508,6 +501,13 @@ def _save(out_dir: str, results: dict) -> None:
         json.dump(results, f, indent=1)
 
 
+def _over_budget(name: str, start: float, budget_s: float, log) -> bool:
+    elapsed = time.perf_counter() - start
+    if elapsed > budget_s:
+        log(f"{name}: skipped, {elapsed:.0f} s of the {budget_s:.0f} s budget used")
+    return elapsed > budget_s
+
+
 def args_out() -> str:
     return _OUT[0]
 
@@ -564,9 +564,7 @@ def orchestrate(a):
     common = ["--prompt_len", str(prompt_len), "--new_tokens", str(new_tokens)]
     results = {}
     for name in names:
-        elapsed = time.perf_counter() - start
-        if elapsed > a.budget_s:
-            log(f"{name}: skipped, {elapsed:.0f} s of the {a.budget_s:.0f} s budget used")
+        if _over_budget(name, start, a.budget_s, log):
             continue
         n_layer, n_embd, vocab = MODELS[name]
         pth = os.path.join(a.tmp, f"rwkv4_{name}.pth")
@@ -641,9 +639,7 @@ def orchestrate7(a, log) -> None:
     common = ["--version", "7", "--prompt_len", str(prompt_len), "--new_tokens", str(new_tokens)]
     results = {}
     for name in names:
-        elapsed = time.perf_counter() - start
-        if elapsed > a.budget_s:
-            log(f"{name}: skipped, {elapsed:.0f} s of the {a.budget_s:.0f} s budget used")
+        if _over_budget(name, start, a.budget_s, log):
             continue
         shape = MODELS7[name]
         pth, hf = os.path.join(a.tmp, f"rwkv7_{name}.pth"), os.path.join(a.tmp, f"rwkv7_{name}_hf")
