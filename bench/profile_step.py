@@ -22,9 +22,9 @@ import re
 
 # First match wins: (group, regex on the op_name metadata, lower-cased).
 GROUPS = (
-    ("optimizer", r"optax|adam|clip|opt_state|apply_updates|global_norm"),
+    ("optimizer", r"/optimizer/|optax|adam|apply_updates"),  # train.step's named scopes
     ("WKV kernel", r"wkv7?_|pallas|triton|mosaic"),
-    ("head + loss", r"/head/|cross_entropy|log_softmax|logsumexp|/ln_out/|loss"),
+    ("head + loss", r"/head/|/loss/|cross_entropy|log_softmax|logsumexp|/ln_out/"),
     ("embedding", r"/emb/|embed"),
     ("time-mix projections", r"/att/(?:receptance|key|value|output)/"),
     ("time-mix LoRA (w a v g)", r"/att/(?:dot_general|tanh|logistic|sigmoid)"),
@@ -75,7 +75,12 @@ def _device_events(trace_dir: str) -> list[dict]:
     device = {pid for pid, name in procs.items() if re.search(r"/device:(GPU|TPU)", name)}
     timed = [e for e in events if e.get("ph") == "X" and "dur" in e]
     if device:
-        return [e for e in timed if e["pid"] in device]
+        # The kernels, on the stream lines (not the XLA op / module lines over them).
+        streams = {(e["pid"], e["tid"]) for e in events if e.get("ph") == "M"
+                   and e.get("name") == "thread_name" and e["pid"] in device
+                   and str(e.get("args", {}).get("name", "")).startswith("Stream")}
+        return [e for e in timed if e["pid"] in device
+                and (not streams or (e["pid"], e.get("tid")) in streams)]
     # A CPU backend: its ops run on host threads, marked with the HLO op they ran.
     return [e for e in timed if "hlo_op" in e.get("args", {})]
 

@@ -28,7 +28,8 @@ _LABEL = flags.DEFINE_string("label", "", "Row label.")
 _TABLE = flags.DEFINE_string("table", "", "Append the row to this markdown file too.")
 _JSON = flags.DEFINE_string("json", "", "Write the row's numbers to this JSON file too.")
 _PROFILE = flags.DEFINE_string("profile", "", "Trace 3 more steps into this folder and print "
-                               "the device time by op (bench/profile_step.py).")
+                               "the device time by op (bench/profile_step.py); the step is "
+                               "compiled without XLA's command buffers (CUDA graphs).")
 
 HEADER = ("| run | devices | mesh (d,f,t) | batch x chunk | step ms | tokens/s | MFU | "
           "peak GiB | plan GiB | XLA GiB |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -36,6 +37,10 @@ HEADER = ("| run | devices | mesh (d,f,t) | batch x chunk | step ms | tokens/s |
 
 def main(argv):
     del argv
+    if _PROFILE.value:
+        # Inside a CUDA-graph command buffer the trace names only the buffer, not its kernels.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_gpu_enable_command_buffer=").strip()
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -78,10 +83,12 @@ def main(argv):
     used = trainer.peak_device_bytes()
     gib = 2**30
     mesh = run.mesh.shape
-    from rwkv_jax.ops.wkv4 import default_impl  # noqa: PLC0415
+    from rwkv_jax.ops import wkv4, wkv7  # noqa: PLC0415
 
-    wkv = mc.wkv_impl if mc.wkv_impl != "auto" else f"auto={default_impl(L)}"
+    auto = wkv7.default_impl(L, mc.head_size) if mc.version == "7" else wkv4.default_impl(L)
+    wkv = mc.wkv_impl if mc.wkv_impl != "auto" else f"auto={auto}"
     trains = f", trains {cfg.train.trainable}" if cfg.train.trainable != "all" else ""
+    trains += ", no command buffers" if _PROFILE.value else ""
     row = (f"| {_LABEL.value or cfg.experiment_name} (wkv {wkv}, remat "
            f"{mc.remat_policy if mc.remat else 'off'}{trains}) | {jax.device_count()}x "
            f"{jax.devices()[0].device_kind} | ({mesh['data']},{mesh['fsdp']},{mesh['tensor']}) | "

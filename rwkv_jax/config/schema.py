@@ -24,7 +24,7 @@ REMAT_POLICIES = (
     "nothing_saveable",
     "dots_saveable",
     "dots_with_no_batch_dims_saveable",
-    "dots_and_wkv_saveable",  # matrix products and the WKV kernel's outputs and residuals
+    "dots_and_wkv_saveable",  # the products and the Pallas WKV kernel's outputs and residuals
     "everything_saveable",
 )
 

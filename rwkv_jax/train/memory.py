@@ -92,8 +92,9 @@ def activation_bytes(model_config, batch_per_device: int, chunk_len: int, tensor
     With remat each block keeps its input (the residual stream, float32) and one block at a
     time is recomputed with everything it needs. Without it every block keeps roughly its
     k, v, r, WKV output and gate (time-mix, 5 C) and the channel-mix's key and its square
-    (2 F) plus norms, in the compute dtype or float32, and the head's logits are kept in
-    float32. These are estimates; XLA's own plan is reported beside them.
+    (2 F) plus norms, in the compute dtype or float32, and the head's logits in the compute
+    dtype with a float32 gradient. A remat policy that keeps the products (dots_*) keeps
+    them for every block. These are estimates; XLA's own plan is reported beside them.
     """
     mc = model_config
     B, L, C, F, V = batch_per_device, chunk_len, mc.n_embd, mc.dim_ffn, mc.vocab_size
@@ -103,10 +104,18 @@ def activation_bytes(model_config, batch_per_device: int, chunk_len: int, tensor
         # RWKV-7 also keeps its six mixed inputs, w, a, g, kk and the LoRA hidden layers, and
         # the value residual, mostly in float32.
         per_block += B * L * 12 * C * 4 / tensor
-    logits = B * L * V * 4 * 2  # logits and their gradient
-    if mc.remat:
-        return mc.n_layer * B * L * C * 4 + 2 * per_block + logits
-    return mc.n_layer * per_block + logits
+    # The logits as the head makes them (kept for the loss's backward) and their float32
+    # gradient.
+    logits = B * L * V * (cbytes + 4)
+    if not mc.remat or mc.remat_policy == "everything_saveable":
+        return mc.n_layer * per_block + logits
+    kept = C * 4  # each block's input
+    if mc.remat_policy != "nothing_saveable":  # the dots_* policies keep the products
+        kept += (6 * C + F) * cbytes / tensor
+    if mc.remat_policy == "dots_and_wkv_saveable" and mc.version == "7":
+        # the WKV kernel's y and U (float32) and its state at every 16-token chunk start
+        kept += (8 * C + C * mc.head_size / 4) / tensor
+    return mc.n_layer * B * L * kept + 2 * per_block + logits
 
 
 def memory_plan(params_shapes, p_shardings, opt_shapes, o_shardings, model_config,

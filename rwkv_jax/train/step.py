@@ -51,6 +51,11 @@ def _token_ce(logits, targets, saved_dtype):
 
 
 def _token_ce_fwd(logits, targets, saved_dtype):
+    # Rounded to what the backward keeps: a no-op on logits a half-precision head made, and
+    # the loss and its gradient stay one function where XLA kept excess precision.
+    fi = jnp.finfo(saved_dtype)
+    logits = jax.lax.reduce_precision(logits, fi.nexp, fi.nmant)
+    targets = jnp.where(targets < 0, targets + logits.shape[-1], targets)  # as take_along_axis
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return lse - picked, (logits.astype(saved_dtype), lse, targets)
@@ -103,10 +108,10 @@ def make_train_step(model: RWKV, optimizer, *, fresh: bool, handoff: int, float1
             carry = state_codec.roundtrip(carry, model.config.state_compression, weights)
         logits, new_carry = chunk_forward(model, weights, inputs, None if fresh else carry,
                                           handoff, around)
-        # A bf16 head makes bf16 logits: the loss keeps those for its backward (LoRA on the
-        # head adds to them in float32, so adapter runs keep float32).
-        loss, count = masked_ce(logits, targets, mask,
-                                saved_dtype=model.config.dtype if adapters is None else None)
+        # A bf16 head makes bf16 logits (adapters add to them in that dtype too): the loss
+        # keeps those for its backward.
+        with jax.named_scope("loss"):
+            loss, count = masked_ce(logits, targets, mask, saved_dtype=model.config.dtype)
         return loss * scale, (loss, count, new_carry)
 
     def step(ts: TrainState, inputs, targets, mask, base=None):
@@ -116,10 +121,11 @@ def make_train_step(model: RWKV, optimizer, *, fresh: bool, handoff: int, float1
             if adapters is not None and adapters.dropout > 0 else None
         grads, (loss, count, carry) = jax.grad(loss_fn, has_aux=True)(
             ts.params, inputs, targets, mask, ts.carry, scale, base, rng)
-        grads = jax.tree.map(lambda g: g / scale, grads)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-        params = optax.apply_updates(ts.params, updates)
+        with jax.named_scope("optimizer"):
+            grads = jax.tree.map(lambda g: g / scale, grads)
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+            params = optax.apply_updates(ts.params, updates)
         # The new weights too: finite gradients can make weights that are not (an update's
         # norm would overflow where each of its elements does not).
         finite_params = jax.tree.reduce(lambda acc, p: acc & jnp.isfinite(p).all(), params,

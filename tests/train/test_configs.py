@@ -132,3 +132,25 @@ def test_a_checkpoint_record_written_before_the_schema_change_loads():
         '"dim_a_lora": 32, "dim_v_lora": 32, "dim_g_lora": 32}')
     mc = model_config_of({"model_config": record})
     assert mc.to_dict() == {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+
+
+def test_memory_plan_counts_what_each_remat_policy_keeps():
+    """train.memory.activation_bytes: a policy that keeps more is planned bigger, and the
+    logits are planned in the head's dtype (kept) plus their float32 gradient."""
+    from rwkv_jax.train.memory import activation_bytes
+
+    def plan(**kw):
+        c = default_config()
+        c.model.version, c.model.n_layer, c.model.n_embd = "7", 4, 256
+        c.efficiency.precision = "bfloat16"
+        for k, v in kw.items():
+            setattr(c.efficiency, k, v)
+        return activation_bytes(model_config_from(c, vocab_size=1000), 2, 128)
+
+    policies = ["nothing_saveable", "dots_saveable", "dots_and_wkv_saveable"]
+    kept = [plan(remat=True, remat_policy=p) for p in policies]
+    assert kept == sorted(set(kept)), dict(zip(policies, kept))
+    assert kept[-1] < plan(remat=False) == plan(remat=True, remat_policy="everything_saveable")
+    logits = 2 * 128 * 1000 * (2 + 4)
+    assert plan(remat=True) - logits == pytest.approx(4 * 2 * 128 * 256 * 4 + 2 * (
+        plan(remat=False) - logits) / 4)

@@ -395,3 +395,12 @@ def test_loss_keeping_half_precision_logits_is_exact(low):
     np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, atol=1e-7)
     widest = max((a for a, _ in saved_residuals(kept, logits)), key=lambda a: a.size)
     assert widest.shape == logits.shape and widest.dtype == jnp.dtype(low)
+    # Logits that are not exact in `low` (excess precision): loss and gradient are those of
+    # the rounded logits, one function; a negative target indexes from the end, in both.
+    fine = logits + 1e-3 * jax.random.normal(k2, logits.shape)
+    wrapped = targets.at[0, 1].set(-1)
+    rounded = jax.lax.reduce_precision(fine, jnp.finfo(low).nexp, jnp.finfo(low).nmant)
+    ref = jax.value_and_grad(lambda x: masked_ce(x, wrapped % 300, mask)[0])(rounded)
+    got = jax.value_and_grad(lambda x: masked_ce(x, wrapped, mask, saved_dtype=low)[0])(fine)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, atol=1e-7)
