@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The GPU measurements of the closing notes, in one command on the lent GPU (device tool):
-#   run(command="bash bench/run_on_gpu.sh", carry=[".whl"])
-# .whl holds the wheels the GPU image lacks (ml_collections, rwkv, tensorboardX); the data is
-# the sample bundled in the package.
+#   run(command="bash bench/run_on_gpu.sh WHAT", carry=[".whl"])
+# WHAT: all (the original set), or one of attention, steps, nofit, train3b, cuda, and the open
+# issues' runs, each under 10 minutes: ft (#33, ~5 min), serve (#34, ~6 min), train7 (#37,
+# ~8 min), decode7 (#38, ~6 min). .whl holds the wheels the GPU image lacks (ml_collections,
+# rwkv, tensorboardX, fla and fla-core; .whl/serve: fastapi, uvicorn, pydantic, ...); the data
+# is the sample bundled in the package. Tables land in $OUT.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl $(ls .whl/serve/*.whl 2>/dev/null) || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 DATA="--config.output_dir=/tmp/runs"
@@ -41,4 +44,21 @@ if [[ $what == all || $what == cuda ]]; then
   python3 -m pytest -q tests/ops/test_cuda_decode.py 2>&1 | grep -E "^E |Error|passed|failed" | tail -25
   python3 bench/decode.py --gpu --models 3B --variants xla,cuda --no_rwkv --out "$OUT/decode" 2>&1 \
     | grep -A4 "^| model | ours"
+fi
+if [[ $what == ft ]]; then
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 540 python3 bench/finetune_memory.py --out /tmp/ft1b5 \
+    --table "$OUT/ft_table.md" --only lora,full --steps 4 2>&1 | tee "$OUT/ft.log" | grep -E "^\||Error|Traceback"
+fi
+if [[ $what == serve ]]; then
+  for v in 7 4; do
+    timeout 270 python3 bench/serve.py --random $v --n_layer 24 --n_embd 2048 --vocab 65536 --bf16 \
+      --prompt_len 128 --new_tokens 256 --clients 1,8,32,128 --row_s 8 2>&1 | tee "$OUT/serve$v.log" | tail -14
+  done
+fi
+if [[ $what == train7 ]]; then
+  timeout 560 python3 bench/train7_fla.py --out /tmp/t7 --profile --steps 8 --warmup 3 --timeout 240 \
+    --remat default,dots_and_wkv_saveable 2>&1 | tee "$OUT/train7.log" | grep -vE "^  |^\[|^[IW][0-9]" | tail -70
+fi
+if [[ $what == decode7 ]]; then
+  timeout 560 python3 bench/decode.py --version 7 --gpu --out /tmp/d7 2>&1 | tee "$OUT/decode7.log" | tail -20
 fi
