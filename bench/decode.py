@@ -635,7 +635,8 @@ def orchestrate7(a, log) -> None:
             "blocks only)")
     fla = a.gpu and not a.no_fla and _cuda_visible()
     if not fla:
-        log("fla: skipped (" + ("--no_fla" if a.no_fla else "no CUDA device") + ")")
+        log("fla: skipped (" + ("--no_fla" if a.no_fla else "no --gpu" if not a.gpu
+                                else "no CUDA device") + ")")
     common = ["--version", "7", "--prompt_len", str(prompt_len), "--new_tokens", str(new_tokens)]
     results = {}
     for name in names:
@@ -852,7 +853,8 @@ def main():
                    help="decode with the official weight layout (Generator(group_products=False))")
     a = p.parse_args()
     try:
-        a.batches = [int(b) for b in a.batches.split(",") if b]
+        # Batch 1 always runs (its own rows): drop it from the others.
+        a.batches = [int(b) for b in a.batches.split(",") if b and int(b) != 1]
     except ValueError:
         raise SystemExit(f"--batches {a.batches!r}: give batch sizes like 16,128") from None
     if any(b < 1 for b in a.batches):
