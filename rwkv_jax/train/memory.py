@@ -93,8 +93,8 @@ def activation_bytes(model_config, batch_per_device: int, chunk_len: int, tensor
     time is recomputed with everything it needs. Without it every block keeps roughly its
     k, v, r, WKV output and gate (time-mix, 5 C) and the channel-mix's key and its square
     (2 F) plus norms, in the compute dtype or float32, and the head's logits in the compute
-    dtype with a float32 gradient. A remat policy that keeps the products (dots_*) keeps
-    them for every block. These are estimates; XLA's own plan is reported beside them.
+    dtype with a float32 gradient. dots_and_wkv_saveable also keeps every block's products
+    and WKV residuals. These are estimates; XLA's own plan is reported beside them.
     """
     mc = model_config
     B, L, C, F, V = batch_per_device, chunk_len, mc.n_embd, mc.dim_ffn, mc.vocab_size
@@ -110,11 +110,13 @@ def activation_bytes(model_config, batch_per_device: int, chunk_len: int, tensor
     if not mc.remat or mc.remat_policy == "everything_saveable":
         return mc.n_layer * per_block + logits
     kept = C * 4  # each block's input
-    if mc.remat_policy != "nothing_saveable":  # the dots_* policies keep the products
-        kept += (6 * C + F) * cbytes / tensor
-    if mc.remat_policy == "dots_and_wkv_saveable" and mc.version == "7":
-        # the WKV kernel's y and U (float32) and its state at every 16-token chunk start
-        kept += (8 * C + C * mc.head_size / 4) / tensor
+    # JAX's dots_* policies are planned as nothing_saveable: on the 3B hybrid XLA kept far less
+    # than every product (52.8 GiB peak, docs/performance.md), and its own figure follows.
+    if mc.remat_policy == "dots_and_wkv_saveable":
+        kept += (6 * C + F) * cbytes / tensor  # the products
+        if mc.version == "7":
+            # the WKV kernel's y and U (float32) and its state at every 16-token chunk start
+            kept += (8 * C + C * mc.head_size / 4) / tensor
     return mc.n_layer * B * L * kept + 2 * per_block + logits
 
 

@@ -135,8 +135,9 @@ def test_a_checkpoint_record_written_before_the_schema_change_loads():
 
 
 def test_memory_plan_counts_what_each_remat_policy_keeps():
-    """train.memory.activation_bytes: a policy that keeps more is planned bigger, and the
-    logits are planned in the head's dtype (kept) plus their float32 gradient."""
+    """train.memory.activation_bytes: dots_and_wkv_saveable is planned with what it keeps (JAX's
+    dots_* policies as nothing_saveable), and the logits in the head's dtype (kept) plus
+    their float32 gradient."""
     from rwkv_jax.train.memory import activation_bytes
 
     def plan(**kw):
@@ -149,7 +150,7 @@ def test_memory_plan_counts_what_each_remat_policy_keeps():
 
     policies = ["nothing_saveable", "dots_saveable", "dots_and_wkv_saveable"]
     kept = [plan(remat=True, remat_policy=p) for p in policies]
-    assert kept == sorted(set(kept)), dict(zip(policies, kept))
+    assert kept[0] == kept[1] < kept[2], dict(zip(policies, kept))
     assert kept[-1] < plan(remat=False) == plan(remat=True, remat_policy="everything_saveable")
     logits = 2 * 128 * 1000 * (2 + 4)
     assert plan(remat=True) - logits == pytest.approx(4 * 2 * 128 * 256 * 4 + 2 * (
