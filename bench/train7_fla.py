@@ -30,7 +30,6 @@ sys.path.insert(0, REPO)
 SHAPES = {"tiny": (2, 128, 2, 64, False), "169M": (12, 768, 16, 1024, False),
           "1.5B": (24, 2048, 8, 4096, True)}
 VOCAB = 65536
-PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def model_config(shape: str, vocab: int):
@@ -139,7 +138,9 @@ def fla(shape: str, a, out: str) -> dict | None:
 def row(shape: str, who: str, r: dict | None, flops: float, base: dict | None) -> str:
     if r is None:
         return f"| {shape} | {who} | failed | | | | |"
-    peak = next((v for k, v in PEAK.items() if k in r["device"]), None)
+    from rwkv_jax.train.metrics import PEAK_FLOPS  # noqa: PLC0415 - the chips' dense bf16 peaks
+
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in r["device"]), None)
     mfu = f"{100 * r['tokens_per_s'] * flops / peak:.1f}%" if peak else "-"
     ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
     gib = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
