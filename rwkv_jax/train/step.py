@@ -36,8 +36,12 @@ class TrainState(flax.struct.PyTreeNode):
 def masked_ce(logits, targets, mask, saved_dtype=None):
     """(mean cross-entropy over the masked tokens, their count). saved_dtype: what the backward
     keeps of the logits (bf16 where a bf16 head made them, so the round trip is exact: half
-    the bytes of the step's widest tensor); None keeps them as they come."""
-    ce = _token_ce(logits, targets, jnp.dtype(saved_dtype or logits.dtype))
+    the bytes of the step's widest tensor); None keeps them as they come: optax's loss, whose
+    rounding an old run's bit-for-bit resume pins (tests/io/test_compat.py)."""
+    if saved_dtype is None or jnp.dtype(saved_dtype) == logits.dtype:
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    else:
+        ce = _token_ce(logits, targets, jnp.dtype(saved_dtype))
     mask = jnp.broadcast_to(mask, ce.shape)
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), jnp.sum(mask)
 
